@@ -1,0 +1,2 @@
+//! Types shared by the XDP program (`drop-ebpf`) and user space (`drop-net`).
+#![no_std]

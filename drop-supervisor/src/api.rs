@@ -1,0 +1,206 @@
+//! The control API as types: what a client may ask ([`ApiRequest`]), what it gets back
+//! ([`ApiResponse`]) and every distinct error ([`ApiError`]). The server only decodes an HTTP
+//! request into an `ApiRequest`, hands it to the owner of the state, and encodes the answer.
+//!
+//! Routes (all under `/v1/`, JSON bodies):
+//! - `GET  /v1/status` — node id, name, version, uptime, pid, config path
+//! - `GET  /v1/tune/check[?only=KEY,KEY]` — the host against the tuning profile, key by key
+//! - `POST /v1/tune/apply` with optional `{"only": ["KEY", ...]}` — apply and read back
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::http::{HttpError, Request};
+use crate::tune::{ApplyReport, CheckReport};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    Status,
+    TuneCheck { only: Vec<String> },
+    TuneApply { only: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub node_id: String,
+    pub name: String,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub pid: u32,
+    pub config_path: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiResponse {
+    Status(StatusInfo),
+    TuneCheck(CheckReport),
+    TuneApply(ApplyReport),
+}
+
+impl ApiResponse {
+    pub fn to_json(&self) -> Vec<u8> {
+        let result = match self {
+            ApiResponse::Status(s) => serde_json::to_vec(s),
+            ApiResponse::TuneCheck(r) => serde_json::to_vec(r),
+            ApiResponse::TuneApply(r) => serde_json::to_vec(r),
+        };
+        result.expect("API responses serialise")
+    }
+}
+
+/// An error answer: HTTP status, a stable machine-readable code, and a message for humans.
+/// Body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        ApiError { status, code: code.to_string(), message: message.into() }
+    }
+    pub fn not_found(req: &Request) -> Self {
+        ApiError::new(404, "not_found", format!("no such endpoint: {} {}", req.method, req.path))
+    }
+    pub fn method_not_allowed(req: &Request, allowed: &str) -> Self {
+        ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{} is not allowed on {}; use {allowed}", req.method, req.path),
+        )
+    }
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        ApiError::new(400, "invalid_body", message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(500, "internal", message)
+    }
+    pub fn to_json(&self) -> Vec<u8> {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.clone(), message: self.message.clone() } };
+        serde_json::to_vec(&body).expect("error bodies serialise")
+    }
+}
+
+impl From<&HttpError> for ApiError {
+    fn from(e: &HttpError) -> Self {
+        ApiError::new(e.status(), e.code(), e.to_string())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TuneApplyBody {
+    #[serde(default)]
+    only: Vec<String>,
+}
+
+/// Decodes an HTTP request into an API request.
+pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
+    let method = req.method.as_str();
+    match req.path.trim_end_matches('/') {
+        "/v1/status" => match method {
+            "GET" => Ok(ApiRequest::Status),
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
+        },
+        "/v1/tune/check" => match method {
+            "GET" => Ok(ApiRequest::TuneCheck { only: query_list(req.query.as_deref(), "only")? }),
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
+        },
+        "/v1/tune/apply" => match method {
+            "POST" => {
+                let body: TuneApplyBody = if req.body.iter().all(u8::is_ascii_whitespace) {
+                    TuneApplyBody::default()
+                } else {
+                    serde_json::from_slice(&req.body)
+                        .map_err(|e| ApiError::invalid_body(format!("body of {}: {e}", req.path)))?
+                };
+                Ok(ApiRequest::TuneApply { only: body.only })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
+        },
+        _ => Err(ApiError::not_found(req)),
+    }
+}
+
+/// `only=a,b&x=y` → `["a", "b"]` for `name = "only"`. Other parameters are refused.
+fn query_list(query: Option<&str>, name: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if k == name => {
+                out.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+            }
+            _ => {
+                return Err(ApiError::new(400, "invalid_query", format!("unknown query parameter {pair:?}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, target: &str, body: &str) -> Request {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (target.to_string(), None),
+        };
+        Request { method: method.into(), path, query, body: body.as_bytes().to_vec(), close: false }
+    }
+
+    #[test]
+    fn routes_decode_to_typed_requests() {
+        assert_eq!(decode(&req("GET", "/v1/status", "")), Ok(ApiRequest::Status));
+        assert_eq!(decode(&req("GET", "/v1/status/", "")), Ok(ApiRequest::Status));
+        assert_eq!(
+            decode(&req("GET", "/v1/tune/check?only=vm.swappiness,kernel.panic", "")),
+            Ok(ApiRequest::TuneCheck { only: vec!["vm.swappiness".into(), "kernel.panic".into()] })
+        );
+        assert_eq!(decode(&req("POST", "/v1/tune/apply", "")), Ok(ApiRequest::TuneApply { only: vec![] }));
+        assert_eq!(
+            decode(&req("POST", "/v1/tune/apply", r#"{"only":["kernel.panic"]}"#)),
+            Ok(ApiRequest::TuneApply { only: vec!["kernel.panic".into()] })
+        );
+    }
+
+    #[test]
+    fn errors_are_distinct() {
+        let status = |r: Request| decode(&r).unwrap_err();
+        let e = status(req("GET", "/v2/status", ""));
+        assert_eq!((e.status, e.code.as_str()), (404, "not_found"));
+        let e = status(req("DELETE", "/v1/status", ""));
+        assert_eq!((e.status, e.code.as_str()), (405, "method_not_allowed"));
+        let e = status(req("POST", "/v1/tune/apply", "{not json"));
+        assert_eq!((e.status, e.code.as_str()), (400, "invalid_body"));
+        let e = status(req("POST", "/v1/tune/apply", r#"{"onyl":[]}"#));
+        assert!(e.message.contains("onyl"), "{e}");
+        let e = status(req("GET", "/v1/tune/check?x=1", ""));
+        assert_eq!((e.status, e.code.as_str()), (400, "invalid_query"));
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let e = ApiError::new(404, "not_found", "nope");
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v, serde_json::json!({"error": {"code": "not_found", "message": "nope"}}));
+    }
+}

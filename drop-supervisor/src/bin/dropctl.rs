@@ -1,0 +1,173 @@
+//! `dropctl`: the operator's client of the DROP control API (HTTP/JSON on a Unix socket).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drop_supervisor::api::StatusInfo;
+use drop_supervisor::client::{Client, ClientError};
+use drop_supervisor::config::DEFAULT_SOCKET;
+use drop_supervisor::tune::{ApplyOutcome, ApplyReport, CheckReport, KeyState, Policy};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the daemon answered with an error, or an operation failed (e.g. a key could not be applied)
+  2  usage error
+  3  the daemon is not reachable on the socket
+  4  `tune check`: at least one key drifts from the profile";
+
+/// Control a DROP node (drop-supervisor) over its Unix socket.
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Control socket. Default: $DROP_SOCKET, else /run/drop/drop.sock.
+    #[arg(long, global = true, env = "DROP_SOCKET", value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Node identity, version, uptime and pid of the daemon.
+    Status,
+    /// Host tuning (sysctl profile).
+    #[command(subcommand)]
+    Tune(TuneCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TuneCommand {
+    /// Show, key by key, the wanted value, the host's value and ok / drift / absent-in-kernel.
+    Check {
+        /// Only these keys (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', value_name = "KEY")]
+        only: Vec<String>,
+    },
+    /// Write the profile, read every key back, report what changed. Never lowers a capacity key.
+    Apply {
+        /// Only these keys (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', value_name = "KEY")]
+        only: Vec<String>,
+    },
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_DRIFT: u8 = 4;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.socket);
+    match run(&client, cli.json, &cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("dropctl: {e}");
+            ExitCode::from(match e {
+                ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+                _ => EXIT_FAILED,
+            })
+        }
+    }
+}
+
+fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError> {
+    match command {
+        Command::Status => {
+            let s: serde_json::Value = client.get("/v1/status")?;
+            if json {
+                print_json(&s);
+            } else {
+                print_status(&serde_json::from_value(s).map_err(|e| bad(&e))?);
+            }
+            Ok(0)
+        }
+        Command::Tune(TuneCommand::Check { only }) => {
+            let path = if only.is_empty() { "/v1/tune/check".to_string() } else { format!("/v1/tune/check?only={}", only.join(",")) };
+            let raw: serde_json::Value = client.get(&path)?;
+            let report: CheckReport = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
+            if json { print_json(&raw) } else { print_check(&report) }
+            Ok(if report.in_tune() { 0 } else { EXIT_DRIFT })
+        }
+        Command::Tune(TuneCommand::Apply { only }) => {
+            let raw: serde_json::Value = client.post("/v1/tune/apply", &serde_json::json!({ "only": only }))?;
+            let report: ApplyReport = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
+            if json { print_json(&raw) } else { print_apply(&report) }
+            Ok(if report.count(ApplyOutcome::Failed) == 0 { 0 } else { EXIT_FAILED })
+        }
+    }
+}
+
+fn bad(e: &serde_json::Error) -> ClientError {
+    ClientError::BadResponse { status: 200, detail: e.to_string() }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise"));
+}
+
+fn print_status(s: &StatusInfo) {
+    let (h, m, sec) = (s.uptime_secs / 3600, s.uptime_secs / 60 % 60, s.uptime_secs % 60);
+    println!("node     {}", s.name);
+    println!("node id  {}", s.node_id);
+    println!("version  {}", s.version);
+    println!("pid      {}", s.pid);
+    println!("uptime   {h}h {m:02}m {sec:02}s");
+    println!("config   {}", s.config_path.as_ref().map_or("(built-in defaults)".into(), |p| p.display().to_string()));
+    println!("state    {}", s.state_dir.display());
+    println!("socket   {}", s.socket.display());
+}
+
+fn print_check(r: &CheckReport) {
+    println!("{:<34} {:<24} {:<24} STATE", "KEY", "WANTED", "ACTUAL");
+    for k in &r.keys {
+        let wanted = match k.policy {
+            Policy::Minimum => format!(">= {}", k.wanted),
+            Policy::Exact => k.wanted.clone(),
+        };
+        let state = match k.state {
+            KeyState::Ok => "ok".to_string(),
+            KeyState::Drift => "drift".to_string(),
+            KeyState::AbsentInKernel => "absent-in-kernel".to_string(),
+            KeyState::Unreadable => format!("unreadable: {}", k.error.as_deref().unwrap_or("?")),
+        };
+        println!("{:<34} {:<24} {:<24} {state}", k.key, wanted, k.actual.as_deref().unwrap_or("-"));
+    }
+    println!(
+        "{} keys under {}: {} ok, {} drift, {} absent-in-kernel, {} unreadable",
+        r.keys.len(),
+        r.sysctl_root.display(),
+        r.count(KeyState::Ok),
+        r.count(KeyState::Drift),
+        r.count(KeyState::AbsentInKernel),
+        r.count(KeyState::Unreadable)
+    );
+}
+
+fn print_apply(r: &ApplyReport) {
+    for k in r.keys.iter().filter(|k| k.outcome != ApplyOutcome::Unchanged) {
+        let before = k.before.as_deref().unwrap_or("-");
+        let after = k.after.as_deref().unwrap_or("-");
+        match k.outcome {
+            ApplyOutcome::Changed => println!("changed  {:<34} {before} -> {after}", k.key),
+            ApplyOutcome::AbsentInKernel => println!("absent   {:<34} (the running kernel has no such key)", k.key),
+            ApplyOutcome::Failed => {
+                println!("FAILED   {:<34} {}", k.key, k.error.as_deref().unwrap_or("unknown error"))
+            }
+            ApplyOutcome::Unchanged => {}
+        }
+    }
+    println!(
+        "{} keys under {}: {} changed, {} unchanged, {} absent-in-kernel, {} failed",
+        r.keys.len(),
+        r.sysctl_root.display(),
+        r.count(ApplyOutcome::Changed),
+        r.count(ApplyOutcome::Unchanged),
+        r.count(ApplyOutcome::AbsentInKernel),
+        r.count(ApplyOutcome::Failed)
+    );
+}

@@ -1,0 +1,185 @@
+//! The control socket: accepts connections, reads HTTP requests, decodes them with
+//! [`api::decode`], asks the [`Supervisor`] (the single owner of node state) and writes the
+//! answer. Every failure becomes a JSON error with its own status; a connection is closed only
+//! after its answer was written.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tracing::{debug, warn};
+
+use crate::api::{self, ApiError, ApiRequest, ApiResponse, StatusInfo};
+use crate::config::Config;
+use crate::http::{self, RequestReader};
+use crate::tune::{self, Profile};
+
+/// Connections served at once; more get `503 busy` and are closed.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection that sends nothing for this long is closed (a request in progress gets 408).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Owner of the node's state, answering API requests.
+#[derive(Debug)]
+pub struct Supervisor {
+    config: Config,
+    node_id: uuid::Uuid,
+    started: Instant,
+    profile: Profile,
+    /// Tuning writes are serialised: two applies never interleave key by key.
+    tune_lock: Mutex<()>,
+}
+
+impl Supervisor {
+    pub fn new(config: Config, node_id: uuid::Uuid) -> Supervisor {
+        Supervisor { config, node_id, started: Instant::now(), profile: Profile::builtin(), tune_lock: Mutex::new(()) }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub async fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        match req {
+            ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
+            ApiRequest::TuneCheck { only } => {
+                let entries = self.select(&only)?;
+                let root = self.config.sysctl_root.clone();
+                let report = tokio::task::spawn_blocking(move || {
+                    tune::check(&root, &entries.iter().collect::<Vec<_>>())
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("tune check task: {e}")))?;
+                Ok(ApiResponse::TuneCheck(report))
+            }
+            ApiRequest::TuneApply { only } => {
+                let entries = self.select(&only)?;
+                let root = self.config.sysctl_root.clone();
+                let _guard = self.tune_lock.lock().await;
+                let report = tokio::task::spawn_blocking(move || {
+                    tune::apply(&root, &entries.iter().collect::<Vec<_>>())
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("tune apply task: {e}")))?;
+                for k in report.keys.iter().filter(|k| k.outcome != tune::ApplyOutcome::Unchanged) {
+                    tracing::info!(key = %k.key, before = ?k.before, after = ?k.after, outcome = ?k.outcome, error = ?k.error, "sysctl applied");
+                }
+                Ok(ApiResponse::TuneApply(report))
+            }
+        }
+    }
+
+    fn status(&self) -> StatusInfo {
+        StatusInfo {
+            node_id: self.node_id.to_string(),
+            name: self.config.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            pid: std::process::id(),
+            config_path: self.config.path.clone(),
+            state_dir: self.config.state_dir.clone(),
+            socket: self.config.socket.clone(),
+        }
+    }
+
+    fn select(&self, only: &[String]) -> Result<Vec<tune::Entry>, ApiError> {
+        match self.profile.select(only) {
+            Ok(entries) => Ok(entries.into_iter().cloned().collect()),
+            Err(unknown) => Err(ApiError::new(
+                400,
+                "unknown_key",
+                format!("not in the tuning profile: {}", unknown.join(", ")),
+            )),
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true; then stops accepting and returns. Connections
+/// in progress finish their current request.
+pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            () = stopped(&mut shutdown) => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "accept on control socket failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let supervisor = supervisor.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, &supervisor, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    let err = ApiError::new(503, "busy", format!("more than {MAX_CONNECTIONS} control connections"));
+                    let _ = write(&mut { stream }, &err.to_json(), err.status, true).await;
+                });
+            }
+        }
+    }
+}
+
+/// Resolves once `rx` turns true (or its sender is gone). The guard `wait_for` returns is
+/// dropped here, so callers' futures stay `Send`.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn write(stream: &mut UnixStream, body: &[u8], status: u16, close: bool) -> std::io::Result<()> {
+    stream.write_all(&http::encode_json_response(status, body, close)).await
+}
+
+async fn serve_connection(stream: UnixStream, supervisor: &Supervisor, shutdown: watch::Receiver<bool>) {
+    let (read, mut write_half) = stream.into_split();
+    let mut reader = RequestReader::new(read);
+    loop {
+        let next = match tokio::time::timeout(IDLE_TIMEOUT, reader.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let err = ApiError::new(408, "timeout", "no complete request within 60 s");
+                let _ = write_half
+                    .write_all(&http::encode_json_response(err.status, &err.to_json(), true))
+                    .await;
+                return;
+            }
+        };
+        let req = match next {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                // The stream is out of step after a framing error: answer, then close.
+                debug!(error = %e, "malformed control request");
+                let err = ApiError::from(&e);
+                let _ = write_half
+                    .write_all(&http::encode_json_response(err.status, &err.to_json(), true))
+                    .await;
+                return;
+            }
+        };
+        let stopping = *shutdown.borrow();
+        let close = req.close || stopping;
+        let (status, body) = match api::decode(&req) {
+            Ok(api_req) => match supervisor.handle(api_req).await {
+                Ok(resp) => (200, resp.to_json()),
+                Err(e) => (e.status, e.to_json()),
+            },
+            Err(e) => (e.status, e.to_json()),
+        };
+        debug!(method = %req.method, path = %req.path, status, "control request");
+        if write_half.write_all(&http::encode_json_response(status, &body, close)).await.is_err() || close {
+            return;
+        }
+    }
+}

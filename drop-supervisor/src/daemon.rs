@@ -1,0 +1,125 @@
+//! The daemon's life: state directory and identity, control socket, readiness, watchdog, and a
+//! clean stop on SIGTERM/SIGINT that removes the socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::control::{self, Supervisor};
+use crate::notify::Notifier;
+use crate::state;
+
+/// Mode of the control socket: owner and group may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("another drop-supervisor is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("cannot set up control socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Binds the control socket at `path`: creates the parent directory, replaces a stale socket
+/// left by a crash (but refuses when a live daemon answers on it), sets mode 0660 and, when the
+/// group exists, group `group`.
+pub fn bind_control_socket(path: &Path, group: &str) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        warn!(socket = %path.display(), "removing stale control socket");
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(err)?;
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => {
+            nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| err(e.into()))?;
+        }
+        Ok(None) => info!(group, "group does not exist; control socket keeps the daemon's group"),
+        Err(e) => warn!(group, error = %e, "cannot look up socket group"),
+    }
+    Ok(listener)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `started` is when the process began, for the
+/// start-to-ready time in the log.
+pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env();
+    let (node_id, created) = state::load_or_create_node_id(&config.state_dir)?;
+    if created {
+        info!(%node_id, state_dir = %config.state_dir.display(), "created node identity");
+    }
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let listener = bind_control_socket(&config.socket, &config.socket_group)?;
+    let socket = config.socket.clone();
+    let supervisor = Arc::new(Supervisor::new(config, node_id));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(control::serve(listener, supervisor.clone(), stop_rx.clone()));
+
+    let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Err(e) = notifier.notify(&format!("READY=1\nSTATUS=serving on {}", socket.display())) {
+        warn!(error = %e, "sd_notify READY failed");
+    }
+    info!(
+        %node_id,
+        name = %supervisor.config().node_name,
+        socket = %socket.display(),
+        ready_ms = format_args!("{ready_ms:.1}"),
+        "drop-supervisor ready"
+    );
+
+    if let Some(every) = notifier.watchdog_interval() {
+        let mut stop = stop_rx.clone();
+        let notifier = Notifier::from_env();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = control::stopped(&mut stop) => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = notifier.notify("WATCHDOG=1") {
+                            warn!(error = %e, "sd_notify WATCHDOG failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    info!(signal = signal_name, "stopping");
+    let _ = notifier.notify("STOPPING=1\nSTATUS=stopping");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    if let Err(e) = std::fs::remove_file(&socket) {
+        warn!(socket = %socket.display(), error = %e, "cannot remove control socket");
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! A small HTTP/1.1 codec for the control socket: requests with `Content-Length` bodies,
+//! keep-alive, and a JSON error for every malformed request instead of a dropped connection.
+//!
+//! Deliberately small: the control API needs no chunked bodies, no pipelining beyond reading
+//! requests one after another, and no TLS. Parsing is `httparse`'s; this module frames.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body accepted on the control socket.
+pub const MAX_BODY: usize = 1024 * 1024;
+const MAX_HEADERS: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    pub query: Option<String>,
+    pub body: Vec<u8>,
+    /// The client asked to close the connection after this request (or spoke HTTP/1.0).
+    pub close: bool,
+}
+
+/// Why a request could not be read. Each maps to one status; see [`HttpError::status`].
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HttpError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("request head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("request body of {0} bytes is larger than the limit of {MAX_BODY} bytes")]
+    BodyTooLarge(u64),
+    #[error("a body needs a Content-Length header (chunked transfer encoding is not supported)")]
+    LengthRequired,
+    #[error("connection closed in the middle of a request")]
+    Truncated,
+    #[error("i/o error: {0}")]
+    Io(String),
+}
+
+impl HttpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::Malformed(_) | HttpError::Truncated | HttpError::Io(_) => 400,
+            HttpError::HeadTooLarge => 431,
+            HttpError::BodyTooLarge(_) => 413,
+            HttpError::LengthRequired => 411,
+        }
+    }
+    pub fn code(&self) -> &'static str {
+        match self {
+            HttpError::Malformed(_) | HttpError::Truncated | HttpError::Io(_) => "bad_request",
+            HttpError::HeadTooLarge => "headers_too_large",
+            HttpError::BodyTooLarge(_) => "payload_too_large",
+            HttpError::LengthRequired => "length_required",
+        }
+    }
+}
+
+/// Reads requests from one connection. Bytes after a request stay buffered for the next one.
+#[derive(Debug)]
+pub struct RequestReader<R> {
+    io: R,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> RequestReader<R> {
+    pub fn new(io: R) -> Self {
+        RequestReader { io, buf: Vec::with_capacity(4096) }
+    }
+
+    async fn fill(&mut self) -> Result<usize, HttpError> {
+        let mut chunk = [0u8; 4096];
+        let n = self.io.read(&mut chunk).await.map_err(|e| HttpError::Io(e.to_string()))?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// The next request, or `None` when the peer closed the connection between requests.
+    pub async fn next(&mut self) -> Result<Option<Request>, HttpError> {
+        let (head_len, mut req, content_length) = loop {
+            if let Some(parsed) = parse_head(&self.buf)? {
+                break parsed;
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(HttpError::HeadTooLarge);
+            }
+            if self.fill().await? == 0 {
+                return if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    Ok(None)
+                } else {
+                    Err(HttpError::Truncated)
+                };
+            }
+        };
+        if content_length > MAX_BODY as u64 {
+            return Err(HttpError::BodyTooLarge(content_length));
+        }
+        let total = head_len + content_length as usize;
+        while self.buf.len() < total {
+            if self.fill().await? == 0 {
+                return Err(HttpError::Truncated);
+            }
+        }
+        req.body = self.buf[head_len..total].to_vec();
+        self.buf.drain(..total);
+        Ok(Some(req))
+    }
+}
+
+/// Parses a complete head from `buf`: `(head length, request without body, content length)`.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
+    // Tolerate blank lines between keep-alive requests (RFC 9112 §2.2).
+    let skip = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+    let buf = &buf[skip..];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    };
+    let method = parsed.method.unwrap_or_default().to_string();
+    let target = parsed.path.unwrap_or_default();
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.to_string(), None),
+    };
+    let mut close = parsed.version == Some(0);
+    let mut content_length: Option<u64> = None;
+    for h in parsed.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| HttpError::Malformed(format!("header {} is not UTF-8", h.name)))?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value
+                .parse()
+                .map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
+            }
+            content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HttpError::LengthRequired);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    let req = Request { method, path, query, body: Vec::new(), close };
+    Ok(Some((skip + head_len, req, content_length.unwrap_or(0))))
+}
+
+/// Standard reason phrase for the statuses DROP uses.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Encodes a complete response with a JSON body.
+pub fn encode_json_response(status: u16, body: &[u8], close: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+        reason(status),
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A response as the blocking client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Blocking client side: writes one request and reads one response (`Content-Length` framed).
+pub fn roundtrip<S: std::io::Read + std::io::Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    use std::io::{Error, ErrorKind};
+    let body = body.unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: drop\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+        body.len(),
+        if body.is_empty() { "" } else { "Content-Type: application/json\r\n" }
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    stream.write_all(&req)?;
+
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let status = resp.code.unwrap_or(0);
+                let len = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+                let Some(len) = len else {
+                    return Err(Error::new(ErrorKind::InvalidData, "response without Content-Length"));
+                };
+                while buf.len() < head_len + len {
+                    let n = stream.read(&mut chunk)?;
+                    if n == 0 {
+                        return Err(Error::new(ErrorKind::UnexpectedEof, "response body cut short"));
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return Ok(Response { status, body: buf[head_len..head_len + len].to_vec() });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(Error::new(ErrorKind::InvalidData, format!("bad response: {e}"))),
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Error::new(ErrorKind::InvalidData, "response head too large"));
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed before a response"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(input: &[u8]) -> Vec<Result<Option<Request>, HttpError>> {
+        let mut r = RequestReader::new(input);
+        let mut out = Vec::new();
+        loop {
+            let next = r.next().await;
+            let stop = !matches!(next, Ok(Some(_)));
+            out.push(next);
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_keep_alive_requests_one_after_another() {
+        let input = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/tune/apply?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        let got = read_all(input).await;
+        assert_eq!(got.len(), 3);
+        let first = got[0].clone().unwrap().unwrap();
+        assert_eq!((first.method.as_str(), first.path.as_str(), first.close), ("GET", "/v1/status", false));
+        let second = got[1].clone().unwrap().unwrap();
+        assert_eq!(second.path, "/v1/tune/apply");
+        assert_eq!(second.query.as_deref(), Some("x=1"));
+        assert_eq!(second.body, b"{}");
+        assert_eq!(got[2], Ok(None));
+    }
+
+    #[tokio::test]
+    async fn body_split_across_reads_is_assembled() {
+        let (client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut client = client;
+            client.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            client.write_all(b"56789").await.unwrap();
+        });
+        let mut r = RequestReader::new(server);
+        let req = r.next().await.unwrap().unwrap();
+        assert_eq!(req.body, b"0123456789");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_malformed_request_has_its_own_status() {
+        let cases: [(&[u8], u16); 6] = [
+            (b"NOT HTTP AT ALL\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+            (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),
+            (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        ];
+        for (input, status) in cases {
+            let got = read_all(input).await;
+            let err = got.last().unwrap().clone().unwrap_err();
+            assert_eq!(err.status(), status, "{:?} -> {err:?}", String::from_utf8_lossy(input));
+        }
+        let mut huge = b"GET / HTTP/1.1\r\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+        assert_eq!(read_all(&huge).await.last().unwrap().clone().unwrap_err().status(), 431);
+    }
+
+    #[test]
+    fn client_reads_a_framed_response() {
+        struct Io(std::io::Cursor<Vec<u8>>, Vec<u8>);
+        impl std::io::Read for Io {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                // one byte at a time: framing must not depend on read sizes
+                let n = 1.min(b.len());
+                std::io::Read::read(&mut self.0, &mut b[..n])
+            }
+        }
+        impl std::io::Write for Io {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.1.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let wire = encode_json_response(404, br#"{"error":{}}"#, true);
+        let mut io = Io(std::io::Cursor::new(wire), Vec::new());
+        let resp = roundtrip(&mut io, "GET", "/v1/x", None).unwrap();
+        assert_eq!(resp, Response { status: 404, body: br#"{"error":{}}"#.to_vec() });
+        assert!(String::from_utf8(io.1).unwrap().starts_with("GET /v1/x HTTP/1.1\r\n"));
+    }
+}

@@ -1,0 +1,52 @@
+//! `drop-supervisor`: the DROP node daemon. Parses arguments, installs logging, runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+use drop_supervisor::{config::Config, daemon, logging};
+
+/// The DROP node daemon: runs functions and services on this node and serves the control API
+/// on a Unix socket (see `dropctl`).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file (TOML). Default: /etc/drop/drop.toml if it exists, else built-in defaults.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the config file and exit: 0 when valid, 1 with the error otherwise.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args = Args::parse();
+    match run(args, started) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging may not be up yet (config errors), so the chain goes to stderr as well.
+            tracing::error!("{e:#}");
+            eprintln!("drop-supervisor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args, started: Instant) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    if args.check_config {
+        println!("config ok: {}", config.path.as_ref().map_or("(defaults)".into(), |p| p.display().to_string()));
+        return Ok(());
+    }
+    logging::init(&config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("drop-supervisor")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::run(config, started))?;
+    Ok(())
+}

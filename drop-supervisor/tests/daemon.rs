@@ -1,0 +1,226 @@
+//! The daemon and dropctl as processes, unprivileged: config, identity, the control socket and
+//! its errors, tuning against a temporary sysctl tree, clean shutdown.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use drop_supervisor::tune::{Profile, key_path};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_drop-supervisor");
+const DROPCTL: &str = env!("CARGO_BIN_EXE_dropctl");
+
+struct Node {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// A config in a fresh temporary folder, with a sysctl tree holding every profile key at 0.
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        for e in Profile::builtin().entries {
+            let p = key_path(&dir.path().join("sys"), &e.key);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "0\n").unwrap();
+        }
+        let config = format!(
+            "[node]\nname = \"t1\"\nstate_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/drop.sock\"\n\
+             [tuning]\nsysctl_root = \"{0}/sys\"\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("drop.toml"), config).unwrap();
+        Node { dir, child: None }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn socket(&self) -> PathBuf {
+        self.path("run/drop.sock")
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(DAEMON)
+            .arg("--config")
+            .arg(self.path("drop.toml"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn start(&mut self) -> u32 {
+        let child = self.spawn();
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pid
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        child.wait().unwrap()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(DROPCTL).arg("--socket").arg(self.socket()).args(args).output().unwrap()
+    }
+
+    fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend(args);
+        let out = self.ctl(&all);
+        assert!(out.status.code() == Some(0) || out.status.code() == Some(4), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the daemon closes it.
+fn raw(socket: &Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn status_answers_and_identity_survives_restart() {
+    let mut node = Node::new();
+    let pid = node.start();
+    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let s = node.ctl_json(&["status"]);
+    assert_eq!(s["pid"], pid);
+    assert_eq!(s["name"], "t1");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s["config_path"], node.path("drop.toml").to_str().unwrap());
+    let id = s["node_id"].as_str().unwrap().to_string();
+    assert_eq!(std::fs::read_to_string(node.path("state/node-id")).unwrap().trim(), id);
+    let human = node.ctl(&["status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&id));
+
+    assert!(node.stop().success());
+    assert!(!node.socket().exists(), "socket removed on SIGTERM");
+    node.start();
+    assert_eq!(node.ctl_json(&["status"])["node_id"], id.as_str(), "identity is persisted");
+}
+
+#[test]
+fn tune_check_apply_and_exit_codes() {
+    let mut node = Node::new();
+    node.start();
+    let out = node.ctl(&["tune", "check"]);
+    assert_eq!(out.status.code(), Some(4), "drift exits 4: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("27 keys"), "{out:?}");
+
+    // A capacity key that the host already set higher must stay.
+    std::fs::write(key_path(&node.path("sys"), "fs.file-max"), "5000000\n").unwrap();
+    let applied = node.ctl_json(&["tune", "apply"]);
+    let keys = applied["keys"].as_array().unwrap();
+    assert_eq!(keys.iter().filter(|k| k["outcome"] == "changed").count(), 26);
+    let file_max = keys.iter().find(|k| k["key"] == "fs.file-max").unwrap();
+    assert_eq!(file_max["outcome"], "unchanged");
+    assert_eq!(std::fs::read_to_string(key_path(&node.path("sys"), "fs.file-max")).unwrap(), "5000000\n");
+    assert_eq!(std::fs::read_to_string(key_path(&node.path("sys"), "net.ipv4.tcp_rmem")).unwrap(), "4096 8388608 16777216\n");
+
+    let out = node.ctl(&["tune", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let check = node.ctl_json(&["tune", "check", "--only", "vm.swappiness,fs.file-max"]);
+    let keys = check["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().all(|k| k["state"] == "ok"), "{check}");
+
+    let out = node.ctl(&["tune", "apply", "--only", "vm.nonsense"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm.nonsense"), "{out:?}");
+}
+
+#[test]
+fn malformed_requests_get_distinct_json_errors() {
+    let mut node = Node::new();
+    node.start();
+    let sock = node.socket();
+
+    let garbage = raw(&sock, b"\x00\x01 nonsense\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+    assert!(garbage.contains(r#""code":"bad_request""#), "{garbage}");
+
+    let too_big = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n");
+    assert!(too_big.starts_with("HTTP/1.1 413 ") && too_big.contains("payload_too_large"), "{too_big}");
+
+    let chunked = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert!(chunked.starts_with("HTTP/1.1 411 "), "{chunked}");
+
+    let bad_json = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{oops");
+    assert!(bad_json.starts_with("HTTP/1.1 400 ") && bad_json.contains("invalid_body"), "{bad_json}");
+
+    // Unknown path and wrong method are answered on a connection that stays usable.
+    let both = raw(
+        &sock,
+        b"GET /v1/nope HTTP/1.1\r\n\r\nDELETE /v1/status HTTP/1.1\r\n\r\nGET /v1/status HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    // Bodies carry no trailing newline, so status lines are found by their prefix.
+    let statuses: Vec<&str> =
+        both.split("HTTP/1.1 ").skip(1).map(|r| r.split("\r\n").next().unwrap_or_default()).collect();
+    assert_eq!(statuses, ["404 Not Found", "405 Method Not Allowed", "200 OK"], "{both}");
+    assert!(both.contains(r#""code":"not_found""#) && both.contains(r#""code":"method_not_allowed""#));
+
+    // The daemon is still healthy afterwards.
+    assert_eq!(node.ctl(&["status"]).status.code(), Some(0));
+}
+
+#[test]
+fn dropctl_without_a_daemon_names_the_socket_and_exits_3() {
+    let node = Node::new();
+    let out = node.ctl(&["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(node.socket().to_str().unwrap()), "{err}");
+    // DROP_SOCKET is used when --socket is absent.
+    let out = Command::new(DROPCTL).arg("status").env("DROP_SOCKET", node.socket()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains(node.socket().to_str().unwrap()));
+}
+
+#[test]
+fn stale_socket_is_replaced_and_a_second_daemon_is_refused() {
+    let mut node = Node::new();
+    std::fs::create_dir_all(node.path("run")).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(node.socket()).unwrap()); // leaves a dead socket file
+    node.start();
+    assert_eq!(node.ctl(&["status"]).status.code(), Some(0));
+
+    let second = node.spawn().wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"), "{second:?}");
+    assert_eq!(node.ctl(&["status"]).status.code(), Some(0), "the first daemon keeps its socket");
+}
+
+#[test]
+fn bad_config_names_file_key_line_and_column() {
+    let node = Node::new();
+    std::fs::write(node.path("drop.toml"), "[node]\nname = \"x\"\nsocket = \"/x\"\n").unwrap();
+    let out = node.spawn().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drop.toml") && err.contains("socket") && err.contains("line 3, column 1"), "{err}");
+}

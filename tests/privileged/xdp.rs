@@ -1,0 +1,3 @@
+//! placeholder
+use drop_tests::Test;
+pub const TESTS: &[Test] = &[];

@@ -1,0 +1,99 @@
+//! `cargo xtask`: the project's automation. Every verb prints one line per step and fails with
+//! a message that says what to do.
+//!
+//! - `setup`      install what the build and the tests need (idempotent; seconds when done)
+//! - `build-ebpf` build the XDP object with the pinned nightly and bpf-linker
+//! - `run`        set up, build, and run a single-node DROP in the foreground (state in target/drop-dev)
+//! - `test`       set up, then fmt, clippy, unit tests and the privileged integration tests
+//! - `ci`         what CI runs: `test` with skips counted as failures
+
+mod ebpf;
+mod run;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "DROP project automation")]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Install everything the build and tests need (apt packages, nightly rust-src, bpf-linker).
+    Setup,
+    /// Build the XDP object (drop-ebpf) with the pinned nightly and bpf-linker.
+    BuildEbpf,
+    /// Build everything and run a single-node DROP in the foreground (state in target/drop-dev).
+    Run,
+    /// fmt check, clippy -D warnings, unit tests, privileged integration tests; summary line.
+    Test(test::TestArgs),
+    /// What CI runs: `test` where a skipped privileged test counts as a failure.
+    Ci,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.verb {
+        Verb::Setup => setup::setup().map(|_| ()),
+        Verb::BuildEbpf => setup::setup().and_then(|tools| ebpf::build(&tools).map(|_| ())),
+        Verb::Run => run::run(),
+        Verb::Test(args) => test::test(args),
+        Verb::Ci => test::test(test::TestArgs { strict: true, ..Default::default() }),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs `f` as a named step: prints `name ...`, then `ok (Ns)` or the failure.
+pub fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    println!("==> {name}");
+    let result = f();
+    let secs = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => println!("==> {name}: ok ({secs:.1}s)"),
+        Err(e) => println!("==> {name}: FAILED ({secs:.1}s): {e:#}"),
+    }
+    result.with_context(|| format!("step `{name}` failed"))
+}
+
+/// Runs a command to completion, failing with the command line when it does not succeed.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, failing with stderr when it does not succeed.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `cargo` of the running (stable, pinned) toolchain.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}

@@ -1,0 +1,198 @@
+//! `cargo xtask test` / `ci`: set up, then fmt, clippy, unit tests and the privileged
+//! integration tests, ending with one line `N passed, N failed, N skipped` (skips listed with
+//! their reasons above it).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, ebpf, root, setup, step};
+
+#[derive(Debug, Default, clap::Args)]
+pub struct TestArgs {
+    /// Count a skipped privileged test as a failure (default when CI=true).
+    #[arg(long)]
+    pub strict: bool,
+    /// Leave out fmt and clippy.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Only privileged tests whose name contains one of these (unit tests still run).
+    pub filters: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, name: &str, result: anyhow::Result<()>) {
+        match result {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                self.failed += 1;
+                self.failures.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, echoing its stdout and stderr, and returns its stdout lines and whether it succeeded.
+fn run_capture(cmd: &mut Command) -> anyhow::Result<(Vec<String>, bool)> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        lines.push(line);
+    }
+    Ok((lines, child.wait()?.success()))
+}
+
+/// Sums libtest's `test result: ok. N passed; M failed; K ignored; ...` lines.
+fn libtest_counts(lines: &[String]) -> (usize, usize, usize) {
+    let mut totals = (0, 0, 0);
+    for line in lines.iter().filter_map(|l| l.strip_prefix("test result: ")) {
+        for part in line.split(['.', ';']).map(str::trim) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<usize>().ok()), words.next()) else {
+                continue;
+            };
+            match what {
+                "passed" => totals.0 += n,
+                "failed" => totals.1 += n,
+                "ignored" => totals.2 += n,
+                _ => {}
+            }
+        }
+    }
+    totals
+}
+
+pub fn test(args: TestArgs) -> anyhow::Result<()> {
+    let strict = args.strict || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let tools = setup::setup()?;
+    let mut tally = Tally::default();
+
+    ebpf::build(&tools)?;
+    if !args.no_lint {
+        let fmt = step("lint: cargo fmt --check", || {
+            crate::run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+            crate::run_cmd(
+                Command::new("rustup")
+                    .current_dir(root().join("drop-ebpf"))
+                    .args(["run", &tools.nightly, "cargo", "fmt", "--check"])
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("CARGO"),
+            )
+        });
+        tally.check("fmt", fmt);
+        let clippy = step("lint: cargo clippy -D warnings", || {
+            crate::run_cmd(cargo().args(["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        });
+        tally.check("clippy", clippy);
+    }
+
+    let unit = step("test: unit tests", || {
+        let (lines, ok) = run_capture(cargo().args(["test", "--locked", "--workspace", "--exclude", "drop-tests"]))?;
+        let (p, f, i) = libtest_counts(&lines);
+        tally.passed += p;
+        tally.failed += f;
+        if i > 0 {
+            tally.skipped.push(format!("{i} unit test(s) marked #[ignore] (reasons in their attributes)"));
+        }
+        if !ok && f == 0 {
+            bail!("cargo test failed before running tests (build error?)");
+        }
+        if f > 0 {
+            bail!("{f} unit test(s) failed");
+        }
+        Ok(())
+    });
+    if let Err(e) = unit {
+        tally.failures.push(format!("unit tests: {e:#}"));
+        if !tally.failures.last().is_some_and(|m| m.contains("unit test(s) failed")) {
+            tally.failed += 1;
+        }
+    }
+
+    let privileged = step("test: privileged integration tests", || {
+        crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
+        if !setup::is_root() {
+            bail!("the privileged tests need root (network namespaces, XDP, cgroups, a throw-away systemd)");
+        }
+        let mut cmd = cargo();
+        cmd.args(["test", "--locked", "-p", "drop-tests", "--test", "privileged", "--"])
+            .args(&args.filters)
+            .env("DROP_BIN_DIR", root().join("target/debug"))
+            .env("DROP_XDP_OBJ", ebpf::object_path());
+        if strict {
+            cmd.env("DROP_TEST_STRICT", "1");
+        }
+        let (lines, ok) = run_capture(&mut cmd)?;
+        let summary = lines.iter().rev().find_map(|l| parse_summary(l));
+        let Some((p, f, _)) = summary else {
+            bail!("the privileged test binary printed no summary line (did it build?)");
+        };
+        tally.passed += p;
+        tally.failed += f;
+        tally.skipped.extend(lines.iter().filter_map(|l| l.strip_prefix("skipped: ")).map(str::to_string));
+        tally.failures.extend(lines.iter().filter_map(|l| l.strip_prefix("FAIL ")).map(str::to_string));
+        if !ok && f == 0 {
+            bail!("the privileged test binary failed");
+        }
+        Ok(())
+    });
+    if let Err(e) = privileged {
+        tally.failed += 1;
+        tally.failures.push(format!("privileged tests: {e:#}"));
+    }
+
+    println!();
+    for s in &tally.skipped {
+        println!("skipped: {s}");
+    }
+    for f in &tally.failures {
+        println!("failed: {f}");
+    }
+    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped.len());
+    if tally.failed > 0 {
+        bail!("{} failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// `N passed, N failed, N skipped` → the three numbers.
+fn parse_summary(line: &str) -> Option<(usize, usize, usize)> {
+    let mut nums = line.split(", ").map(|part| {
+        let (n, _) = part.split_once(' ')?;
+        n.parse::<usize>().ok()
+    });
+    let (p, f, s) = (nums.next()??, nums.next()??, nums.next()??);
+    line.ends_with(" skipped").then_some((p, f, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_result_lines() {
+        let lines = vec![
+            "test result: ok. 28 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.02s".to_string(),
+            "noise".to_string(),
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out".to_string(),
+        ];
+        assert_eq!(libtest_counts(&lines), (31, 2, 1));
+    }
+
+    #[test]
+    fn parses_the_privileged_summary() {
+        assert_eq!(parse_summary("7 passed, 1 failed, 2 skipped"), Some((7, 1, 2)));
+        assert_eq!(parse_summary("PASS something"), None);
+    }
+}
