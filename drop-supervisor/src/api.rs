@@ -74,16 +74,27 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
-        ApiError { status, code: code.to_string(), message: message.into() }
+        ApiError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
     pub fn not_found(req: &Request) -> Self {
-        ApiError::new(404, "not_found", format!("no such endpoint: {} {}", req.method, req.path))
+        ApiError::new(
+            404,
+            "not_found",
+            format!("no such endpoint: {} {}", req.method, req.path),
+        )
     }
     pub fn method_not_allowed(req: &Request, allowed: &str) -> Self {
         ApiError::new(
             405,
             "method_not_allowed",
-            format!("{} is not allowed on {}; use {allowed}", req.method, req.path),
+            format!(
+                "{} is not allowed on {}; use {allowed}",
+                req.method, req.path
+            ),
         )
     }
     pub fn invalid_body(message: impl Into<String>) -> Self {
@@ -93,7 +104,12 @@ impl ApiError {
         ApiError::new(500, "internal", message)
     }
     pub fn to_json(&self) -> Vec<u8> {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.clone(), message: self.message.clone() } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.clone(),
+                message: self.message.clone(),
+            },
+        };
         serde_json::to_vec(&body).expect("error bodies serialise")
     }
 }
@@ -120,7 +136,9 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
             _ => Err(ApiError::method_not_allowed(req, "GET")),
         },
         "/v1/tune/check" => match method {
-            "GET" => Ok(ApiRequest::TuneCheck { only: query_list(req.query.as_deref(), "only")? }),
+            "GET" => Ok(ApiRequest::TuneCheck {
+                only: query_list(req.query.as_deref(), "only")?,
+            }),
             _ => Err(ApiError::method_not_allowed(req, "GET")),
         },
         "/v1/tune/apply" => match method {
@@ -142,13 +160,21 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
 /// `only=a,b&x=y` → `["a", "b"]` for `name = "only"`. Other parameters are refused.
 fn query_list(query: Option<&str>, name: &str) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         match pair.split_once('=') {
             Some((k, v)) if k == name => {
                 out.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
             }
             _ => {
-                return Err(ApiError::new(400, "invalid_query", format!("unknown query parameter {pair:?}")));
+                return Err(ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!("unknown query parameter {pair:?}"),
+                ));
             }
         }
     }
@@ -164,21 +190,48 @@ mod tests {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (target.to_string(), None),
         };
-        Request { method: method.into(), path, query, body: body.as_bytes().to_vec(), close: false }
+        Request {
+            method: method.into(),
+            path,
+            query,
+            body: body.as_bytes().to_vec(),
+            close: false,
+        }
     }
 
     #[test]
     fn routes_decode_to_typed_requests() {
-        assert_eq!(decode(&req("GET", "/v1/status", "")), Ok(ApiRequest::Status));
-        assert_eq!(decode(&req("GET", "/v1/status/", "")), Ok(ApiRequest::Status));
         assert_eq!(
-            decode(&req("GET", "/v1/tune/check?only=vm.swappiness,kernel.panic", "")),
-            Ok(ApiRequest::TuneCheck { only: vec!["vm.swappiness".into(), "kernel.panic".into()] })
+            decode(&req("GET", "/v1/status", "")),
+            Ok(ApiRequest::Status)
         );
-        assert_eq!(decode(&req("POST", "/v1/tune/apply", "")), Ok(ApiRequest::TuneApply { only: vec![] }));
         assert_eq!(
-            decode(&req("POST", "/v1/tune/apply", r#"{"only":["kernel.panic"]}"#)),
-            Ok(ApiRequest::TuneApply { only: vec!["kernel.panic".into()] })
+            decode(&req("GET", "/v1/status/", "")),
+            Ok(ApiRequest::Status)
+        );
+        assert_eq!(
+            decode(&req(
+                "GET",
+                "/v1/tune/check?only=vm.swappiness,kernel.panic",
+                ""
+            )),
+            Ok(ApiRequest::TuneCheck {
+                only: vec!["vm.swappiness".into(), "kernel.panic".into()]
+            })
+        );
+        assert_eq!(
+            decode(&req("POST", "/v1/tune/apply", "")),
+            Ok(ApiRequest::TuneApply { only: vec![] })
+        );
+        assert_eq!(
+            decode(&req(
+                "POST",
+                "/v1/tune/apply",
+                r#"{"only":["kernel.panic"]}"#
+            )),
+            Ok(ApiRequest::TuneApply {
+                only: vec!["kernel.panic".into()]
+            })
         );
     }
 
@@ -201,6 +254,9 @@ mod tests {
     fn error_body_shape() {
         let e = ApiError::new(404, "not_found", "nope");
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
-        assert_eq!(v, serde_json::json!({"error": {"code": "not_found", "message": "nope"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"code": "not_found", "message": "nope"}})
+        );
     }
 }

@@ -13,7 +13,9 @@ use crate::http;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens on the socket: the daemon is not running, or the path is wrong.
-    #[error("cannot connect to drop-supervisor at {socket}: {source} (is the daemon running? set --socket or DROP_SOCKET)")]
+    #[error(
+        "cannot connect to drop-supervisor at {socket}: {source} (is the daemon running? set --socket or DROP_SOCKET)"
+    )]
     Unreachable {
         socket: PathBuf,
         #[source]
@@ -40,7 +42,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Client {
-        Client { socket: socket.into(), timeout: Duration::from_secs(30) }
+        Client {
+            socket: socket.into(),
+            timeout: Duration::from_secs(30),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -51,15 +56,30 @@ impl Client {
         self.request("GET", path, None)
     }
 
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T, ClientError> {
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).expect("JSON values serialise");
         self.request("POST", path, Some(&body))
     }
 
-    fn request<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<T, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket)
-            .map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })?;
-        let io = |source| ClientError::Io { socket: self.socket.clone(), source };
+    fn request<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<T, ClientError> {
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let io = |source| ClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
         let resp = http::roundtrip(&mut stream, method, path, body).map_err(io)?;
@@ -70,7 +90,11 @@ impl Client {
             });
         }
         match serde_json::from_slice::<ErrorBody>(&resp.body) {
-            Ok(e) => Err(ClientError::Api(ApiError { status: resp.status, code: e.error.code, message: e.error.message })),
+            Ok(e) => Err(ClientError::Api(ApiError {
+                status: resp.status,
+                code: e.error.code,
+                message: e.error.message,
+            })),
             Err(_) => Err(ClientError::BadResponse {
                 status: resp.status,
                 detail: String::from_utf8_lossy(&resp.body).into_owned(),

@@ -31,7 +31,11 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config {origin}: key `{key}`: {reason}")]
-    Invalid { origin: String, key: &'static str, reason: String },
+    Invalid {
+        origin: String,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 /// Mirror of the file. Every section and key is optional; unknown ones are errors.
@@ -97,8 +101,10 @@ impl Config {
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
             None => return Config::from_raw(RawConfig::default(), None),
         };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
         Config::parse(&text, &path)
     }
 
@@ -131,7 +137,10 @@ impl Config {
         };
         validate_name(&node_name).map_err(|r| invalid("node.name", r))?;
 
-        let state_dir = raw.node.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let state_dir = raw
+            .node
+            .state_dir
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         require_absolute(&state_dir).map_err(|r| invalid("node.state_dir", r))?;
 
         let socket = raw.control.socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
@@ -144,17 +153,31 @@ impl Config {
             ));
         }
 
-        let socket_group = raw.control.socket_group.unwrap_or_else(|| DEFAULT_SOCKET_GROUP.into());
+        let socket_group = raw
+            .control
+            .socket_group
+            .unwrap_or_else(|| DEFAULT_SOCKET_GROUP.into());
         validate_name(&socket_group).map_err(|r| invalid("control.socket_group", r))?;
 
-        let sysctl_root = raw.tuning.sysctl_root.unwrap_or_else(|| DEFAULT_SYSCTL_ROOT.into());
+        let sysctl_root = raw
+            .tuning
+            .sysctl_root
+            .unwrap_or_else(|| DEFAULT_SYSCTL_ROOT.into());
         require_absolute(&sysctl_root).map_err(|r| invalid("tuning.sysctl_root", r))?;
 
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| invalid("log.level", format!("not a tracing filter: {e}")))?;
 
-        Ok(Config { path, node_name, state_dir, socket, socket_group, sysctl_root, log_level })
+        Ok(Config {
+            path,
+            node_name,
+            state_dir,
+            socket,
+            socket_group,
+            sysctl_root,
+            log_level,
+        })
     }
 }
 
@@ -173,7 +196,9 @@ fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!("`{name}` must be 1 to 63 bytes long"));
     }
     if name.starts_with(['-', '.']) || !name.chars().all(ok_char) {
-        return Err(format!("`{name}` may hold only letters, digits, `.`, `_` and `-`, and must not start with `-` or `.`"));
+        return Err(format!(
+            "`{name}` may hold only letters, digits, `.`, `_` and `-`, and must not start with `-` or `.`"
+        ));
     }
     Ok(())
 }
@@ -206,15 +231,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (c.state_dir.to_str(), c.socket.to_str(), c.socket_group.as_str()),
+            (
+                c.state_dir.to_str(),
+                c.socket.to_str(),
+                c.socket_group.as_str()
+            ),
             (Some("/s"), Some("/r/x.sock"), "ops")
         );
-        assert_eq!((c.sysctl_root.to_str(), c.log_level.as_str()), (Some("/t"), "debug"));
+        assert_eq!(
+            (c.sysctl_root.to_str(), c.log_level.as_str()),
+            (Some("/t"), "debug")
+        );
     }
 
     #[test]
     fn unknown_key_names_file_key_line_and_column() {
-        let err = parse("[node]\nname = \"a\"\nstate_dri = \"/x\"\n").unwrap_err().to_string();
+        let err = parse("[node]\nname = \"a\"\nstate_dri = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/etc/drop/test.toml"), "{err}");
         assert!(err.contains("state_dri"), "{err}");
         assert!(err.contains("line 3, column 1"), "{err}");
@@ -228,30 +262,46 @@ mod tests {
 
     #[test]
     fn relative_paths_are_refused_with_the_key() {
-        let err = parse("[node]\nname = \"a\"\nstate_dir = \"var/lib\"\n").unwrap_err().to_string();
-        assert!(err.contains("node.state_dir") && err.contains("absolute"), "{err}");
-        let err = parse("[tuning]\nsysctl_root = \"proc\"\n").unwrap_err().to_string();
+        let err = parse("[node]\nname = \"a\"\nstate_dir = \"var/lib\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node.state_dir") && err.contains("absolute"),
+            "{err}"
+        );
+        let err = parse("[tuning]\nsysctl_root = \"proc\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tuning.sysctl_root"), "{err}");
     }
 
     #[test]
     fn overlong_socket_path_is_refused() {
         let long = format!("/{}", "s".repeat(120));
-        let err = parse(&format!("[control]\nsocket = \"{long}\"\n")).unwrap_err().to_string();
-        assert!(err.contains("control.socket") && err.contains("at most 107"), "{err}");
+        let err = parse(&format!("[control]\nsocket = \"{long}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("control.socket") && err.contains("at most 107"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_names_and_log_filters_are_refused() {
         let err = parse("[node]\nname = \"a b\"\n").unwrap_err().to_string();
         assert!(err.contains("node.name"), "{err}");
-        let err = parse("[log]\nlevel = \"info,=[\"\n").unwrap_err().to_string();
+        let err = parse("[log]\nlevel = \"info,=[\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("log.level"), "{err}");
     }
 
     #[test]
     fn missing_file_is_a_read_error_naming_it() {
-        let err = Config::load(Some(Path::new("/nonexistent/drop.toml"))).unwrap_err().to_string();
+        let err = Config::load(Some(Path::new("/nonexistent/drop.toml")))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/drop.toml"), "{err}");
     }
 }

@@ -34,7 +34,13 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(config: Config, node_id: uuid::Uuid) -> Supervisor {
-        Supervisor { config, node_id, started: Instant::now(), profile: Profile::builtin(), tune_lock: Mutex::new(()) }
+        Supervisor {
+            config,
+            node_id,
+            started: Instant::now(),
+            profile: Profile::builtin(),
+            tune_lock: Mutex::new(()),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -63,7 +69,11 @@ impl Supervisor {
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("tune apply task: {e}")))?;
-                for k in report.keys.iter().filter(|k| k.outcome != tune::ApplyOutcome::Unchanged) {
+                for k in report
+                    .keys
+                    .iter()
+                    .filter(|k| k.outcome != tune::ApplyOutcome::Unchanged)
+                {
                     tracing::info!(key = %k.key, before = ?k.before, after = ?k.after, outcome = ?k.outcome, error = ?k.error, "sysctl applied");
                 }
                 Ok(ApiResponse::TuneApply(report))
@@ -98,7 +108,11 @@ impl Supervisor {
 
 /// Serves `listener` until `shutdown` turns true; then stops accepting and returns. Connections
 /// in progress finish their current request.
-pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    supervisor: Arc<Supervisor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -123,7 +137,11 @@ pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>, mut shut
             }
             Err(_) => {
                 tokio::spawn(async move {
-                    let err = ApiError::new(503, "busy", format!("more than {MAX_CONNECTIONS} control connections"));
+                    let err = ApiError::new(
+                        503,
+                        "busy",
+                        format!("more than {MAX_CONNECTIONS} control connections"),
+                    );
                     let _ = write(&mut { stream }, &err.to_json(), err.status, true).await;
                 });
             }
@@ -137,11 +155,22 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn write(stream: &mut UnixStream, body: &[u8], status: u16, close: bool) -> std::io::Result<()> {
-    stream.write_all(&http::encode_json_response(status, body, close)).await
+async fn write(
+    stream: &mut UnixStream,
+    body: &[u8],
+    status: u16,
+    close: bool,
+) -> std::io::Result<()> {
+    stream
+        .write_all(&http::encode_json_response(status, body, close))
+        .await
 }
 
-async fn serve_connection(stream: UnixStream, supervisor: &Supervisor, shutdown: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: UnixStream,
+    supervisor: &Supervisor,
+    shutdown: watch::Receiver<bool>,
+) {
     let (read, mut write_half) = stream.into_split();
     let mut reader = RequestReader::new(read);
     loop {
@@ -150,7 +179,11 @@ async fn serve_connection(stream: UnixStream, supervisor: &Supervisor, shutdown:
             Err(_) => {
                 let err = ApiError::new(408, "timeout", "no complete request within 60 s");
                 let _ = write_half
-                    .write_all(&http::encode_json_response(err.status, &err.to_json(), true))
+                    .write_all(&http::encode_json_response(
+                        err.status,
+                        &err.to_json(),
+                        true,
+                    ))
                     .await;
                 return;
             }
@@ -163,7 +196,11 @@ async fn serve_connection(stream: UnixStream, supervisor: &Supervisor, shutdown:
                 debug!(error = %e, "malformed control request");
                 let err = ApiError::from(&e);
                 let _ = write_half
-                    .write_all(&http::encode_json_response(err.status, &err.to_json(), true))
+                    .write_all(&http::encode_json_response(
+                        err.status,
+                        &err.to_json(),
+                        true,
+                    ))
                     .await;
                 return;
             }
@@ -178,7 +215,12 @@ async fn serve_connection(stream: UnixStream, supervisor: &Supervisor, shutdown:
             Err(e) => (e.status, e.to_json()),
         };
         debug!(method = %req.method, path = %req.path, status, "control request");
-        if write_half.write_all(&http::encode_json_response(status, &body, close)).await.is_err() || close {
+        if write_half
+            .write_all(&http::encode_json_response(status, &body, close))
+            .await
+            .is_err()
+            || close
+        {
             return;
         }
     }

@@ -39,7 +39,10 @@ pub enum DaemonError {
 /// left by a crash (but refuses when a live daemon answers on it), sets mode 0660 and, when the
 /// group exists, group `group`.
 pub fn bind_control_socket(path: &Path, group: &str) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
+    let err = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
@@ -56,7 +59,10 @@ pub fn bind_control_socket(path: &Path, group: &str) -> Result<UnixListener, Dae
         Ok(Some(g)) => {
             nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| err(e.into()))?;
         }
-        Ok(None) => info!(group, "group does not exist; control socket keeps the daemon's group"),
+        Ok(None) => info!(
+            group,
+            "group does not exist; control socket keeps the daemon's group"
+        ),
         Err(e) => warn!(group, error = %e, "cannot look up socket group"),
     }
     Ok(listener)
@@ -77,7 +83,11 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let socket = config.socket.clone();
     let supervisor = Arc::new(Supervisor::new(config, node_id));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(control::serve(listener, supervisor.clone(), stop_rx.clone()));
+    let server = tokio::spawn(control::serve(
+        listener,
+        supervisor.clone(),
+        stop_rx.clone(),
+    ));
 
     let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     if let Err(e) = notifier.notify(&format!("READY=1\nSTATUS=serving on {}", socket.display())) {

@@ -68,12 +68,19 @@ pub struct RequestReader<R> {
 
 impl<R: AsyncRead + Unpin> RequestReader<R> {
     pub fn new(io: R) -> Self {
-        RequestReader { io, buf: Vec::with_capacity(4096) }
+        RequestReader {
+            io,
+            buf: Vec::with_capacity(4096),
+        }
     }
 
     async fn fill(&mut self) -> Result<usize, HttpError> {
         let mut chunk = [0u8; 4096];
-        let n = self.io.read(&mut chunk).await.map_err(|e| HttpError::Io(e.to_string()))?;
+        let n = self
+            .io
+            .read(&mut chunk)
+            .await
+            .map_err(|e| HttpError::Io(e.to_string()))?;
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
@@ -113,7 +120,10 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
 /// Parses a complete head from `buf`: `(head length, request without body, content length)`.
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
     // Tolerate blank lines between keep-alive requests (RFC 9112 §2.2).
-    let skip = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+    let skip = buf
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
     let buf = &buf[skip..];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
@@ -140,7 +150,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
                 .parse()
                 .map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?;
             if content_length.is_some_and(|prev| prev != n) {
-                return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
+                return Err(HttpError::Malformed(
+                    "conflicting Content-Length headers".into(),
+                ));
             }
             content_length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -149,7 +161,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
             close = value.eq_ignore_ascii_case("close");
         }
     }
-    let req = Request { method, path, query, body: Vec::new(), close };
+    let req = Request {
+        method,
+        path,
+        query,
+        body: Vec::new(),
+        close,
+    };
     Ok(Some((skip + head_len, req, content_length.unwrap_or(0))))
 }
 
@@ -223,28 +241,54 @@ pub fn roundtrip<S: std::io::Read + std::io::Write>(
                     .headers
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    });
                 let Some(len) = len else {
-                    return Err(Error::new(ErrorKind::InvalidData, "response without Content-Length"));
+                    return Err(Error::new(
+                        ErrorKind::InvalidData,
+                        "response without Content-Length",
+                    ));
                 };
                 while buf.len() < head_len + len {
                     let n = stream.read(&mut chunk)?;
                     if n == 0 {
-                        return Err(Error::new(ErrorKind::UnexpectedEof, "response body cut short"));
+                        return Err(Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "response body cut short",
+                        ));
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                return Ok(Response { status, body: buf[head_len..head_len + len].to_vec() });
+                return Ok(Response {
+                    status,
+                    body: buf[head_len..head_len + len].to_vec(),
+                });
             }
             Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(Error::new(ErrorKind::InvalidData, format!("bad response: {e}"))),
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidData,
+                    format!("bad response: {e}"),
+                ));
+            }
         }
         if buf.len() > MAX_HEAD {
-            return Err(Error::new(ErrorKind::InvalidData, "response head too large"));
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "response head too large",
+            ));
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed before a response"));
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -273,7 +317,10 @@ mod tests {
         let got = read_all(input).await;
         assert_eq!(got.len(), 3);
         let first = got[0].clone().unwrap().unwrap();
-        assert_eq!((first.method.as_str(), first.path.as_str(), first.close), ("GET", "/v1/status", false));
+        assert_eq!(
+            (first.method.as_str(), first.path.as_str(), first.close),
+            ("GET", "/v1/status", false)
+        );
         let second = got[1].clone().unwrap().unwrap();
         assert_eq!(second.path, "/v1/tune/apply");
         assert_eq!(second.query.as_deref(), Some("x=1"));
@@ -287,7 +334,10 @@ mod tests {
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let mut client = client;
-            client.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234").await.unwrap();
+            client
+                .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+                .await
+                .unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             client.write_all(b"56789").await.unwrap();
         });
@@ -303,18 +353,38 @@ mod tests {
             (b"NOT HTTP AT ALL\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                411,
+            ),
             (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),
-            (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (
+                b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
         ];
         for (input, status) in cases {
             let got = read_all(input).await;
             let err = got.last().unwrap().clone().unwrap_err();
-            assert_eq!(err.status(), status, "{:?} -> {err:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                err.status(),
+                status,
+                "{:?} -> {err:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         let mut huge = b"GET / HTTP/1.1\r\n".to_vec();
         huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
-        assert_eq!(read_all(&huge).await.last().unwrap().clone().unwrap_err().status(), 431);
+        assert_eq!(
+            read_all(&huge)
+                .await
+                .last()
+                .unwrap()
+                .clone()
+                .unwrap_err()
+                .status(),
+            431
+        );
     }
 
     #[test]
@@ -339,7 +409,17 @@ mod tests {
         let wire = encode_json_response(404, br#"{"error":{}}"#, true);
         let mut io = Io(std::io::Cursor::new(wire), Vec::new());
         let resp = roundtrip(&mut io, "GET", "/v1/x", None).unwrap();
-        assert_eq!(resp, Response { status: 404, body: br#"{"error":{}}"#.to_vec() });
-        assert!(String::from_utf8(io.1).unwrap().starts_with("GET /v1/x HTTP/1.1\r\n"));
+        assert_eq!(
+            resp,
+            Response {
+                status: 404,
+                body: br#"{"error":{}}"#.to_vec()
+            }
+        );
+        assert!(
+            String::from_utf8(io.1)
+                .unwrap()
+                .starts_with("GET /v1/x HTTP/1.1\r\n")
+        );
     }
 }

@@ -22,12 +22,19 @@ pub fn init(level: &str) -> LogTarget {
     if std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journald) = tracing_journald::layer()
     {
-        tracing_subscriber::registry().with(filter).with(journald.with_syslog_identifier("drop-supervisor".into())).init();
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald.with_syslog_identifier("drop-supervisor".into()))
+            .init();
         return LogTarget::Journald;
     }
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
         .init();
     LogTarget::Stderr
 }

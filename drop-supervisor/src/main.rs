@@ -38,7 +38,13 @@ fn main() -> ExitCode {
 fn run(args: Args, started: Instant) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     if args.check_config {
-        println!("config ok: {}", config.path.as_ref().map_or("(defaults)".into(), |p| p.display().to_string()));
+        println!(
+            "config ok: {}",
+            config
+                .path
+                .as_ref()
+                .map_or("(defaults)".into(), |p| p.display().to_string())
+        );
         return Ok(());
     }
     logging::init(&config.log_level);

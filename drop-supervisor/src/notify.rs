@@ -44,7 +44,9 @@ impl Notifier {
 
     /// Sends `state` (e.g. `"READY=1\nSTATUS=listening"`). Errors are returned, not fatal.
     pub fn notify(&self, state: &str) -> std::io::Result<()> {
-        let Some(target) = &self.target else { return Ok(()) };
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
         let sock = UnixDatagram::unbound()?;
         sock.send_to_addr(state.as_bytes(), target)?;
         Ok(())
@@ -60,7 +62,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let rx = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier { target: Some(SocketAddr::from_pathname(&path).unwrap()), watchdog: Some(Duration::from_secs(30)) };
+        let n = Notifier {
+            target: Some(SocketAddr::from_pathname(&path).unwrap()),
+            watchdog: Some(Duration::from_secs(30)),
+        };
         n.notify("READY=1\nSTATUS=up").unwrap();
         let mut buf = [0u8; 64];
         let len = rx.recv(&mut buf).unwrap();
@@ -70,7 +75,10 @@ mod tests {
 
     #[test]
     fn without_a_socket_nothing_is_sent_and_no_watchdog_runs() {
-        let n = Notifier { target: None, watchdog: Some(Duration::from_secs(30)) };
+        let n = Notifier {
+            target: None,
+            watchdog: Some(Duration::from_secs(30)),
+        };
         assert!(!n.enabled());
         assert!(n.notify("READY=1").is_ok());
         assert_eq!(n.watchdog_interval(), None);

@@ -34,7 +34,9 @@ pub enum StateError {
         source: std::io::Error,
     },
     /// A damaged identity is never replaced silently: the node would rejoin as a stranger.
-    #[error("{path} does not hold a node id (a UUID): {content:?}; restore it or remove it to create a new identity")]
+    #[error(
+        "{path} does not hold a node id (a UUID): {content:?}; restore it or remove it to create a new identity"
+    )]
     Corrupt { path: PathBuf, content: String },
 }
 
@@ -44,7 +46,10 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
         .recursive(true)
         .mode(0o750)
         .create(dir)
-        .map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })
+        .map_err(|source| StateError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Reads the node id from `state_dir`, creating and persisting a new one on first start.
@@ -54,8 +59,10 @@ pub fn load_or_create_node_id(state_dir: &Path) -> Result<(Uuid, bool), StateErr
     let path = state_dir.join(NODE_ID_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
-            let id = Uuid::parse_str(text.trim())
-                .map_err(|_| StateError::Corrupt { path: path.clone(), content: text.clone() })?;
+            let id = Uuid::parse_str(text.trim()).map_err(|_| StateError::Corrupt {
+                path: path.clone(),
+                content: text.clone(),
+            })?;
             Ok((id, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -70,11 +77,22 @@ pub fn load_or_create_node_id(state_dir: &Path) -> Result<(Uuid, bool), StateErr
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let werr = |source| StateError::Write { path: path.to_path_buf(), source };
+    let werr = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -111,7 +129,10 @@ mod tests {
         fs::write(dir.path().join(NODE_ID_FILE), "garbage\n").unwrap();
         let err = load_or_create_node_id(dir.path()).unwrap_err().to_string();
         assert!(err.contains("does not hold a node id"), "{err}");
-        assert_eq!(fs::read_to_string(dir.path().join(NODE_ID_FILE)).unwrap(), "garbage\n");
+        assert_eq!(
+            fs::read_to_string(dir.path().join(NODE_ID_FILE)).unwrap(),
+            "garbage\n"
+        );
     }
 
     #[test]

@@ -29,9 +29,17 @@ pub enum ProfileError {
     #[error("line {line}: expected `key = value`, found {text:?}")]
     Syntax { line: usize, text: String },
     #[error("line {line}: key `{key}` appears twice (first on line {first})")]
-    Duplicate { line: usize, key: String, first: usize },
+    Duplicate {
+        line: usize,
+        key: String,
+        first: usize,
+    },
     #[error("line {line}: key `{key}` is a minimum, so its value must be numbers, found {value:?}")]
-    NotNumeric { line: usize, key: String, value: String },
+    NotNumeric {
+        line: usize,
+        key: String,
+        value: String,
+    },
 }
 
 /// How a wanted value is compared with the host's.
@@ -75,15 +83,25 @@ impl Profile {
                 continue;
             }
             let Some((key, value)) = trimmed.split_once('=') else {
-                return Err(ProfileError::Syntax { line, text: raw.to_string() });
+                return Err(ProfileError::Syntax {
+                    line,
+                    text: raw.to_string(),
+                });
             };
             let key = key.trim().trim_start_matches('-').replace('/', ".");
             let value = normalise(value);
             if key.is_empty() || value.is_empty() || key.contains(char::is_whitespace) {
-                return Err(ProfileError::Syntax { line, text: raw.to_string() });
+                return Err(ProfileError::Syntax {
+                    line,
+                    text: raw.to_string(),
+                });
             }
             if let Some(first) = entries.iter().find(|e| e.key == key) {
-                return Err(ProfileError::Duplicate { line, key, first: first.line });
+                return Err(ProfileError::Duplicate {
+                    line,
+                    key,
+                    first: first.line,
+                });
             }
             let policy = if MINIMUM_KEYS.contains(&key.as_str()) {
                 if numbers(&value).is_none() {
@@ -93,7 +111,12 @@ impl Profile {
             } else {
                 Policy::Exact
             };
-            entries.push(Entry { key, value, policy, line });
+            entries.push(Entry {
+                key,
+                value,
+                policy,
+                line,
+            });
         }
         Ok(Profile { entries })
     }
@@ -101,13 +124,20 @@ impl Profile {
     /// The entries whose key is in `only`; all of them when `only` is empty. Unknown keys in
     /// `only` are returned as the error.
     pub fn select(&self, only: &[String]) -> Result<Vec<&Entry>, Vec<String>> {
-        let unknown: Vec<String> =
-            only.iter().filter(|k| !self.entries.iter().any(|e| &e.key == *k)).cloned().collect();
+        let unknown: Vec<String> = only
+            .iter()
+            .filter(|k| !self.entries.iter().any(|e| &e.key == *k))
+            .cloned()
+            .collect();
         if !unknown.is_empty() {
             return Err(unknown);
         }
         let wanted: BTreeSet<&str> = only.iter().map(String::as_str).collect();
-        Ok(self.entries.iter().filter(|e| wanted.is_empty() || wanted.contains(e.key.as_str())).collect())
+        Ok(self
+            .entries
+            .iter()
+            .filter(|e| wanted.is_empty() || wanted.contains(e.key.as_str()))
+            .collect())
     }
 }
 
@@ -129,7 +159,9 @@ pub fn satisfies(entry: &Entry, actual: &str) -> bool {
     match entry.policy {
         Policy::Exact => normalise(actual) == entry.value,
         Policy::Minimum => match (numbers(&entry.value), numbers(actual)) {
-            (Some(want), Some(have)) => want.len() == have.len() && have.iter().zip(&want).all(|(h, w)| h >= w),
+            (Some(want), Some(have)) => {
+                want.len() == have.len() && have.iter().zip(&want).all(|(h, w)| h >= w)
+            }
             _ => false,
         },
     }
@@ -170,7 +202,9 @@ impl CheckReport {
     }
     /// True when every key present in the kernel is as wanted.
     pub fn in_tune(&self) -> bool {
-        self.keys.iter().all(|k| matches!(k.state, KeyState::Ok | KeyState::AbsentInKernel))
+        self.keys
+            .iter()
+            .all(|k| matches!(k.state, KeyState::Ok | KeyState::AbsentInKernel))
     }
 }
 
@@ -189,12 +223,22 @@ fn check_entry(root: &Path, entry: &Entry) -> KeyCheck {
         Ok(Some(v)) => (Some(v), KeyState::Drift, None),
         Err(e) => (None, KeyState::Unreadable, Some(e.to_string())),
     };
-    KeyCheck { key: entry.key.clone(), wanted: entry.value.clone(), policy: entry.policy, actual, state, error }
+    KeyCheck {
+        key: entry.key.clone(),
+        wanted: entry.value.clone(),
+        policy: entry.policy,
+        actual,
+        state,
+        error,
+    }
 }
 
 /// Compares `entries` with the sysctl tree under `root`.
 pub fn check(root: &Path, entries: &[&Entry]) -> CheckReport {
-    CheckReport { sysctl_root: root.to_path_buf(), keys: entries.iter().map(|e| check_entry(root, e)).collect() }
+    CheckReport {
+        sysctl_root: root.to_path_buf(),
+        keys: entries.iter().map(|e| check_entry(root, e)).collect(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,7 +307,9 @@ fn apply_entry(root: &Path, entry: &Entry) -> KeyApply {
         .write(true)
         .truncate(true)
         .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{}\n", entry.value).as_bytes()));
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("{}\n", entry.value).as_bytes())
+        });
     if let Err(e) = write {
         out.error = Some(format!("write: {e}"));
         out.after = read_key(root, &entry.key).ok().flatten();
@@ -275,7 +321,11 @@ fn apply_entry(root: &Path, entry: &Entry) -> KeyApply {
             out.outcome = ApplyOutcome::Changed;
         }
         Ok(v) => {
-            out.error = Some(format!("read back {:?} after writing {:?}", v.as_deref().unwrap_or(""), entry.value));
+            out.error = Some(format!(
+                "read back {:?} after writing {:?}",
+                v.as_deref().unwrap_or(""),
+                entry.value
+            ));
             out.after = v;
         }
         Err(e) => out.error = Some(format!("read back: {e}")),
@@ -285,7 +335,10 @@ fn apply_entry(root: &Path, entry: &Entry) -> KeyApply {
 
 /// Applies `entries` to the sysctl tree under `root` and reads every key back.
 pub fn apply(root: &Path, entries: &[&Entry]) -> ApplyReport {
-    ApplyReport { sysctl_root: root.to_path_buf(), keys: entries.iter().map(|e| apply_entry(root, e)).collect() }
+    ApplyReport {
+        sysctl_root: root.to_path_buf(),
+        keys: entries.iter().map(|e| apply_entry(root, e)).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -313,7 +366,12 @@ mod tests {
     fn builtin_profile_has_every_documented_key_and_no_tw_recycle() {
         let p = Profile::builtin();
         assert_eq!(p.entries.len(), 27);
-        let get = |k: &str| p.entries.iter().find(|e| e.key == k).map(|e| e.value.as_str());
+        let get = |k: &str| {
+            p.entries
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.as_str())
+        };
         assert_eq!(get("vm.swappiness"), Some("10"));
         assert_eq!(get("net.ipv4.tcp_rmem"), Some("4096 8388608 16777216"));
         assert_eq!(get("net.core.wmem_default"), Some("4194394"));
@@ -321,17 +379,31 @@ mod tests {
         assert_eq!(get("net.ipv4.conf.all.arp_announce"), Some("2"));
         assert_eq!(get("net.ipv4.tcp_tw_recycle"), None);
         for k in MINIMUM_KEYS {
-            let e = p.entries.iter().find(|e| e.key == *k).unwrap_or_else(|| panic!("{k} missing"));
+            let e = p
+                .entries
+                .iter()
+                .find(|e| e.key == *k)
+                .unwrap_or_else(|| panic!("{k} missing"));
             assert_eq!(e.policy, Policy::Minimum, "{k}");
         }
-        assert_eq!(p.entries.iter().filter(|e| e.policy == Policy::Minimum).count(), MINIMUM_KEYS.len());
+        assert_eq!(
+            p.entries
+                .iter()
+                .filter(|e| e.policy == Policy::Minimum)
+                .count(),
+            MINIMUM_KEYS.len()
+        );
     }
 
     #[test]
     fn every_profile_key_is_documented_in_the_readme() {
         let readme = include_str!("../../tuning/README.md");
         for e in Profile::builtin().entries {
-            assert!(readme.contains(&format!("| `{}` |", e.key)), "{} has no line in tuning/README.md", e.key);
+            assert!(
+                readme.contains(&format!("| `{}` |", e.key)),
+                "{} has no line in tuning/README.md",
+                e.key
+            );
         }
     }
 
@@ -343,10 +415,23 @@ mod tests {
         assert_eq!(p.entries[1].line, 4);
         assert_eq!(
             Profile::parse("a.b 1\n").unwrap_err(),
-            ProfileError::Syntax { line: 1, text: "a.b 1".into() }
+            ProfileError::Syntax {
+                line: 1,
+                text: "a.b 1".into()
+            }
         );
-        assert!(matches!(Profile::parse("a=1\na=2\n"), Err(ProfileError::Duplicate { line: 2, first: 1, .. })));
-        assert!(matches!(Profile::parse("fs.file-max = lots\n"), Err(ProfileError::NotNumeric { .. })));
+        assert!(matches!(
+            Profile::parse("a=1\na=2\n"),
+            Err(ProfileError::Duplicate {
+                line: 2,
+                first: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Profile::parse("fs.file-max = lots\n"),
+            Err(ProfileError::NotNumeric { .. })
+        ));
     }
 
     #[test]
@@ -364,14 +449,30 @@ mod tests {
             "fs.file-max" => Some("9223372036854775807".into()),
             "net.core.somaxconn" => Some("4096".into()),
             "kernel.panic" => None,
-            _ => Some(Profile::builtin().entries.iter().find(|e| e.key == k).unwrap().value.clone()),
+            _ => Some(
+                Profile::builtin()
+                    .entries
+                    .iter()
+                    .find(|e| e.key == k)
+                    .unwrap()
+                    .value
+                    .clone(),
+            ),
         });
         let p = Profile::builtin();
         let report = check(dir.path(), &all(&p));
         let state = |k: &str| report.keys.iter().find(|c| c.key == k).unwrap().state;
         assert_eq!(state("vm.swappiness"), KeyState::Drift);
-        assert_eq!(state("fs.file-max"), KeyState::Ok, "a higher capacity value is fine");
-        assert_eq!(state("net.core.somaxconn"), KeyState::Drift, "a lower capacity value drifts");
+        assert_eq!(
+            state("fs.file-max"),
+            KeyState::Ok,
+            "a higher capacity value is fine"
+        );
+        assert_eq!(
+            state("net.core.somaxconn"),
+            KeyState::Drift,
+            "a lower capacity value drifts"
+        );
         assert_eq!(state("kernel.panic"), KeyState::AbsentInKernel);
         assert_eq!(report.count(KeyState::Ok), 24);
         assert!(!report.in_tune());
@@ -390,13 +491,19 @@ mod tests {
         let get = |k: &str| report.keys.iter().find(|c| c.key == k).unwrap().clone();
         let file_max = get("fs.file-max");
         assert_eq!(file_max.outcome, ApplyOutcome::Unchanged);
-        assert_eq!(std::fs::read_to_string(key_path(dir.path(), "fs.file-max")).unwrap(), "9223372036854775807\n");
+        assert_eq!(
+            std::fs::read_to_string(key_path(dir.path(), "fs.file-max")).unwrap(),
+            "9223372036854775807\n"
+        );
         let rmem = get("net.ipv4.tcp_rmem");
         assert_eq!(rmem.outcome, ApplyOutcome::Changed);
         assert_eq!(rmem.before.as_deref(), Some("4096 131072 6291456"));
         assert_eq!(rmem.after.as_deref(), Some("4096 8388608 16777216"));
         assert_eq!(get("kernel.panic").outcome, ApplyOutcome::AbsentInKernel);
-        assert!(!key_path(dir.path(), "kernel.panic").exists(), "apply must not create missing keys");
+        assert!(
+            !key_path(dir.path(), "kernel.panic").exists(),
+            "apply must not create missing keys"
+        );
         assert_eq!(report.count(ApplyOutcome::Changed), 25);
         // Second apply changes nothing and the tree is in tune.
         let again = apply(dir.path(), &all(&p));
@@ -412,11 +519,17 @@ mod tests {
         let dir = tree(|k| (k != "vm.swappiness").then(|| "0".into()));
         std::fs::create_dir_all(key_path(dir.path(), "vm.swappiness")).unwrap();
         let profile = Profile::builtin();
-        let report = apply(dir.path(), &profile.select(&["vm.swappiness".into()]).unwrap());
+        let report = apply(
+            dir.path(),
+            &profile.select(&["vm.swappiness".into()]).unwrap(),
+        );
         let k = &report.keys[0];
         assert_eq!(k.outcome, ApplyOutcome::Failed);
         assert!(k.error.as_deref().unwrap().starts_with("read:"), "{k:?}");
-        let checked = check(dir.path(), &profile.select(&["vm.swappiness".into()]).unwrap());
+        let checked = check(
+            dir.path(),
+            &profile.select(&["vm.swappiness".into()]).unwrap(),
+        );
         assert_eq!(checked.keys[0].state, KeyState::Unreadable);
     }
 
@@ -424,6 +537,10 @@ mod tests {
     fn select_names_unknown_keys() {
         let p = Profile::builtin();
         assert_eq!(p.select(&["vm.swappiness".into()]).unwrap().len(), 1);
-        assert_eq!(p.select(&["vm.nope".into(), "vm.swappiness".into()]).unwrap_err(), vec!["vm.nope".to_string()]);
+        assert_eq!(
+            p.select(&["vm.nope".into(), "vm.swappiness".into()])
+                .unwrap_err(),
+            vec!["vm.nope".to_string()]
+        );
     }
 }

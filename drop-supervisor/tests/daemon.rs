@@ -58,7 +58,10 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not listen within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         pid
@@ -66,20 +69,31 @@ impl Node {
 
     fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         child.wait().unwrap()
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(DROPCTL).arg("--socket").arg(self.socket()).args(args).output().unwrap()
+        Command::new(DROPCTL)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];
         all.extend(args);
         let out = self.ctl(&all);
-        assert!(out.status.code() == Some(0) || out.status.code() == Some(4), "{out:?}");
+        assert!(
+            out.status.code() == Some(0) || out.status.code() == Some(4),
+            "{out:?}"
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -107,7 +121,11 @@ fn raw(socket: &Path, bytes: &[u8]) -> String {
 fn status_answers_and_identity_survives_restart() {
     let mut node = Node::new();
     let pid = node.start();
-    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o660);
     let s = node.ctl_json(&["status"]);
     assert_eq!(s["pid"], pid);
@@ -115,14 +133,23 @@ fn status_answers_and_identity_survives_restart() {
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(s["config_path"], node.path("drop.toml").to_str().unwrap());
     let id = s["node_id"].as_str().unwrap().to_string();
-    assert_eq!(std::fs::read_to_string(node.path("state/node-id")).unwrap().trim(), id);
+    assert_eq!(
+        std::fs::read_to_string(node.path("state/node-id"))
+            .unwrap()
+            .trim(),
+        id
+    );
     let human = node.ctl(&["status"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains(&id));
 
     assert!(node.stop().success());
     assert!(!node.socket().exists(), "socket removed on SIGTERM");
     node.start();
-    assert_eq!(node.ctl_json(&["status"])["node_id"], id.as_str(), "identity is persisted");
+    assert_eq!(
+        node.ctl_json(&["status"])["node_id"],
+        id.as_str(),
+        "identity is persisted"
+    );
 }
 
 #[test]
@@ -131,17 +158,29 @@ fn tune_check_apply_and_exit_codes() {
     node.start();
     let out = node.ctl(&["tune", "check"]);
     assert_eq!(out.status.code(), Some(4), "drift exits 4: {out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("27 keys"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("27 keys"),
+        "{out:?}"
+    );
 
     // A capacity key that the host already set higher must stay.
     std::fs::write(key_path(&node.path("sys"), "fs.file-max"), "5000000\n").unwrap();
     let applied = node.ctl_json(&["tune", "apply"]);
     let keys = applied["keys"].as_array().unwrap();
-    assert_eq!(keys.iter().filter(|k| k["outcome"] == "changed").count(), 26);
+    assert_eq!(
+        keys.iter().filter(|k| k["outcome"] == "changed").count(),
+        26
+    );
     let file_max = keys.iter().find(|k| k["key"] == "fs.file-max").unwrap();
     assert_eq!(file_max["outcome"], "unchanged");
-    assert_eq!(std::fs::read_to_string(key_path(&node.path("sys"), "fs.file-max")).unwrap(), "5000000\n");
-    assert_eq!(std::fs::read_to_string(key_path(&node.path("sys"), "net.ipv4.tcp_rmem")).unwrap(), "4096 8388608 16777216\n");
+    assert_eq!(
+        std::fs::read_to_string(key_path(&node.path("sys"), "fs.file-max")).unwrap(),
+        "5000000\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(key_path(&node.path("sys"), "net.ipv4.tcp_rmem")).unwrap(),
+        "4096 8388608 16777216\n"
+    );
 
     let out = node.ctl(&["tune", "check"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -152,7 +191,10 @@ fn tune_check_apply_and_exit_codes() {
 
     let out = node.ctl(&["tune", "apply", "--only", "vm.nonsense"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("vm.nonsense"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vm.nonsense"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -165,14 +207,29 @@ fn malformed_requests_get_distinct_json_errors() {
     assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
     assert!(garbage.contains(r#""code":"bad_request""#), "{garbage}");
 
-    let too_big = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n");
-    assert!(too_big.starts_with("HTTP/1.1 413 ") && too_big.contains("payload_too_large"), "{too_big}");
+    let too_big = raw(
+        &sock,
+        b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n",
+    );
+    assert!(
+        too_big.starts_with("HTTP/1.1 413 ") && too_big.contains("payload_too_large"),
+        "{too_big}"
+    );
 
-    let chunked = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let chunked = raw(
+        &sock,
+        b"POST /v1/tune/apply HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
     assert!(chunked.starts_with("HTTP/1.1 411 "), "{chunked}");
 
-    let bad_json = raw(&sock, b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{oops");
-    assert!(bad_json.starts_with("HTTP/1.1 400 ") && bad_json.contains("invalid_body"), "{bad_json}");
+    let bad_json = raw(
+        &sock,
+        b"POST /v1/tune/apply HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{oops",
+    );
+    assert!(
+        bad_json.starts_with("HTTP/1.1 400 ") && bad_json.contains("invalid_body"),
+        "{bad_json}"
+    );
 
     // Unknown path and wrong method are answered on a connection that stays usable.
     let both = raw(
@@ -180,10 +237,19 @@ fn malformed_requests_get_distinct_json_errors() {
         b"GET /v1/nope HTTP/1.1\r\n\r\nDELETE /v1/status HTTP/1.1\r\n\r\nGET /v1/status HTTP/1.1\r\nConnection: close\r\n\r\n",
     );
     // Bodies carry no trailing newline, so status lines are found by their prefix.
-    let statuses: Vec<&str> =
-        both.split("HTTP/1.1 ").skip(1).map(|r| r.split("\r\n").next().unwrap_or_default()).collect();
-    assert_eq!(statuses, ["404 Not Found", "405 Method Not Allowed", "200 OK"], "{both}");
-    assert!(both.contains(r#""code":"not_found""#) && both.contains(r#""code":"method_not_allowed""#));
+    let statuses: Vec<&str> = both
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| r.split("\r\n").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["404 Not Found", "405 Method Not Allowed", "200 OK"],
+        "{both}"
+    );
+    assert!(
+        both.contains(r#""code":"not_found""#) && both.contains(r#""code":"method_not_allowed""#)
+    );
 
     // The daemon is still healthy afterwards.
     assert_eq!(node.ctl(&["status"]).status.code(), Some(0));
@@ -197,7 +263,11 @@ fn dropctl_without_a_daemon_names_the_socket_and_exits_3() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(node.socket().to_str().unwrap()), "{err}");
     // DROP_SOCKET is used when --socket is absent.
-    let out = Command::new(DROPCTL).arg("status").env("DROP_SOCKET", node.socket()).output().unwrap();
+    let out = Command::new(DROPCTL)
+        .arg("status")
+        .env("DROP_SOCKET", node.socket())
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains(node.socket().to_str().unwrap()));
 }
 
@@ -211,16 +281,30 @@ fn stale_socket_is_replaced_and_a_second_daemon_is_refused() {
 
     let second = node.spawn().wait_with_output().unwrap();
     assert_eq!(second.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"), "{second:?}");
-    assert_eq!(node.ctl(&["status"]).status.code(), Some(0), "the first daemon keeps its socket");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already listening"),
+        "{second:?}"
+    );
+    assert_eq!(
+        node.ctl(&["status"]).status.code(),
+        Some(0),
+        "the first daemon keeps its socket"
+    );
 }
 
 #[test]
 fn bad_config_names_file_key_line_and_column() {
     let node = Node::new();
-    std::fs::write(node.path("drop.toml"), "[node]\nname = \"x\"\nsocket = \"/x\"\n").unwrap();
+    std::fs::write(
+        node.path("drop.toml"),
+        "[node]\nname = \"x\"\nsocket = \"/x\"\n",
+    )
+    .unwrap();
     let out = node.spawn().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("drop.toml") && err.contains("socket") && err.contains("line 3, column 1"), "{err}");
+    assert!(
+        err.contains("drop.toml") && err.contains("socket") && err.contains("line 3, column 1"),
+        "{err}"
+    );
 }

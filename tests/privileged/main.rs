@@ -17,9 +17,14 @@ use std::time::Instant;
 use drop_tests::{Outcome, Test};
 
 fn main() {
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let strict = std::env::var("DROP_TEST_STRICT").is_ok_and(|v| v == "1");
-    let all = [netns::TESTS, xdp::TESTS, systemd::TESTS, tune::TESTS].into_iter().flatten();
+    let all = [netns::TESTS, xdp::TESTS, systemd::TESTS, tune::TESTS]
+        .into_iter()
+        .flatten();
     let selected: Vec<&Test> = all
         .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f.as_str())))
         .collect();
@@ -61,6 +66,9 @@ fn main() {
         println!("strict mode (DROP_TEST_STRICT=1): skips count as failures");
         failed += skipped.len();
     }
-    println!("{passed} passed, {failed} failed, {} skipped", skipped.len());
+    println!(
+        "{passed} passed, {failed} failed, {} skipped",
+        skipped.len()
+    );
     std::process::exit(i32::from(failed > 0));
 }

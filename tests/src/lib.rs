@@ -32,10 +32,13 @@ pub fn require_root() -> Option<Outcome> {
 
 /// `Some(skip)` unless `cmd` is on PATH.
 pub fn require_command(cmd: &str) -> Option<Outcome> {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(cmd).is_file())
-    });
-    if found { None } else { Some(Outcome::Skip(format!("`{cmd}` not found on PATH"))) }
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(cmd).is_file()));
+    if found {
+        None
+    } else {
+        Some(Outcome::Skip(format!("`{cmd}` not found on PATH")))
+    }
 }
 
 /// A name unique to this process and call: `<prefix><pid>x<counter>`, short enough for an

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A binary of the workspace: `$DROP_BIN_DIR/<name>` (set by `cargo xtask test`), else

@@ -18,15 +18,35 @@ pub fn build(tools: &Tools) -> anyhow::Result<PathBuf> {
     step("build-ebpf: drop-xdp object", || {
         let mut cmd = Command::new("rustup");
         cmd.current_dir(root().join("drop-ebpf"))
-            .args(["run", &tools.nightly, "cargo", "build", "--locked", "--release"])
+            .args([
+                "run",
+                &tools.nightly,
+                "cargo",
+                "build",
+                "--locked",
+                "--release",
+            ])
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
         // The same flags aya-build passes: the arch cfg aya-ebpf needs, full debuginfo, and
         // `--btf` so bpf-linker emits .BTF/.BTF.ext.
         let arch = std::env::consts::ARCH;
-        let flags = [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()];
+        let flags = [
+            format!("--cfg=bpf_target_arch=\"{arch}\""),
+            "-Cdebuginfo=2".into(),
+            "-Clink-arg=--btf".into(),
+        ];
         cmd.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
         // The outer (stable) cargo's settings must not leak into the nightly build.
-        for k in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"] {
+        for k in [
+            "RUSTC",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "RUSTUP_TOOLCHAIN",
+            "CARGO",
+            "RUSTFLAGS",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET_DIR",
+        ] {
             cmd.env_remove(k);
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
@@ -38,7 +58,11 @@ pub fn build(tools: &Tools) -> anyhow::Result<PathBuf> {
         if !obj.is_file() {
             bail!("the build succeeded but {} is missing", obj.display());
         }
-        println!("    {} ({} bytes)", obj.display(), std::fs::metadata(&obj)?.len());
+        println!(
+            "    {} ({} bytes)",
+            obj.display(),
+            std::fs::metadata(&obj)?.len()
+        );
         Ok(obj)
     })
 }

@@ -47,7 +47,10 @@ fn main() {
         Verb::BuildEbpf => setup::setup().and_then(|tools| ebpf::build(&tools).map(|_| ())),
         Verb::Run => run::run(),
         Verb::Test(args) => test::test(args),
-        Verb::Ci => test::test(test::TestArgs { strict: true, ..Default::default() }),
+        Verb::Ci => test::test(test::TestArgs {
+            strict: true,
+            ..Default::default()
+        }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -57,7 +60,10 @@ fn main() {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Runs `f` as a named step: prints `name ...`, then `ok (Ns)` or the failure.
@@ -75,7 +81,9 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Res
 
 /// Runs a command to completion, failing with the command line when it does not succeed.
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} exited with {status}");
     }
@@ -84,9 +92,15 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Runs a command and returns its stdout, failing with stderr when it does not succeed.
 pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -10,7 +10,9 @@ use crate::{cargo, ebpf, root, run_cmd, setup, step};
 pub fn run() -> anyhow::Result<()> {
     let tools = setup::setup()?;
     ebpf::build(&tools)?;
-    step("build: workspace (debug)", || run_cmd(cargo().args(["build", "--locked", "--workspace", "--bins"])))?;
+    step("build: workspace (debug)", || {
+        run_cmd(cargo().args(["build", "--locked", "--workspace", "--bins"]))
+    })?;
 
     let dev = root().join("target/drop-dev");
     let state = dev.join("state");

@@ -45,7 +45,10 @@ pub fn setup() -> anyhow::Result<Tools> {
     let nightly = step("setup: pinned nightly with rust-src", nightly)?;
     let bpf_linker_dir = step("setup: bpf-linker", bpf_linker)?;
     step("setup: bpffs at /sys/fs/bpf", bpffs)?;
-    Ok(Tools { nightly, bpf_linker_dir })
+    Ok(Tools {
+        nightly,
+        bpf_linker_dir,
+    })
 }
 
 pub fn is_root() -> bool {
@@ -67,12 +70,16 @@ fn apt() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root (it uses apt-get)");
+        bail!(
+            "missing Debian packages {missing:?}; run `cargo xtask setup` as root (it uses apt-get)"
+        );
     }
     println!("    installing {missing:?}");
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
-        cmd.args(["-o", "DPkg::Lock::Timeout=600", "-q"]).args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd.args(["-o", "DPkg::Lock::Timeout=600", "-q"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         run_cmd(&mut cmd)
     };
     apt(&["update"])?;
@@ -82,12 +89,18 @@ fn apt() -> anyhow::Result<()> {
 }
 
 fn commit_date(toolchain: &str) -> Option<String> {
-    let out = Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]).env("RUSTUP_AUTO_INSTALL", "0").output().ok()?;
+    let out = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "-vV"])
+        .env("RUSTUP_AUTO_INSTALL", "0")
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines().find_map(|l| l.strip_prefix("commit-date: ")).map(str::to_string)
+    text.lines()
+        .find_map(|l| l.strip_prefix("commit-date: "))
+        .map(str::to_string)
 }
 
 fn nightly() -> anyhow::Result<String> {
@@ -117,14 +130,25 @@ fn nightly() -> anyhow::Result<String> {
     };
     let vv = output(Command::new("rustup").args(["run", &toolchain, "rustc", "-vV"]))?;
     if !vv.contains(&format!("LLVM version: {LLVM_MAJOR}.")) {
-        bail!("{toolchain} is not built on LLVM {LLVM_MAJOR} (bpf-linker needs the same major):\n{vv}");
+        bail!(
+            "{toolchain} is not built on LLVM {LLVM_MAJOR} (bpf-linker needs the same major):\n{vv}"
+        );
     }
-    let sysroot = output(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))?;
     let src = PathBuf::from(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     if !src.is_dir() {
         println!("    adding rust-src to {toolchain}");
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))
-            .context("rust-src comes from rustup's own server; without it the XDP program cannot be built")?;
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &toolchain,
+        ]))
+        .context(
+            "rust-src comes from rustup's own server; without it the XDP program cannot be built",
+        )?;
     }
     println!("    {toolchain} (commit {NIGHTLY_COMMIT_DATE}, LLVM {LLVM_MAJOR}, rust-src)");
     Ok(toolchain)
@@ -136,22 +160,35 @@ fn bpf_linker() -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    let root = cargo_home.join(format!("drop-cache/bpf-linker-{BPF_LINKER_VERSION}-llvm{LLVM_MAJOR}"));
+    let root = cargo_home.join(format!(
+        "drop-cache/bpf-linker-{BPF_LINKER_VERSION}-llvm{LLVM_MAJOR}"
+    ));
     let bin = root.join("bin");
     let installed = Command::new(bin.join("bpf-linker"))
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        });
     if installed {
         println!("    cached at {}", bin.display());
         return Ok(bin);
     }
-    println!("    building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 1–2 minutes, once)");
+    println!(
+        "    building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 1–2 minutes, once)"
+    );
     // LLVM_PREFIX: otherwise bpf-linker's build follows /usr/bin/llvm-config to /usr and does not
     // find Debian's libLLVM under /usr/lib/llvm-22/lib.
     run_cmd(
         crate::cargo()
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+            ])
             .args(["--features", &format!("llvm-{LLVM_MAJOR}")])
             .arg("--root")
             .arg(&root)
@@ -164,7 +201,10 @@ fn bpffs() -> anyhow::Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"));
+        .any(|l| {
+            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")
+        });
     if mounted {
         return Ok(());
     }

@@ -43,7 +43,10 @@ impl Tally {
 
 /// Runs `cmd`, echoing its stdout and stderr, and returns its stdout lines and whether it succeeded.
 fn run_capture(cmd: &mut Command) -> anyhow::Result<(Vec<String>, bool)> {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     let mut lines = Vec::new();
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
@@ -59,7 +62,10 @@ fn libtest_counts(lines: &[String]) -> (usize, usize, usize) {
     for line in lines.iter().filter_map(|l| l.strip_prefix("test result: ")) {
         for part in line.split(['.', ';']).map(str::trim) {
             let mut words = part.split_whitespace();
-            let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<usize>().ok()), words.next()) else {
+            let (Some(n), Some(what)) = (
+                words.next().and_then(|n| n.parse::<usize>().ok()),
+                words.next(),
+            ) else {
                 continue;
             };
             match what {
@@ -92,18 +98,34 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         });
         tally.check("fmt", fmt);
         let clippy = step("lint: cargo clippy -D warnings", || {
-            crate::run_cmd(cargo().args(["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+            crate::run_cmd(cargo().args([
+                "clippy",
+                "--locked",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         });
         tally.check("clippy", clippy);
     }
 
     let unit = step("test: unit tests", || {
-        let (lines, ok) = run_capture(cargo().args(["test", "--locked", "--workspace", "--exclude", "drop-tests"]))?;
+        let (lines, ok) = run_capture(cargo().args([
+            "test",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "drop-tests",
+        ]))?;
         let (p, f, i) = libtest_counts(&lines);
         tally.passed += p;
         tally.failed += f;
         if i > 0 {
-            tally.skipped.push(format!("{i} unit test(s) marked #[ignore] (reasons in their attributes)"));
+            tally.skipped.push(format!(
+                "{i} unit test(s) marked #[ignore] (reasons in their attributes)"
+            ));
         }
         if !ok && f == 0 {
             bail!("cargo test failed before running tests (build error?)");
@@ -115,7 +137,11 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     });
     if let Err(e) = unit {
         tally.failures.push(format!("unit tests: {e:#}"));
-        if !tally.failures.last().is_some_and(|m| m.contains("unit test(s) failed")) {
+        if !tally
+            .failures
+            .last()
+            .is_some_and(|m| m.contains("unit test(s) failed"))
+        {
             tally.failed += 1;
         }
     }
@@ -123,13 +149,23 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     let privileged = step("test: privileged integration tests", || {
         crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
         if !setup::is_root() {
-            bail!("the privileged tests need root (network namespaces, XDP, cgroups, a throw-away systemd)");
+            bail!(
+                "the privileged tests need root (network namespaces, XDP, cgroups, a throw-away systemd)"
+            );
         }
         let mut cmd = cargo();
-        cmd.args(["test", "--locked", "-p", "drop-tests", "--test", "privileged", "--"])
-            .args(&args.filters)
-            .env("DROP_BIN_DIR", root().join("target/debug"))
-            .env("DROP_XDP_OBJ", ebpf::object_path());
+        cmd.args([
+            "test",
+            "--locked",
+            "-p",
+            "drop-tests",
+            "--test",
+            "privileged",
+            "--",
+        ])
+        .args(&args.filters)
+        .env("DROP_BIN_DIR", root().join("target/debug"))
+        .env("DROP_XDP_OBJ", ebpf::object_path());
         if strict {
             cmd.env("DROP_TEST_STRICT", "1");
         }
@@ -140,8 +176,18 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         };
         tally.passed += p;
         tally.failed += f;
-        tally.skipped.extend(lines.iter().filter_map(|l| l.strip_prefix("skipped: ")).map(str::to_string));
-        tally.failures.extend(lines.iter().filter_map(|l| l.strip_prefix("FAIL ")).map(str::to_string));
+        tally.skipped.extend(
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("skipped: "))
+                .map(str::to_string),
+        );
+        tally.failures.extend(
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("FAIL "))
+                .map(str::to_string),
+        );
         if !ok && f == 0 {
             bail!("the privileged test binary failed");
         }
@@ -159,7 +205,12 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     for f in &tally.failures {
         println!("failed: {f}");
     }
-    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped.len());
+    println!(
+        "{} passed, {} failed, {} skipped",
+        tally.passed,
+        tally.failed,
+        tally.skipped.len()
+    );
     if tally.failed > 0 {
         bail!("{} failed", tally.failed);
     }
@@ -192,7 +243,10 @@ mod tests {
 
     #[test]
     fn parses_the_privileged_summary() {
-        assert_eq!(parse_summary("7 passed, 1 failed, 2 skipped"), Some((7, 1, 2)));
+        assert_eq!(
+            parse_summary("7 passed, 1 failed, 2 skipped"),
+            Some((7, 1, 2))
+        );
         assert_eq!(parse_summary("PASS something"), None);
     }
 }

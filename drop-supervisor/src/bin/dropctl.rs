@@ -87,37 +87,69 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
             Ok(0)
         }
         Command::Tune(TuneCommand::Check { only }) => {
-            let path = if only.is_empty() { "/v1/tune/check".to_string() } else { format!("/v1/tune/check?only={}", only.join(",")) };
+            let path = if only.is_empty() {
+                "/v1/tune/check".to_string()
+            } else {
+                format!("/v1/tune/check?only={}", only.join(","))
+            };
             let raw: serde_json::Value = client.get(&path)?;
             let report: CheckReport = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
-            if json { print_json(&raw) } else { print_check(&report) }
+            if json {
+                print_json(&raw)
+            } else {
+                print_check(&report)
+            }
             Ok(if report.in_tune() { 0 } else { EXIT_DRIFT })
         }
         Command::Tune(TuneCommand::Apply { only }) => {
-            let raw: serde_json::Value = client.post("/v1/tune/apply", &serde_json::json!({ "only": only }))?;
+            let raw: serde_json::Value =
+                client.post("/v1/tune/apply", &serde_json::json!({ "only": only }))?;
             let report: ApplyReport = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
-            if json { print_json(&raw) } else { print_apply(&report) }
-            Ok(if report.count(ApplyOutcome::Failed) == 0 { 0 } else { EXIT_FAILED })
+            if json {
+                print_json(&raw)
+            } else {
+                print_apply(&report)
+            }
+            Ok(if report.count(ApplyOutcome::Failed) == 0 {
+                0
+            } else {
+                EXIT_FAILED
+            })
         }
     }
 }
 
 fn bad(e: &serde_json::Error) -> ClientError {
-    ClientError::BadResponse { status: 200, detail: e.to_string() }
+    ClientError::BadResponse {
+        status: 200,
+        detail: e.to_string(),
+    }
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
 }
 
 fn print_status(s: &StatusInfo) {
-    let (h, m, sec) = (s.uptime_secs / 3600, s.uptime_secs / 60 % 60, s.uptime_secs % 60);
+    let (h, m, sec) = (
+        s.uptime_secs / 3600,
+        s.uptime_secs / 60 % 60,
+        s.uptime_secs % 60,
+    );
     println!("node     {}", s.name);
     println!("node id  {}", s.node_id);
     println!("version  {}", s.version);
     println!("pid      {}", s.pid);
     println!("uptime   {h}h {m:02}m {sec:02}s");
-    println!("config   {}", s.config_path.as_ref().map_or("(built-in defaults)".into(), |p| p.display().to_string()));
+    println!(
+        "config   {}",
+        s.config_path
+            .as_ref()
+            .map_or("(built-in defaults)".into(), |p| p.display().to_string())
+    );
     println!("state    {}", s.state_dir.display());
     println!("socket   {}", s.socket.display());
 }
@@ -135,7 +167,12 @@ fn print_check(r: &CheckReport) {
             KeyState::AbsentInKernel => "absent-in-kernel".to_string(),
             KeyState::Unreadable => format!("unreadable: {}", k.error.as_deref().unwrap_or("?")),
         };
-        println!("{:<34} {:<24} {:<24} {state}", k.key, wanted, k.actual.as_deref().unwrap_or("-"));
+        println!(
+            "{:<34} {:<24} {:<24} {state}",
+            k.key,
+            wanted,
+            k.actual.as_deref().unwrap_or("-")
+        );
     }
     println!(
         "{} keys under {}: {} ok, {} drift, {} absent-in-kernel, {} unreadable",
@@ -149,14 +186,25 @@ fn print_check(r: &CheckReport) {
 }
 
 fn print_apply(r: &ApplyReport) {
-    for k in r.keys.iter().filter(|k| k.outcome != ApplyOutcome::Unchanged) {
+    for k in r
+        .keys
+        .iter()
+        .filter(|k| k.outcome != ApplyOutcome::Unchanged)
+    {
         let before = k.before.as_deref().unwrap_or("-");
         let after = k.after.as_deref().unwrap_or("-");
         match k.outcome {
             ApplyOutcome::Changed => println!("changed  {:<34} {before} -> {after}", k.key),
-            ApplyOutcome::AbsentInKernel => println!("absent   {:<34} (the running kernel has no such key)", k.key),
+            ApplyOutcome::AbsentInKernel => println!(
+                "absent   {:<34} (the running kernel has no such key)",
+                k.key
+            ),
             ApplyOutcome::Failed => {
-                println!("FAILED   {:<34} {}", k.key, k.error.as_deref().unwrap_or("unknown error"))
+                println!(
+                    "FAILED   {:<34} {}",
+                    k.key,
+                    k.error.as_deref().unwrap_or("unknown error")
+                )
             }
             ApplyOutcome::Unchanged => {}
         }
