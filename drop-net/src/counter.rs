@@ -255,15 +255,9 @@ impl XdpCounter {
         let program: &Xdp = self
             .ebpf
             .program(PROGRAM)
-            .ok_or(XdpError::Missing {
-                what: "program",
-                name: PROGRAM,
-            })?
+            .ok_or(MISSING_PROGRAM)?
             .try_into()
-            .map_err(|source| XdpError::Program {
-                action: "looking up",
-                source,
-            })?;
+            .map_err(looking_up)?;
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat: repeat.max(1),
@@ -289,17 +283,23 @@ impl Drop for XdpCounter {
     }
 }
 
+const MISSING_PROGRAM: XdpError = XdpError::Missing {
+    what: "program",
+    name: PROGRAM,
+};
+
+fn looking_up(source: ProgramError) -> XdpError {
+    XdpError::Program {
+        action: "looking up",
+        source,
+    }
+}
+
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
     ebpf.program_mut(PROGRAM)
-        .ok_or(XdpError::Missing {
-            what: "program",
-            name: PROGRAM,
-        })?
+        .ok_or(MISSING_PROGRAM)?
         .try_into()
-        .map_err(|source| XdpError::Program {
-            action: "looking up",
-            source,
-        })
+        .map_err(looking_up)
 }
 
 #[cfg(test)]

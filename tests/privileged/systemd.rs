@@ -313,6 +313,12 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
             options.keep_tmp.push(Path::new("/tmp").join(top));
         }
     }
+    // The unit's PrivateTmp=yes hides them from the service too: bind them in, read-only.
+    let bind_tmp: String = options
+        .keep_tmp
+        .iter()
+        .map(|p| format!("BindReadOnlyPaths={}\n", p.display()))
+        .collect();
     let sandbox = SystemdSandbox::start_with(options)?;
     println!(
         "  sandbox systemd {} after {:?}",
@@ -352,7 +358,9 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
              # the test config's stand-in for /proc/sys (ProtectSystem=strict: /run is read-only)\n\
              ReadWritePaths=/run/drop-test\n\
              # keep /run/drop on stop: a socket gone after stop is then the daemon's own doing\n\
-             RuntimeDirectoryPreserve=yes\n",
+             RuntimeDirectoryPreserve=yes\n\
+             # a checkout under /tmp stays visible despite PrivateTmp=yes\n\
+             {bind_tmp}",
             daemon.display()
         ),
     )?;

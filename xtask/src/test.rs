@@ -21,6 +21,29 @@ pub struct TestArgs {
     pub filters: Vec<String>,
 }
 
+/// Tests ran and some failed: already counted in the tally, so not counted again as a step.
+#[derive(Debug)]
+struct TestsFailed(usize);
+
+impl std::fmt::Display for TestsFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} test(s) failed", self.0)
+    }
+}
+
+impl std::error::Error for TestsFailed {}
+
+impl Tally {
+    /// Records the error of a test step: a step that failed by itself (build error, no summary)
+    /// counts as one failure; failed tests were already counted.
+    fn step_failed(&mut self, what: &str, e: &anyhow::Error) {
+        if e.downcast_ref::<TestsFailed>().is_none() {
+            self.failed += 1;
+            self.failures.push(format!("{what}: {e:#}"));
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     passed: usize,
@@ -122,6 +145,12 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         let (p, f, i) = libtest_counts(&lines);
         tally.passed += p;
         tally.failed += f;
+        tally.failures.extend(
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+                .map(|name| format!("unit test {name}")),
+        );
         if i > 0 {
             tally.skipped.push(format!(
                 "{i} unit test(s) marked #[ignore] (reasons in their attributes)"
@@ -131,19 +160,12 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             bail!("cargo test failed before running tests (build error?)");
         }
         if f > 0 {
-            bail!("{f} unit test(s) failed");
+            return Err(TestsFailed(f).into());
         }
         Ok(())
     });
     if let Err(e) = unit {
-        tally.failures.push(format!("unit tests: {e:#}"));
-        if !tally
-            .failures
-            .last()
-            .is_some_and(|m| m.contains("unit test(s) failed"))
-        {
-            tally.failed += 1;
-        }
+        tally.step_failed("unit tests", &e);
     }
 
     let privileged = step("test: privileged integration tests", || {
@@ -191,11 +213,13 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         if !ok && f == 0 {
             bail!("the privileged test binary failed");
         }
+        if f > 0 {
+            return Err(TestsFailed(f).into());
+        }
         Ok(())
     });
     if let Err(e) = privileged {
-        tally.failed += 1;
-        tally.failures.push(format!("privileged tests: {e:#}"));
+        tally.step_failed("privileged tests", &e);
     }
 
     println!();
