@@ -6,6 +6,10 @@
 //! - `GET  /v1/status` — node id, name, version, uptime, pid, config path
 //! - `GET  /v1/tune/check[?only=KEY,KEY]` — the host against the tuning profile, key by key
 //! - `POST /v1/tune/apply` with optional `{"only": ["KEY", ...]}` — apply and read back
+//! - `GET /v1/flows`, `POST /v1/flows` `{"file", "source"}`, `GET|DELETE /v1/flows/<name>`
+//! - `GET /v1/pools`, `GET /v1/pools/<name>`, `POST /v1/pools/<name>/call` `{"payload"}`
+//! - `POST /v1/pools/<name>/cast` `{"payload", "all"}` — queue without waiting (202-like `{"queued": true}`)
+//! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
 
 use std::path::PathBuf;
 
@@ -17,8 +21,40 @@ use crate::tune::{ApplyReport, CheckReport};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     Status,
-    TuneCheck { only: Vec<String> },
-    TuneApply { only: Vec<String> },
+    TuneCheck {
+        only: Vec<String>,
+    },
+    TuneApply {
+        only: Vec<String>,
+    },
+    FlowList,
+    FlowApply {
+        file: String,
+        source: String,
+    },
+    FlowShow {
+        name: String,
+    },
+    FlowRemove {
+        name: String,
+    },
+    PoolList,
+    PoolShow {
+        name: String,
+    },
+    Call {
+        pool: String,
+        payload: String,
+    },
+    Cast {
+        pool: String,
+        payload: String,
+        all: bool,
+    },
+    Logs {
+        pool: String,
+        offset: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +67,10 @@ pub struct StatusInfo {
     pub config_path: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Address of the HTTP gateway, when it is on.
+    pub gateway: Option<String>,
+    /// Pools running on this node.
+    pub pools: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +78,8 @@ pub enum ApiResponse {
     Status(StatusInfo),
     TuneCheck(CheckReport),
     TuneApply(ApplyReport),
+    /// Answers whose shape is defined by the runtime's serialisable types.
+    Json(serde_json::Value),
 }
 
 impl ApiResponse {
@@ -46,6 +88,7 @@ impl ApiResponse {
             ApiResponse::Status(s) => serde_json::to_vec(s),
             ApiResponse::TuneCheck(r) => serde_json::to_vec(r),
             ApiResponse::TuneApply(r) => serde_json::to_vec(r),
+            ApiResponse::Json(v) => serde_json::to_vec(v),
         };
         result.expect("API responses serialise")
     }
@@ -120,6 +163,32 @@ impl From<&HttpError> for ApiError {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowApplyBody {
+    file: String,
+    source: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    payload: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CastBody {
+    payload: String,
+    #[serde(default)]
+    all: bool,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::invalid_body(format!("body of {}: {e}", req.path)))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TuneApplyBody {
@@ -152,6 +221,101 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                 Ok(ApiRequest::TuneApply { only: body.only })
             }
             _ => Err(ApiError::method_not_allowed(req, "POST")),
+        },
+        "/v1/flows" => match method {
+            "GET" => Ok(ApiRequest::FlowList),
+            "POST" => {
+                let body: FlowApplyBody = json_body(req)?;
+                Ok(ApiRequest::FlowApply {
+                    file: body.file,
+                    source: body.source,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+        },
+        "/v1/pools" => match method {
+            "GET" => Ok(ApiRequest::PoolList),
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
+        },
+        path => decode_named(req, method, path),
+    }
+}
+
+/// `/v1/flows/<name>` and `/v1/pools/<name>[/call|/logs]`.
+fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, ApiError> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "flows", name] if !name.is_empty() => match method {
+            "GET" => Ok(ApiRequest::FlowShow {
+                name: name.to_string(),
+            }),
+            "DELETE" => Ok(ApiRequest::FlowRemove {
+                name: name.to_string(),
+            }),
+            _ => Err(ApiError::method_not_allowed(req, "GET or DELETE")),
+        },
+        ["v1", "pools", name] if !name.is_empty() => match method {
+            "GET" => Ok(ApiRequest::PoolShow {
+                name: name.to_string(),
+            }),
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
+        },
+        ["v1", "pools", name, "call"] if !name.is_empty() => match method {
+            "POST" => {
+                let body: CallBody = json_body(req)?;
+                Ok(ApiRequest::Call {
+                    pool: name.to_string(),
+                    payload: body.payload,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
+        },
+        ["v1", "pools", name, "cast"] if !name.is_empty() => match method {
+            "POST" => {
+                let body: CastBody = json_body(req)?;
+                Ok(ApiRequest::Cast {
+                    pool: name.to_string(),
+                    payload: body.payload,
+                    all: body.all,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
+        },
+        ["v1", "pools", name, "logs"] if !name.is_empty() => match method {
+            "GET" => {
+                let mut offset = None;
+                for pair in req
+                    .query
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split('&')
+                    .filter(|p| !p.is_empty())
+                {
+                    match pair.split_once('=') {
+                        Some(("offset", v)) => {
+                            offset = Some(v.parse().map_err(|_| {
+                                ApiError::new(
+                                    400,
+                                    "invalid_query",
+                                    format!("offset {v:?} is not a number"),
+                                )
+                            })?);
+                        }
+                        _ => {
+                            return Err(ApiError::new(
+                                400,
+                                "invalid_query",
+                                format!("unknown query parameter {pair:?}"),
+                            ));
+                        }
+                    }
+                }
+                Ok(ApiRequest::Logs {
+                    pool: name.to_string(),
+                    offset,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
         },
         _ => Err(ApiError::not_found(req)),
     }
@@ -196,6 +360,7 @@ mod tests {
             query,
             body: body.as_bytes().to_vec(),
             close: false,
+            authorization: None,
         }
     }
 

@@ -56,6 +56,10 @@ impl Client {
         self.request("GET", path, None)
     }
 
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.request("DELETE", path, None)
+    }
+
     pub fn post<T: DeserializeOwned>(
         &self,
         path: &str,

@@ -50,6 +50,30 @@ pub struct RawConfig {
     pub tuning: RawTuning,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    #[serde(default)]
+    pub gateway: RawGateway,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// Function bundles (`image:`), one folder each. Default: `<state_dir>/images`.
+    pub images_dir: Option<PathBuf>,
+    /// Worker logs, one file per pool. Default: `<state_dir>/logs`.
+    pub logs_dir: Option<PathBuf>,
+    /// Put every pool in its own cgroup (default true; needs root).
+    pub cgroups: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// `host:port` of the HTTP gateway, or `off`. Default: 127.0.0.1:8081.
+    pub listen: Option<String>,
+    /// When set, gateway requests need `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,7 +114,16 @@ pub struct Config {
     pub socket_group: String,
     pub sysctl_root: PathBuf,
     pub log_level: String,
+    pub images_dir: PathBuf,
+    pub logs_dir: PathBuf,
+    pub cgroups: bool,
+    /// `None`: the gateway is off.
+    pub gateway_listen: Option<std::net::SocketAddr>,
+    pub gateway_token: Option<String>,
 }
+
+/// Default address of the HTTP gateway.
+pub const DEFAULT_GATEWAY: &str = "127.0.0.1:8081";
 
 impl Config {
     /// Loads `path`, or the defaults when `path` is `None` and the default file does not exist.
@@ -169,6 +202,40 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| invalid("log.level", format!("not a tracing filter: {e}")))?;
 
+        let images_dir = raw
+            .runtime
+            .images_dir
+            .unwrap_or_else(|| state_dir.join("images"));
+        require_absolute(&images_dir).map_err(|r| invalid("runtime.images_dir", r))?;
+        let logs_dir = raw
+            .runtime
+            .logs_dir
+            .unwrap_or_else(|| state_dir.join("logs"));
+        require_absolute(&logs_dir).map_err(|r| invalid("runtime.logs_dir", r))?;
+        let cgroups = raw.runtime.cgroups.unwrap_or(true);
+
+        let listen = raw.gateway.listen.unwrap_or_else(|| DEFAULT_GATEWAY.into());
+        let gateway_listen = if listen == "off" {
+            None
+        } else {
+            Some(listen.parse().map_err(|_| {
+                invalid(
+                    "gateway.listen",
+                    format!("`{listen}` is not `host:port` (an IP address and a port) or `off`"),
+                )
+            })?)
+        };
+        let gateway_token = raw.gateway.token;
+        if gateway_token
+            .as_deref()
+            .is_some_and(|t| t.len() < 16 || t.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "gateway.token",
+                "must be at least 16 characters without spaces".into(),
+            ));
+        }
+
         Ok(Config {
             path,
             node_name,
@@ -177,6 +244,11 @@ impl Config {
             socket_group,
             sysctl_root,
             log_level,
+            images_dir,
+            logs_dir,
+            cgroups,
+            gateway_listen,
+            gateway_token,
         })
     }
 }

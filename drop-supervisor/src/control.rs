@@ -3,6 +3,7 @@
 //! answer. Every failure becomes a JSON error with its own status; a connection is closed only
 //! after its answer was written.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,9 @@ use tracing::{debug, warn};
 
 use crate::api::{self, ApiError, ApiRequest, ApiResponse, StatusInfo};
 use crate::config::Config;
+use crate::gateway::{self, PoolLookup};
 use crate::http::{self, RequestReader};
+use crate::runtime::{Runtime, RuntimeError};
 use crate::tune::{self, Profile};
 
 /// Connections served at once; more get `503 busy` and are closed.
@@ -30,17 +33,63 @@ pub struct Supervisor {
     profile: Profile,
     /// Tuning writes are serialised: two applies never interleave key by key.
     tune_lock: Mutex<()>,
+    runtime: Arc<Runtime>,
+    gateway: Option<std::net::SocketAddr>,
 }
 
+/// A runtime error as the API answers it.
+pub fn runtime_error(e: &RuntimeError) -> ApiError {
+    let msg = format!("{e:#}");
+    match e {
+        RuntimeError::Flow(_) => ApiError::new(422, "invalid_flow", msg),
+        RuntimeError::PoolConflict { .. } => ApiError::new(409, "conflict", msg),
+        RuntimeError::Unsupported { .. } => ApiError::new(422, "unsupported", msg),
+        RuntimeError::Invalid { .. } => ApiError::new(422, "invalid_flow", msg),
+        RuntimeError::UnknownFlow(_) => ApiError::new(404, "unknown_flow", msg),
+        RuntimeError::UnknownPool(_) => ApiError::new(404, "unknown_pool", msg),
+        RuntimeError::Overloaded(_) => ApiError::new(429, "overloaded", msg),
+        RuntimeError::Persist { .. } | RuntimeError::Cgroup { .. } => ApiError::internal(msg),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> ApiResponse {
+    ApiResponse::Json(serde_json::to_value(v).expect("runtime answers serialise"))
+}
+
+/// Largest log chunk one `logs` request returns.
+const LOG_CHUNK: usize = 64 * 1024;
+
 impl Supervisor {
-    pub fn new(config: Config, node_id: uuid::Uuid) -> Supervisor {
+    pub fn new(
+        config: Config,
+        node_id: uuid::Uuid,
+        runtime: Arc<Runtime>,
+        gateway: Option<std::net::SocketAddr>,
+    ) -> Supervisor {
         Supervisor {
             config,
             node_id,
             started: Instant::now(),
             profile: Profile::builtin(),
             tune_lock: Mutex::new(()),
+            runtime,
+            gateway,
         }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Runs blocking runtime work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Runtime) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || f(&rt))
+            .await
+            .map_err(|e| ApiError::internal(format!("runtime task: {e}")))?
     }
 
     pub fn config(&self) -> &Config {
@@ -78,6 +127,75 @@ impl Supervisor {
                 }
                 Ok(ApiResponse::TuneApply(report))
             }
+            ApiRequest::FlowList => Ok(to_json(&self.runtime.flows())),
+            ApiRequest::FlowApply { file, source } => {
+                self.blocking(move |rt| {
+                    rt.apply(&source, Path::new(&file))
+                        .map(|r| to_json(&r))
+                        .map_err(|e| runtime_error(&e))
+                })
+                .await
+            }
+            ApiRequest::FlowShow { name } => self
+                .runtime
+                .flow(&name)
+                .map(ApiResponse::Json)
+                .map_err(|e| runtime_error(&e)),
+            ApiRequest::FlowRemove { name } => {
+                self.blocking(move |rt| {
+                    rt.remove(&name)
+                        .map(|r| to_json(&r))
+                        .map_err(|e| runtime_error(&e))
+                })
+                .await
+            }
+            ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
+            ApiRequest::PoolShow { name } => self
+                .runtime
+                .pool_status(&name)
+                .map(|s| to_json(&s))
+                .map_err(|e| runtime_error(&e)),
+            ApiRequest::Call { pool, payload } => {
+                self.blocking(move |rt| {
+                    let p = rt
+                        .pool(&pool)
+                        .ok_or_else(|| runtime_error(&RuntimeError::UnknownPool(pool.clone())))?;
+                    let reply = p
+                        .call(payload.as_bytes())
+                        .map_err(|e| gateway::call_error(&e))?;
+                    Ok(ApiResponse::Json(
+                        serde_json::json!({ "reply": String::from_utf8_lossy(&reply) }),
+                    ))
+                })
+                .await
+            }
+            ApiRequest::Cast { pool, payload, all } => {
+                self.runtime
+                    .cast(&pool, payload.as_bytes(), all)
+                    .map_err(|e| runtime_error(&e))?;
+                Ok(ApiResponse::Json(
+                    serde_json::json!({ "queued": true, "pool": pool, "all": all }),
+                ))
+            }
+            ApiRequest::Logs { pool, offset } => {
+                self.blocking(move |rt| {
+                    let log = rt.pool_log(&pool).map_err(|e| runtime_error(&e))?;
+                    let read = match offset {
+                        Some(o) => log.read_from(o, LOG_CHUNK),
+                        None => log.tail(LOG_CHUNK),
+                    };
+                    let (bytes, next) = read.map_err(|e| {
+                        ApiError::internal(format!("reading the log of {pool}: {e}"))
+                    })?;
+                    Ok(ApiResponse::Json(serde_json::json!({
+                        "pool": pool,
+                        "path": log.path(),
+                        "text": String::from_utf8_lossy(&bytes),
+                        "next_offset": next,
+                    })))
+                })
+                .await
+            }
         }
     }
 
@@ -91,6 +209,8 @@ impl Supervisor {
             config_path: self.config.path.clone(),
             state_dir: self.config.state_dir.clone(),
             socket: self.config.socket.clone(),
+            gateway: self.gateway.map(|a| a.to_string()),
+            pools: self.runtime.pool_statuses().len(),
         }
     }
 
@@ -174,7 +294,7 @@ async fn serve_connection(
     let (read, mut write_half) = stream.into_split();
     let mut reader = RequestReader::new(read);
     loop {
-        let next = match tokio::time::timeout(IDLE_TIMEOUT, reader.next()).await {
+        let next = match tokio::time::timeout(IDLE_TIMEOUT, reader.next_request()).await {
             Ok(next) => next,
             Err(_) => {
                 let err = ApiError::new(408, "timeout", "no complete request within 60 s");

@@ -13,7 +13,9 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::{self, Supervisor};
+use crate::gateway::{Gateway, GatewayOptions};
 use crate::notify::Notifier;
+use crate::runtime::{Runtime, RuntimeOptions};
 use crate::state;
 
 /// Mode of the control socket: owner and group may connect.
@@ -33,6 +35,39 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the gateway on {addr}")]
+    Gateway {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read /proc/self/cgroup")]
+    ProcSelfCgroup(#[source] std::io::Error),
+    #[error("cannot set up pool cgroups (set `runtime.cgroups = false` to run without them)")]
+    Cgroups(#[source] crate::cgroup::CgroupError),
+}
+
+/// Name of the cgroup subtree (below the daemon's own cgroup) that holds the pools.
+pub const POOLS_SUBTREE: &str = "drop-pools";
+
+fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
+    let cgroups = if config.cgroups {
+        let own =
+            std::fs::read_to_string("/proc/self/cgroup").map_err(DaemonError::ProcSelfCgroup)?;
+        let cg = crate::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, POOLS_SUBTREE)
+            .map_err(DaemonError::Cgroups)?;
+        info!(version = ?cg.version(), subtree = POOLS_SUBTREE, "pool cgroups ready");
+        Some(Arc::from(cg))
+    } else {
+        warn!("runtime.cgroups = false: workers run without cgroup limits");
+        None
+    };
+    Ok(Runtime::new(RuntimeOptions {
+        state_dir: config.state_dir.clone(),
+        images_dir: config.images_dir.clone(),
+        logs_dir: config.logs_dir.clone(),
+        cgroups,
+    }))
 }
 
 /// Binds the control socket at `path`: creates the parent directory, replaces a stale socket
@@ -81,7 +116,37 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
 
     let listener = bind_control_socket(&config.socket, &config.socket_group)?;
     let socket = config.socket.clone();
-    let supervisor = Arc::new(Supervisor::new(config, node_id));
+    let runtime = Arc::new(start_runtime(&config)?);
+    let failed = {
+        let rt = runtime.clone();
+        tokio::task::spawn_blocking(move || rt.restore())
+            .await
+            .unwrap_or_default()
+    };
+    for (file, error) in &failed {
+        warn!(file = %file.display(), %error, "persisted flow not restored");
+    }
+    let mut gateway = match config.gateway_listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| DaemonError::Gateway { addr, source })?;
+            let options = GatewayOptions {
+                token: config.gateway_token.clone(),
+            };
+            let gw = Gateway::start(listener, runtime.clone(), options)
+                .map_err(|source| DaemonError::Gateway { addr, source })?;
+            info!(addr = %gw.local_addr(), "gateway listening");
+            Some(gw)
+        }
+        None => None,
+    };
+    let gateway_addr = gateway.as_ref().map(Gateway::local_addr);
+    let supervisor = Arc::new(Supervisor::new(
+        config,
+        node_id,
+        runtime.clone(),
+        gateway_addr,
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(control::serve(
         listener,
@@ -127,6 +192,10 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let _ = notifier.notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(gw) = gateway.as_mut() {
+        gw.stop();
+    }
+    runtime.shutdown(std::time::Duration::from_secs(10)).await;
     if let Err(e) = std::fs::remove_file(&socket) {
         warn!(socket = %socket.display(), error = %e, "cannot remove control socket");
     }

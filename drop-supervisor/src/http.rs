@@ -21,6 +21,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The client asked to close the connection after this request (or spoke HTTP/1.0).
     pub close: bool,
+    /// The `Authorization` header, if any (the gateway's bearer token).
+    pub authorization: Option<String>,
 }
 
 /// Why a request could not be read. Each maps to one status; see [`HttpError::status`].
@@ -30,7 +32,7 @@ pub enum HttpError {
     Malformed(String),
     #[error("request head larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
-    #[error("request body of {0} bytes is larger than the limit of {MAX_BODY} bytes")]
+    #[error("request body of {0} bytes is larger than the limit")]
     BodyTooLarge(u64),
     #[error("a body needs a Content-Length header (chunked transfer encoding is not supported)")]
     LengthRequired,
@@ -86,7 +88,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     }
 
     /// The next request, or `None` when the peer closed the connection between requests.
-    pub async fn next(&mut self) -> Result<Option<Request>, HttpError> {
+    pub async fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
         let (head_len, mut req, content_length) = loop {
             if let Some(parsed) = parse_head(&self.buf)? {
                 break parsed;
@@ -108,6 +110,77 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         let total = head_len + content_length as usize;
         while self.buf.len() < total {
             if self.fill().await? == 0 {
+                return Err(HttpError::Truncated);
+            }
+        }
+        req.body = self.buf[head_len..total].to_vec();
+        self.buf.drain(..total);
+        Ok(Some(req))
+    }
+}
+
+/// The blocking twin of [`RequestReader`], for thread-per-connection servers (the gateway):
+/// reads one request at a time from `io`, with its own body limit.
+#[derive(Debug)]
+pub struct BlockingReader<R> {
+    io: R,
+    buf: Vec<u8>,
+    max_body: usize,
+}
+
+impl<R: std::io::Read> BlockingReader<R> {
+    pub fn new(io: R, max_body: usize) -> Self {
+        BlockingReader {
+            io,
+            buf: Vec::with_capacity(4096),
+            max_body,
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.io
+    }
+
+    fn fill(&mut self) -> Result<usize, HttpError> {
+        let len = self.buf.len();
+        self.buf.resize(len + 16 * 1024, 0);
+        let n = loop {
+            match self.io.read(&mut self.buf[len..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.truncate(len);
+                    return Err(HttpError::Io(e.to_string()));
+                }
+            }
+        };
+        self.buf.truncate(len + n);
+        Ok(n)
+    }
+
+    /// The next request, or `None` when the peer closed the connection between requests.
+    pub fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
+        let (head_len, mut req, content_length) = loop {
+            if let Some(parsed) = parse_head(&self.buf)? {
+                break parsed;
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(HttpError::HeadTooLarge);
+            }
+            if self.fill()? == 0 {
+                return if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    Ok(None)
+                } else {
+                    Err(HttpError::Truncated)
+                };
+            }
+        };
+        if content_length > self.max_body as u64 {
+            return Err(HttpError::BodyTooLarge(content_length));
+        }
+        let total = head_len + content_length as usize;
+        while self.buf.len() < total {
+            if self.fill()? == 0 {
                 return Err(HttpError::Truncated);
             }
         }
@@ -140,6 +213,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
         None => (target.to_string(), None),
     };
     let mut close = parsed.version == Some(0);
+    let mut authorization = None;
     let mut content_length: Option<u64> = None;
     for h in parsed.headers.iter() {
         let value = std::str::from_utf8(h.value)
@@ -159,6 +233,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
             return Err(HttpError::LengthRequired);
         } else if h.name.eq_ignore_ascii_case("connection") {
             close = value.eq_ignore_ascii_case("close");
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
         }
     }
     let req = Request {
@@ -167,6 +243,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
         query,
         body: Vec::new(),
         close,
+        authorization,
     };
     Ok(Some((skip + head_len, req, content_length.unwrap_or(0))))
 }
@@ -178,7 +255,9 @@ pub fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        401 => "Unauthorized",
         408 => "Request Timeout",
+        409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
         422 => "Unprocessable Content",
@@ -191,16 +270,29 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Encodes a complete response with a JSON body.
-pub fn encode_json_response(status: u16, body: &[u8], close: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+/// Appends a complete response to `out`.
+pub fn encode_response(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) {
+    use std::io::Write as _;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n",
         reason(status),
         body.len(),
         if close { "Connection: close\r\n" } else { "" }
-    )
-    .into_bytes();
+    );
     out.extend_from_slice(body);
+}
+
+/// Encodes a complete response with a JSON body.
+pub fn encode_json_response(status: u16, body: &[u8], close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    encode_response(status, "application/json", body, close, &mut out);
     out
 }
 
@@ -302,7 +394,7 @@ mod tests {
         let mut r = RequestReader::new(input);
         let mut out = Vec::new();
         loop {
-            let next = r.next().await;
+            let next = r.next_request().await;
             let stop = !matches!(next, Ok(Some(_)));
             out.push(next);
             if stop {
@@ -342,7 +434,7 @@ mod tests {
             client.write_all(b"56789").await.unwrap();
         });
         let mut r = RequestReader::new(server);
-        let req = r.next().await.unwrap().unwrap();
+        let req = r.next_request().await.unwrap().unwrap();
         assert_eq!(req.body, b"0123456789");
         writer.await.unwrap();
     }

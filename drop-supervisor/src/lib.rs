@@ -7,12 +7,20 @@
 //! temporary folders.
 
 pub mod api;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod flow;
+pub mod gateway;
 pub mod http;
+pub mod images;
 pub mod logging;
+pub mod logs;
+pub mod metrics;
 pub mod notify;
+pub mod runtime;
 pub mod state;
 pub mod tune;
+pub mod worker;

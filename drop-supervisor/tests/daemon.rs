@@ -29,7 +29,7 @@ impl Node {
         }
         let config = format!(
             "[node]\nname = \"t1\"\nstate_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/drop.sock\"\n\
-             [tuning]\nsysctl_root = \"{0}/sys\"\n",
+             [tuning]\nsysctl_root = \"{0}/sys\"\n[runtime]\ncgroups = false\n[gateway]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("drop.toml"), config).unwrap();
@@ -307,4 +307,95 @@ fn bad_config_names_file_key_line_and_column() {
         err.contains("drop.toml") && err.contains("socket") && err.contains("line 3, column 1"),
         "{err}"
     );
+}
+
+const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
+
+/// POSTs `body` to the gateway at `addr` and returns (status, body).
+fn gateway_post(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let r = drop_supervisor::http::roundtrip(&mut s, "POST", path, Some(body)).unwrap();
+    (r.status, r.body)
+}
+
+#[test]
+fn original_style_flow_answers_through_gateway_and_dropctl_and_survives_a_restart() {
+    let mut node = Node::new();
+    node.start();
+    let flow = node.path("echo.yaml");
+    std::fs::write(
+        &flow,
+        format!("name: echo\npriority: 0\nfunc:\n  - name: echo\n    cmd: {ECHO}\n    num: 2\n    memory: 100\n    timeout: 10000\n"),
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started   echo"),
+        "{out:?}"
+    );
+
+    let gw = node.ctl_json(&["status"])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = gateway_post(&gw, "/api/v1/echo", "héllo\nwörld".as_bytes());
+    assert_eq!((status, body.as_slice()), (200, "héllo\nwörld".as_bytes()));
+    let (status, body) = gateway_post(&gw, "/api/v1/nope", b"x");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("unknown_pool"));
+    let (status, _) = gateway_post(&gw, "/api/v1/echo", &vec![b'a'; 70_000]);
+    assert_eq!(status, 413);
+
+    let out = node.ctl(&["call", "echo", "ping"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ping\n", "{out:?}");
+    let pools = node.ctl_json(&["pool", "ls"]);
+    assert_eq!(pools[0]["name"], "echo");
+    assert_eq!(pools[0]["workers"], 2);
+    assert_eq!(pools[0]["stats"]["ok"], 2);
+
+    // The flow is persisted: after a restart the pool comes back by itself.
+    assert!(node.stop().success());
+    node.start();
+    let gw = node.ctl_json(&["status"])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = gateway_post(&gw, "/api/v1/echo", b"after restart");
+    assert_eq!((status, body.as_slice()), (200, &b"after restart"[..]));
+    assert_eq!(node.ctl_json(&["flow", "ls"])[0]["name"], "echo");
+
+    let out = node.ctl(&["flow", "rm", "echo"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(gateway_post(&gw, "/api/v1/echo", b"x").0, 404);
+    assert!(!node.path("state/flows/echo.yaml").exists());
+}
+
+#[test]
+fn a_malformed_flow_is_refused_with_file_line_and_column() {
+    let mut node = Node::new();
+    node.start();
+    let flow = node.path("bad.yaml");
+    std::fs::write(
+        &flow,
+        format!("name: bad\nfunc:\n  - name: p\n    cmd: {ECHO}\n    nmu: 2\n"),
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:5:5") && err.contains("func[0].nmu") && err.contains("invalid_flow"),
+        "{err}"
+    );
+    assert!(
+        node.ctl_json(&["flow", "ls"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing applied"
+    );
+    let out = node.ctl(&["flow", "show", "bad"]);
+    assert_eq!(out.status.code(), Some(1));
 }

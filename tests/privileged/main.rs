@@ -6,6 +6,8 @@
 //!
 //! Usage: `privileged [FILTER...]` runs the tests whose name contains any FILTER.
 
+mod cgroups;
+mod images;
 mod netns;
 mod systemd;
 mod tune;
@@ -22,9 +24,16 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let strict = std::env::var("DROP_TEST_STRICT").is_ok_and(|v| v == "1");
-    let all = [netns::TESTS, xdp::TESTS, systemd::TESTS, tune::TESTS]
-        .into_iter()
-        .flatten();
+    let all = [
+        netns::TESTS,
+        xdp::TESTS,
+        systemd::TESTS,
+        tune::TESTS,
+        cgroups::TESTS,
+        images::TESTS,
+    ]
+    .into_iter()
+    .flatten();
     let selected: Vec<&Test> = all
         .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f.as_str())))
         .collect();

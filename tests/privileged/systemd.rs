@@ -344,7 +344,9 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
          [control]\n\
          socket = \"/run/drop/drop.sock\"\n\
          [tuning]\n\
-         sysctl_root = \"/run/drop-test/sysctl\"\n",
+         sysctl_root = \"/run/drop-test/sysctl\"\n\
+         [gateway]\n\
+         listen = \"127.0.0.1:0\"\n",
     )?;
     let dropin_dir = unit_dir.join(format!("{UNIT}.d"));
     fs::create_dir_all(&dropin_dir)?;

@@ -92,7 +92,7 @@ fn tune_apply_in_netns() -> anyhow::Result<Outcome> {
     std::fs::write(
         dir.path().join("drop.toml"),
         format!(
-            "[node]\nname = \"tune-netns\"\nstate_dir = \"{}\"\n[control]\nsocket = \"{}\"\n[tuning]\nsysctl_root = \"/proc/sys\"\n",
+            "[node]\nname = \"tune-netns\"\nstate_dir = \"{}\"\n[control]\nsocket = \"{}\"\n[tuning]\nsysctl_root = \"/proc/sys\"\n[runtime]\ncgroups = false\n[gateway]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("state").display(),
             socket.display()
         ),

@@ -6,7 +6,9 @@
 //! - `run`        set up, build, and run a single-node DROP in the foreground (state in target/drop-dev)
 //! - `test`       set up, then fmt, clippy, unit tests and the privileged integration tests
 //! - `ci`         what CI runs: `test` with skips counted as failures
+//! - `bench`      benchmarks (`bench runtime`); figures go to BENCHMARKS.md
 
+mod bench;
 mod ebpf;
 mod run;
 mod setup;
@@ -38,6 +40,8 @@ enum Verb {
     Test(test::TestArgs),
     /// What CI runs: `test` where a skipped privileged test counts as a failure.
     Ci,
+    /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -51,6 +55,7 @@ fn main() {
             strict: true,
             ..Default::default()
         }),
+        Verb::Bench(args) => bench::bench(args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

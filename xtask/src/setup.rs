@@ -10,7 +10,7 @@ use crate::{output, run_cmd, step};
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2/ethtool/ping for network namespaces;
 /// systemd + dbus for the throw-away systemd of the tests; util-linux for unshare/nsenter;
-/// python3 for example functions; procps for pgrep.
+/// python3 for example functions; procps for pgrep; wrk for `bench runtime`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "dbus",
     "util-linux",
     "procps",
+    "wrk",
 ];
 
 /// The nightly that builds drop-ebpf: its commit date and LLVM major. bpf-linker must be built

@@ -38,6 +38,47 @@ enum Command {
     /// Host tuning (sysctl profile).
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// Flows: YAML declarations of pools (applied, persisted, reconciled).
+    #[command(subcommand)]
+    Flow(FlowCommand),
+    /// Pools of workers on this node.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Send PAYLOAD to one worker of POOL and print its reply (`-` reads stdin).
+    Call { pool: String, payload: String },
+    /// Queue PAYLOAD for one worker of POOL (`--all`: every worker) without waiting for replies.
+    Cast {
+        pool: String,
+        payload: String,
+        #[arg(long)]
+        all: bool,
+    },
+    /// A pool's worker log (stderr); `-f` follows it.
+    Logs {
+        pool: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FlowCommand {
+    /// Apply a flow file: start, restart or stop pools so that they match it.
+    Apply { file: PathBuf },
+    /// Remove a flow: its pools stop.
+    Rm { name: String },
+    /// List applied flows.
+    Ls,
+    /// Show a flow and its source.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// List pools with their state, size and counters.
+    Ls,
+    /// Show one pool in detail.
+    Show { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +157,187 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
                 EXIT_FAILED
             })
         }
+        Command::Flow(cmd) => flow(client, json, cmd),
+        Command::Pool(cmd) => pool(client, json, cmd),
+        Command::Call { pool, payload } => {
+            let payload = if payload == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| io_error(client, e))?;
+                s.strip_suffix('\n').map(str::to_string).unwrap_or(s)
+            } else {
+                payload.clone()
+            };
+            let v: serde_json::Value = client.post(
+                &format!("/v1/pools/{pool}/call"),
+                &serde_json::json!({ "payload": payload }),
+            )?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{}", v["reply"].as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Command::Cast { pool, payload, all } => {
+            let v: serde_json::Value = client.post(
+                &format!("/v1/pools/{pool}/cast"),
+                &serde_json::json!({ "payload": payload, "all": all }),
+            )?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "queued for {}{pool}",
+                    if *all { "every worker of " } else { "" }
+                );
+            }
+            Ok(0)
+        }
+        Command::Logs { pool, follow } => {
+            let mut v: serde_json::Value = client.get(&format!("/v1/pools/{pool}/logs"))?;
+            loop {
+                print!("{}", v["text"].as_str().unwrap_or_default());
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                if !follow {
+                    return Ok(0);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let next = v["next_offset"].as_u64().unwrap_or(0);
+                v = client.get(&format!("/v1/pools/{pool}/logs?offset={next}"))?;
+            }
+        }
+    }
+}
+
+fn io_error(client: &Client, source: std::io::Error) -> ClientError {
+    ClientError::Io {
+        socket: client.socket().to_path_buf(),
+        source,
+    }
+}
+
+fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientError> {
+    match cmd {
+        FlowCommand::Apply { file } => {
+            let source = std::fs::read_to_string(file).map_err(|e| io_error(client, e))?;
+            let abs = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            let body = serde_json::json!({ "file": abs.display().to_string(), "source": source });
+            let v: serde_json::Value = client.post("/v1/flows", &body)?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("flow {} applied", v["flow"].as_str().unwrap_or("?"));
+                for what in ["started", "restarted", "unchanged", "stopped"] {
+                    for p in v[what].as_array().into_iter().flatten() {
+                        println!("  {what:<9} {}", p.as_str().unwrap_or("?"));
+                    }
+                }
+            }
+            Ok(0)
+        }
+        FlowCommand::Rm { name } => {
+            let v: serde_json::Value = client.delete(&format!("/v1/flows/{name}"))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("flow {name} removed");
+                for p in v["stopped"].as_array().into_iter().flatten() {
+                    println!("  stopped   {}", p.as_str().unwrap_or("?"));
+                }
+            }
+            Ok(0)
+        }
+        FlowCommand::Ls => {
+            let v: serde_json::Value = client.get("/v1/flows")?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{:<24} {:<8} POOLS", "FLOW", "PRIORITY");
+                for f in v.as_array().into_iter().flatten() {
+                    let pools: Vec<&str> = f["pools"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.as_str())
+                        .collect();
+                    println!(
+                        "{:<24} {:<8} {}",
+                        f["name"].as_str().unwrap_or("?"),
+                        f["priority"],
+                        pools.join(", ")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        FlowCommand::Show { name } => {
+            let v: serde_json::Value = client.get(&format!("/v1/flows/{name}"))?;
+            if json {
+                print_json(&v);
+            } else {
+                let mut summary = v.clone();
+                if let Some(o) = summary.as_object_mut() {
+                    o.remove("source");
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).expect("JSON values serialise")
+                );
+                println!(
+                    "--- source ---\n{}",
+                    v["source"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientError> {
+    match cmd {
+        PoolCommand::Ls => {
+            let v: serde_json::Value = client.get("/v1/pools")?;
+            if json {
+                print_json(&v);
+                return Ok(0);
+            }
+            println!(
+                "{:<20} {:<8} {:>7} {:>5} {:>5} {:>8} {:>6} {:>7} {:>8} {:>8}",
+                "POOL",
+                "STATE",
+                "WORKERS",
+                "BUSY",
+                "QUEUE",
+                "OK",
+                "ERROR",
+                "TIMEOUT",
+                "REJECTED",
+                "RESTARTS"
+            );
+            for p in v.as_array().into_iter().flatten() {
+                let s = &p["stats"];
+                println!(
+                    "{:<20} {:<8} {:>7} {:>5} {:>5} {:>8} {:>6} {:>7} {:>8} {:>8}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["phase"]["state"].as_str().unwrap_or("?"),
+                    format!("{}/{}", p["workers"], p["max"]),
+                    p["busy"].to_string(),
+                    p["queue_depth"].to_string(),
+                    s["ok"].to_string(),
+                    s["error"].to_string(),
+                    s["timeout"].to_string(),
+                    s["rejected"].to_string(),
+                    s["restarts"].to_string()
+                );
+            }
+            Ok(0)
+        }
+        PoolCommand::Show { name } => {
+            let v: serde_json::Value = client.get(&format!("/v1/pools/{name}"))?;
+            print_json(&v);
+            Ok(0)
+        }
     }
 }
 
@@ -152,6 +374,8 @@ fn print_status(s: &StatusInfo) {
     );
     println!("state    {}", s.state_dir.display());
     println!("socket   {}", s.socket.display());
+    println!("gateway  {}", s.gateway.as_deref().unwrap_or("off"));
+    println!("pools    {}", s.pools);
 }
 
 fn print_check(r: &CheckReport) {

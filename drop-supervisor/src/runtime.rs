@@ -1,0 +1,552 @@
+//! The function runtime of a node: the applied flows and their pools.
+//!
+//! Flows are persisted as their source text under `<state>/flows/<name>.yaml` before anything
+//! runs, and reconciled: applying a flow starts the pools it declares, stops the ones it no
+//! longer declares and restarts only those whose definition changed. On start the persisted
+//! flows come back by themselves, after every pool cgroup left by a previous (crashed) instance
+//! has been killed and removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::cgroup::{Cgroups, Limits};
+use crate::flow::{self, Delivery, Filter, Flow, FlowError, PoolSpec};
+use crate::gateway::PoolLookup;
+use crate::logs::{self, PoolLog};
+use crate::state;
+use crate::worker::dispatch::{Dispatcher, Job};
+use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy};
+use crate::worker::image::ImageMount;
+use crate::worker::process::{self, Launch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    #[error("pool {pool} of flow {flow} is already defined by flow {other}")]
+    PoolConflict {
+        pool: String,
+        flow: String,
+        other: String,
+    },
+    #[error("pool {pool}: {reason}")]
+    Unsupported { pool: String, reason: String },
+    #[error("pool {pool}: {reason}")]
+    Invalid { pool: String, reason: String },
+    #[error("no flow named {0}")]
+    UnknownFlow(String),
+    #[error("no pool named {0}")]
+    UnknownPool(String),
+    #[error("the delivery queue is full; {0} not reached")]
+    Overloaded(String),
+    #[error("cannot persist flow {name}")]
+    Persist {
+        name: String,
+        #[source]
+        source: state::StateError,
+    },
+    #[error("cgroup for pool {pool}")]
+    Cgroup {
+        pool: String,
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
+}
+
+/// What applying a flow did.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub flow: String,
+    pub started: Vec<String>,
+    pub restarted: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct FlowSummary {
+    pub name: String,
+    pub priority: u8,
+    pub pools: Vec<String>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Applied {
+    flow: Flow,
+    source: String,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    pool: Pool,
+    flow: String,
+    spec: PoolSpec,
+    log: Arc<PoolLog>,
+}
+
+/// Where the runtime keeps things and what it may use.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub state_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub logs_dir: PathBuf,
+    /// Pool cgroups; `None` runs workers without (development without root).
+    pub cgroups: Option<Arc<dyn Cgroups>>,
+}
+
+#[derive(Debug)]
+pub struct Runtime {
+    opts: RuntimeOptions,
+    handle: tokio::runtime::Handle,
+    flows: Mutex<BTreeMap<String, Applied>>,
+    pools: Arc<RwLock<HashMap<String, Entry>>>,
+    dispatcher: Dispatcher,
+}
+
+/// Delivery threads and queue size for casts and subscription events.
+const DISPATCH_THREADS: usize = 4;
+const DISPATCH_QUEUE: usize = 4096;
+
+/// One subscription edge: output lines of a pool that match `filter` go to `to`.
+#[derive(Debug, Clone)]
+struct Route {
+    to: String,
+    filter: Filter,
+    delivery: Delivery,
+}
+
+impl PoolLookup for Runtime {
+    fn pool(&self, name: &str) -> Option<Pool> {
+        self.pools
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|e| e.pool.clone())
+    }
+
+    fn metrics(&self) -> Option<String> {
+        Some(crate::metrics::render(&self.pool_statuses()))
+    }
+}
+
+fn flows_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("flows")
+}
+
+impl Runtime {
+    /// Must be called inside a tokio runtime (pools run their managers on it).
+    pub fn new(opts: RuntimeOptions) -> Runtime {
+        Runtime {
+            opts,
+            handle: tokio::runtime::Handle::current(),
+            flows: Mutex::new(BTreeMap::new()),
+            pools: Arc::new(RwLock::new(HashMap::new())),
+            dispatcher: Dispatcher::new(DISPATCH_THREADS, DISPATCH_QUEUE),
+        }
+    }
+
+    /// Kills and removes pool cgroups left by an earlier instance, then applies every persisted
+    /// flow. Returns the flows that could not be restored, with why (they stay on disk).
+    pub fn restore(&self) -> Vec<(PathBuf, String)> {
+        if let Some(cg) = &self.opts.cgroups {
+            match cg.list() {
+                Ok(orphans) => {
+                    for name in orphans {
+                        let killed = cg.kill_all(&name).and_then(|()| cg.remove(&name));
+                        match killed {
+                            Ok(()) => {
+                                info!(pool = %name, "removed a pool cgroup left by an earlier instance")
+                            }
+                            Err(e) => {
+                                warn!(pool = %name, error = %e, "cannot clean up a leftover pool cgroup")
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot list leftover pool cgroups"),
+            }
+        }
+        let dir = flows_dir(&self.opts.state_dir);
+        let mut failed = Vec::new();
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+                .collect(),
+            Err(_) => return failed,
+        };
+        files.sort();
+        for file in files {
+            let result = std::fs::read_to_string(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    self.apply_text(&text, &file, false)
+                        .map_err(|e| format!("{e:#}"))
+                });
+            match result {
+                Ok(report) => {
+                    info!(flow = %report.flow, pools = report.started.len(), "flow restored")
+                }
+                Err(e) => {
+                    warn!(file = %file.display(), error = %e, "cannot restore flow");
+                    failed.push((file, e));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Parses, checks, persists and reconciles a flow. `file` names the source in errors.
+    pub fn apply(&self, text: &str, file: &Path) -> Result<ApplyReport, RuntimeError> {
+        self.apply_text(text, file, true)
+    }
+
+    fn apply_text(
+        &self,
+        text: &str,
+        file: &Path,
+        persist: bool,
+    ) -> Result<ApplyReport, RuntimeError> {
+        let flow = flow::parse_flow(text, file)?;
+        let images = self.opts.images_dir.clone();
+        flow::check_images(&flow, &|name: &str| images.join(name).is_dir())?;
+        for spec in &flow.pools {
+            process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref()).map_err(
+                |reason| RuntimeError::Invalid {
+                    pool: spec.name.clone(),
+                    reason,
+                },
+            )?;
+        }
+        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let pools = self.pools.read().unwrap_or_else(|e| e.into_inner());
+            for spec in &flow.pools {
+                if let Some(other) = pools.get(&spec.name).filter(|e| e.flow != flow.name) {
+                    return Err(RuntimeError::PoolConflict {
+                        pool: spec.name.clone(),
+                        flow: flow.name.clone(),
+                        other: other.flow.clone(),
+                    });
+                }
+            }
+        }
+        if persist {
+            let dir = flows_dir(&self.opts.state_dir);
+            state::ensure_dir(&dir).map_err(|source| RuntimeError::Persist {
+                name: flow.name.clone(),
+                source,
+            })?;
+            state::write_atomic(&dir.join(format!("{}.yaml", flow.name)), text.as_bytes())
+                .map_err(|source| RuntimeError::Persist {
+                    name: flow.name.clone(),
+                    source,
+                })?;
+        }
+        let report = self.reconcile(&flow);
+        flows.insert(
+            flow.name.clone(),
+            Applied {
+                flow,
+                source: text.to_string(),
+            },
+        );
+        Ok(report)
+    }
+
+    fn reconcile(&self, flow: &Flow) -> ApplyReport {
+        let mut report = ApplyReport {
+            flow: flow.name.clone(),
+            ..Default::default()
+        };
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<String> = pools
+            .iter()
+            .filter(|(_, e)| e.flow == flow.name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in old {
+            if !flow.pools.iter().any(|p| p.name == name) {
+                if let Some(entry) = pools.remove(&name) {
+                    self.stop_entry(entry);
+                }
+                report.stopped.push(name);
+            }
+        }
+        for spec in &flow.pools {
+            match pools.get(&spec.name) {
+                Some(e) if e.spec == *spec => {
+                    report.unchanged.push(spec.name.clone());
+                    continue;
+                }
+                Some(_) => {
+                    if let Some(entry) = pools.remove(&spec.name) {
+                        self.stop_entry(entry);
+                    }
+                    report.restarted.push(spec.name.clone());
+                }
+                None => report.started.push(spec.name.clone()),
+            }
+            match self.start_pool(&flow.name, spec) {
+                Ok(entry) => {
+                    pools.insert(spec.name.clone(), entry);
+                }
+                Err(e) => warn!(pool = %spec.name, error = %format!("{e:#}"), "cannot start pool"),
+            }
+        }
+        self.rewire(&pools);
+        report
+    }
+
+    /// Points every pool's output at its subscribers (from the `sub` entries of all flows).
+    fn rewire(&self, pools: &HashMap<String, Entry>) {
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        for entry in pools.values() {
+            for sub in &entry.spec.subs {
+                routes.entry(sub.from.clone()).or_default().push(Route {
+                    to: entry.spec.name.clone(),
+                    filter: sub.filter.clone(),
+                    delivery: sub.delivery,
+                });
+            }
+        }
+        for (name, entry) in pools {
+            let hook = routes.remove(name).map(|routes| {
+                if routes.iter().any(|r| matches!(r.delivery, Delivery::Any | Delivery::Every)) {
+                    info!(pool = %name, "cluster-wide subscriptions (any/every, DROP's done/dall) are delivered on this node until the cluster lands");
+                }
+                let registry = self.pools.clone();
+                let dispatcher = self.dispatcher.clone();
+                let hook: crate::worker::pool::OutputHook = Arc::new(move |line: &[u8]| {
+                    let text = String::from_utf8_lossy(line);
+                    for route in routes.iter().filter(|r| r.filter.matches(&text)) {
+                        let target = registry.read().unwrap_or_else(|e| e.into_inner()).get(&route.to).map(|e| e.pool.clone());
+                        let Some(pool) = target else { continue };
+                        let payload = line.to_vec();
+                        let job = match route.delivery {
+                            Delivery::One | Delivery::Any => Job::One { pool, payload },
+                            Delivery::All | Delivery::Every => Job::All { pool, payload },
+                        };
+                        let _ = dispatcher.submit(job);
+                    }
+                });
+                hook
+            });
+            entry.pool.set_output(hook);
+        }
+    }
+
+    /// Queues `payload` for one worker of `pool` (`all`: every worker) without waiting.
+    pub fn cast(&self, pool: &str, payload: &[u8], all: bool) -> Result<(), RuntimeError> {
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| RuntimeError::UnknownPool(pool.to_string()))?;
+        let payload = payload.to_vec();
+        let job = if all {
+            Job::All { pool: p, payload }
+        } else {
+            Job::One { pool: p, payload }
+        };
+        self.dispatcher
+            .submit(job)
+            .map_err(|_| RuntimeError::Overloaded(pool.to_string()))
+    }
+
+    fn start_pool(&self, flow: &str, spec: &PoolSpec) -> Result<Entry, RuntimeError> {
+        let mut cgroup_procs = Vec::new();
+        if let Some(cg) = &self.opts.cgroups {
+            let limits = Limits {
+                memory_bytes: Some(spec.memory_bytes),
+                cpu_quota: spec.cpu,
+                cpu_weight: None,
+                pids_max: spec.pids,
+            };
+            let err = |source| RuntimeError::Cgroup {
+                pool: spec.name.clone(),
+                source,
+            };
+            cg.create(&spec.name, &limits).map_err(err)?;
+            cgroup_procs = cg.attach_paths(&spec.name).map_err(err)?;
+        }
+        let credentials = process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref())
+            .map_err(|reason| RuntimeError::Invalid {
+                pool: spec.name.clone(),
+                reason,
+            })?;
+        let image = match &spec.image {
+            Some(name) => {
+                let invalid = |e: &dyn std::fmt::Display| RuntimeError::Invalid {
+                    pool: spec.name.clone(),
+                    reason: format!("image {name}: {e}"),
+                };
+                let dir = crate::images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
+                Some(ImageMount::new(&dir).map_err(|e| invalid(&e))?)
+            }
+            None => None,
+        };
+        let config = PoolConfig {
+            name: spec.name.clone(),
+            mode: spec.mode,
+            concurrency: spec.concurrency,
+            launch: Launch {
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                cwd: spec.cwd.clone(),
+                credentials,
+                cgroup_procs,
+                image,
+            },
+            min: spec.min,
+            max: spec.max,
+            queue: spec.queue,
+            timeout: spec.timeout,
+            line_max: spec.line_max,
+            restart: RestartPolicy {
+                backoff_initial: spec.restart.backoff_initial,
+                backoff_max: spec.restart.backoff_max,
+                reset_after: spec.restart.reset_after,
+                intensity: spec.restart.intensity,
+                period: spec.restart.period,
+            },
+            grow_threshold: 1,
+            idle_shrink_after: Duration::from_secs(60),
+        };
+        let log = PoolLog::open(
+            self.opts.logs_dir.join(format!("{}.log", spec.name)),
+            logs::DEFAULT_MAX_BYTES,
+            logs::DEFAULT_KEEP,
+        )
+        .map_err(|e| RuntimeError::Invalid {
+            pool: spec.name.clone(),
+            reason: format!("cannot open its log: {e}"),
+        })?;
+        let sink = log.clone();
+        let stderr = Arc::new(move || -> std::io::Result<OwnedFd> { sink.pipe(String::new()) });
+        let _guard = self.handle.enter();
+        let pool = Pool::start(config, stderr);
+        info!(pool = %spec.name, flow, min = spec.min, max = spec.max, "pool started");
+        Ok(Entry {
+            pool,
+            flow: flow.to_string(),
+            spec: spec.clone(),
+            log,
+        })
+    }
+
+    /// Stops a pool: every process in its cgroup is killed (grandchildren included) and the
+    /// cgroup removed before this returns, so a pool of the same name can start right after.
+    fn stop_entry(&self, entry: Entry) {
+        entry.pool.stop();
+        let name = &entry.spec.name;
+        if let Some(cg) = &self.opts.cgroups {
+            if let Err(e) = cg.kill_all(name) {
+                warn!(pool = %name, error = %e, "cannot kill the pool's cgroup");
+            }
+            if let Err(e) = cg.remove(name) {
+                warn!(pool = %name, error = %e, "cannot remove the pool's cgroup");
+            }
+        }
+        info!(pool = %name, "pool stopped");
+    }
+
+    /// Removes a flow: its pools stop everywhere on this node and its file is deleted.
+    pub fn remove(&self, name: &str) -> Result<ApplyReport, RuntimeError> {
+        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if flows.remove(name).is_none() {
+            return Err(RuntimeError::UnknownFlow(name.to_string()));
+        }
+        let _ = std::fs::remove_file(flows_dir(&self.opts.state_dir).join(format!("{name}.yaml")));
+        let mut report = ApplyReport {
+            flow: name.to_string(),
+            ..Default::default()
+        };
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        let names: Vec<String> = pools
+            .iter()
+            .filter(|(_, e)| e.flow == name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            if let Some(entry) = pools.remove(&n) {
+                self.stop_entry(entry);
+            }
+            report.stopped.push(n);
+        }
+        self.rewire(&pools);
+        Ok(report)
+    }
+
+    pub fn flows(&self) -> Vec<FlowSummary> {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows
+            .values()
+            .map(|a| FlowSummary {
+                name: a.flow.name.clone(),
+                priority: a.flow.priority,
+                pools: a.flow.pools.iter().map(|p| p.name.clone()).collect(),
+                file: a.flow.source.clone(),
+            })
+            .collect()
+    }
+
+    /// The flow's summary and its source text.
+    pub fn flow(&self, name: &str) -> Result<serde_json::Value, RuntimeError> {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let a = flows
+            .get(name)
+            .ok_or_else(|| RuntimeError::UnknownFlow(name.to_string()))?;
+        let mut v = a.flow.to_summary_json();
+        v["source"] = serde_json::Value::String(a.source.clone());
+        Ok(v)
+    }
+
+    pub fn pool_statuses(&self) -> Vec<PoolStatus> {
+        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<PoolStatus> = pools.values().map(|e| e.pool.status()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn pool_status(&self, name: &str) -> Result<PoolStatus, RuntimeError> {
+        self.pool(name)
+            .map(|p| p.status())
+            .ok_or_else(|| RuntimeError::UnknownPool(name.to_string()))
+    }
+
+    pub fn pool_log(&self, name: &str) -> Result<Arc<PoolLog>, RuntimeError> {
+        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner());
+        pools
+            .get(name)
+            .map(|e| e.log.clone())
+            .ok_or_else(|| RuntimeError::UnknownPool(name.to_string()))
+    }
+
+    /// Stops every pool (daemon shutdown) and waits for their workers, at most `limit`.
+    pub async fn shutdown(&self, limit: Duration) {
+        let entries: Vec<Entry> = {
+            let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+            pools.drain().map(|(_, e)| e).collect()
+        };
+        for e in &entries {
+            e.pool.stop();
+        }
+        for e in entries {
+            e.pool.stopped(limit).await;
+            let runtime_cg = self.opts.cgroups.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(cg) = runtime_cg {
+                    let _ = cg.kill_all(&e.spec.name);
+                    let _ = cg.remove(&e.spec.name);
+                }
+            })
+            .await;
+        }
+    }
+}

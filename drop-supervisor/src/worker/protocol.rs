@@ -1,0 +1,220 @@
+//! The worker line protocol (DESIGN.md §2), as pure functions.
+//!
+//! - A payload travels as one line. Newlines inside it are encoded as the five bytes
+//!   TAB `n` `c` `m` TAB (the original DROP token) and decoded on the way back.
+//! - Async workers get `<id>::<payload>` and answer `<id>::<reply>` in any order; the id is
+//!   opaque to them.
+
+/// The original DROP newline token.
+pub const NEWLINE_TOKEN: &[u8] = b"\tncm\t";
+/// Separator between the id and the payload in async mode.
+pub const ID_SEPARATOR: &[u8] = b"::";
+
+/// Appends `payload` to `out` with every `\n` replaced by [`NEWLINE_TOKEN`] and a final `\n`.
+/// A trailing `\r` of a payload line is kept as is (it is data).
+pub fn encode_line(payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(payload.len() + 1);
+    let mut rest = payload;
+    while let Some(pos) = memchr(b'\n', rest) {
+        out.extend_from_slice(&rest[..pos]);
+        out.extend_from_slice(NEWLINE_TOKEN);
+        rest = &rest[pos + 1..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'\n');
+}
+
+/// Decodes one line as a worker printed it (without its `\n`): every [`NEWLINE_TOKEN`] becomes
+/// `\n`; a trailing `\r` (a worker writing CRLF) is dropped.
+pub fn decode_line(line: &[u8]) -> Vec<u8> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if !contains(line, NEWLINE_TOKEN) {
+        return line.to_vec();
+    }
+    let mut out = Vec::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(pos) = find(rest, NEWLINE_TOKEN) {
+        out.extend_from_slice(&rest[..pos]);
+        out.push(b'\n');
+        rest = &rest[pos + NEWLINE_TOKEN.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Appends the async request line `<id>::<payload>\n` to `out`.
+pub fn encode_async(id: u64, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(ID_SEPARATOR);
+    encode_line(payload, out);
+}
+
+/// Splits an async reply line into its id and the (still encoded) reply. `None` when the line
+/// has no `<decimal id>::` prefix: such a worker is out of step.
+pub fn split_async(line: &[u8]) -> Option<(u64, &[u8])> {
+    let sep = find(line, ID_SEPARATOR)?;
+    let id = std::str::from_utf8(&line[..sep]).ok()?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((id.parse().ok()?, &line[sep + ID_SEPARATOR.len()..]))
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|b| *b == needle)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Outcome of feeding bytes to a [`LineBuffer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineLimit {
+    Ok,
+    /// The current line is longer than the limit without a newline: the worker is out of step.
+    Exceeded,
+}
+
+/// Accumulates bytes read from a worker and hands out complete lines.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    max: usize,
+}
+
+impl LineBuffer {
+    pub fn new(max: usize) -> LineBuffer {
+        LineBuffer {
+            buf: Vec::with_capacity(4096),
+            start: 0,
+            max,
+        }
+    }
+
+    /// Space to read into: call [`LineBuffer::filled`] with the count read afterwards.
+    pub fn spare(&mut self, at_least: usize) -> &mut [u8] {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + at_least, 0);
+        &mut self.buf[len..]
+    }
+
+    /// Commits `n` bytes of the last [`LineBuffer::spare`] and drops the rest of it.
+    pub fn filled(&mut self, at_least: usize, n: usize) -> LineLimit {
+        let keep = self.buf.len() - at_least + n;
+        self.buf.truncate(keep);
+        if memchr(b'\n', &self.buf[self.start..]).is_none()
+            && self.buf.len() - self.start > self.max
+        {
+            return LineLimit::Exceeded;
+        }
+        LineLimit::Ok
+    }
+
+    /// The next complete line (without `\n`), if one is buffered. Its length is checked
+    /// against the limit by the caller through [`LineBuffer::filled`].
+    pub fn next_line(&mut self) -> Option<&[u8]> {
+        let pos = memchr(b'\n', &self.buf[self.start..])?;
+        let line = self.start..self.start + pos;
+        self.start += pos + 1;
+        Some(&self.buf[line])
+    }
+
+    /// Bytes buffered beyond the lines already taken.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Forgets everything (after a worker restart).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.start = 0;
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(p: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_line(p, &mut v);
+        v
+    }
+
+    #[test]
+    fn newlines_travel_as_the_ncm_token_both_ways() {
+        assert_eq!(enc(b"a\nb\n"), b"a\tncm\tb\tncm\t\n");
+        assert_eq!(decode_line(b"a\tncm\tb\tncm\t"), b"a\nb\n");
+        for payload in [
+            &b""[..],
+            b"\n",
+            b"x",
+            "héllo\nwörld ✓".as_bytes(),
+            b"\n\n\n",
+            b"tab\there",
+        ] {
+            let line = enc(payload);
+            assert_eq!(
+                line.iter().filter(|b| **b == b'\n').count(),
+                1,
+                "one line on the wire"
+            );
+            assert_eq!(decode_line(&line[..line.len() - 1]), payload);
+        }
+    }
+
+    #[test]
+    fn crlf_replies_lose_their_cr() {
+        assert_eq!(decode_line(b"pong\r"), b"pong");
+    }
+
+    #[test]
+    fn async_ids_frame_requests_and_replies() {
+        let mut v = Vec::new();
+        encode_async(42, b"a\nb", &mut v);
+        assert_eq!(v, b"42::a\tncm\tb\n");
+        assert_eq!(
+            split_async(b"42::reply::with::colons"),
+            Some((42, &b"reply::with::colons"[..]))
+        );
+        assert_eq!(split_async(b"7::"), Some((7, &b""[..])));
+        assert_eq!(split_async(b"no id here"), None);
+        assert_eq!(split_async(b"x1::y"), None);
+        assert_eq!(split_async(b"::y"), None);
+    }
+
+    #[test]
+    fn line_buffer_splits_lines_and_enforces_the_limit() {
+        let mut lb = LineBuffer::new(8);
+        let feed = |lb: &mut LineBuffer, bytes: &[u8]| {
+            let spare = lb.spare(64);
+            spare[..bytes.len()].copy_from_slice(bytes);
+            lb.filled(64, bytes.len())
+        };
+        assert_eq!(feed(&mut lb, b"ab"), LineLimit::Ok);
+        assert_eq!(lb.next_line(), None);
+        assert_eq!(feed(&mut lb, b"c\nde\n"), LineLimit::Ok);
+        assert_eq!(lb.next_line(), Some(&b"abc"[..]));
+        assert_eq!(lb.next_line(), Some(&b"de"[..]));
+        assert_eq!(lb.next_line(), None);
+        assert_eq!(lb.pending(), 0);
+        assert_eq!(feed(&mut lb, b"123456789"), LineLimit::Exceeded);
+    }
+}

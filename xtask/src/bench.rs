@@ -1,0 +1,286 @@
+//! `cargo xtask bench runtime`: the function-runtime benchmark, every mode in one run, with the
+//! same echo worker binary and the same number of workers throughout. Prints a markdown table
+//! (also written to target/bench/runtime.md) for BENCHMARKS.md.
+//!
+//! (a) floor: workers driven over pipes, one blocking caller thread per worker
+//! (b) the pool API in process
+//! (c) the HTTP gateway in front of the pool, keep-alive, wrk at 2 and 64 connections
+//! (d) a bare keep-alive HTTP echo server (no worker), same wrk load
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, output, root, run_cmd, step};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to benchmark (only `runtime` for now).
+    pub what: String,
+    /// Workers in every mode.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    pub secs: u32,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figure {
+    req_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bench_binary() -> anyhow::Result<PathBuf> {
+    let out = output(cargo().args([
+        "bench",
+        "--locked",
+        "-p",
+        "drop-supervisor",
+        "--bench",
+        "runtime",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    out.lines()
+        .filter(|l| {
+            l.contains("\"compiler-artifact\"")
+                && l.contains("\"runtime\"")
+                && l.contains("\"bench\"")
+        })
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + 14;
+            let end = l[start..].find('"')? + start;
+            Some(PathBuf::from(&l[start..end]))
+        })
+        .context("cannot find the runtime bench executable in cargo's output")
+}
+
+fn json_num(line: &str, key: &str) -> Option<f64> {
+    let start = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &line[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+fn run_json(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = output(
+        Command::new(bin)
+            .args(args)
+            .env("DROP_ECHO_WORKER", echo_worker()),
+    )?;
+    out.lines()
+        .last()
+        .map(str::to_string)
+        .context("the bench printed nothing")
+}
+
+fn echo_worker() -> PathBuf {
+    root().join("target/release/drop-echo-worker")
+}
+
+fn in_process(bin: &Path, mode: &str, a: &BenchArgs) -> anyhow::Result<Figure> {
+    let line = run_json(
+        bin,
+        &[
+            mode,
+            &a.workers.to_string(),
+            &a.secs.to_string(),
+            &a.payload.to_string(),
+        ],
+    )?;
+    Ok(Figure {
+        req_s: json_num(&line, "req_s").context("req_s")?,
+        p50_us: json_num(&line, "p50_us").context("p50_us")?,
+        p99_us: json_num(&line, "p99_us").context("p99_us")?,
+    })
+}
+
+fn start_server(bin: &Path, args: &[&str]) -> anyhow::Result<Server> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("DROP_ECHO_WORKER", echo_worker())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} {args:?}", bin.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("{args:?} did not get ready: {line:?}");
+    }
+    Ok(Server(child))
+}
+
+/// Parses wrk's `Requests/sec:` and the 50% / 99% lines of `--latency`.
+fn parse_wrk(out: &str) -> anyhow::Result<Figure> {
+    let unit = |v: &str| -> Option<f64> {
+        let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1000.0)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1_000_000.0)
+        } else {
+            return None;
+        };
+        num.parse::<f64>().ok().map(|x| x * mult)
+    };
+    let pct = |p: &str| {
+        out.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next()? == p)
+                .then(|| it.next().and_then(unit))
+                .flatten()
+        })
+    };
+    let req_s = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Requests/sec:")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .context("no Requests/sec in wrk output")?;
+    if out.contains("Non-2xx or 3xx responses") || out.contains("Socket errors") {
+        bail!("wrk saw errors:\n{out}");
+    }
+    Ok(Figure {
+        req_s,
+        p50_us: pct("50%").context("no 50% line")?,
+        p99_us: pct("99%").context("no 99% line")?,
+    })
+}
+
+fn wrk(url: &str, conns: u32, a: &BenchArgs, script: &Path) -> anyhow::Result<Figure> {
+    let threads = conns.min(2);
+    let out = output(
+        Command::new("wrk")
+            .args([
+                "-t",
+                &threads.to_string(),
+                "-c",
+                &conns.to_string(),
+                "-d",
+                &format!("{}s", a.secs),
+                "--latency",
+                "-s",
+            ])
+            .arg(script)
+            .arg(url),
+    )?;
+    parse_wrk(&out)
+}
+
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.what != "runtime" {
+        bail!("unknown benchmark {:?}; known: runtime", a.what);
+    }
+    if Command::new("wrk").arg("--version").output().is_err() {
+        bail!("wrk is not installed (cargo xtask setup installs it)");
+    }
+    step("build: release binaries", || {
+        run_cmd(cargo().args([
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            "drop-supervisor",
+            "--bins",
+        ]))
+    })?;
+    let bin = step("build: runtime bench", bench_binary)?;
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {})\nwrk.headers[\"Content-Type\"] = \"text/plain\"\n",
+            a.payload
+        ),
+    )?;
+
+    let floor = step("bench: (a) floor over pipes", || {
+        in_process(&bin, "floor", &a)
+    })?;
+    let pool = step("bench: (b) pool API in process", || {
+        in_process(&bin, "pool", &a)
+    })?;
+    let (gw2, gw64) = step("bench: (c) gateway, wrk 2 and 64 connections", || {
+        let _s = start_server(&bin, &["serve-gateway", &a.workers.to_string(), "18081"])?;
+        let url = "http://127.0.0.1:18081/api/v1/echo";
+        Ok((wrk(url, 2, &a, &script)?, wrk(url, 64, &a, &script)?))
+    })?;
+    let (fl2, fl64) = step(
+        "bench: (d) bare HTTP echo server, wrk 2 and 64 connections",
+        || {
+            let _s = start_server(&bin, &["serve-floor", "18082"])?;
+            let url = "http://127.0.0.1:18082/echo";
+            Ok((wrk(url, 2, &a, &script)?, wrk(url, 64, &a, &script)?))
+        },
+    )?;
+    let cold = step("bench: cold start (spawn to first reply)", || {
+        run_json(&bin, &["cold", "50"])
+    })?;
+    let rss = step(
+        "bench: supervisor RSS, 1000 idle workers in 10 pools",
+        || run_json(&bin, &["idle-rss", "10", "100"]),
+    )?;
+
+    let row = |name: &str, f: Figure| {
+        format!(
+            "| {name} | {:.0} | {:.1} | {:.1} |\n",
+            f.req_s, f.p50_us, f.p99_us
+        )
+    };
+    let mut md = format!(
+        "Workers: {}, payload: {} bytes, {} s per measurement, echo worker: drop-echo-worker (release).\n\n\
+         | mode | req/s | p50 µs | p99 µs |\n|---|---|---|---|\n",
+        a.workers, a.payload, a.secs
+    );
+    md += &row("(a) floor: pipes, one caller thread per worker", floor);
+    md += &row("(b) pool API in process", pool);
+    md += &row("(c) gateway, 2 connections", gw2);
+    md += &row("(c) gateway, 64 connections", gw64);
+    md += &row("(d) bare HTTP, 2 connections", fl2);
+    md += &row("(d) bare HTTP, 64 connections", fl64);
+    md += &format!(
+        "\nRatios: b/a = {:.2} (target ≥ 0.5); c/d = {:.2} at 2 connections, {:.2} at 64 (target ≥ 0.7).\n",
+        pool.req_s / floor.req_s,
+        gw2.req_s / fl2.req_s,
+        gw64.req_s / fl64.req_s
+    );
+    md += &format!(
+        "Cold start (new pool, spawn to first reply, 50 runs): p50 {:.2} ms, p99 {:.2} ms (target p50 ≤ 5 ms).\n",
+        json_num(&cold, "p50_ms").unwrap_or(f64::NAN),
+        json_num(&cold, "p99_ms").unwrap_or(f64::NAN)
+    );
+    md += &format!(
+        "Supervisor RSS with 1000 idle workers in 10 pools: {:.1} MB (aim < 50 MB).\n",
+        json_num(&rss, "rss_kb").unwrap_or(f64::NAN) / 1024.0
+    );
+    println!("\n{md}");
+    let path = dir.join("runtime.md");
+    std::fs::File::create(&path)?.write_all(md.as_bytes())?;
+    println!("(written to {})", path.display());
+    std::thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
