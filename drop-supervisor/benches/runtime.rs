@@ -56,6 +56,7 @@ fn config(name: &str, workers: u32) -> PoolConfig {
         restart: RestartPolicy::default(),
         grow_threshold: 1,
         idle_shrink_after: Duration::from_secs(3600),
+        cache: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //! - `GET /v1/flows`, `POST /v1/flows` `{"file", "source"}`, `GET|DELETE /v1/flows/<name>`
 //! - `GET /v1/pools`, `GET /v1/pools/<name>`, `POST /v1/pools/<name>/call` `{"payload"}`
 //! - `POST /v1/pools/<name>/cast` `{"payload", "all"}` — queue without waiting (202-like `{"queued": true}`)
+//! - `POST /v1/pools/<name>/scale` `{"min", "max"}` — resize at run time
+//! - `GET|POST /v1/images` `{"name", "source", "replace"}`, `DELETE /v1/images/<name>` — bundles
 //! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
 
 use std::path::PathBuf;
@@ -54,6 +56,20 @@ pub enum ApiRequest {
     Logs {
         pool: String,
         offset: Option<u64>,
+    },
+    Scale {
+        pool: String,
+        min: u32,
+        max: u32,
+    },
+    ImageList,
+    ImageImport {
+        name: String,
+        source: String,
+        replace: bool,
+    },
+    ImageRemove {
+        name: String,
     },
 }
 
@@ -178,6 +194,22 @@ struct CallBody {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ScaleBody {
+    min: u32,
+    max: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageBody {
+    name: String,
+    source: String,
+    #[serde(default)]
+    replace: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CastBody {
     payload: String,
     #[serde(default)]
@@ -233,6 +265,18 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
             }
             _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
         },
+        "/v1/images" => match method {
+            "GET" => Ok(ApiRequest::ImageList),
+            "POST" => {
+                let body: ImageBody = json_body(req)?;
+                Ok(ApiRequest::ImageImport {
+                    name: body.name,
+                    source: body.source,
+                    replace: body.replace,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+        },
         "/v1/pools" => match method {
             "GET" => Ok(ApiRequest::PoolList),
             _ => Err(ApiError::method_not_allowed(req, "GET")),
@@ -266,6 +310,23 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                 Ok(ApiRequest::Call {
                     pool: name.to_string(),
                     payload: body.payload,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
+        },
+        ["v1", "images", name] if !name.is_empty() => match method {
+            "DELETE" => Ok(ApiRequest::ImageRemove {
+                name: name.to_string(),
+            }),
+            _ => Err(ApiError::method_not_allowed(req, "DELETE")),
+        },
+        ["v1", "pools", name, "scale"] if !name.is_empty() => match method {
+            "POST" => {
+                let body: ScaleBody = json_body(req)?;
+                Ok(ApiRequest::Scale {
+                    pool: name.to_string(),
+                    min: body.min,
+                    max: body.max,
                 })
             }
             _ => Err(ApiError::method_not_allowed(req, "POST")),

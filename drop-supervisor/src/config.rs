@@ -65,6 +65,8 @@ pub struct RawRuntime {
     pub logs_dir: Option<PathBuf>,
     /// Put every pool in its own cgroup (default true; needs root).
     pub cgroups: Option<bool>,
+    /// Name of the cgroup subtree (below the daemon's own cgroup) that holds the pools.
+    pub cgroup_subtree: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +119,7 @@ pub struct Config {
     pub images_dir: PathBuf,
     pub logs_dir: PathBuf,
     pub cgroups: bool,
+    pub cgroup_subtree: String,
     /// `None`: the gateway is off.
     pub gateway_listen: Option<std::net::SocketAddr>,
     pub gateway_token: Option<String>,
@@ -213,6 +216,11 @@ impl Config {
             .unwrap_or_else(|| state_dir.join("logs"));
         require_absolute(&logs_dir).map_err(|r| invalid("runtime.logs_dir", r))?;
         let cgroups = raw.runtime.cgroups.unwrap_or(true);
+        let cgroup_subtree = raw
+            .runtime
+            .cgroup_subtree
+            .unwrap_or_else(|| "drop-pools".into());
+        validate_name(&cgroup_subtree).map_err(|r| invalid("runtime.cgroup_subtree", r))?;
 
         let listen = raw.gateway.listen.unwrap_or_else(|| DEFAULT_GATEWAY.into());
         let gateway_listen = if listen == "off" {
@@ -247,6 +255,7 @@ impl Config {
             images_dir,
             logs_dir,
             cgroups,
+            cgroup_subtree,
             gateway_listen,
             gateway_token,
         })

@@ -52,6 +52,18 @@ pub fn runtime_error(e: &RuntimeError) -> ApiError {
     }
 }
 
+/// An image error as the API answers it: the caller's mistake (400/404/409) or ours (500).
+pub fn image_error(e: &crate::images::ImageError) -> ApiError {
+    use crate::images::ImageError as E;
+    let msg = format!("{e:#}");
+    match e {
+        E::NotFound { .. } => ApiError::new(404, "unknown_image", msg),
+        E::Exists { .. } => ApiError::new(409, "conflict", msg),
+        E::Io { .. } => ApiError::internal(msg),
+        _ => ApiError::new(400, "invalid_image", msg),
+    }
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> ApiResponse {
     ApiResponse::Json(serde_json::to_value(v).expect("runtime answers serialise"))
 }
@@ -168,6 +180,39 @@ impl Supervisor {
                     ))
                 })
                 .await
+            }
+            ApiRequest::Scale { pool, min, max } => {
+                self.runtime
+                    .scale(&pool, min, max)
+                    .map_err(|e| runtime_error(&e))?;
+                self.runtime
+                    .pool_status(&pool)
+                    .map(|s| to_json(&s))
+                    .map_err(|e| runtime_error(&e))
+            }
+            ApiRequest::ImageList => {
+                let dir = self.config.images_dir.clone();
+                let list = crate::images::list(&dir).map_err(|e| image_error(&e))?;
+                Ok(to_json(&list))
+            }
+            ApiRequest::ImageImport {
+                name,
+                source,
+                replace,
+            } => {
+                let dir = self.config.images_dir.clone();
+                let report = tokio::task::spawn_blocking(move || {
+                    crate::images::import(&dir, &name, Path::new(&source), replace)
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("image import task: {e}")))?
+                .map_err(|e| image_error(&e))?;
+                Ok(to_json(&report))
+            }
+            ApiRequest::ImageRemove { name } => {
+                crate::images::remove(&self.config.images_dir, &name)
+                    .map_err(|e| image_error(&e))?;
+                Ok(ApiResponse::Json(serde_json::json!({ "removed": name })))
             }
             ApiRequest::Cast { pool, payload, all } => {
                 self.runtime

@@ -47,16 +47,13 @@ pub enum DaemonError {
     Cgroups(#[source] crate::cgroup::CgroupError),
 }
 
-/// Name of the cgroup subtree (below the daemon's own cgroup) that holds the pools.
-pub const POOLS_SUBTREE: &str = "drop-pools";
-
 fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
     let cgroups = if config.cgroups {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(DaemonError::ProcSelfCgroup)?;
-        let cg = crate::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, POOLS_SUBTREE)
+        let cg = crate::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &config.cgroup_subtree)
             .map_err(DaemonError::Cgroups)?;
-        info!(version = ?cg.version(), subtree = POOLS_SUBTREE, "pool cgroups ready");
+        info!(version = ?cg.version(), subtree = %config.cgroup_subtree, "pool cgroups ready");
         Some(Arc::from(cg))
     } else {
         warn!("runtime.cgroups = false: workers run without cgroup limits");

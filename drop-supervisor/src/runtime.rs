@@ -21,8 +21,8 @@ use crate::gateway::PoolLookup;
 use crate::logs::{self, PoolLog};
 use crate::state;
 use crate::worker::dispatch::{Dispatcher, Job};
-use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy};
 use crate::worker::image::ImageMount;
+use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy};
 use crate::worker::process::{self, Launch};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +134,18 @@ impl PoolLookup for Runtime {
     fn metrics(&self) -> Option<String> {
         Some(crate::metrics::render(&self.pool_statuses()))
     }
+}
+
+/// `error: cause: cause` — an error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn flows_dir(state_dir: &Path) -> PathBuf {
@@ -382,12 +394,17 @@ impl Runtime {
             })?;
         let image = match &spec.image {
             Some(name) => {
-                let invalid = |e: &dyn std::fmt::Display| RuntimeError::Invalid {
+                let invalid = |e: &dyn std::error::Error| RuntimeError::Invalid {
                     pool: spec.name.clone(),
-                    reason: format!("image {name}: {e}"),
+                    reason: format!("image {name}: {}", error_chain(e)),
                 };
-                let dir = crate::images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
-                Some(ImageMount::new(&dir).map_err(|e| invalid(&e))?)
+                let dir =
+                    crate::images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
+                let mut mount = ImageMount::new(&dir).map_err(|e| invalid(&e))?;
+                if let Some(cwd) = &spec.cwd {
+                    mount = mount.with_workdir(cwd).map_err(|e| invalid(&e))?;
+                }
+                Some(mount)
             }
             None => None,
         };
@@ -417,6 +434,7 @@ impl Runtime {
             },
             grow_threshold: 1,
             idle_shrink_after: Duration::from_secs(60),
+            cache: spec.cache.as_ref().map(|c| (c.ttl, c.size)),
         };
         let log = PoolLog::open(
             self.opts.logs_dir.join(format!("{}.log", spec.name)),
@@ -526,6 +544,17 @@ impl Runtime {
             .get(name)
             .map(|e| e.log.clone())
             .ok_or_else(|| RuntimeError::UnknownPool(name.to_string()))
+    }
+
+    /// Changes a pool's size limits at run time (until its flow is applied again).
+    pub fn scale(&self, pool: &str, min: u32, max: u32) -> Result<(), RuntimeError> {
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| RuntimeError::UnknownPool(pool.to_string()))?;
+        p.scale(min, max).map_err(|reason| RuntimeError::Invalid {
+            pool: pool.to_string(),
+            reason,
+        })
     }
 
     /// Stops every pool (daemon shutdown) and waits for their workers, at most `limit`.

@@ -32,6 +32,7 @@ fn config(name: &str, argv: &[&str]) -> PoolConfig {
         restart: RestartPolicy::default(),
         grow_threshold: 1,
         idle_shrink_after: Duration::from_secs(3600),
+        cache: None,
     }
 }
 

@@ -147,3 +147,74 @@ fn cast_all_reaches_every_worker() {
     workers.dedup();
     assert_eq!(workers.len(), 3, "{:?}", lines(&out));
 }
+
+#[test]
+fn the_result_cache_answers_repeated_payloads_within_its_ttl_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, runtime) = runtime(dir.path());
+    let calls = dir.path().join("calls.txt");
+    let flow = format!(
+        "name: pure\nfunc:\n  - name: pure\n    cmd: [/bin/sh, -c, 'while read l; do echo \"$l\" >> {}; echo \"f($l)\"; done']\n    cache:\n      ttl_ms: 60000\n      size: 2\n",
+        calls.display()
+    );
+    runtime.apply(&flow, Path::new("pure.yaml")).unwrap();
+    let pool = runtime.pool("pure").unwrap();
+    for _ in 0..3 {
+        assert_eq!(pool.call(b"a").unwrap(), b"f(a)");
+    }
+    assert_eq!(lines(&calls), ["a"], "computed once");
+    assert_eq!(pool.status().stats.cache_hits, 2);
+    // Size bound 2: b and c push a out.
+    for p in [&b"b"[..], b"c", b"a"] {
+        pool.call(p).unwrap();
+    }
+    assert_eq!(lines(&calls), ["a", "b", "c", "a"]);
+}
+
+#[test]
+fn scaling_at_run_time_grows_and_shrinks_without_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, runtime) = runtime(dir.path());
+    runtime
+        .apply(
+            "name: s\nfunc:\n  - name: s\n    cmd: /bin/cat\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap();
+    let status = || runtime.pool_status("s").unwrap();
+    wait_for("1 worker", Duration::from_secs(5), || status().workers == 1);
+    runtime.scale("s", 3, 3).unwrap();
+    wait_for("3 workers", Duration::from_secs(5), || {
+        status().workers == 3
+    });
+    let pool = runtime.pool("s").unwrap();
+    std::thread::scope(|s| {
+        let caller = s.spawn(|| (0..200).all(|i| pool.call(format!("{i}").as_bytes()).is_ok()));
+        runtime.scale("s", 1, 1).unwrap();
+        assert!(caller.join().unwrap(), "no call failed while shrinking");
+    });
+    wait_for("1 worker", Duration::from_secs(5), || status().workers == 1);
+    assert_eq!(status().stats.restarts, 0);
+    assert!(
+        runtime.scale("s", 2, 1).is_err(),
+        "min above max is refused"
+    );
+}
+
+#[test]
+fn a_failed_pool_recovers_when_its_flow_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, runtime) = runtime(dir.path());
+    let broken = "name: f\nfunc:\n  - name: f\n    cmd: [/bin/sh, -c, 'exit 1']\n    restart:\n      backoff_initial_ms: 10\n      intensity: 2\n";
+    runtime.apply(broken, Path::new("f.yaml")).unwrap();
+    wait_for("failed", Duration::from_secs(10), || {
+        matches!(
+            runtime.pool_status("f").unwrap().phase,
+            drop_supervisor::worker::pool::Phase::Failed(_)
+        )
+    });
+    let fixed = "name: f\nfunc:\n  - name: f\n    cmd: /bin/cat\n";
+    let report = runtime.apply(fixed, Path::new("f.yaml")).unwrap();
+    assert_eq!(report.restarted, ["f"]);
+    assert_eq!(runtime.pool("f").unwrap().call(b"back").unwrap(), b"back");
+}

@@ -7,6 +7,7 @@
 //! Usage: `privileged [FILTER...]` runs the tests whose name contains any FILTER.
 
 mod cgroups;
+mod faults;
 mod images;
 mod netns;
 mod systemd;
@@ -31,6 +32,7 @@ fn main() {
         tune::TESTS,
         cgroups::TESTS,
         images::TESTS,
+        faults::TESTS,
     ]
     .into_iter()
     .flatten();

@@ -10,7 +10,9 @@ use anyhow::{Context as _, bail};
 use crate::{cargo, ebpf, root, run_cmd, setup, step};
 
 /// Example flows applied by `run`, in order (examples/flows/).
-const EXAMPLE_FLOWS: &[&str] = &["rustecho", "pyecho", "bashecho", "pipeline", "asyncpy", "stream", "pingpong"];
+const EXAMPLE_FLOWS: &[&str] = &[
+    "rustecho", "pyecho", "bashecho", "pipeline", "asyncpy", "stream", "pingpong",
+];
 
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     run_cmd(Command::new("cp").arg("-a").arg(from).arg(to))
@@ -30,7 +32,9 @@ impl Drop for Daemon {
 pub fn run() -> anyhow::Result<()> {
     let tools = setup::setup()?;
     ebpf::build(&tools)?;
-    step("build: workspace (debug)", || run_cmd(cargo().args(["build", "--locked", "--workspace", "--bins"])))?;
+    step("build: workspace (debug)", || {
+        run_cmd(cargo().args(["build", "--locked", "--workspace", "--bins"]))
+    })?;
 
     let dev = root().join("target/drop-dev");
     let (state, images, flows) = (dev.join("state"), dev.join("images"), dev.join("flows"));
@@ -48,7 +52,10 @@ pub fn run() -> anyhow::Result<()> {
         for name in EXAMPLE_FLOWS {
             let text = std::fs::read_to_string(root().join(format!("examples/flows/{name}.yaml")))?;
             // The Rust echo worker is not installed on PATH in a checkout: point at the build.
-            let text = text.replace("cmd: drop-echo-worker", &format!("cmd: {}", bin.join("drop-echo-worker").display()));
+            let text = text.replace(
+                "cmd: drop-echo-worker",
+                &format!("cmd: {}", bin.join("drop-echo-worker").display()),
+            );
             std::fs::write(flows.join(format!("{name}.yaml")), text)?;
         }
         Ok(())
@@ -77,23 +84,39 @@ pub fn run() -> anyhow::Result<()> {
     println!();
     println!("DROP (single node) starting; Ctrl-C stops it.");
     let daemon = Daemon(
-        Command::new(bin.join("drop-supervisor")).arg("--config").arg(&config).spawn().context("cannot start drop-supervisor")?,
+        Command::new(bin.join("drop-supervisor"))
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .context("cannot start drop-supervisor")?,
     );
     let until = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if Instant::now() > until {
-            bail!("drop-supervisor did not open {} within 20 s", socket.display());
+            bail!(
+                "drop-supervisor did not open {} within 20 s",
+                socket.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let dropctl = bin.join("dropctl");
     for name in EXAMPLE_FLOWS {
         let file: PathBuf = flows.join(format!("{name}.yaml"));
-        let out = Command::new(&dropctl).arg("--socket").arg(&socket).arg("flow").arg("apply").arg(&file).output()?;
+        let out = Command::new(&dropctl)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("flow")
+            .arg("apply")
+            .arg(&file)
+            .output()?;
         if out.status.success() {
             println!("  applied example flow {name}");
         } else {
-            println!("  example flow {name} not applied: {}", String::from_utf8_lossy(&out.stderr).trim());
+            println!(
+                "  example flow {name} not applied: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     println!();

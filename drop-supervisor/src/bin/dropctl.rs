@@ -44,6 +44,9 @@ enum Command {
     /// Pools of workers on this node.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Function bundles (`image:` in flows).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Send PAYLOAD to one worker of POOL and print its reply (`-` reads stdin).
     Call { pool: String, payload: String },
     /// Queue PAYLOAD for one worker of POOL (`--all`: every worker) without waiting for replies.
@@ -79,6 +82,30 @@ enum PoolCommand {
     Ls,
     /// Show one pool in detail.
     Show { name: String },
+    /// Change a pool's size at run time (in-flight requests are never dropped).
+    Scale {
+        name: String,
+        #[arg(long)]
+        min: u32,
+        #[arg(long)]
+        max: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Install a function bundle from a directory or a .tar/.tar.gz/.tgz.
+    Import {
+        name: String,
+        source: PathBuf,
+        /// Replace an existing image of that name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List installed images.
+    Ls,
+    /// Remove an image.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +186,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
         }
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
+        Command::Image(cmd) => image(client, json, cmd),
         Command::Call { pool, payload } => {
             let payload = if payload == "-" {
                 let mut s = String::new();
@@ -338,6 +366,21 @@ fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientErro
             print_json(&v);
             Ok(0)
         }
+        PoolCommand::Scale { name, min, max } => {
+            let v: serde_json::Value = client.post(
+                &format!("/v1/pools/{name}/scale"),
+                &serde_json::json!({ "min": min, "max": max }),
+            )?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "pool {name}: min {min}, max {max} (now {} workers)",
+                    v["workers"]
+                );
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -442,4 +485,51 @@ fn print_apply(r: &ApplyReport) {
         r.count(ApplyOutcome::AbsentInKernel),
         r.count(ApplyOutcome::Failed)
     );
+}
+
+fn image(client: &Client, json: bool, cmd: &ImageCommand) -> Result<u8, ClientError> {
+    let v: serde_json::Value = match cmd {
+        ImageCommand::Import {
+            name,
+            source,
+            replace,
+        } => {
+            // The daemon reads the source itself: give it an absolute path.
+            let abs = std::path::absolute(source).map_err(|e| io_error(client, e))?;
+            client.post(
+                "/v1/images",
+                &serde_json::json!({ "name": name, "source": abs, "replace": replace }),
+            )?
+        }
+        ImageCommand::Ls => client.get("/v1/images")?,
+        ImageCommand::Rm { name } => client.delete(&format!("/v1/images/{name}"))?,
+    };
+    if json {
+        print_json(&v);
+        return Ok(0);
+    }
+    match cmd {
+        ImageCommand::Import { name, .. } => {
+            println!(
+                "image {name} installed at {} ({} files, {} bytes)",
+                v["path"].as_str().unwrap_or("?"),
+                v["files"],
+                v["bytes"]
+            );
+        }
+        ImageCommand::Ls => {
+            println!("{:<32} {:>8} {:>12} PATH", "IMAGE", "FILES", "BYTES");
+            for i in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:>8} {:>12} {}",
+                    i["name"].as_str().unwrap_or("?"),
+                    i["files"].to_string(),
+                    i["bytes"].to_string(),
+                    i["path"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        ImageCommand::Rm { name } => println!("image {name} removed"),
+    }
+    Ok(0)
 }

@@ -1141,8 +1141,10 @@ fn examples_parse() {
     assert_eq!(f.pools[0].subs[0].from, "pong");
     assert_eq!(f.pools[1].subs[0].from, "ping");
     assert!(f.pools.iter().all(|p| p.subs[0].delivery == Delivery::One));
+    assert_eq!(f.pools[0].subs[0].filter, Filter::Substring("pong ".into()));
+    assert_eq!(f.pools[1].subs[0].filter, Filter::Substring("ping ".into()));
     let lines: Vec<usize> = f.pools.iter().map(|p| p.line).collect();
-    assert_eq!(lines, [6, 12]);
+    assert_eq!(lines, [8, 15]);
 
     let f = example(
         "pipeline.yaml",

@@ -77,6 +77,61 @@ pub struct PoolConfig {
     pub grow_threshold: u32,
     /// Shrink toward `min` after the pool had idle workers for this long.
     pub idle_shrink_after: Duration,
+    /// Result cache for pure functions: replies kept for `ttl`, at most `size` of them.
+    pub cache: Option<(Duration, usize)>,
+}
+
+/// Replies keyed by request payload, with a time to live and a size bound (oldest entries go
+/// first).
+#[derive(Debug)]
+struct ReplyCache {
+    ttl: Duration,
+    size: usize,
+    entries: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
+    order: VecDeque<Vec<u8>>,
+}
+
+impl ReplyCache {
+    fn new(ttl: Duration, size: usize) -> ReplyCache {
+        ReplyCache {
+            ttl,
+            size: size.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&mut self, key: &[u8], now: Instant) -> Option<Vec<u8>> {
+        match self.entries.get(key) {
+            Some((reply, at)) if now.duration_since(*at) < self.ttl => Some(reply.clone()),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&mut self, key: &[u8], reply: &[u8], now: Instant) {
+        if self
+            .entries
+            .insert(key.to_vec(), (reply.to_vec(), now))
+            .is_none()
+        {
+            self.order.push_back(key.to_vec());
+        }
+        while self.entries.len() > self.size {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        // Keys removed on expiry may still sit in `order`; keep it from growing without bound.
+        if self.order.len() > 2 * self.size {
+            let entries = &self.entries;
+            self.order.retain(|k| entries.contains_key(k));
+        }
+    }
 }
 
 /// Why a call failed. Each maps to one gateway answer (DESIGN.md §5).
@@ -164,6 +219,10 @@ struct Inner {
     next_id: AtomicU64,
     /// Ids of async requests.
     next_request: AtomicU64,
+    /// Current size limits (`dropctl pool scale` changes them at run time).
+    min: AtomicU32,
+    max: AtomicU32,
+    cache: Option<Mutex<ReplyCache>>,
     /// Receives every reply (the pool's output lines) for subscribers.
     output: std::sync::RwLock<Option<HookSlot>>,
 }
@@ -195,6 +254,8 @@ enum Event {
     },
     /// Callers are waiting: consider growing.
     Pressure,
+    /// Size limits changed: start workers up to `min`.
+    Scale,
     Stop,
 }
 
@@ -245,6 +306,11 @@ impl Pool {
             events: tx,
             next_id: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
+            min: AtomicU32::new(config.min),
+            max: AtomicU32::new(config.max),
+            cache: config
+                .cache
+                .map(|(ttl, size)| Mutex::new(ReplyCache::new(ttl, size))),
             output: std::sync::RwLock::new(None),
             config,
         });
@@ -275,6 +341,19 @@ impl Pool {
         }
         let deadline = started + cfg.timeout;
         let stats = &self.inner.stats;
+        if let Some(cache) = &self.inner.cache {
+            let hit = cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(payload, started);
+            if let Some(reply) = hit {
+                stats.cache_hits.fetch_add(1, Relaxed);
+                stats.ok.fetch_add(1, Relaxed);
+                stats.observe(started.elapsed());
+                self.publish(&reply);
+                return Ok(reply);
+            }
+        }
         stats.running.fetch_add(1, Relaxed);
         let result = match cfg.mode {
             Mode::Sync => self.call_until(payload, deadline),
@@ -289,6 +368,13 @@ impl Pool {
             Ok(reply) => {
                 stats.ok.fetch_add(1, Relaxed);
                 stats.observe(started.elapsed());
+                if let Some(cache) = &self.inner.cache {
+                    cache.lock().unwrap_or_else(|e| e.into_inner()).put(
+                        payload,
+                        reply,
+                        Instant::now(),
+                    );
+                }
                 self.publish(reply);
             }
             Err(CallError::Overloaded(_)) => {
@@ -330,12 +416,35 @@ impl Pool {
     /// Sends `payload` to every current worker (`cast_all`), one after another; each result
     /// in worker order.
     pub fn call_all(&self, payload: &[u8]) -> Vec<Result<Vec<u8>, CallError>> {
+        // A pool still starting has not got its workers yet: wait (up to its timeout) until it
+        // has its minimum size, so that "every worker" is not an empty set by accident.
+        let deadline = Instant::now() + self.inner.config.timeout;
         let ids: Vec<u64> = {
-            let st = lock(&self.inner.state);
+            let mut st = lock(&self.inner.state);
+            let want = self.inner.min.load(Relaxed).max(1) as usize;
+            while st.phase == Phase::Running && st.workers.len() < want {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let (guard, _) = self
+                    .inner
+                    .freed
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner());
+                st = guard;
+            }
             let mut ids: Vec<u64> = st.workers.keys().copied().collect();
             ids.sort_unstable();
             ids
         };
+        if ids.is_empty() {
+            self.inner.stats.error.fetch_add(1, Relaxed);
+            return vec![Err(CallError::Unavailable {
+                pool: self.name().into(),
+                reason: "no workers".into(),
+            })];
+        }
         if self.inner.config.mode == Mode::Async {
             let workers: Vec<Arc<Slot>> = {
                 let st = lock(&self.inner.state);
@@ -646,6 +755,18 @@ impl Pool {
         if slot.retired.load(Relaxed) || st.phase == Phase::Stopped {
             return;
         }
+        // Scaled down while this request ran: the worker goes now that its request is done.
+        if st.workers.len() as u32 > self.inner.max.load(Relaxed) {
+            drop(st);
+            slot.retired.store(true, Relaxed);
+            // The shrink notice goes first: the exit that follows the kill must not look like a crash.
+            let _ = self.inner.events.send(Event::Exited {
+                id: slot.id,
+                status: SHRINK.into(),
+            });
+            kill_group(slot.pid);
+            return;
+        }
         st.idle.push(slot);
         let waiting = st.waiting > 0;
         drop(st);
@@ -739,6 +860,35 @@ impl Pool {
         result
     }
 
+    /// Changes the size limits at run time. Requests in flight are never dropped: surplus idle
+    /// workers stop now, busy ones when their request is done; the manager starts workers up to
+    /// the new `min`.
+    pub fn scale(&self, min: u32, max: u32) -> Result<(), String> {
+        if max == 0 || min > max {
+            return Err(format!(
+                "need 0 <= min <= max and max >= 1, got min {min}, max {max}"
+            ));
+        }
+        self.inner.min.store(min, Relaxed);
+        self.inner.max.store(max, Relaxed);
+        let surplus: Vec<Arc<Slot>> = {
+            let mut st = lock(&self.inner.state);
+            let excess = (st.workers.len() as u32).saturating_sub(max) as usize;
+            let take = excess.min(st.idle.len());
+            st.idle.drain(..take).collect()
+        };
+        for slot in surplus {
+            slot.retired.store(true, Relaxed);
+            let _ = self.inner.events.send(Event::Exited {
+                id: slot.id,
+                status: SHRINK.into(),
+            });
+            kill_group(slot.pid);
+        }
+        let _ = self.inner.events.send(Event::Scale);
+        Ok(())
+    }
+
     /// Live numbers and sizes.
     pub fn status(&self) -> PoolStatus {
         let st = lock(&self.inner.state);
@@ -754,8 +904,8 @@ impl Pool {
             busy: workers.saturating_sub(idle),
             starting: st.starting,
             queue_depth: st.waiting,
-            min: self.inner.config.min,
-            max: self.inner.config.max,
+            min: self.inner.min.load(Relaxed),
+            max: self.inner.max.load(Relaxed),
             pids,
             stats: self.inner.stats.snapshot(),
         }
@@ -862,7 +1012,7 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
     let mut restarts = Restarts::default();
     let mut pending_restarts: u32 = 0;
     let (respawn_tx, mut respawn_rx) = mpsc::unbounded_channel::<()>();
-    for _ in 0..cfg.min {
+    for _ in 0..inner.min.load(Relaxed) {
         spawn_worker(&pool, &stderr);
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -876,6 +1026,12 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                     }
                 }
                 Some(Event::Pressure) => grow(&pool, &stderr, pending_restarts),
+                Some(Event::Scale) => {
+                    let size = { let st = lock(&inner.state); st.workers.len() as u32 + st.starting } + pending_restarts;
+                    for _ in size..inner.min.load(Relaxed) {
+                        spawn_worker(&pool, &stderr);
+                    }
+                }
                 Some(ev @ (Event::Exited { .. } | Event::StartFailed { .. })) => {
                     let (id, status, ran) = match ev {
                         Event::Exited { id, status } => {
@@ -930,7 +1086,8 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                 drop(st);
                 // Replace up to `min`, or at least one worker while callers wait.
                 let waiting = lock(&inner.state).waiting;
-                if running && (size < cfg.min || (waiting > 0 && size < cfg.max)) {
+                let (min, max) = (inner.min.load(Relaxed), inner.max.load(Relaxed));
+                if running && (size < min || (waiting > 0 && size < max)) {
                     spawn_worker(&pool, &stderr);
                 }
             },
@@ -967,7 +1124,7 @@ fn grow(pool: &Pool, stderr: &StderrFactory, pending_restarts: u32) {
     let want_more = st.waiting > cfg.grow_threshold.saturating_mul(size.max(1))
         || (size == 0 && st.waiting > 0);
     drop(st);
-    if want_more && size < cfg.max {
+    if want_more && size < pool.inner.max.load(Relaxed) {
         spawn_worker(pool, stderr);
     }
 }
@@ -978,7 +1135,7 @@ fn shrink(pool: &Pool) {
     if st.phase != Phase::Running || st.last_busy.elapsed() < cfg.idle_shrink_after {
         return;
     }
-    if st.workers.len() as u32 > cfg.min
+    if st.workers.len() as u32 > pool.inner.min.load(Relaxed)
         && let Some(slot) = st.idle.first().cloned()
     {
         st.idle.remove(0);
@@ -986,11 +1143,11 @@ fn shrink(pool: &Pool) {
         drop(st);
         slot.retired.store(true, Relaxed);
         debug!(pool = %cfg.name, worker = slot.id, "shrinking: idle worker stopped");
-        kill_group(slot.pid);
         let _ = pool.inner.events.send(Event::Exited {
             id: slot.id,
             status: SHRINK.into(),
         });
+        kill_group(slot.pid);
     }
 }
 
