@@ -4,6 +4,7 @@
 //! - `pool N SECS BYTES`: the same workers through `Pool::call`, N caller threads (b)
 //! - `serve-gateway N PORT`: the gateway in front of a pool of N echo workers, until killed (c)
 //! - `serve-floor PORT`: a bare keep-alive HTTP echo server, thread per connection (d)
+//! - `paced N SECS BYTES RATE`: the pool at a fixed request rate (latency at a given load)
 //! - `cold RUNS`: spawn-to-first-reply of a new echo worker through a fresh pool
 //! - `idle-rss POOLS WORKERS`: this process's RSS with POOLS × WORKERS idle workers
 //!
@@ -173,6 +174,68 @@ fn wait_workers(pool: &Pool, n: u32) {
     }
 }
 
+/// The pool at a fixed total rate (`rate` requests/s spread over `workers` caller threads),
+/// for the latency at a given load. Latency is measured from the scheduled send time, so a
+/// caller that falls behind shows it.
+fn pool_paced(workers: usize, secs: f64, bytes: usize, rate: f64) {
+    let rt = runtime();
+    let pool = {
+        let _g = rt.enter();
+        Pool::start(config("paced", workers as u32), devnull())
+    };
+    wait_workers(&pool, workers as u32);
+    let payload = vec![b'x'; bytes];
+    let interval = Duration::from_secs_f64(workers as f64 / rate);
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let mut all: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|t| {
+                let (pool, payload) = (pool.clone(), payload.clone());
+                s.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut next = Instant::now() + interval.mul_f64(t as f64 / workers as f64);
+                    while next < until {
+                        // sleep() cannot pace microsecond intervals (timer slack is ~50 µs):
+                        // sleep only when far ahead, else yield (lets a worker on this core run).
+                        loop {
+                            let now = Instant::now();
+                            if now >= next {
+                                break;
+                            }
+                            if next - now > Duration::from_micros(200) {
+                                std::thread::sleep(next - now - Duration::from_micros(100));
+                            } else {
+                                std::thread::yield_now();
+                            }
+                        }
+                        let reply = pool.call(&payload).unwrap();
+                        assert_eq!(reply.len(), payload.len());
+                        lat.push(next.elapsed().as_nanos() as u64);
+                        next += interval;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    print(
+        "paced",
+        (
+            all.len() as f64 / elapsed,
+            percentile(&all, 0.5),
+            percentile(&all, 0.99),
+        ),
+    );
+    pool.stop();
+}
+
 fn pool_mode(workers: usize, secs: f64, bytes: usize) {
     let rt = runtime();
     let pool = {
@@ -315,6 +378,12 @@ fn main() {
         Some("pool") => pool_mode(num(1, 2.0) as usize, num(2, 3.0), num(3, 64.0) as usize),
         Some("serve-gateway") => serve_gateway(num(1, 2.0) as u32, num(2, 18081.0) as u16),
         Some("serve-floor") => serve_floor(num(1, 18082.0) as u16),
+        Some("paced") => pool_paced(
+            num(1, 2.0) as usize,
+            num(2, 3.0),
+            num(3, 64.0) as usize,
+            num(4, 100_000.0),
+        ),
         Some("cold") => cold(num(1, 50.0) as usize),
         Some("idle-rss") => idle_rss(num(1, 10.0) as u32, num(2, 100.0) as u32),
         _ => eprintln!("usage: runtime floor|pool|serve-gateway|serve-floor|cold|idle-rss ..."),

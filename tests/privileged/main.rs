@@ -10,6 +10,7 @@ mod cgroups;
 mod faults;
 mod images;
 mod netns;
+mod runtime;
 mod systemd;
 mod tune;
 mod xdp;
@@ -33,6 +34,7 @@ fn main() {
         cgroups::TESTS,
         images::TESTS,
         faults::TESTS,
+        runtime::TESTS,
     ]
     .into_iter()
     .flatten();
