@@ -128,8 +128,20 @@ fn in_process(bin: &Path, mode: &str, a: &BenchArgs) -> anyhow::Result<Figure> {
     })
 }
 
-fn start_server(bin: &Path, args: &[&str]) -> anyhow::Result<Server> {
-    let mut child = Command::new(bin)
+/// `taskset -c CPU` in front of a command when `cpu` is given.
+fn pinned(cpu: Option<u32>, program: &Path) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn start_server(bin: &Path, args: &[&str], cpu: Option<u32>) -> anyhow::Result<Server> {
+    let mut child = pinned(cpu, bin)
         .args(args)
         .env("DROP_ECHO_WORKER", echo_worker())
         .stdout(Stdio::piped())
@@ -185,10 +197,16 @@ fn parse_wrk(out: &str) -> anyhow::Result<Figure> {
     })
 }
 
-fn wrk(url: &str, conns: u32, a: &BenchArgs, script: &Path) -> anyhow::Result<Figure> {
+fn wrk(
+    url: &str,
+    conns: u32,
+    a: &BenchArgs,
+    script: &Path,
+    cpu: Option<u32>,
+) -> anyhow::Result<Figure> {
     let threads = conns.min(2);
     let out = output(
-        Command::new("wrk")
+        pinned(cpu, Path::new("wrk"))
             .args([
                 "-t",
                 &threads.to_string(),
@@ -208,6 +226,9 @@ fn wrk(url: &str, conns: u32, a: &BenchArgs, script: &Path) -> anyhow::Result<Fi
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if a.what != "runtime" {
         bail!("unknown benchmark {:?}; known: runtime", a.what);
+    }
+    if Command::new("taskset").arg("--version").output().is_err() {
+        bail!("taskset (util-linux) is not installed");
     }
     if Command::new("wrk").arg("--version").output().is_err() {
         bail!("wrk is not installed (cargo xtask setup installs it)");
@@ -258,24 +279,50 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             p99_us: json_num(&line, "p99_us").context("p99_us")?,
         })
     })?;
-    let (gw2, gw64) = step("bench: (c) gateway, wrk 2 and 64 connections", || {
-        let _s = start_server(&bin, &["serve-gateway", &a.workers.to_string(), "18081"])?;
-        let url = "http://127.0.0.1:18081/api/v1/echo";
-        Ok((
-            median(a.runs, || wrk(url, 2, &a, &script))?,
-            median(a.runs, || wrk(url, 64, &a, &script))?,
-        ))
-    })?;
-    let (fl2, fl64) = step(
-        "bench: (d) bare HTTP echo server, wrk 2 and 64 connections",
-        || {
-            let _s = start_server(&bin, &["serve-floor", "18082"])?;
-            let url = "http://127.0.0.1:18082/echo";
-            Ok((
-                median(a.runs, || wrk(url, 2, &a, &script))?,
-                median(a.runs, || wrk(url, 64, &a, &script))?,
-            ))
-        },
+    // Two placements. Isolated: wrk on CPU 0, the server (and its workers) on CPU 1, as a
+    // client on another machine would be; this is the comparison the targets are about.
+    // Shared: no pinning; the scheduler may put wrk and a bare server thread on one core,
+    // a same-core ping-pong that favours (d) and that no remote client gets.
+    let http =
+        |label: &str, args: &[&str], path: &str, server_cpu: Option<u32>, wrk_cpu: Option<u32>| {
+            step(&format!("bench: {label}"), || {
+                let port = args.last().copied().unwrap_or_default().to_string();
+                let _s = start_server(&bin, args, server_cpu)?;
+                let url = format!("http://127.0.0.1:{port}{path}");
+                Ok((
+                    median(a.runs, || wrk(&url, 2, &a, &script, wrk_cpu))?,
+                    median(a.runs, || wrk(&url, 64, &a, &script, wrk_cpu))?,
+                ))
+            })
+        };
+    let workers = a.workers.to_string();
+    let (gw2, gw64) = http(
+        "(c) gateway, isolated",
+        &["serve-gateway", &workers, "18081"],
+        "/api/v1/echo",
+        Some(1),
+        Some(0),
+    )?;
+    let (fl2, fl64) = http(
+        "(d) bare HTTP, isolated",
+        &["serve-floor", "18082"],
+        "/echo",
+        Some(1),
+        Some(0),
+    )?;
+    let (sgw2, sgw64) = http(
+        "(c) gateway, shared cores",
+        &["serve-gateway", &workers, "18083"],
+        "/api/v1/echo",
+        None,
+        None,
+    )?;
+    let (sfl2, sfl64) = http(
+        "(d) bare HTTP, shared cores",
+        &["serve-floor", "18084"],
+        "/echo",
+        None,
+        None,
     )?;
     let cold = step("bench: cold start (spawn to first reply)", || {
         run_json(&bin, &["cold", "50"])
@@ -299,15 +346,22 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     md += &row("(a) floor: pipes, one caller thread per worker", floor);
     md += &row("(b) pool API in process", pool);
     md += &row("(b) pool API at half of its max rate", half);
-    md += &row("(c) gateway, 2 connections", gw2);
-    md += &row("(c) gateway, 64 connections", gw64);
-    md += &row("(d) bare HTTP, 2 connections", fl2);
-    md += &row("(d) bare HTTP, 64 connections", fl64);
+    md += &row("(c) gateway, 2 connections, isolated", gw2);
+    md += &row("(c) gateway, 64 connections, isolated", gw64);
+    md += &row("(d) bare HTTP, 2 connections, isolated", fl2);
+    md += &row("(d) bare HTTP, 64 connections, isolated", fl64);
+    md += &row("(c) gateway, 2 connections, shared cores", sgw2);
+    md += &row("(c) gateway, 64 connections, shared cores", sgw64);
+    md += &row("(d) bare HTTP, 2 connections, shared cores", sfl2);
+    md += &row("(d) bare HTTP, 64 connections, shared cores", sfl64);
     md += &format!(
-        "\nRatios: b/a = {:.2} (target ≥ 0.5); c/d = {:.2} at 2 connections, {:.2} at 64 (target ≥ 0.7).\n",
+        "\nRatios: b/a = {:.2} (target ≥ 0.5); c/d isolated = {:.2} at 2 connections, {:.2} at 64 \
+         (target ≥ 0.7); c/d on shared cores = {:.2} and {:.2}.\n",
         pool.req_s / floor.req_s,
         gw2.req_s / fl2.req_s,
-        gw64.req_s / fl64.req_s
+        gw64.req_s / fl64.req_s,
+        sgw2.req_s / sfl2.req_s,
+        sgw64.req_s / sfl64.req_s
     );
     md += &format!(
         "Latency at half of max load (pool API): p99 {:.1} µs (target ≤ 1 ms).\n",

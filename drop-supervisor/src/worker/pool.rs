@@ -204,6 +204,8 @@ struct State {
     /// Workers being started (counted toward the size).
     starting: u32,
     waiting: u32,
+    /// Of those, cast_all deliveries waiting for one particular worker.
+    waiting_specific: u32,
     phase: Phase,
     /// When the pool last had no idle worker (for shrinking).
     last_busy: Instant,
@@ -298,6 +300,7 @@ impl Pool {
                 workers: HashMap::new(),
                 starting: 0,
                 waiting: 0,
+                waiting_specific: 0,
                 phase: Phase::Running,
                 last_busy: Instant::now(),
             }),
@@ -524,9 +527,14 @@ impl Pool {
             }
             let now = Instant::now();
             if now >= deadline {
+                // A wake-up meant for a waiter must not die with this one: pass it on.
+                if st.waiting > 0 {
+                    self.inner.freed.notify_one();
+                }
                 return Err(CallError::Timeout(self.name().into()));
             }
             st.waiting += 1;
+            st.waiting_specific += 1;
             let (guard, _) = self
                 .inner
                 .freed
@@ -534,6 +542,7 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner());
             st = guard;
             st.waiting -= 1;
+            st.waiting_specific -= 1;
         }
     }
 
@@ -575,6 +584,10 @@ impl Pool {
             }
             let now = Instant::now();
             if now >= deadline {
+                // A wake-up meant for a waiter must not die with this one: pass it on.
+                if st.waiting > 0 {
+                    inner.freed.notify_one();
+                }
                 return Err(CallError::Timeout(self.name().into()));
             }
             if !signalled {
@@ -594,10 +607,12 @@ impl Pool {
     fn release_async(&self, slot: &Slot) {
         slot.inflight.fetch_sub(1, Relaxed);
         let st = lock(&self.inner.state);
-        let waiting = st.waiting > 0;
+        let (waiting, specific) = (st.waiting > 0, st.waiting_specific > 0);
         drop(st);
-        if waiting {
+        if specific {
             self.inner.freed.notify_all();
+        } else if waiting {
+            self.inner.freed.notify_one();
         }
     }
 
@@ -733,6 +748,10 @@ impl Pool {
             }
             let now = Instant::now();
             if now >= deadline {
+                // A wake-up meant for a waiter must not die with this one: pass it on.
+                if st.waiting > 0 {
+                    inner.freed.notify_one();
+                }
                 return Err(CallError::Timeout(self.name().into()));
             }
             if !signalled {
@@ -768,11 +787,15 @@ impl Pool {
             return;
         }
         st.idle.push(slot);
-        let waiting = st.waiting > 0;
+        let (waiting, specific) = (st.waiting > 0, st.waiting_specific > 0);
         drop(st);
-        if waiting {
-            // All: a cast_all may wait for this particular worker.
+        // One waiter takes the freed worker; waking them all would be a thundering herd (64
+        // connection threads on 2 workers). Only a cast_all waiting for this particular worker
+        // needs everyone to look.
+        if specific {
             self.inner.freed.notify_all();
+        } else if waiting {
+            self.inner.freed.notify_one();
         }
     }
 
