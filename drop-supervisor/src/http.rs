@@ -66,25 +66,30 @@ impl HttpError {
 pub struct RequestReader<R> {
     io: R,
     buf: Vec<u8>,
+    max_body: usize,
 }
 
 impl<R: AsyncRead + Unpin> RequestReader<R> {
+    /// A reader with the control socket's body limit ([`MAX_BODY`]).
     pub fn new(io: R) -> Self {
+        Self::with_max_body(io, MAX_BODY)
+    }
+
+    pub fn with_max_body(io: R, max_body: usize) -> Self {
         RequestReader {
             io,
             buf: Vec::with_capacity(4096),
+            max_body,
         }
     }
 
     async fn fill(&mut self) -> Result<usize, HttpError> {
-        let mut chunk = [0u8; 4096];
-        let n = self
-            .io
-            .read(&mut chunk)
-            .await
-            .map_err(|e| HttpError::Io(e.to_string()))?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
+        let len = self.buf.len();
+        self.buf.resize(len + 16 * 1024, 0);
+        let read = self.io.read(&mut self.buf[len..]).await;
+        let n = *read.as_ref().unwrap_or(&0);
+        self.buf.truncate(len + n);
+        read.map_err(|e| HttpError::Io(e.to_string()))
     }
 
     /// The next request, or `None` when the peer closed the connection between requests.
@@ -104,7 +109,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 };
             }
         };
-        if content_length > MAX_BODY as u64 {
+        if content_length > self.max_body as u64 {
             return Err(HttpError::BodyTooLarge(content_length));
         }
         let total = head_len + content_length as usize;
