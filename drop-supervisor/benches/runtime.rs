@@ -58,6 +58,7 @@ fn config(name: &str, workers: u32) -> PoolConfig {
         grow_threshold: 1,
         idle_shrink_after: Duration::from_secs(3600),
         cache: None,
+        cgroups: None,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::logs::{self, PoolLog};
 use crate::state;
 use crate::worker::dispatch::{Dispatcher, Job};
 use crate::worker::image::ImageMount;
-use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy};
+use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy, WorkerCgroups};
 use crate::worker::process::{self, Launch};
 
 #[derive(Debug, thiserror::Error)]
@@ -372,7 +372,7 @@ impl Runtime {
     }
 
     fn start_pool(&self, flow: &str, spec: &PoolSpec) -> Result<Entry, RuntimeError> {
-        let mut cgroup_procs = Vec::new();
+        let mut worker_cgroups = None;
         if let Some(cg) = &self.opts.cgroups {
             let limits = Limits {
                 memory_bytes: Some(spec.memory_bytes),
@@ -385,7 +385,10 @@ impl Runtime {
                 source,
             };
             cg.create(&spec.name, &limits).map_err(err)?;
-            cgroup_procs = cg.attach_paths(&spec.name).map_err(err)?;
+            worker_cgroups = Some(WorkerCgroups {
+                cgroups: cg.clone(),
+                group: spec.name.clone(),
+            });
         }
         let credentials = process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref())
             .map_err(|reason| RuntimeError::Invalid {
@@ -417,7 +420,8 @@ impl Runtime {
                 env: spec.env.clone(),
                 cwd: spec.cwd.clone(),
                 credentials,
-                cgroup_procs,
+                // Each worker is placed in its own group inside the pool's (see WorkerCgroups).
+                cgroup_procs: Vec::new(),
                 image,
             },
             min: spec.min,
@@ -435,6 +439,7 @@ impl Runtime {
             grow_threshold: 1,
             idle_shrink_after: Duration::from_secs(60),
             cache: spec.cache.as_ref().map(|c| (c.ttl, c.size)),
+            cgroups: worker_cgroups,
         };
         let log = PoolLog::open(
             self.opts.logs_dir.join(format!("{}.log", spec.name)),

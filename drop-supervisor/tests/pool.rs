@@ -33,6 +33,7 @@ fn config(name: &str, argv: &[&str]) -> PoolConfig {
         grow_threshold: 1,
         idle_shrink_after: Duration::from_secs(3600),
         cache: None,
+        cgroups: None,
     }
 }
 

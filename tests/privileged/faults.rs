@@ -11,10 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use drop_tests::{Outcome, Test, paths, require_root, unique_name};
 
-pub const TESTS: &[Test] = &[Test {
-    name: "faults_sigkill_mid_load_restart_leaves_no_orphans",
-    run: sigkill_mid_load,
-}];
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "faults_sigkill_mid_load_restart_leaves_no_orphans",
+        run: sigkill_mid_load,
+    },
+    Test {
+        name: "faults_timeout_kills_the_workers_cgroup_with_escaped_grandchildren",
+        run: timeout_kills_the_workers_cgroup,
+    },
+];
 
 struct Daemon {
     child: Option<Child>,
@@ -72,16 +78,17 @@ fn post(addr: &str, pool: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     Ok((r.status, r.body))
 }
 
-/// Every pid in the pool cgroups below `subtree` (v1 pids hierarchy of this process).
-fn pids_in(subtree: &Path) -> Vec<i32> {
+/// Every pid in the cgroups below `dir` (pools and their workers' groups), recursively.
+fn pids_in(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(subtree) else {
+    let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
     };
     for e in rd.flatten().filter(|e| e.path().is_dir()) {
         if let Ok(text) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
             out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
+        out.extend(pids_in(&e.path()));
     }
     out
 }
@@ -127,6 +134,7 @@ fn sigkill_mid_load() -> anyhow::Result<Outcome> {
     }
     let dir = tempfile::tempdir()?;
     let subtree = unique_name("dropft");
+    let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
     let socket = dir.path().join("drop.sock");
     let config = dir.path().join("drop.toml");
     std::fs::write(
@@ -273,10 +281,92 @@ fn sigkill_mid_load() -> anyhow::Result<Outcome> {
         groups.is_empty(),
         "pool cgroups left after a clean stop: {groups:?}"
     );
-    // The (now empty) subtree itself belongs to this test run, in every hierarchy.
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!("find /sys/fs/cgroup -maxdepth 6 -type d -name '{subtree}' -exec rmdir {{}} + 2>/dev/null"))
-        .status();
     Ok(Outcome::Pass)
+}
+
+/// A worker that escapes its process group (`setsid`) and then times out: its own cgroup goes
+/// with it, grandchild included, while the pool goes on serving.
+fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
+    use drop_supervisor::gateway::PoolLookup;
+    if let Some(skip) = require_root() {
+        return Ok(skip);
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let subtree = unique_name("dropwk");
+    let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
+    let cg: Arc<dyn drop_supervisor::cgroup::Cgroups> = Arc::from(drop_supervisor::cgroup::detect(
+        Path::new("/sys/fs/cgroup"),
+        &own,
+        &subtree,
+    )?);
+    let dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let runtime = {
+        let _g = rt.enter();
+        drop_supervisor::runtime::Runtime::new(drop_supervisor::runtime::RuntimeOptions {
+            state_dir: dir.path().join("state"),
+            images_dir: dir.path().join("images"),
+            logs_dir: dir.path().join("logs"),
+            cgroups: Some(cg.clone()),
+        })
+    };
+    let flow = "name: esc\nfunc:\n  - name: esc\n    timeout: 500\n    cmd: [/bin/sh, -c, 'while read l; do case \"$l\" in spawn) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo spawned;; hang) sleep 1000;; *) echo \"$l\";; esac; done']\n";
+    let result = (|| -> anyhow::Result<()> {
+        runtime.apply(flow, Path::new("esc.yaml"))?;
+        let pool = runtime.pool("esc").context("pool esc")?;
+        ensure!(pool.call(b"spawn")? == b"spawned", "spawn");
+        std::thread::sleep(Duration::from_millis(100));
+        let escaped: Vec<i32> = cg
+            .pids("esc")?
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep"))
+            })
+            .collect();
+        ensure!(
+            escaped.len() == 1,
+            "expected one escaped sleep in the pool's cgroup, found {escaped:?}"
+        );
+        let sid_differs = std::fs::read_to_string(format!("/proc/{}/stat", escaped[0]))?
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(3))
+            .map(str::to_string);
+        println!(
+            "  grandchild {} left the worker's session (sid {:?})",
+            escaped[0], sid_differs
+        );
+        let t = Instant::now();
+        ensure!(
+            matches!(
+                pool.call(b"hang"),
+                Err(drop_supervisor::worker::pool::CallError::Timeout(_))
+            ),
+            "hang must time out"
+        );
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive(escaped[0]) {
+            ensure!(
+                Instant::now() < until,
+                "the escaped grandchild {} survived the timeout",
+                escaped[0]
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        println!(
+            "  timeout after {:?}; the worker's cgroup, grandchild included, gone {:?} later",
+            Duration::from_millis(500),
+            t.elapsed().saturating_sub(Duration::from_millis(500))
+        );
+        ensure!(pool.call(b"next")? == b"next", "the pool serves again");
+        Ok(())
+    })();
+    let _ = runtime.remove("esc");
+    drop(runtime);
+    drop(rt);
+    result.map(|()| Outcome::Pass)
 }

@@ -68,6 +68,8 @@ fn original_flow_with_image() -> anyhow::Result<Outcome> {
     let socket = dir.path().join("drop.sock");
     let config = dir.path().join("drop.toml");
     let token = "test-token-0123456789abcdef";
+    let subtree = unique_name("dropac");
+    let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
     std::fs::write(
         &config,
         format!(
@@ -76,7 +78,7 @@ fn original_flow_with_image() -> anyhow::Result<Outcome> {
              [gateway]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n",
             dir.path().display(),
             socket.display(),
-            unique_name("dropac"),
+            subtree,
         ),
     )?;
     let _daemon = Daemon(

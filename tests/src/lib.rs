@@ -49,3 +49,24 @@ pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{}x{n}", std::process::id())
 }
+
+/// Removes a test's cgroup subtree (a name unique to the run, below this process's cgroup) in every hierarchy when dropped, killing what is left in it
+/// first — also when the test fails half-way.
+#[derive(Debug)]
+pub struct CgroupSubtreeGuard(pub String);
+
+impl Drop for CgroupSubtreeGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "for d in $(find /sys/fs/cgroup -maxdepth 6 -type d -name '{0}'); do \
+                   find \"$d\" -name cgroup.procs -exec cat {{}} + 2>/dev/null | xargs -r kill -9 2>/dev/null; done; \
+                 sleep 0.1; \
+                 for d in $(find /sys/fs/cgroup -maxdepth 6 -type d -name '{0}'); do \
+                   find \"$d\" -depth -type d -exec rmdir {{}} \\; 2>/dev/null; done",
+                self.0
+            ))
+            .status();
+    }
+}

@@ -219,6 +219,27 @@ pub fn parse_proc_self_cgroup(text: &str) -> Result<Vec<ProcCgroupEntry>, Cgroup
 /// A pool or subtree name becomes one path component: [A-Za-z0-9._-], not `.`/`..`, no leading
 /// dot (cgroupfs files like `cgroup.procs` live next to child groups), at most 200 bytes.
 pub fn validate_name(name: &str) -> Result<(), CgroupError> {
+    // One level of nesting: `pool/worker` (a worker's own group inside its pool's).
+    if let Some((pool, worker)) = name.split_once('/') {
+        return validate_segment(pool)
+            .and_then(|()| validate_segment(worker))
+            .map_err(|e| match e {
+                CgroupError::InvalidName { reason, .. } => CgroupError::InvalidName {
+                    name: name.to_string(),
+                    reason,
+                },
+                other => other,
+            });
+    }
+    validate_segment(name)
+}
+
+/// Whether `name` is a worker's group inside a pool's (`pool/worker`).
+pub fn is_nested(name: &str) -> bool {
+    name.contains('/')
+}
+
+fn validate_segment(name: &str) -> Result<(), CgroupError> {
     let reason = if name.is_empty() {
         Some("empty")
     } else if name.len() > 200 {
@@ -313,6 +334,16 @@ fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
 /// `mkdir -p`, mapping the error to the directory involved.
 fn make_dir(path: &Path) -> Result<(), CgroupError> {
     std::fs::create_dir_all(path).map_err(io_err("create cgroup", path))
+}
+
+/// A worker's group, only inside an existing pool group: a late start must not re-create a
+/// pool group that was just removed.
+fn make_child_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err("create cgroup", path)(e)),
+    }
 }
 
 /// Names of the child groups of `dir` (empty when `dir` does not exist).
@@ -469,10 +500,13 @@ mod tests {
 
     #[test]
     fn validates_names() {
-        for good in ["pyex", "a.b_c-9", "A", "x..y"] {
+        // `pool/worker`: one level of nesting for a worker's own group.
+        for good in ["pyex", "a.b_c-9", "A", "x..y", "pool/w12"] {
             validate_name(good).unwrap();
         }
-        for bad in ["", ".", "..", "a/b", "../x", ".hidden", "a b", "é", "x\0"] {
+        for bad in [
+            "", ".", "..", "a/b/c", "a/", "/b", "../x", "a/..", ".hidden", "a b", "é", "x\0",
+        ] {
             let err = validate_name(bad).unwrap_err();
             assert!(matches!(err, CgroupError::InvalidName { .. }), "{bad:?}");
         }

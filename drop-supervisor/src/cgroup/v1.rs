@@ -178,6 +178,14 @@ impl V1Cgroups {
 impl Cgroups for V1Cgroups {
     fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
         let dirs = self.dirs(name)?;
+        // A worker's group inside its pool's carries no limits: the pool's cover it (v1 memory
+        // has use_hierarchy=1 on every kernel we support; cpu and pids are hierarchical).
+        if super::is_nested(name) {
+            for dir in &dirs {
+                super::make_child_dir(dir)?;
+            }
+            return Ok(());
+        }
         // Check every value before touching the filesystem.
         let memory = limits
             .memory_bytes
@@ -467,7 +475,7 @@ mod tests {
         ));
         assert!(cg.list().unwrap().is_empty());
         assert!(matches!(
-            cg.create("a/b", &Limits::default()),
+            cg.create("a/b/c", &Limits::default()),
             Err(CgroupError::InvalidName { .. })
         ));
     }

@@ -177,6 +177,11 @@ impl V2Cgroups {
 impl Cgroups for V2Cgroups {
     fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
         let dir = self.dir(name)?;
+        // A worker's group inside its pool's carries no limits: the pool's cover it (cgroup v2
+        // limits are hierarchical), so no controller is enabled below the pool.
+        if super::is_nested(name) {
+            return super::make_child_dir(&dir);
+        }
         let memory = limits
             .memory_bytes
             .map_or_else(|| "max".to_string(), |b| b.to_string());

@@ -79,6 +79,41 @@ pub struct PoolConfig {
     pub idle_shrink_after: Duration,
     /// Result cache for pure functions: replies kept for `ttl`, at most `size` of them.
     pub cache: Option<(Duration, usize)>,
+    /// Each worker in its own cgroup `<group>/w<id>` inside the pool's group: a worker that
+    /// ends for any reason (timeout, crash, retirement) takes every process it started with it.
+    pub cgroups: Option<WorkerCgroups>,
+}
+
+/// Where a pool's workers get their own cgroups.
+#[derive(Debug, Clone)]
+pub struct WorkerCgroups {
+    pub cgroups: Arc<dyn crate::cgroup::Cgroups>,
+    /// The pool's group (already created, with the pool's limits).
+    pub group: String,
+}
+
+impl WorkerCgroups {
+    fn worker(&self, id: u64) -> String {
+        format!("{}/w{id}", self.group)
+    }
+}
+
+/// Kills and removes a worker's cgroup (off the async threads: killing waits until it is empty).
+fn clean_worker_cgroup(cfg: &PoolConfig, id: u64) {
+    let Some(wc) = cfg.cgroups.clone() else {
+        return;
+    };
+    let pool = cfg.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let name = wc.worker(id);
+        if let Err(e) = wc
+            .cgroups
+            .kill_all(&name)
+            .and_then(|()| wc.cgroups.remove(&name))
+        {
+            warn!(%pool, worker = id, error = %e, "cannot clean up the worker's cgroup");
+        }
+    });
 }
 
 /// Replies keyed by request payload, with a time to live and a size bound (oldest entries go
@@ -1065,12 +1100,17 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                                 (slot, st.phase.clone())
                             };
                             let Some(slot) = slot else { continue };
+                            // Whatever the worker left running in its group goes with it.
+                            clean_worker_cgroup(cfg, id);
                             if phase != Phase::Running || status == SHRINK {
                                 continue;
                             }
                             (id, status, slot.started.elapsed())
                         }
-                        Event::StartFailed { id, reason } => (id, format!("failed to start: {reason}"), Duration::ZERO),
+                        Event::StartFailed { id, reason } => {
+                            clean_worker_cgroup(cfg, id);
+                            (id, format!("failed to start: {reason}"), Duration::ZERO)
+                        }
                         _ => continue,
                     };
                     if lock(&inner.state).phase != Phase::Running {
@@ -1178,9 +1218,35 @@ fn spawn_worker(pool: &Pool, stderr: &StderrFactory) {
     let inner = &pool.inner;
     let cfg = &inner.config;
     let id = inner.next_id.fetch_add(1, Relaxed);
-    lock(&inner.state).starting += 1;
+    {
+        let mut st = lock(&inner.state);
+        // A restart scheduled before the pool stopped must not start anything (nor re-create
+        // the cgroup the stop just removed).
+        if st.phase != Phase::Running {
+            return;
+        }
+        st.starting += 1;
+    }
     let mut launch = cfg.launch.clone();
     launch.env = process::environment(&cfg.name, id, &cfg.launch.env);
+    if let Some(wc) = &cfg.cgroups {
+        let name = wc.worker(id);
+        let placed = wc
+            .cgroups
+            .create(&name, &crate::cgroup::Limits::default())
+            .and_then(|()| wc.cgroups.attach_paths(&name));
+        match placed {
+            Ok(paths) => launch.cgroup_procs = paths,
+            Err(e) => {
+                lock(&inner.state).starting -= 1;
+                let _ = inner.events.send(Event::StartFailed {
+                    id,
+                    reason: format!("worker cgroup: {e}"),
+                });
+                return;
+            }
+        }
+    }
     let started = stderr()
         .map_err(|e| e.to_string())
         .and_then(|fd| process::spawn(&launch, fd).map_err(|e| format!("{e:#}")));
