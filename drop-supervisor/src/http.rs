@@ -94,33 +94,14 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
 
     /// The next request, or `None` when the peer closed the connection between requests.
     pub async fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
-        let (head_len, mut req, content_length) = loop {
-            if let Some(parsed) = parse_head(&self.buf)? {
-                break parsed;
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(HttpError::HeadTooLarge);
+        loop {
+            if let Some(req) = frame(&mut self.buf, self.max_body)? {
+                return Ok(Some(req));
             }
             if self.fill().await? == 0 {
-                return if self.buf.iter().all(u8::is_ascii_whitespace) {
-                    Ok(None)
-                } else {
-                    Err(HttpError::Truncated)
-                };
-            }
-        };
-        if content_length > self.max_body as u64 {
-            return Err(HttpError::BodyTooLarge(content_length));
-        }
-        let total = head_len + content_length as usize;
-        while self.buf.len() < total {
-            if self.fill().await? == 0 {
-                return Err(HttpError::Truncated);
+                return closed(&self.buf);
             }
         }
-        req.body = self.buf[head_len..total].to_vec();
-        self.buf.drain(..total);
-        Ok(Some(req))
     }
 }
 
@@ -165,33 +146,45 @@ impl<R: std::io::Read> BlockingReader<R> {
 
     /// The next request, or `None` when the peer closed the connection between requests.
     pub fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
-        let (head_len, mut req, content_length) = loop {
-            if let Some(parsed) = parse_head(&self.buf)? {
-                break parsed;
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(HttpError::HeadTooLarge);
+        loop {
+            if let Some(req) = frame(&mut self.buf, self.max_body)? {
+                return Ok(Some(req));
             }
             if self.fill()? == 0 {
-                return if self.buf.iter().all(u8::is_ascii_whitespace) {
-                    Ok(None)
-                } else {
-                    Err(HttpError::Truncated)
-                };
+                return closed(&self.buf);
             }
+        }
+    }
+}
+
+/// Takes one complete request off the front of `buf`, or `None` while more bytes are needed.
+/// Shared by the async and the blocking reader, which differ only in how they read.
+fn frame(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<Request>, HttpError> {
+    let Some((head_len, mut req, content_length)) = parse_head(buf)? else {
+        return if buf.len() > MAX_HEAD {
+            Err(HttpError::HeadTooLarge)
+        } else {
+            Ok(None)
         };
-        if content_length > self.max_body as u64 {
-            return Err(HttpError::BodyTooLarge(content_length));
-        }
-        let total = head_len + content_length as usize;
-        while self.buf.len() < total {
-            if self.fill()? == 0 {
-                return Err(HttpError::Truncated);
-            }
-        }
-        req.body = self.buf[head_len..total].to_vec();
-        self.buf.drain(..total);
-        Ok(Some(req))
+    };
+    if content_length > max_body as u64 {
+        return Err(HttpError::BodyTooLarge(content_length));
+    }
+    let total = head_len + content_length as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    req.body = buf[head_len..total].to_vec();
+    buf.drain(..total);
+    Ok(Some(req))
+}
+
+/// The peer closed the connection: cleanly between requests, or in the middle of one.
+fn closed(buf: &[u8]) -> Result<Option<Request>, HttpError> {
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        Ok(None)
+    } else {
+        Err(HttpError::Truncated)
     }
 }
 

@@ -583,60 +583,18 @@ impl Pool {
 
     /// Takes the async worker with the fewest requests in flight below `concurrency`.
     fn acquire_async(&self, deadline: Instant) -> Result<Arc<Slot>, CallError> {
-        let inner = &self.inner;
-        let limit = inner.config.concurrency.max(1);
-        let mut st = lock(&inner.state);
-        let mut signalled = false;
-        loop {
-            match &st.phase {
-                Phase::Running => {}
-                Phase::Failed(reason) => {
-                    return Err(CallError::Unavailable {
-                        pool: self.name().into(),
-                        reason: format!("failed: {reason}"),
-                    });
-                }
-                Phase::Stopped => {
-                    return Err(CallError::Unavailable {
-                        pool: self.name().into(),
-                        reason: "stopped".into(),
-                    });
-                }
-            }
-            let best = st
+        let limit = self.inner.config.concurrency.max(1);
+        self.wait_for_worker(deadline, |st| {
+            let slot = st
                 .workers
                 .values()
                 .filter(|s| !s.retired.load(Relaxed) && s.inflight.load(Relaxed) < limit)
                 .min_by_key(|s| s.inflight.load(Relaxed))
-                .cloned();
-            if let Some(slot) = best {
-                slot.inflight.fetch_add(1, Relaxed);
-                st.last_busy = Instant::now();
-                return Ok(slot);
-            }
-            if st.waiting >= inner.config.queue {
-                return Err(CallError::Overloaded(self.name().into()));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                // A wake-up meant for a waiter must not die with this one: pass it on.
-                if st.waiting > 0 {
-                    inner.freed.notify_one();
-                }
-                return Err(CallError::Timeout(self.name().into()));
-            }
-            if !signalled {
-                let _ = inner.events.send(Event::Pressure);
-                signalled = true;
-            }
-            st.waiting += 1;
-            let (guard, _) = inner
-                .freed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner());
-            st = guard;
-            st.waiting -= 1;
-        }
+                .cloned()?;
+            slot.inflight.fetch_add(1, Relaxed);
+            st.last_busy = Instant::now();
+            Some(slot)
+        })
     }
 
     fn release_async(&self, slot: &Slot) {
@@ -739,7 +697,36 @@ impl Pool {
         }
     }
 
+    /// Takes an idle sync worker, preferring the one this thread used last: the two then stay
+    /// on one core, as a caller and its worker do in the floor benchmark; a different worker
+    /// each time costs a wake-up on the other core (~25 µs) per request.
     fn acquire(&self, deadline: Instant) -> Result<Arc<Slot>, CallError> {
+        self.wait_for_worker(deadline, |st| {
+            let preferred = LAST_WORKER.with(|last| {
+                let (pool, id) = last.get();
+                (pool == self.key()).then_some(id)
+            });
+            let pick = preferred.and_then(|id| st.idle.iter().rposition(|s| s.id == id));
+            let slot = match pick {
+                Some(i) => st.idle.swap_remove(i),
+                None => st.idle.pop()?,
+            };
+            if st.idle.is_empty() {
+                st.last_busy = Instant::now();
+            }
+            LAST_WORKER.with(|last| last.set((self.key(), slot.id)));
+            Some(slot)
+        })
+    }
+
+    /// The waiting part every acquisition shares: `pick` takes a worker from the state if one
+    /// is free; otherwise the caller waits in the bounded queue until `deadline`, or gets
+    /// `Overloaded` at once when the queue is full.
+    fn wait_for_worker(
+        &self,
+        deadline: Instant,
+        mut pick: impl FnMut(&mut State) -> Option<Arc<Slot>>,
+    ) -> Result<Arc<Slot>, CallError> {
         let inner = &self.inner;
         let mut st = lock(&inner.state);
         let mut signalled = false;
@@ -759,23 +746,7 @@ impl Pool {
                     });
                 }
             }
-            // Prefer the worker this thread used last: the two then stay on one core, as a
-            // caller and its worker do in the floor benchmark; a different worker each time
-            // costs a wake-up on the other core (~25 µs) per request.
-            let preferred = LAST_WORKER.with(|last| {
-                let (pool, id) = last.get();
-                (pool == self.key()).then_some(id)
-            });
-            let pick = preferred.and_then(|id| st.idle.iter().rposition(|s| s.id == id));
-            let slot = match pick {
-                Some(i) => Some(st.idle.swap_remove(i)),
-                None => st.idle.pop(),
-            };
-            if let Some(slot) = slot {
-                if st.idle.is_empty() {
-                    st.last_busy = Instant::now();
-                }
-                LAST_WORKER.with(|last| last.set((self.key(), slot.id)));
+            if let Some(slot) = pick(&mut st) {
                 return Ok(slot);
             }
             if st.waiting >= inner.config.queue {
