@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cgroup;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,0 +1,3 @@
+//! The cluster: replicated desired state (more to come).
+
+pub mod state;
