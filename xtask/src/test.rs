@@ -153,7 +153,7 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         );
         if i > 0 {
             tally.skipped.push(format!(
-                "{i} unit test(s) marked #[ignore] (reasons in their attributes)"
+                "{i} unit test(s) ignored (each says why in its attribute)"
             ));
         }
         if !ok && f == 0 {
