@@ -399,3 +399,24 @@ fn a_malformed_flow_is_refused_with_file_line_and_column() {
     let out = node.ctl(&["flow", "show", "bad"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn dropctl_generates_completions_and_its_man_page_without_a_daemon() {
+    let out = Command::new(DROPCTL)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_dropctl") && script.contains("flow") && script.contains("tune"),
+        "{script}"
+    );
+    let out = Command::new(DROPCTL).arg("man").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH dropctl 1") && man.contains("Exit codes"),
+        "{man}"
+    );
+}

@@ -19,7 +19,7 @@ Exit codes:
 
 /// Control a DROP node (drop-supervisor) over its Unix socket.
 #[derive(Debug, Parser)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(name = "dropctl", version, after_help = EXIT_CODES)]
 struct Cli {
     /// Control socket. Default: $DROP_SOCKET, else /run/drop/drop.sock.
     #[arg(long, global = true, env = "DROP_SOCKET", value_name = "PATH", default_value = DEFAULT_SOCKET)]
@@ -56,6 +56,10 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the dropctl(1) man page (roff) to stdout.
+    Man,
     /// A pool's worker log (stderr); `-f` follows it.
     Logs {
         pool: String,
@@ -130,6 +134,29 @@ const EXIT_DRIFT: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generated from the same definitions as the parser; need no daemon.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "dropctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dropctl: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            };
+        }
+        _ => {}
+    }
     let client = Client::new(&cli.socket);
     match run(&client, cli.json, &cli.command) {
         Ok(code) => ExitCode::from(code),
@@ -184,6 +211,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
                 EXIT_FAILED
             })
         }
+        Command::Completions { .. } | Command::Man => Ok(0), // handled in main
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
