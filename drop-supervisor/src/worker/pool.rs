@@ -465,12 +465,7 @@ impl Pool {
                 if now >= deadline {
                     break;
                 }
-                let (guard, _) = self
-                    .inner
-                    .freed
-                    .wait_timeout(st, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner());
-                st = guard;
+                st = self.wait_freed(st, deadline - now);
             }
             let mut ids: Vec<u64> = st.workers.keys().copied().collect();
             ids.sort_unstable();
@@ -570,12 +565,7 @@ impl Pool {
             }
             st.waiting += 1;
             st.waiting_specific += 1;
-            let (guard, _) = self
-                .inner
-                .freed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner());
-            st = guard;
+            st = self.wait_freed(st, deadline - now);
             st.waiting -= 1;
             st.waiting_specific -= 1;
         }
@@ -766,11 +756,7 @@ impl Pool {
             }
             st.waiting += 1;
             st.last_busy = now;
-            let (guard, _) = inner
-                .freed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner());
-            st = guard;
+            st = self.wait_freed(st, deadline - now);
             st.waiting -= 1;
         }
     }
@@ -803,6 +789,15 @@ impl Pool {
         } else if waiting {
             self.inner.freed.notify_one();
         }
+    }
+
+    /// Sleeps until a worker may have become free (or `limit` passes); the caller re-checks.
+    fn wait_freed<'a>(&self, st: MutexGuard<'a, State>, limit: Duration) -> MutexGuard<'a, State> {
+        self.inner
+            .freed
+            .wait_timeout(st, limit)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     /// Identifies this pool in the thread-local worker preference.
