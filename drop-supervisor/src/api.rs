@@ -12,6 +12,13 @@
 //! - `POST /v1/pools/<name>/scale` `{"min", "max"}` — resize at run time
 //! - `GET|POST /v1/images` `{"name", "source", "replace"}`, `DELETE /v1/images/<name>` — bundles
 //! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
+//!
+//! Cluster mode only (409 `not_clustered` otherwise):
+//! - `GET /v1/nodes` — every member: state (alive/suspect/dead/left), namespace, leader, version
+//! - `GET|POST /v1/namespaces` `{"name", "vip", "nodes"}`, `GET|DELETE /v1/namespaces/<name>`
+//! - `POST /v1/namespaces/<name>/join` — move this node there; `POST /v1/leave` — leave it
+//! - `POST /v1/flows` takes an optional `"ns"`; `DELETE /v1/flows/<name>[?ns=NAME]`: in cluster
+//!   mode flows go to the replicated state and every member runs its share
 
 use std::path::PathBuf;
 
@@ -33,13 +40,32 @@ pub enum ApiRequest {
     FlowApply {
         file: String,
         source: String,
+        ns: Option<String>,
     },
     FlowShow {
         name: String,
     },
     FlowRemove {
         name: String,
+        ns: Option<String>,
     },
+    NodeList,
+    NsList,
+    NsCreate {
+        name: String,
+        vip: Option<String>,
+        nodes: Vec<String>,
+    },
+    NsShow {
+        name: String,
+    },
+    NsRemove {
+        name: String,
+    },
+    NsJoin {
+        name: String,
+    },
+    NsLeave,
     PoolList,
     PoolShow {
         name: String,
@@ -184,6 +210,18 @@ impl From<&HttpError> for ApiError {
 struct FlowApplyBody {
     file: String,
     source: String,
+    #[serde(default)]
+    ns: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsCreateBody {
+    name: String,
+    #[serde(default)]
+    vip: Option<String>,
+    #[serde(default)]
+    nodes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +299,7 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                 Ok(ApiRequest::FlowApply {
                     file: body.file,
                     source: body.source,
+                    ns: body.ns,
                 })
             }
             _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
@@ -276,6 +315,26 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                 })
             }
             _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+        },
+        "/v1/nodes" => match method {
+            "GET" => Ok(ApiRequest::NodeList),
+            _ => Err(ApiError::method_not_allowed(req, "GET")),
+        },
+        "/v1/namespaces" => match method {
+            "GET" => Ok(ApiRequest::NsList),
+            "POST" => {
+                let body: NsCreateBody = json_body(req)?;
+                Ok(ApiRequest::NsCreate {
+                    name: body.name,
+                    vip: body.vip,
+                    nodes: body.nodes,
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+        },
+        "/v1/leave" => match method {
+            "POST" => Ok(ApiRequest::NsLeave),
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
         },
         "/v1/pools" => match method {
             "GET" => Ok(ApiRequest::PoolList),
@@ -295,8 +354,24 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
             }),
             "DELETE" => Ok(ApiRequest::FlowRemove {
                 name: name.to_string(),
+                ns: query_list(req.query.as_deref(), "ns")?.into_iter().next(),
             }),
             _ => Err(ApiError::method_not_allowed(req, "GET or DELETE")),
+        },
+        ["v1", "namespaces", name] if !name.is_empty() => match method {
+            "GET" => Ok(ApiRequest::NsShow {
+                name: name.to_string(),
+            }),
+            "DELETE" => Ok(ApiRequest::NsRemove {
+                name: name.to_string(),
+            }),
+            _ => Err(ApiError::method_not_allowed(req, "GET or DELETE")),
+        },
+        ["v1", "namespaces", name, "join"] if !name.is_empty() => match method {
+            "POST" => Ok(ApiRequest::NsJoin {
+                name: name.to_string(),
+            }),
+            _ => Err(ApiError::method_not_allowed(req, "POST")),
         },
         ["v1", "pools", name] if !name.is_empty() => match method {
             "GET" => Ok(ApiRequest::PoolShow {
@@ -422,6 +497,7 @@ mod tests {
             body: body.as_bytes().to_vec(),
             close: false,
             authorization: None,
+            peer_auth: None,
         }
     }
 

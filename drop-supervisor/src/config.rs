@@ -2,9 +2,13 @@
 //! rejects unknown keys; [`Config::from_raw`] validates it into the type the daemon uses. Every
 //! error names the file and the key (serde's errors also carry line and column).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::cluster::membership::Timing;
 
 /// Where the packaged daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/drop/drop.toml";
@@ -54,6 +58,224 @@ pub struct RawConfig {
     pub runtime: RawRuntime,
     #[serde(default)]
     pub gateway: RawGateway,
+    /// Present: the node joins a cluster. Absent: a single node, flows applied locally.
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: membership address, seeds, key, timing (memberlist's knob names).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `ip:port` for memberlist, TCP and UDP.
+    pub bind: Option<String>,
+    /// `ip:port` peers use to reach this node (default: `bind`).
+    pub advertise: Option<String>,
+    /// `ip:port` of the peer transport (default: the advertised IP, port + 1).
+    pub peer: Option<String>,
+    /// Members to contact at start; `<state_dir>/drop-hosts` adds more, one a line.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// File holding the cluster key: base64 of 16, 24 or 32 bytes.
+    pub key_file: Option<PathBuf>,
+    /// `lan` (default) or `fast`.
+    pub profile: Option<String>,
+    /// Relative size of this node for placement (default: 100 per CPU).
+    pub capacity: Option<u32>,
+    pub probe_interval: Option<String>,
+    pub probe_timeout: Option<String>,
+    pub suspicion_mult: Option<usize>,
+    pub suspicion_max_timeout_mult: Option<usize>,
+    pub gossip_interval: Option<String>,
+    pub gossip_nodes: Option<usize>,
+    pub gossip_to_the_dead_time: Option<String>,
+    pub push_pull_interval: Option<String>,
+    pub retransmit_mult: Option<usize>,
+    pub indirect_checks: Option<usize>,
+    pub timeout: Option<String>,
+}
+
+/// The validated `[cluster]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub bind: SocketAddr,
+    pub advertise: SocketAddr,
+    pub peer: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+    pub profile: String,
+    pub timing: Timing,
+    pub capacity: u32,
+}
+
+/// Parses `500ms`, `2s` or `1m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as `500ms`, `2s` or `1m`"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!(
+            "`{text}` needs a unit: `ms`, `s` or `m` (as in `500ms`)"
+        )),
+    }
+}
+
+impl ClusterConfig {
+    fn from_raw(raw: RawCluster, origin: &str) -> Result<ClusterConfig, ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            reason,
+        };
+        let addr = |key: &'static str, text: &str| -> Result<SocketAddr, ConfigError> {
+            text.parse().map_err(|_| {
+                invalid(
+                    key,
+                    format!("`{text}` is not `ip:port` (an IP address and a port)"),
+                )
+            })
+        };
+        let bind_text = raw
+            .bind
+            .ok_or_else(|| invalid("cluster.bind", "is required in `[cluster]`".into()))?;
+        let bind = addr("cluster.bind", &bind_text)?;
+        let advertise = match &raw.advertise {
+            Some(a) => addr("cluster.advertise", a)?,
+            None if bind.ip().is_unspecified() => {
+                return Err(invalid(
+                    "cluster.advertise",
+                    format!(
+                        "is required when `cluster.bind` is `{bind}`: peers need a real address"
+                    ),
+                ));
+            }
+            None => bind,
+        };
+        let peer = match &raw.peer {
+            Some(p) => addr("cluster.peer", p)?,
+            None => SocketAddr::new(
+                advertise.ip(),
+                advertise.port().checked_add(1).ok_or_else(|| {
+                    invalid(
+                        "cluster.peer",
+                        "bind port 65535 leaves no room for port + 1; set it".into(),
+                    )
+                })?,
+            ),
+        };
+        let seeds = raw
+            .seeds
+            .iter()
+            .map(|s| addr("cluster.seeds", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key_file = raw.key_file.ok_or_else(|| {
+            invalid(
+                "cluster.key_file",
+                "is required: gossip is always encrypted (`dropctl cluster keygen` makes a key)"
+                    .into(),
+            )
+        })?;
+        require_absolute(&key_file).map_err(|r| invalid("cluster.key_file", r))?;
+        let profile = raw.profile.unwrap_or_else(|| "lan".into());
+        let mut timing = Timing::profile(&profile).ok_or_else(|| {
+            invalid(
+                "cluster.profile",
+                format!("`{profile}` is not `lan` or `fast`"),
+            )
+        })?;
+        let dur = |key: &'static str, v: &Option<String>, slot: &mut Duration| {
+            if let Some(text) = v {
+                *slot = parse_duration(text).map_err(|r| invalid(key, r))?;
+                if slot.is_zero() {
+                    return Err(invalid(key, "must be greater than zero".into()));
+                }
+            }
+            Ok(())
+        };
+        dur(
+            "cluster.probe_interval",
+            &raw.probe_interval,
+            &mut timing.probe_interval,
+        )?;
+        dur(
+            "cluster.probe_timeout",
+            &raw.probe_timeout,
+            &mut timing.probe_timeout,
+        )?;
+        dur(
+            "cluster.gossip_interval",
+            &raw.gossip_interval,
+            &mut timing.gossip_interval,
+        )?;
+        dur(
+            "cluster.gossip_to_the_dead_time",
+            &raw.gossip_to_the_dead_time,
+            &mut timing.gossip_to_the_dead_time,
+        )?;
+        dur(
+            "cluster.push_pull_interval",
+            &raw.push_pull_interval,
+            &mut timing.push_pull_interval,
+        )?;
+        dur("cluster.timeout", &raw.timeout, &mut timing.timeout)?;
+        let count = |key: &'static str, v: Option<usize>, slot: &mut usize| {
+            if let Some(n) = v {
+                if n == 0 {
+                    return Err(invalid(key, "must be at least 1".into()));
+                }
+                *slot = n;
+            }
+            Ok(())
+        };
+        count(
+            "cluster.suspicion_mult",
+            raw.suspicion_mult,
+            &mut timing.suspicion_mult,
+        )?;
+        count(
+            "cluster.suspicion_max_timeout_mult",
+            raw.suspicion_max_timeout_mult,
+            &mut timing.suspicion_max_timeout_mult,
+        )?;
+        count(
+            "cluster.gossip_nodes",
+            raw.gossip_nodes,
+            &mut timing.gossip_nodes,
+        )?;
+        count(
+            "cluster.retransmit_mult",
+            raw.retransmit_mult,
+            &mut timing.retransmit_mult,
+        )?;
+        count(
+            "cluster.indirect_checks",
+            raw.indirect_checks,
+            &mut timing.indirect_checks,
+        )?;
+        let capacity = match raw.capacity {
+            Some(0) => return Err(invalid("cluster.capacity", "must be at least 1".into())),
+            Some(c) => c,
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .saturating_mul(100),
+        };
+        Ok(ClusterConfig {
+            bind,
+            advertise,
+            peer,
+            seeds,
+            key_file,
+            profile,
+            timing,
+            capacity,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,8 +343,10 @@ pub struct Config {
     pub cgroups: bool,
     pub cgroup_subtree: String,
     /// `None`: the gateway is off.
-    pub gateway_listen: Option<std::net::SocketAddr>,
+    pub gateway_listen: Option<SocketAddr>,
     pub gateway_token: Option<String>,
+    /// `None`: a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Default address of the HTTP gateway.
@@ -244,6 +468,11 @@ impl Config {
             ));
         }
 
+        let cluster = raw
+            .cluster
+            .map(|c| ClusterConfig::from_raw(c, &origin))
+            .transpose()?;
+
         Ok(Config {
             path,
             node_name,
@@ -258,6 +487,7 @@ impl Config {
             cgroup_subtree,
             gateway_listen,
             gateway_token,
+            cluster,
         })
     }
 }
@@ -384,5 +614,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/drop.toml"), "{err}");
+    }
+
+    const CLUSTER: &str =
+        "[cluster]\nbind = \"10.0.0.1:7946\"\nkey_file = \"/etc/drop/cluster.key\"\n";
+
+    #[test]
+    fn cluster_section_defaults() {
+        let c = parse(CLUSTER).unwrap().cluster.unwrap();
+        assert_eq!(c.bind, "10.0.0.1:7946".parse().unwrap());
+        assert_eq!(c.advertise, c.bind);
+        assert_eq!(c.peer, "10.0.0.1:7947".parse().unwrap());
+        assert_eq!(c.profile, "lan");
+        assert_eq!(c.timing, Timing::lan());
+        assert!(c.capacity >= 100);
+        assert!(parse("").unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn cluster_knobs_override_the_profile() {
+        let text = format!(
+            "{CLUSTER}profile = \"fast\"\nprobe_interval = \"300ms\"\nsuspicion_mult = 5\nseeds = [\"10.0.0.2:7946\"]\n"
+        );
+        let c = parse(&text).unwrap().cluster.unwrap();
+        assert_eq!(c.timing.probe_interval, Duration::from_millis(300));
+        assert_eq!(c.timing.suspicion_mult, 5);
+        assert_eq!(c.timing.gossip_interval, Timing::fast().gossip_interval);
+        assert_eq!(c.seeds, vec!["10.0.0.2:7946".parse().unwrap()]);
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key() {
+        let cases = [
+            ("[cluster]\nkey_file = \"/k\"\n", "cluster.bind"),
+            ("[cluster]\nbind = \"10.0.0.1:7946\"\n", "cluster.key_file"),
+            (&format!("{CLUSTER}profile = \"wan\"\n"), "cluster.profile"),
+            (
+                &format!("{CLUSTER}probe_interval = \"5\"\n"),
+                "cluster.probe_interval",
+            ),
+            (
+                &format!("{CLUSTER}gossip_nodes = 0\n"),
+                "cluster.gossip_nodes",
+            ),
+            (&format!("{CLUSTER}seeds = [\"nohost\"]\n"), "cluster.seeds"),
+            (
+                "[cluster]\nbind = \"0.0.0.0:7946\"\nkey_file = \"/k\"\n",
+                "cluster.advertise",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let err = parse(&format!("{CLUSTER}probe_intervall = \"1s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probe_intervall"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_with_units_only() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("1h").is_err());
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, Semaphore, watch};
 use tracing::{debug, warn};
 
 use crate::api::{self, ApiError, ApiRequest, ApiResponse, StatusInfo};
+use crate::cluster::node::Cluster;
 use crate::config::Config;
 use crate::gateway::{self, PoolLookup};
 use crate::http::{self, RequestReader};
@@ -35,6 +36,16 @@ pub struct Supervisor {
     tune_lock: Mutex<()>,
     runtime: Arc<Runtime>,
     gateway: Option<std::net::SocketAddr>,
+    /// `None`: a single node (no `[cluster]` in the config).
+    cluster: Option<Arc<Cluster>>,
+}
+
+fn not_clustered() -> ApiError {
+    ApiError::new(
+        409,
+        "not_clustered",
+        "this node runs alone: add a `[cluster]` section to its config to use nodes and namespaces",
+    )
 }
 
 /// A runtime error as the API answers it.
@@ -86,7 +97,18 @@ impl Supervisor {
             tune_lock: Mutex::new(()),
             runtime,
             gateway,
+            cluster: None,
         }
+    }
+
+    /// Puts the node in cluster mode: flows go to the replicated state.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Supervisor {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    fn cluster(&self) -> Result<&Arc<Cluster>, ApiError> {
+        self.cluster.as_ref().ok_or_else(not_clustered)
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -140,7 +162,16 @@ impl Supervisor {
                 Ok(ApiResponse::TuneApply(report))
             }
             ApiRequest::FlowList => Ok(to_json(&self.runtime.flows())),
-            ApiRequest::FlowApply { file, source } => {
+            ApiRequest::FlowApply { file, source, ns } => {
+                if let Some(c) = &self.cluster {
+                    return c
+                        .flow_apply(&source, &file, ns)
+                        .await
+                        .map(ApiResponse::Json);
+                }
+                if ns.is_some() {
+                    return Err(not_clustered());
+                }
                 self.blocking(move |rt| {
                     rt.apply(&source, Path::new(&file))
                         .map(|r| to_json(&r))
@@ -153,7 +184,13 @@ impl Supervisor {
                 .flow(&name)
                 .map(ApiResponse::Json)
                 .map_err(|e| runtime_error(&e)),
-            ApiRequest::FlowRemove { name } => {
+            ApiRequest::FlowRemove { name, ns } => {
+                if let Some(c) = &self.cluster {
+                    return c.flow_remove(&name, ns).await.map(ApiResponse::Json);
+                }
+                if ns.is_some() {
+                    return Err(not_clustered());
+                }
                 self.blocking(move |rt| {
                     rt.remove(&name)
                         .map(|r| to_json(&r))
@@ -161,6 +198,23 @@ impl Supervisor {
                 })
                 .await
             }
+            ApiRequest::NodeList => Ok(to_json(&self.cluster()?.nodes())),
+            ApiRequest::NsList => Ok(to_json(&self.cluster()?.namespaces())),
+            ApiRequest::NsShow { name } => self.cluster()?.namespace(&name).map(|v| to_json(&v)),
+            ApiRequest::NsCreate { name, vip, nodes } => self
+                .cluster()?
+                .ns_create(&name, vip, &nodes)
+                .await
+                .map(|v| to_json(&v)),
+            ApiRequest::NsRemove { name } => self
+                .cluster()?
+                .ns_remove(&name)
+                .await
+                .map(ApiResponse::Json),
+            ApiRequest::NsJoin { name } => {
+                self.cluster()?.ns_join(&name).await.map(|v| to_json(&v))
+            }
+            ApiRequest::NsLeave => self.cluster()?.ns_leave().await.map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => self
                 .runtime

@@ -41,6 +41,22 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the cluster key file {path}")]
+    ClusterKeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster key file {path}: {reason}")]
+    ClusterKey { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::membership::MembershipError),
+    #[error("cannot start the peer transport on {addr}")]
+    Peer {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read /proc/self/cgroup")]
     ProcSelfCgroup(#[source] std::io::Error),
     #[error("cannot set up pool cgroups (set `runtime.cgroups = false` to run without them)")]
@@ -65,6 +81,34 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
         logs_dir: config.logs_dir.clone(),
         cgroups,
     }))
+}
+
+async fn start_cluster(
+    config: &Config,
+    cc: &crate::config::ClusterConfig,
+    node_id: uuid::Uuid,
+    gateway: Option<std::net::SocketAddr>,
+) -> Result<crate::cluster::node::Cluster, DaemonError> {
+    let text =
+        std::fs::read_to_string(&cc.key_file).map_err(|source| DaemonError::ClusterKeyFile {
+            path: cc.key_file.clone(),
+            source,
+        })?;
+    let key =
+        crate::cluster::membership::parse_key(&text).map_err(|reason| DaemonError::ClusterKey {
+            path: cc.key_file.clone(),
+            reason,
+        })?;
+    let cluster = crate::cluster::node::Cluster::start(crate::cluster::node::ClusterOptions {
+        node_id: node_id.into(),
+        name: config.node_name.clone(),
+        state_dir: config.state_dir.clone(),
+        config: cc.clone(),
+        key,
+        gateway,
+    })
+    .await?;
+    Ok(cluster)
 }
 
 /// Binds the control socket at `path`: creates the parent directory, replaces a stale socket
@@ -129,6 +173,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
             let options = GatewayOptions {
                 token: config.gateway_token.clone(),
+                peer_key: None,
             };
             let gw = Gateway::start(listener, runtime.clone(), options)
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
@@ -138,12 +183,51 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         None => None,
     };
     let gateway_addr = gateway.as_ref().map(Gateway::local_addr);
-    let supervisor = Arc::new(Supervisor::new(
-        config,
-        node_id,
-        runtime.clone(),
-        gateway_addr,
-    ));
+    let cluster = match &config.cluster {
+        Some(cc) => Some(Arc::new(
+            start_cluster(&config, cc, node_id, gateway_addr).await?,
+        )),
+        None => None,
+    };
+    let mut peer_server = None;
+    if let (Some(cluster), Some(cc)) = (&cluster, &config.cluster) {
+        let key = crate::cluster::peer::PeerKey::from_file(&cc.key_file).map_err(|reason| {
+            DaemonError::ClusterKey {
+                path: cc.key_file.clone(),
+                reason,
+            }
+        })?;
+        let forwarder = Arc::new(crate::cluster::peer::Forwarder::new(
+            cluster.registry(),
+            key.clone(),
+        ));
+        if let Some(gw) = gateway.as_mut() {
+            gw.set_forwarder(forwarder);
+        }
+        let listener =
+            std::net::TcpListener::bind(cc.peer).map_err(|source| DaemonError::Peer {
+                addr: cc.peer,
+                source,
+            })?;
+        let options = GatewayOptions {
+            token: None,
+            peer_key: Some(key),
+        };
+        let server = Gateway::start(listener, runtime.clone(), options).map_err(|source| {
+            DaemonError::Peer {
+                addr: cc.peer,
+                source,
+            }
+        })?;
+        info!(addr = %server.local_addr(), "peer transport listening");
+        peer_server = Some(server);
+        cluster.spawn(runtime.clone());
+    }
+    let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
+    if let Some(c) = &cluster {
+        supervisor = supervisor.with_cluster(c.clone());
+    }
+    let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(control::serve(
         listener,
@@ -189,8 +273,14 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let _ = notifier.notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(c) = &cluster {
+        c.stop().await;
+    }
     if let Some(gw) = gateway.as_mut() {
         gw.stop();
+    }
+    if let Some(p) = peer_server.as_mut() {
+        p.stop();
     }
     runtime.shutdown(std::time::Duration::from_secs(10)).await;
     if let Err(e) = std::fs::remove_file(&socket) {

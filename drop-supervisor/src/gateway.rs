@@ -14,18 +14,27 @@
 //!
 //! `GET /metrics` answers the Prometheus text of every pool.
 //!
+//! In a cluster, a pool this node does not run is called on a node that does (`any`, through
+//! the peer transport, see `cluster::peer`); `POST /api/v1/<pool>?every` calls every instance
+//! and answers `{"replies": [{"node", "status", "reply" | "error"}]}`. Errors of a forwarded
+//! call keep the remote status; `503 peer_lost` means the node running the call went away and
+//! `503 peer_unreachable` that no node running the pool could be reached. The same server,
+//! started with a peer key, is the peer listener: it accepts only signed requests (401
+//! `unauthorized_peer` otherwise) and never forwards.
+//!
 //! One thread per connection, blocking I/O: the connection's thread parses the request and
 //! calls the pool itself, so a request never waits for another thread to wake up.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
 use crate::api::ApiError;
+use crate::cluster::peer::{self, Forward, PeerKey};
 use crate::http::{self, BlockingReader, HttpError, Request};
 use crate::worker::pool::{CallError, Pool};
 
@@ -50,7 +59,12 @@ pub trait PoolLookup: Send + Sync {
 pub struct GatewayOptions {
     /// `Authorization: Bearer <token>` required when set.
     pub token: Option<String>,
+    /// Set: this is the peer listener; requests must be signed with this key.
+    pub peer_key: Option<PeerKey>,
 }
+
+/// Where calls for pools this node does not run go; set once the cluster is up.
+type ForwardSlot = Arc<OnceLock<Arc<dyn Forward>>>;
 
 /// A running gateway; dropping it does not stop it, [`Gateway::stop`] does.
 #[derive(Debug)]
@@ -58,6 +72,7 @@ pub struct Gateway {
     addr: std::net::SocketAddr,
     stopping: Arc<AtomicBool>,
     acceptor: Option<std::thread::JoinHandle<()>>,
+    forward: ForwardSlot,
 }
 
 impl Gateway {
@@ -72,6 +87,8 @@ impl Gateway {
         let active = Arc::new(AtomicUsize::new(0));
         let stop = stopping.clone();
         let options = Arc::new(options);
+        let forward: ForwardSlot = Arc::default();
+        let fwd = forward.clone();
         let acceptor = std::thread::Builder::new()
             .name("drop-gateway".into())
             .spawn(move || {
@@ -101,17 +118,23 @@ impl Gateway {
                         ));
                         continue;
                     }
-                    let (lookup, options, active, stop) = (
+                    let (lookup, options, active, stop, fwd) = (
                         lookup.clone(),
                         options.clone(),
                         active.clone(),
                         stop.clone(),
+                        fwd.clone(),
                     );
                     let spawned = std::thread::Builder::new()
                         .name("drop-gw-conn".into())
                         .stack_size(256 * 1024)
                         .spawn(move || {
-                            serve_connection(stream, &*lookup, &options, &stop);
+                            let ctx = Ctx {
+                                lookup: &*lookup,
+                                options: &options,
+                                forward: fwd.get().map(|f| &**f),
+                            };
+                            serve_connection(stream, &ctx, &stop);
                             active.fetch_sub(1, Ordering::AcqRel);
                         });
                     if let Err(e) = spawned {
@@ -123,7 +146,13 @@ impl Gateway {
             addr,
             stopping,
             acceptor: Some(acceptor),
+            forward,
         })
+    }
+
+    /// Sends calls for pools this node does not run to other nodes (set once).
+    pub fn set_forwarder(&self, forward: Arc<dyn Forward>) {
+        let _ = self.forward.set(forward);
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
@@ -157,11 +186,19 @@ pub fn call_error(err: &CallError) -> ApiError {
     }
 }
 
-fn handle(req: &Request, lookup: &dyn PoolLookup, options: &GatewayOptions, out: &mut Vec<u8>) {
+/// What a connection's requests are served with.
+struct Ctx<'a> {
+    lookup: &'a dyn PoolLookup,
+    options: &'a GatewayOptions,
+    forward: Option<&'a dyn Forward>,
+}
+
+fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
     let close = req.close;
     if req.path == "/metrics"
         && req.method == "GET"
-        && let Some(text) = lookup.metrics()
+        && ctx.options.peer_key.is_none()
+        && let Some(text) = ctx.lookup.metrics()
     {
         return http::encode_response(
             200,
@@ -191,7 +228,18 @@ fn handle(req: &Request, lookup: &dyn PoolLookup, options: &GatewayOptions, out:
         );
         return error_response(&err, close, out);
     }
-    if let Some(token) = &options.token {
+    if let Some(key) = &ctx.options.peer_key {
+        if let Err(why) = key.verify(
+            req.peer_auth.as_deref(),
+            &req.method,
+            &req.path,
+            &req.body,
+            peer::now_ms(),
+        ) {
+            let err = ApiError::new(401, "unauthorized_peer", why);
+            return error_response(&err, close, out);
+        }
+    } else if let Some(token) = &ctx.options.token {
         let given = req
             .authorization
             .as_deref()
@@ -201,26 +249,75 @@ fn handle(req: &Request, lookup: &dyn PoolLookup, options: &GatewayOptions, out:
             return error_response(&err, close, out);
         }
     }
-    let Some(pool) = lookup.pool(name) else {
-        let err = ApiError::new(404, "unknown_pool", format!("no pool named {name:?}"));
-        return error_response(&err, close, out);
-    };
-    match pool.call(&req.body) {
-        Ok(reply) => http::encode_response(200, "text/plain; charset=utf-8", &reply, close, out),
-        Err(e) => error_response(&call_error(&e), close, out),
+    let every = req
+        .query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p == "every" || p == "mode=every"));
+    let local = ctx.lookup.pool(name);
+    if every {
+        return every_response(name, &req.body, local.as_ref(), ctx.forward, close, out);
     }
+    let result = match (local, ctx.forward) {
+        (Some(pool), _) => pool.call(&req.body).map_err(|e| call_error(&e)),
+        (None, Some(fwd)) => match fwd.call_any(name, &req.body) {
+            Some(r) => r,
+            None => Err(unknown_pool(name)),
+        },
+        (None, None) => Err(unknown_pool(name)),
+    };
+    match result {
+        Ok(reply) => http::encode_response(200, "text/plain; charset=utf-8", &reply, close, out),
+        Err(e) => error_response(&e, close, out),
+    }
+}
+
+fn unknown_pool(name: &str) -> ApiError {
+    ApiError::new(404, "unknown_pool", format!("no pool named {name:?}"))
+}
+
+/// `?every`: this node's instance (if any) and every other node's, each with its own answer.
+fn every_response(
+    name: &str,
+    body: &[u8],
+    local: Option<&Pool>,
+    forward: Option<&dyn Forward>,
+    close: bool,
+    out: &mut Vec<u8>,
+) {
+    let mut answers = Vec::new();
+    if let Some(pool) = local {
+        answers.push((
+            "local".to_string(),
+            pool.call(body).map_err(|e| call_error(&e)),
+        ));
+    }
+    if let Some(fwd) = forward {
+        answers.extend(fwd.call_every(name, body));
+    }
+    if answers.is_empty() {
+        return error_response(&unknown_pool(name), close, out);
+    }
+    let replies: Vec<serde_json::Value> = answers
+        .into_iter()
+        .map(|(node, r)| match r {
+            Ok(reply) => serde_json::json!({
+                "node": node, "status": 200, "reply": String::from_utf8_lossy(&reply),
+            }),
+            Err(e) => serde_json::json!({
+                "node": node, "status": e.status, "error": {"code": e.code, "message": e.message},
+            }),
+        })
+        .collect();
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "replies": replies })).expect("replies serialise");
+    http::encode_response(200, "application/json", &body, close, out);
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn serve_connection(
-    stream: TcpStream,
-    lookup: &dyn PoolLookup,
-    options: &GatewayOptions,
-    stopping: &AtomicBool,
-) {
+fn serve_connection(stream: TcpStream, ctx: &Ctx<'_>, stopping: &AtomicBool) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let mut writer = match stream.try_clone() {
@@ -243,7 +340,7 @@ fn serve_connection(
             }
         };
         let close = req.close || stopping.load(Ordering::Acquire);
-        handle(&req, lookup, options, &mut out);
+        handle(&req, ctx, &mut out);
         if writer.write_all(&out).is_err() || close {
             return;
         }

@@ -23,6 +23,8 @@ pub struct Request {
     pub close: bool,
     /// The `Authorization` header, if any (the gateway's bearer token).
     pub authorization: Option<String>,
+    /// The `X-Drop-Peer` header: a peer's signature (see `cluster::peer`).
+    pub peer_auth: Option<String>,
 }
 
 /// Why a request could not be read. Each maps to one status; see [`HttpError::status`].
@@ -212,6 +214,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
     };
     let mut close = parsed.version == Some(0);
     let mut authorization = None;
+    let mut peer_auth = None;
     let mut content_length: Option<u64> = None;
     for h in parsed.headers.iter() {
         let value = std::str::from_utf8(h.value)
@@ -233,6 +236,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
             close = value.eq_ignore_ascii_case("close");
         } else if h.name.eq_ignore_ascii_case("authorization") {
             authorization = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("x-drop-peer") {
+            peer_auth = Some(value.to_string());
         }
     }
     let req = Request {
@@ -242,6 +247,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
         body: Vec::new(),
         close,
         authorization,
+        peer_auth,
     };
     Ok(Some((skip + head_len, req, content_length.unwrap_or(0))))
 }
@@ -308,10 +314,25 @@ pub fn roundtrip<S: std::io::Read + std::io::Write>(
     path: &str,
     body: Option<&[u8]>,
 ) -> std::io::Result<Response> {
+    roundtrip_with(stream, method, path, body, &[])
+}
+
+/// [`roundtrip`] with extra request headers.
+pub fn roundtrip_with<S: std::io::Read + std::io::Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
     use std::io::{Error, ErrorKind};
     let body = body.unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: drop\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: drop\r\nContent-Length: {}\r\n{}{extra}Connection: close\r\n\r\n",
         body.len(),
         if body.is_empty() { "" } else { "Content-Type: application/json\r\n" }
     )

@@ -519,6 +519,15 @@ impl Runtime {
             .collect()
     }
 
+    /// Every applied flow's name and source text (the cluster diffs its share against it).
+    pub fn flow_sources(&self) -> BTreeMap<String, String> {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows
+            .iter()
+            .map(|(name, a)| (name.clone(), a.source.clone()))
+            .collect()
+    }
+
     /// The flow's summary and its source text.
     pub fn flow(&self, name: &str) -> Result<serde_json::Value, RuntimeError> {
         let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());

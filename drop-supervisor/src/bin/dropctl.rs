@@ -56,6 +56,15 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Cluster members as this node sees them.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Namespaces: named groups of nodes with a leader, a VIP and their flows.
+    #[command(subcommand)]
+    Ns(NsCommand),
+    /// Cluster set-up helpers that need no daemon.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
     /// Print the dropctl(1) man page (roff) to stdout.
@@ -69,11 +78,57 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-enum FlowCommand {
-    /// Apply a flow file: start, restart or stop pools so that they match it.
-    Apply { file: PathBuf },
-    /// Remove a flow: its pools stop.
+enum NodeCommand {
+    /// Every member: state (alive / suspect / dead / left), namespace, leader, version.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum NsCommand {
+    /// Create a namespace of the named nodes (names or ids, comma-separated).
+    Create {
+        name: String,
+        /// Floating IP of the namespace.
+        #[arg(long)]
+        vip: Option<String>,
+        #[arg(long, value_delimiter = ',', value_name = "NODE")]
+        nodes: Vec<String>,
+    },
+    /// Namespaces with their leader and quorum.
+    Ls,
+    /// One namespace: members, leader (and its changes), flows and where they run.
+    Show { name: String },
+    /// Move this node into a namespace (pools of flows in both keep running).
+    Join { name: String },
+    /// Take this node out of its namespace (its flows stop here).
+    Leave,
+    /// Remove a namespace and its flows everywhere.
     Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Print a new random cluster key (AES-256, base64) for `cluster.key_file`.
+    Keygen,
+}
+
+#[derive(Debug, Subcommand)]
+enum FlowCommand {
+    /// Apply a flow file: start, restart or stop pools so that they match it. In a cluster the
+    /// flow goes to the namespace (default: this node's) and every member runs its share.
+    Apply {
+        file: PathBuf,
+        /// Namespace (cluster mode).
+        #[arg(long)]
+        ns: Option<String>,
+    },
+    /// Remove a flow: its pools stop.
+    Rm {
+        name: String,
+        /// Namespace (cluster mode).
+        #[arg(long)]
+        ns: Option<String>,
+    },
     /// List applied flows.
     Ls,
     /// Show a flow and its source.
@@ -145,6 +200,10 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::Cluster(ClusterCommand::Keygen) => {
+            println!("{}", drop_supervisor::cluster::membership::generate_key());
+            return ExitCode::SUCCESS;
+        }
         Command::Man => {
             let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
             return match man.render(&mut std::io::stdout()) {
@@ -211,7 +270,17 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
                 EXIT_FAILED
             })
         }
-        Command::Completions { .. } | Command::Man => Ok(0), // handled in main
+        Command::Completions { .. } | Command::Man | Command::Cluster(_) => Ok(0), // in main
+        Command::Node(NodeCommand::Ls) => {
+            let v: serde_json::Value = client.get("/v1/nodes")?;
+            if json {
+                print_json(&v);
+            } else {
+                print_nodes(&v);
+            }
+            Ok(0)
+        }
+        Command::Ns(cmd) => namespace(client, json, cmd),
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
@@ -275,13 +344,27 @@ fn io_error(client: &Client, source: std::io::Error) -> ClientError {
 
 fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientError> {
     match cmd {
-        FlowCommand::Apply { file } => {
+        FlowCommand::Apply { file, ns } => {
             let source = std::fs::read_to_string(file).map_err(|e| io_error(client, e))?;
             let abs = std::path::absolute(file).unwrap_or_else(|_| file.clone());
-            let body = serde_json::json!({ "file": abs.display().to_string(), "source": source });
+            let mut body =
+                serde_json::json!({ "file": abs.display().to_string(), "source": source });
+            if let Some(ns) = ns {
+                body["ns"] = serde_json::json!(ns);
+            }
             let v: serde_json::Value = client.post("/v1/flows", &body)?;
             if json {
                 print_json(&v);
+            } else if let Some(ns) = v["namespace"].as_str() {
+                println!(
+                    "flow {} {} namespace {ns}",
+                    v["flow"].as_str().unwrap_or("?"),
+                    if v["changed"] == true {
+                        "stored in"
+                    } else {
+                        "unchanged in"
+                    }
+                );
             } else {
                 println!("flow {} applied", v["flow"].as_str().unwrap_or("?"));
                 for what in ["started", "restarted", "unchanged", "stopped"] {
@@ -292,8 +375,12 @@ fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientErro
             }
             Ok(0)
         }
-        FlowCommand::Rm { name } => {
-            let v: serde_json::Value = client.delete(&format!("/v1/flows/{name}"))?;
+        FlowCommand::Rm { name, ns } => {
+            let path = match ns {
+                Some(ns) => format!("/v1/flows/{name}?ns={ns}"),
+                None => format!("/v1/flows/{name}"),
+            };
+            let v: serde_json::Value = client.delete(&path)?;
             if json {
                 print_json(&v);
             } else {
@@ -410,6 +497,123 @@ fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientErro
             Ok(0)
         }
     }
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_nodes(v: &serde_json::Value) {
+    println!(
+        "{:<16} {:<8} {:<22} {:<14} {:<6} {:<8} ID",
+        "NODE", "STATE", "ADDRESS", "NAMESPACE", "LEADER", "VERSION"
+    );
+    for n in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<8} {:<22} {:<14} {:<6} {:<8} {}",
+            text(&n["name"]),
+            text(&n["state"]),
+            text(&n["addr"]),
+            text(&n["namespace"]),
+            if n["leader"] == true { "yes" } else { "" },
+            text(&n["version"]),
+            text(&n["id"])
+        );
+    }
+}
+
+fn names(v: &serde_json::Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| text(m.get("name").unwrap_or(m)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn namespace(client: &Client, json: bool, cmd: &NsCommand) -> Result<u8, ClientError> {
+    let v: serde_json::Value = match cmd {
+        NsCommand::Create { name, vip, nodes } => client.post(
+            "/v1/namespaces",
+            &serde_json::json!({ "name": name, "vip": vip, "nodes": nodes }),
+        )?,
+        NsCommand::Ls => client.get("/v1/namespaces")?,
+        NsCommand::Show { name } => client.get(&format!("/v1/namespaces/{name}"))?,
+        NsCommand::Join { name } => client.post(
+            &format!("/v1/namespaces/{name}/join"),
+            &serde_json::json!({}),
+        )?,
+        NsCommand::Leave => client.post("/v1/leave", &serde_json::json!({}))?,
+        NsCommand::Rm { name } => client.delete(&format!("/v1/namespaces/{name}"))?,
+    };
+    if json {
+        print_json(&v);
+        return Ok(0);
+    }
+    match cmd {
+        NsCommand::Ls => {
+            println!(
+                "{:<16} {:<16} {:<14} {:<7} MEMBERS",
+                "NAMESPACE", "VIP", "LEADER", "QUORUM"
+            );
+            for n in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<16} {:<14} {:<7} {}",
+                    text(&n["name"]),
+                    text(&n["vip"]),
+                    text(&n["leader"]),
+                    if n["quorum"] == true { "yes" } else { "no" },
+                    names(&n["members"])
+                );
+            }
+        }
+        NsCommand::Show { .. } | NsCommand::Create { .. } | NsCommand::Join { .. } => {
+            println!("namespace {}  vip {}", text(&v["name"]), text(&v["vip"]));
+            println!(
+                "leader    {}  (quorum: {})",
+                text(&v["leader"]),
+                if v["quorum"] == true { "yes" } else { "no" }
+            );
+            println!("members");
+            for m in v["members"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<16} {:<8} {}",
+                    text(&m["name"]),
+                    text(&m["state"]),
+                    text(&m["id"])
+                );
+            }
+            println!("flows");
+            for f in v["flows"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<20} priority {} replicas {:<4} on {}",
+                    text(&f["name"]),
+                    text(&f["priority"]),
+                    text(&f["replicas"]),
+                    names(&f["nodes"])
+                );
+            }
+            let history = v["history"].as_array().cloned().unwrap_or_default();
+            if !history.is_empty() {
+                println!("leader changes seen by this node");
+                for h in history {
+                    println!(
+                        "  {}  {} -> {}",
+                        text(&h["at_unix_ms"]),
+                        text(&h["from"]),
+                        text(&h["to"])
+                    );
+                }
+            }
+        }
+        NsCommand::Leave => println!("left namespace {}", text(&v["left"])),
+        NsCommand::Rm { name } => println!("namespace {name} removed"),
+    }
+    Ok(0)
 }
 
 fn bad(e: &serde_json::Error) -> ClientError {

@@ -1,0 +1,1299 @@
+//! The node's part in the cluster: it owns the replicated desired state, plugs it into
+//! memberlist ([`Application`]), and runs the reconcile loop that turns state plus membership
+//! into this node's actions — who leads each namespace, which flows run here, and which pools
+//! other nodes may forward calls to.
+//!
+//! Keys of the replicated map (values are JSON):
+//! - `ns/<name>` → `{"vip": "10.0.0.100"}`: a namespace
+//! - `nsm/<node-id>` → `"<name>"`: the namespace a node belongs to (at most one; deleted: free)
+//! - `flow/<ns>/<flow>` → `{"source": "<yaml>", "file": "<path it was applied from>"}`
+//! - `reg/<node-id>` → `{"name", "peer", "pools": [...], "failed": {flow: error}}`: what a node
+//!   runs, written only by that node
+//!
+//! Locks: one `std::sync::Mutex` around the map and its companions, never held across an await
+//! or a call into the runtime.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use super::broadcast::BroadcastQueue;
+use super::leader::{self, View};
+use super::membership::{Application, Member, MemberState, Membership, MembershipOptions};
+use super::placement::{self, Candidate, FlowSpec};
+use super::state::{Clock, Entry, NodeId, StateMap, physical_now_ms};
+use crate::api::ApiError;
+use crate::runtime::Runtime;
+
+/// File under the state directory holding the replicated map.
+pub const STATE_FILE: &str = "cluster-state.json";
+/// Seeds file under the state directory (one `ip:port` or `ip` a line, `#` comments).
+pub const HOSTS_FILE: &str = "drop-hosts";
+/// Gossip messages larger than this go to every member over TCP instead.
+const GOSSIP_MAX: usize = 1024;
+/// How often the reconcile loop runs when nothing wakes it.
+const TICK: Duration = Duration::from_secs(1);
+/// Leadership changes remembered for `ns show`.
+const HISTORY: usize = 20;
+
+/// Metadata every node gossips about itself (memberlist's node meta, ≤ 512 bytes as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    #[serde(rename = "n")]
+    pub name: String,
+    /// Namespace it is in.
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    pub ns: Option<String>,
+    /// Namespace it leads.
+    #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
+    pub lead: Option<String>,
+    /// Peer transport address.
+    #[serde(rename = "p")]
+    pub peer: SocketAddr,
+    /// Gateway address, if on.
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SocketAddr>,
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(rename = "v")]
+    pub version: String,
+    #[serde(rename = "c")]
+    pub capacity: u32,
+}
+
+/// How to start the node's cluster part.
+pub struct ClusterOptions {
+    pub node_id: NodeId,
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub config: crate::config::ClusterConfig,
+    pub key: memberlist::proto::SecretKey,
+    pub gateway: Option<SocketAddr>,
+}
+
+/// A node as `dropctl node ls` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub state: MemberState,
+    pub namespace: Option<String>,
+    pub leader: bool,
+    pub version: String,
+    pub capacity: u32,
+    pub peer: Option<SocketAddr>,
+    pub mac: Option<String>,
+    pub pools: Vec<String>,
+}
+
+/// A namespace as this node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NsView {
+    pub name: String,
+    pub vip: Option<String>,
+    pub members: Vec<NsMember>,
+    pub leader: Option<String>,
+    pub leader_id: Option<String>,
+    pub quorum: bool,
+    pub flows: Vec<FlowPlacement>,
+    /// Leadership changes this node saw (newest last).
+    pub history: Vec<LeaderChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NsMember {
+    pub id: String,
+    pub name: String,
+    pub state: MemberState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowPlacement {
+    pub name: String,
+    pub priority: u8,
+    pub replicas: Option<u32>,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderChange {
+    pub at_unix_ms: u64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// Where a pool runs elsewhere: the forwarding table the gateway reads.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    /// Pool name → (node id, node name, peer address) of up nodes other than this one.
+    pub pools: HashMap<String, Vec<(String, String, SocketAddr)>>,
+    /// Ids of nodes that are up.
+    pub up: BTreeSet<String>,
+}
+
+/// What the reconcile loop last computed; API answers read it.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    nodes: Vec<NodeView>,
+    namespaces: Vec<NsView>,
+}
+
+struct Shared {
+    map: StateMap,
+    clock: Clock,
+    queue: BroadcastQueue,
+    meta: NodeMeta,
+    /// Leader this node last computed, per namespace.
+    leaders: BTreeMap<String, Option<NodeId>>,
+    history: BTreeMap<String, Vec<LeaderChange>>,
+    /// Flows that failed to start here: name → (source, error).
+    failed: BTreeMap<String, (String, String)>,
+}
+
+struct Inner {
+    me: NodeId,
+    path: PathBuf,
+    shared: Mutex<Shared>,
+    changed: Notify,
+    members: AtomicUsize,
+    snapshot: RwLock<Arc<Snapshot>>,
+    registry: Arc<RwLock<Registry>>,
+}
+
+/// Gossip and reliable messages: a batch of entries.
+#[derive(Serialize, Deserialize)]
+struct Message {
+    e: Vec<(String, Entry)>,
+}
+
+impl Inner {
+    /// Membership addresses of every node the state has heard of (from their registry entries).
+    fn known_addrs(&self) -> Vec<SocketAddr> {
+        self.lock()
+            .map
+            .iter_prefix("reg/")
+            .filter_map(|(_, v)| v.get("addr")?.as_str()?.parse().ok())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, map: &StateMap) {
+        if let Err(e) = map.save(&self.path) {
+            warn!(error = %e, "cannot persist the cluster state");
+        }
+    }
+
+    /// Merges entries from a peer; newly learned ones are gossiped on (epidemic spread).
+    fn ingest(&self, entries: Vec<(String, Entry)>) {
+        let mut changed = false;
+        {
+            let mut sh = self.lock();
+            let now = physical_now_ms();
+            for (key, entry) in entries {
+                sh.clock.observe(entry.version, now);
+                if sh.map.merge_entry(key.clone(), entry.clone()) {
+                    changed = true;
+                    let msg = encode(&[(key.clone(), entry)]);
+                    if msg.len() <= GOSSIP_MAX {
+                        sh.queue.queue(key, msg.to_vec());
+                    }
+                }
+            }
+            if changed {
+                self.save(&sh.map);
+            }
+        }
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+}
+
+fn encode(entries: &[(String, Entry)]) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&Message {
+            e: entries.to_vec(),
+        })
+        .expect("entries serialise"),
+    )
+}
+
+impl Application for Inner {
+    fn node_meta(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.lock().meta).expect("meta serialises")
+    }
+
+    fn on_message(&self, msg: &[u8]) {
+        match serde_json::from_slice::<Message>(msg) {
+            Ok(m) => self.ingest(m.e),
+            Err(e) => warn!(error = %e, "undecodable cluster message"),
+        }
+    }
+
+    fn broadcasts(&self, _num_nodes: usize, limit: usize, overhead: usize) -> Vec<Bytes> {
+        let n = self.members.load(Ordering::Relaxed).max(1);
+        self.lock()
+            .queue
+            .take(n, limit, overhead)
+            .into_iter()
+            .map(Bytes::from)
+            .collect()
+    }
+
+    fn local_state(&self, _join: bool) -> Vec<u8> {
+        let sh = self.lock();
+        let entries: Vec<(String, Entry)> = sh
+            .map
+            .entries()
+            .map(|(k, e)| (k.to_string(), e.clone()))
+            .collect();
+        encode(&entries).to_vec()
+    }
+
+    fn merge_remote_state(&self, buf: &[u8], _join: bool) {
+        self.on_message(buf);
+    }
+
+    fn on_membership_change(&self) {
+        self.changed.notify_one();
+    }
+}
+
+/// The running cluster part of a node.
+pub struct Cluster {
+    inner: Arc<Inner>,
+    membership: Arc<Membership>,
+    name: String,
+    seeds: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.inner.me)
+            .field("name", &self.name)
+            .field("seeds", &self.seeds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads `<state_dir>/drop-hosts`: one address a line (`ip:port`, or `ip` meaning
+/// `default_port`); blank lines and `#` comments are skipped, bad lines logged.
+pub fn read_hosts_file(path: &Path, default_port: u16) -> Vec<SocketAddr> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Ok(a) = line.parse::<SocketAddr>() {
+            out.push(a);
+        } else if let Ok(ip) = line.parse::<IpAddr>() {
+            out.push(SocketAddr::new(ip, default_port));
+        } else {
+            warn!(file = %path.display(), line = i + 1, text = line, "not an address; skipped");
+        }
+    }
+    out
+}
+
+/// The MAC address of the interface that holds `ip`, if one does.
+fn mac_of(ip: IpAddr) -> Option<String> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let ifname = addrs
+        .filter(|a| {
+            a.address
+                .as_ref()
+                .and_then(|s| {
+                    s.as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                })
+                .is_some_and(|a| a == ip)
+        })
+        .map(|a| a.interface_name)
+        .next()?;
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).ok()?;
+    Some(mac.trim().to_string())
+}
+
+impl Cluster {
+    /// Loads the persisted state, starts membership and joins the seeds in the background.
+    pub async fn start(
+        opts: ClusterOptions,
+    ) -> Result<Cluster, super::membership::MembershipError> {
+        let path = opts.state_dir.join(STATE_FILE);
+        let map = match StateMap::load(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                // A damaged file is kept aside, never silently replaced: peers resend the state.
+                warn!(error = %e, "cannot load the cluster state; starting empty and keeping the file as .bad");
+                let _ = std::fs::rename(&path, path.with_extension("json.bad"));
+                StateMap::new()
+            }
+        };
+        let mut clock = Clock::new(opts.node_id);
+        if let Some(v) = map.max_version() {
+            clock.observe(v, physical_now_ms());
+        }
+        let me_key = format!("nsm/{}", opts.node_id);
+        let ns = map.get(&me_key).and_then(Value::as_str).map(str::to_string);
+        let meta = NodeMeta {
+            name: opts.name.clone(),
+            ns,
+            lead: None,
+            peer: opts.config.peer,
+            gateway: opts.gateway,
+            mac: mac_of(opts.config.advertise.ip()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            capacity: opts.config.capacity,
+        };
+        let inner = Arc::new(Inner {
+            me: opts.node_id,
+            path,
+            shared: Mutex::new(Shared {
+                map,
+                clock,
+                queue: BroadcastQueue::new(
+                    u32::try_from(opts.config.timing.retransmit_mult).unwrap_or(4),
+                ),
+                meta,
+                leaders: BTreeMap::new(),
+                history: BTreeMap::new(),
+                failed: BTreeMap::new(),
+            }),
+            changed: Notify::new(),
+            members: AtomicUsize::new(1),
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            registry: Arc::new(RwLock::new(Registry::default())),
+        });
+        let membership = Membership::start(
+            MembershipOptions {
+                id: opts.node_id.to_string(),
+                bind: opts.config.bind,
+                advertise: Some(opts.config.advertise),
+                key: Some(opts.key),
+                timing: opts.config.timing,
+            },
+            inner.clone(),
+        )
+        .await?;
+        let mut seeds = opts.config.seeds.clone();
+        seeds.extend(read_hosts_file(
+            &opts.state_dir.join(HOSTS_FILE),
+            opts.config.bind.port(),
+        ));
+        seeds.sort();
+        seeds.dedup();
+        let (stop, _) = watch::channel(false);
+        info!(
+            bind = %opts.config.bind,
+            profile = %opts.config.profile,
+            seeds = seeds.len(),
+            "cluster membership started"
+        );
+        Ok(Cluster {
+            inner,
+            membership: Arc::new(membership),
+            name: opts.name,
+            seeds,
+            stop,
+        })
+    }
+
+    /// The forwarding table the gateway reads.
+    pub fn registry(&self) -> Arc<RwLock<Registry>> {
+        self.inner.registry.clone()
+    }
+
+    /// Runs the join loop and the reconcile loop until [`Cluster::stop`].
+    pub fn spawn(&self, runtime: Arc<Runtime>) {
+        let membership = self.membership.clone();
+        let seeds = self.seeds.clone();
+        let inner = self.inner.clone();
+        let mut stop = self.stop.subscribe();
+        // Contacts the seeds until another member is known, and from then on every node the
+        // state knows of that is not up: a restarted node finds the cluster through its
+        // persisted state, and the two sides of a healed partition find each other again
+        // (memberlist by itself never retries a node it declared dead).
+        let reconnect = (membership.timing().probe_interval * 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let pending: Arc<Mutex<BTreeSet<SocketAddr>>> = Arc::default();
+            let mut delay = Duration::from_millis(200);
+            let me = membership.advertise();
+            loop {
+                let up: BTreeSet<SocketAddr> = membership
+                    .members()
+                    .await
+                    .iter()
+                    .filter(|m| m.state.is_up())
+                    .map(|m| m.addr)
+                    .collect();
+                let alone = up.iter().all(|a| *a == me);
+                let mut targets: BTreeSet<SocketAddr> = inner
+                    .known_addrs()
+                    .into_iter()
+                    .filter(|a| !up.contains(a))
+                    .collect();
+                if alone {
+                    targets.extend(seeds.iter().copied());
+                }
+                targets.remove(&me);
+                for addr in targets {
+                    if !pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(addr)
+                    {
+                        continue;
+                    }
+                    let (membership, inner, pending) =
+                        (membership.clone(), inner.clone(), pending.clone());
+                    tokio::spawn(async move {
+                        if membership.join(&[addr]).await > 0 {
+                            info!(%addr, "joined the cluster through this member");
+                            inner.changed.notify_one();
+                        }
+                        pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&addr);
+                    });
+                }
+                let wait = if alone {
+                    delay = (delay * 2).min(reconnect);
+                    delay
+                } else {
+                    reconnect
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+        let membership = self.membership.clone();
+        let inner = self.inner.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                reconcile(&inner, &membership, &runtime).await;
+                tokio::select! {
+                    () = inner.changed.notified() => {
+                        // Let a burst of events settle into one pass.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    () = tokio::time::sleep(TICK) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Leaves the cluster gracefully (peers see `left` at once) and stops the loops.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        self.membership.leave_and_stop(Duration::from_secs(2)).await;
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Writes one key (or deletes it with `None`) with a fresh version, persists, and spreads it.
+    async fn write(&self, key: String, value: Option<Value>) {
+        self.write_many(vec![(key, value)]).await;
+    }
+
+    async fn write_many(&self, writes: Vec<(String, Option<Value>)>) {
+        let mut batch = Vec::new();
+        {
+            let mut sh = self.inner.lock();
+            for (key, value) in writes {
+                let version = sh.clock.now(physical_now_ms());
+                match value {
+                    Some(v) => sh.map.set(key.clone(), v, version),
+                    None => sh.map.delete(key.clone(), version),
+                };
+                if let Some(entry) = sh.map.entry(&key).cloned() {
+                    let msg = encode(&[(key.clone(), entry.clone())]);
+                    if msg.len() <= GOSSIP_MAX {
+                        sh.queue.queue(key.clone(), msg.to_vec());
+                    }
+                    batch.push((key, entry));
+                }
+            }
+            self.inner.save(&sh.map);
+        }
+        self.inner.changed.notify_one();
+        // Also straight to every member over TCP: a write reaches everyone at once, whatever
+        // its size; gossip and push/pull repair whatever this misses.
+        let msg = encode(&batch);
+        let me = self.membership.advertise();
+        for m in self.membership.members().await {
+            if m.state.is_up() && m.addr != me {
+                let (ms, msg) = (self.membership.clone(), msg.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = ms.send_reliable(m.addr, msg).await {
+                        tracing::debug!(to = %m.addr, error = %e, "direct state send failed; gossip will repair");
+                    }
+                });
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Value> {
+        self.inner.lock().map.get(key).cloned()
+    }
+
+    fn namespace_of(&self, id: NodeId) -> Option<String> {
+        self.get(&format!("nsm/{id}"))
+            .and_then(|v| v.as_str().map(str::to_string))
+    }
+
+    /// This node's namespace, if any.
+    pub fn my_namespace(&self) -> Option<String> {
+        self.namespace_of(self.inner.me)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.snapshot().nodes.clone()
+    }
+
+    pub fn namespaces(&self) -> Vec<NsView> {
+        self.snapshot().namespaces.clone()
+    }
+
+    pub fn namespace(&self, name: &str) -> Result<NsView, ApiError> {
+        self.snapshot()
+            .namespaces
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .ok_or_else(|| unknown_ns(name))
+    }
+
+    /// Resolves node names or ids to ids, from what membership and the registry know.
+    fn resolve_nodes(&self, names: &[String]) -> Result<Vec<NodeId>, ApiError> {
+        let snap = self.snapshot();
+        names
+            .iter()
+            .map(|n| {
+                snap.nodes
+                    .iter()
+                    .find(|v| v.name == *n || v.id == *n)
+                    .and_then(|v| v.id.parse::<uuid::Uuid>().ok().map(NodeId))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            404,
+                            "unknown_node",
+                            format!(
+                                "no node named {n:?} is known to this node (see `dropctl node ls`)"
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    pub async fn ns_create(
+        &self,
+        name: &str,
+        vip: Option<String>,
+        nodes: &[String],
+    ) -> Result<NsView, ApiError> {
+        validate_ns_name(name)?;
+        if let Some(v) = &vip {
+            v.parse::<IpAddr>().map_err(|_| {
+                ApiError::new(400, "invalid_vip", format!("`{v}` is not an IP address"))
+            })?;
+        }
+        if self.get(&format!("ns/{name}")).is_some() {
+            return Err(ApiError::new(
+                409,
+                "conflict",
+                format!("namespace {name} exists; `dropctl ns rm {name}` first"),
+            ));
+        }
+        let ids = self.resolve_nodes(nodes)?;
+        for (id, n) in ids.iter().zip(nodes) {
+            if let Some(other) = self.namespace_of(*id) {
+                return Err(ApiError::new(
+                    409,
+                    "conflict",
+                    format!(
+                        "node {n} is in namespace {other}; run `dropctl ns leave` on it or `ns join {name}` to move it"
+                    ),
+                ));
+            }
+        }
+        let mut writes = vec![(format!("ns/{name}"), Some(json!({ "vip": vip })))];
+        for id in &ids {
+            writes.push((format!("nsm/{id}"), Some(json!(name))));
+        }
+        self.write_many(writes).await;
+        info!(namespace = name, members = ids.len(), "namespace created");
+        Ok(self.provisional_ns(name).await)
+    }
+
+    /// The namespace once the reconcile loop has seen the write (up to half a second), else
+    /// from the state alone.
+    async fn provisional_ns(&self, name: &str) -> NsView {
+        for _ in 0..25 {
+            if let Ok(v) = self.namespace(name)
+                && !v.members.is_empty()
+            {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sh = self.inner.lock();
+        let vip = sh
+            .map
+            .get(&format!("ns/{name}"))
+            .and_then(|v| v.get("vip"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let members = sh
+            .map
+            .iter_prefix("nsm/")
+            .filter(|(_, v)| v.as_str() == Some(name))
+            .map(|(k, _)| NsMember {
+                id: k.trim_start_matches("nsm/").to_string(),
+                name: String::new(),
+                state: MemberState::Alive,
+            })
+            .collect();
+        NsView {
+            name: name.to_string(),
+            vip,
+            members,
+            leader: None,
+            leader_id: None,
+            quorum: false,
+            flows: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Moves this node into `name` (out of any other); pools of flows in both stay up.
+    pub async fn ns_join(&self, name: &str) -> Result<NsView, ApiError> {
+        if self.get(&format!("ns/{name}")).is_none() {
+            return Err(unknown_ns(name));
+        }
+        let from = self.my_namespace();
+        self.write(format!("nsm/{}", self.inner.me), Some(json!(name)))
+            .await;
+        info!(namespace = name, from = ?from, "joined namespace");
+        Ok(self.provisional_ns(name).await)
+    }
+
+    pub async fn ns_leave(&self) -> Result<Value, ApiError> {
+        let Some(from) = self.my_namespace() else {
+            return Err(ApiError::new(
+                409,
+                "not_in_namespace",
+                "this node is not in a namespace",
+            ));
+        };
+        self.write(format!("nsm/{}", self.inner.me), None).await;
+        info!(namespace = %from, "left namespace");
+        Ok(json!({ "left": from }))
+    }
+
+    pub async fn ns_remove(&self, name: &str) -> Result<Value, ApiError> {
+        if self.get(&format!("ns/{name}")).is_none() {
+            return Err(unknown_ns(name));
+        }
+        let mut writes = vec![(format!("ns/{name}"), None)];
+        {
+            let sh = self.inner.lock();
+            for (k, v) in sh.map.iter_prefix("nsm/") {
+                if v.as_str() == Some(name) {
+                    writes.push((k.to_string(), None));
+                }
+            }
+            for (k, _) in sh.map.iter_prefix(&format!("flow/{name}/")) {
+                writes.push((k.to_string(), None));
+            }
+        }
+        let n = writes.len();
+        self.write_many(writes).await;
+        info!(namespace = name, keys = n, "namespace removed");
+        Ok(json!({ "removed": name }))
+    }
+
+    /// Stores a flow for a namespace (default: this node's); every member runs its share.
+    pub async fn flow_apply(
+        &self,
+        source: &str,
+        file: &str,
+        ns: Option<String>,
+    ) -> Result<Value, ApiError> {
+        let flow = crate::flow::parse_flow(source, Path::new(file))
+            .map_err(|e| crate::control::runtime_error(&crate::runtime::RuntimeError::from(e)))?;
+        let ns = self.target_ns(ns)?;
+        let key = format!("flow/{ns}/{}", flow.name);
+        let unchanged = self
+            .get(&key)
+            .is_some_and(|v| v.get("source").and_then(Value::as_str) == Some(source));
+        if !unchanged {
+            self.write(key, Some(json!({ "source": source, "file": file })))
+                .await;
+            info!(flow = %flow.name, namespace = %ns, "flow stored in the cluster state");
+        }
+        Ok(json!({
+            "flow": flow.name,
+            "namespace": ns,
+            "priority": flow.priority,
+            "replicas": flow.replicas,
+            "pools": flow.pools.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            "changed": !unchanged,
+        }))
+    }
+
+    pub async fn flow_remove(&self, name: &str, ns: Option<String>) -> Result<Value, ApiError> {
+        let ns = self.target_ns(ns)?;
+        let key = format!("flow/{ns}/{name}");
+        if self.get(&key).is_none() {
+            return Err(ApiError::new(
+                404,
+                "unknown_flow",
+                format!("no flow named {name:?} in namespace {ns}"),
+            ));
+        }
+        self.write(key, None).await;
+        Ok(json!({ "removed": name, "namespace": ns }))
+    }
+
+    /// Flows of a namespace in the replicated state, with where they run.
+    pub fn flow_list(&self, ns: Option<String>) -> Result<Vec<FlowPlacement>, ApiError> {
+        let ns = self.target_ns(ns)?;
+        Ok(self.namespace(&ns).map(|v| v.flows).unwrap_or_default())
+    }
+
+    fn target_ns(&self, ns: Option<String>) -> Result<String, ApiError> {
+        let ns = match ns.or_else(|| self.my_namespace()) {
+            Some(ns) => ns,
+            None => {
+                return Err(ApiError::new(
+                    409,
+                    "not_in_namespace",
+                    "this node is in no namespace: name one with `--ns NAME`",
+                ));
+            }
+        };
+        if self.get(&format!("ns/{ns}")).is_none() {
+            return Err(unknown_ns(&ns));
+        }
+        Ok(ns)
+    }
+}
+
+fn unknown_ns(name: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "unknown_namespace",
+        format!("no namespace named {name:?}"),
+    )
+}
+
+fn validate_ns_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            400,
+            "invalid_name",
+            format!("`{name}`: a namespace name is 1–63 letters, digits, `.`, `_` or `-`"),
+        ))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A member with its metadata decoded.
+struct Known {
+    member: Member,
+    id: Option<NodeId>,
+    meta: Option<NodeMeta>,
+}
+
+/// One pass: membership + state → leaders, this node's claim, its flows, the registry.
+async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Runtime>) {
+    let members = membership.members().await;
+    inner.members.store(members.len(), Ordering::Relaxed);
+    let known: Vec<Known> = members
+        .into_iter()
+        .map(|m| Known {
+            id: m.id.parse::<uuid::Uuid>().ok().map(NodeId),
+            meta: serde_json::from_slice(&m.meta).ok(),
+            member: m,
+        })
+        .collect();
+    let up: BTreeSet<NodeId> = known
+        .iter()
+        .filter(|k| k.member.state.is_up())
+        .filter_map(|k| k.id)
+        .collect();
+
+    // Leaders, placement and this node's share, under the lock (pure computation only).
+    let (my_flows, meta_changed, snapshot_ns) = {
+        let mut sh = inner.lock();
+        let mut namespaces = Vec::new();
+        let ns_names: Vec<String> = sh
+            .map
+            .iter_prefix("ns/")
+            .map(|(k, _)| k.trim_start_matches("ns/").to_string())
+            .collect();
+        let my_ns = sh
+            .map
+            .get(&format!("nsm/{}", inner.me))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let mut my_flows: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut my_lead = None;
+        for ns in &ns_names {
+            let members: BTreeSet<NodeId> = sh
+                .map
+                .iter_prefix("nsm/")
+                .filter(|(_, v)| v.as_str() == Some(ns.as_str()))
+                .filter_map(|(k, _)| k.trim_start_matches("nsm/").parse::<uuid::Uuid>().ok())
+                .map(NodeId)
+                .collect();
+            let claims: BTreeSet<NodeId> = known
+                .iter()
+                .filter(|k| {
+                    k.member.state.is_up()
+                        && k.meta.as_ref().and_then(|m| m.lead.as_deref()) == Some(ns.as_str())
+                })
+                .filter_map(|k| k.id)
+                .collect();
+            let previous = sh.leaders.get(ns).copied().flatten();
+            let view = View {
+                members: &members,
+                alive: &up,
+                claims: &claims,
+                previous,
+            };
+            let quorum = leader::has_quorum(&members, &up);
+            let elected = leader::elect(&view);
+            if sh.leaders.get(ns).copied().flatten() != elected || !sh.leaders.contains_key(ns) {
+                let name_of = |id: Option<NodeId>| {
+                    id.map(|id| {
+                        known
+                            .iter()
+                            .find(|k| k.id == Some(id))
+                            .and_then(|k| k.meta.as_ref().map(|m| m.name.clone()))
+                            .unwrap_or_else(|| id.to_string())
+                    })
+                };
+                let change = LeaderChange {
+                    at_unix_ms: unix_ms(),
+                    from: name_of(previous),
+                    to: name_of(elected),
+                };
+                if my_ns.as_deref() == Some(ns.as_str()) || previous.is_some() || elected.is_some()
+                {
+                    match (&change.from, &change.to) {
+                        (_, Some(to)) => {
+                            info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader")
+                        }
+                        (Some(from), None) => {
+                            warn!(namespace = %ns, previous = %from, quorum, "namespace has no leader (no quorum)")
+                        }
+                        (None, None) => {}
+                    }
+                }
+                if change.from.is_some() || change.to.is_some() {
+                    let h = sh.history.entry(ns.clone()).or_default();
+                    h.push(change);
+                    if h.len() > HISTORY {
+                        h.remove(0);
+                    }
+                }
+                sh.leaders.insert(ns.clone(), elected);
+            }
+            if my_ns.as_deref() == Some(ns.as_str()) && elected == Some(inner.me) {
+                my_lead = Some(ns.clone());
+            }
+
+            // Placement over the up members, with their advertised capacity.
+            let candidates: Vec<Candidate> = known
+                .iter()
+                .filter(|k| k.member.state.is_up())
+                .filter_map(|k| {
+                    let id = k.id?;
+                    members.contains(&id).then(|| Candidate {
+                        id,
+                        capacity: k.meta.as_ref().map_or(100, |m| m.capacity),
+                    })
+                })
+                .collect();
+            let mut specs = Vec::new();
+            let mut sources = BTreeMap::new();
+            for (k, v) in sh.map.iter_prefix(&format!("flow/{ns}/")) {
+                let name = k.rsplit('/').next().unwrap_or_default().to_string();
+                let source = v.get("source").and_then(Value::as_str).unwrap_or_default();
+                let file = v.get("file").and_then(Value::as_str).unwrap_or(k);
+                let Ok(flow) = crate::flow::parse_flow(source, Path::new(file)) else {
+                    continue;
+                };
+                let cost = flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1);
+                specs.push(FlowSpec {
+                    name: name.clone(),
+                    priority: flow.priority,
+                    replicas: flow.replicas,
+                    cost,
+                });
+                sources.insert(name, (source.to_string(), file.to_string()));
+            }
+            let placed = placement::place(&specs, &candidates, elected);
+            if my_ns.as_deref() == Some(ns.as_str()) {
+                for name in placement::local_share(&placed, inner.me) {
+                    if let Some(s) = sources.get(&name) {
+                        my_flows.insert(name, s.clone());
+                    }
+                }
+            }
+            let name_of = |id: &NodeId| {
+                known
+                    .iter()
+                    .find(|k| k.id == Some(*id))
+                    .and_then(|k| k.meta.as_ref().map(|m| m.name.clone()))
+                    .or_else(|| {
+                        sh.map
+                            .get(&format!("reg/{id}"))
+                            .and_then(|r| r.get("name"))
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| id.to_string())
+            };
+            let state_of = |id: &NodeId| {
+                known
+                    .iter()
+                    .find(|k| k.id == Some(*id))
+                    .map_or(MemberState::Dead, |k| k.member.state)
+            };
+            namespaces.push(NsView {
+                name: ns.clone(),
+                vip: sh
+                    .map
+                    .get(&format!("ns/{ns}"))
+                    .and_then(|v| v.get("vip"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                members: members
+                    .iter()
+                    .map(|id| NsMember {
+                        id: id.to_string(),
+                        name: name_of(id),
+                        state: state_of(id),
+                    })
+                    .collect(),
+                leader: elected.as_ref().map(name_of),
+                leader_id: elected.map(|id| id.to_string()),
+                quorum,
+                flows: specs
+                    .iter()
+                    .map(|s| FlowPlacement {
+                        name: s.name.clone(),
+                        priority: s.priority,
+                        replicas: s.replicas,
+                        nodes: placed
+                            .get(&s.name)
+                            .map(|ids| ids.iter().map(name_of).collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                history: sh.history.get(ns).cloned().unwrap_or_default(),
+            });
+        }
+        sh.leaders.retain(|ns, _| ns_names.contains(ns));
+        let meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
+        sh.meta.lead = my_lead;
+        sh.meta.ns.clone_from(&my_ns);
+        (my_flows, meta_changed, namespaces)
+    };
+    if meta_changed && let Err(e) = membership.update_meta().await {
+        warn!(error = %e, "cannot gossip this node's metadata");
+    }
+
+    // This node's share of flows → the local runtime (blocking work off the async threads).
+    let rt = runtime.clone();
+    let failed_before: BTreeMap<String, (String, String)> = inner.lock().failed.clone();
+    let result =
+        tokio::task::spawn_blocking(move || apply_share(&rt, &my_flows, &failed_before)).await;
+    let (pools, failed) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "reconcile task failed");
+            return;
+        }
+    };
+
+    // This node's registry entry, rewritten only when it changes.
+    let (reg_key, reg_value) = {
+        let mut sh = inner.lock();
+        sh.failed = failed.clone();
+        (
+            format!("reg/{}", inner.me),
+            json!({
+                "name": sh.meta.name,
+                "peer": sh.meta.peer.to_string(),
+                "addr": membership.advertise().to_string(),
+                "pools": pools,
+                "failed": failed.iter().map(|(k, (_, e))| (k.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+            }),
+        )
+    };
+    let current = inner.lock().map.get(&reg_key).cloned();
+    if current.as_ref() != Some(&reg_value) {
+        let mut sh = inner.lock();
+        let version = sh.clock.now(physical_now_ms());
+        sh.map.set(reg_key.clone(), reg_value, version);
+        if let Some(entry) = sh.map.entry(&reg_key).cloned() {
+            let msg = encode(&[(reg_key.clone(), entry)]);
+            sh.queue.queue(reg_key, msg.to_vec());
+        }
+        inner.save(&sh.map);
+    }
+
+    // Snapshot for the API and the forwarding table for the gateway.
+    let sh = inner.lock();
+    let mut registry = Registry::default();
+    let mut nodes = Vec::new();
+    for k in &known {
+        let Some(id) = k.id else { continue };
+        let reg = sh.map.get(&format!("reg/{id}"));
+        let pools: Vec<String> = reg
+            .and_then(|r| r.get("pools"))
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default();
+        let meta = k.meta.clone();
+        let name = meta
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| id.to_string());
+        if k.member.state.is_up() {
+            registry.up.insert(id.to_string());
+            if id != inner.me
+                && let Some(m) = &meta
+            {
+                for p in &pools {
+                    registry.pools.entry(p.clone()).or_default().push((
+                        id.to_string(),
+                        name.clone(),
+                        m.peer,
+                    ));
+                }
+            }
+        }
+        let namespace = sh
+            .map
+            .get(&format!("nsm/{id}"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        nodes.push(NodeView {
+            id: id.to_string(),
+            name,
+            addr: k.member.addr,
+            state: k.member.state,
+            leader: k.member.state.is_up()
+                && meta
+                    .as_ref()
+                    .is_some_and(|m| m.lead.is_some() && m.lead == namespace),
+            namespace,
+            version: meta.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
+            capacity: meta.as_ref().map_or(0, |m| m.capacity),
+            peer: meta.as_ref().map(|m| m.peer),
+            mac: meta.as_ref().and_then(|m| m.mac.clone()),
+            pools,
+        });
+    }
+    // Nodes memberlist has forgotten (dead longer than gossip_to_the_dead_time) but that still
+    // have a registry entry: shown as dead rather than vanishing.
+    for (k, reg) in sh.map.iter_prefix("reg/") {
+        let id = k.trim_start_matches("reg/");
+        if nodes.iter().any(|n| n.id == id) {
+            continue;
+        }
+        let namespace = sh
+            .map
+            .get(&format!("nsm/{id}"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        nodes.push(NodeView {
+            id: id.to_string(),
+            name: reg
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or(id)
+                .to_string(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            state: MemberState::Dead,
+            namespace,
+            leader: false,
+            version: String::new(),
+            capacity: 0,
+            peer: reg
+                .get("peer")
+                .and_then(Value::as_str)
+                .and_then(|p| p.parse().ok()),
+            mac: None,
+            pools: Vec::new(),
+        });
+    }
+    drop(sh);
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    *inner.registry.write().unwrap_or_else(|e| e.into_inner()) = registry;
+    *inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+        nodes,
+        namespaces: snapshot_ns,
+    });
+}
+
+/// Brings the local runtime to `wanted` (flow name → (source, file)). Returns the pools now
+/// running and the flows that failed (kept until their source changes, so a broken flow is not
+/// retried every second).
+fn apply_share(
+    rt: &Runtime,
+    wanted: &BTreeMap<String, (String, String)>,
+    failed_before: &BTreeMap<String, (String, String)>,
+) -> (Vec<String>, BTreeMap<String, (String, String)>) {
+    let mut failed = BTreeMap::new();
+    let current = rt.flow_sources();
+    for (name, (source, file)) in wanted {
+        if current.get(name) == Some(source) {
+            continue;
+        }
+        if let Some((src, err)) = failed_before.get(name)
+            && src == source
+        {
+            failed.insert(name.clone(), (src.clone(), err.clone()));
+            continue;
+        }
+        match rt.apply(source, Path::new(file)) {
+            Ok(r) => {
+                info!(flow = %name, started = r.started.len(), restarted = r.restarted.len(), "flow placed on this node")
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                warn!(flow = %name, error = %msg, "cannot run flow placed on this node");
+                failed.insert(name.clone(), (source.clone(), msg));
+            }
+        }
+    }
+    // In cluster mode the replicated state is the only source of flows: outside any namespace
+    // a node runs none, and flows applied before it joined are stopped.
+    for name in current.keys() {
+        if !wanted.contains_key(name) {
+            match rt.remove(name) {
+                Ok(_) => info!(flow = %name, "flow no longer placed on this node; stopped"),
+                Err(e) => warn!(flow = %name, error = %e, "cannot stop flow"),
+            }
+        }
+    }
+    let mut pools: Vec<String> = rt.pool_statuses().into_iter().map(|p| p.name).collect();
+    pools.sort();
+    (pools, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_takes_addresses_and_bare_ips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(HOSTS_FILE);
+        std::fs::write(
+            &path,
+            "# seeds\n10.0.0.1:7000\n\n10.0.0.2   # default port\nnot-an-address\n[fd00::1]:7001\n",
+        )
+        .unwrap();
+        let got = read_hosts_file(&path, 7946);
+        let want: Vec<SocketAddr> = ["10.0.0.1:7000", "10.0.0.2:7946", "[fd00::1]:7001"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        assert!(read_hosts_file(&dir.path().join("missing"), 1).is_empty());
+    }
+
+    #[test]
+    fn node_meta_fits_memberlist_and_round_trips() {
+        let meta = NodeMeta {
+            name: "n".repeat(63),
+            ns: Some("s".repeat(63)),
+            lead: Some("s".repeat(63)),
+            peer: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535"
+                .parse()
+                .unwrap(),
+            gateway: Some(
+                "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535"
+                    .parse()
+                    .unwrap(),
+            ),
+            mac: Some("02:00:00:00:00:01".into()),
+            version: "10.20.30".into(),
+            capacity: u32::MAX,
+        };
+        let bytes = serde_json::to_vec(&meta).unwrap();
+        assert!(
+            bytes.len() <= super::super::membership::META_LIMIT,
+            "{}",
+            bytes.len()
+        );
+        assert_eq!(serde_json::from_slice::<NodeMeta>(&bytes).unwrap(), meta);
+    }
+
+    #[test]
+    fn namespace_names_are_checked() {
+        assert!(validate_ns_name("web-1.prod_a").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(64)] {
+            assert_eq!(validate_ns_name(bad).unwrap_err().status, 400, "{bad:?}");
+        }
+    }
+}

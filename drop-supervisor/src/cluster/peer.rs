@@ -1,0 +1,375 @@
+//! The peer transport: node-to-node calls for cluster-wide posting (DESIGN §5).
+//!
+//! A peer request is the gateway's `POST /api/v1/<pool>` sent to another node's peer listener,
+//! signed with a key derived from the cluster key: header `X-Drop-Peer: <unix-ms>.<hex>` where
+//! `<hex>` is HMAC-SHA256 over the timestamp, method, path and body. The listener refuses
+//! unsigned, wrongly signed, or stale (more than [`MAX_SKEW`] away) requests with 401 and never
+//! forwards further, so a call crosses at most one hop. A signature can be replayed within the
+//! skew window by someone who captured it; the listener is meant for the cluster network.
+//!
+//! [`Forwarder`] is the client side: it picks a node that runs the pool from the registry the
+//! reconcile loop keeps, and fails calls in flight to a node at once when membership declares it
+//! gone (their sockets are shut down).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::node::Registry;
+use crate::api::ApiError;
+use crate::http;
+
+/// Signatures older or newer than this are refused.
+pub const MAX_SKEW: Duration = Duration::from_secs(30);
+/// Header carrying the signature.
+pub const HEADER: &str = "X-Drop-Peer";
+/// Connecting to a peer gives up after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A forwarded call gives up after this (the remote pool answers 504 on its own timeout first).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The signing key, derived from the cluster key so the gossip key is never used twice.
+#[derive(Clone)]
+pub struct PeerKey([u8; 32]);
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
+    }
+}
+
+impl PeerKey {
+    /// Derives the key from the cluster key's text (base64, as in the key file).
+    pub fn derive(cluster_key: &str) -> Result<PeerKey, String> {
+        let key = super::membership::parse_key(cluster_key)?;
+        let mut mac = HmacSha256::new_from_slice(key.as_ref()).expect("HMAC takes any key length");
+        mac.update(b"drop peer transport v1");
+        Ok(PeerKey(mac.finalize().into_bytes().into()))
+    }
+
+    pub fn from_file(path: &Path) -> Result<PeerKey, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        PeerKey::derive(&text)
+    }
+
+    fn mac(&self, ts_ms: u64, method: &str, path: &str, body: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(ts_ms.to_string().as_bytes());
+        mac.update(b"\n");
+        mac.update(method.as_bytes());
+        mac.update(b"\n");
+        mac.update(path.as_bytes());
+        mac.update(b"\n");
+        mac.update(body);
+        mac
+    }
+
+    /// The header value for a request made at `ts_ms`.
+    pub fn sign(&self, ts_ms: u64, method: &str, path: &str, body: &[u8]) -> String {
+        let tag = self.mac(ts_ms, method, path, body).finalize().into_bytes();
+        let mut out = format!("{ts_ms}.");
+        for b in tag {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
+    }
+
+    /// Checks a header value against the request, at time `now_ms`.
+    pub fn verify(
+        &self,
+        header: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<(), &'static str> {
+        let header = header.ok_or("unsigned peer request")?;
+        let (ts, hex) = header.split_once('.').ok_or("malformed peer signature")?;
+        let ts: u64 = ts.parse().map_err(|_| "malformed peer signature")?;
+        let skew = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
+        if ts.abs_diff(now_ms) > skew {
+            return Err("stale peer signature (check the clocks)");
+        }
+        let tag = decode_hex(hex).ok_or("malformed peer signature")?;
+        self.mac(ts, method, path, body)
+            .verify_slice(&tag)
+            .map_err(|_| "wrong peer signature (different cluster key?)")
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the gateway asks of the cluster for pools it does not run itself.
+pub trait Forward: Send + Sync + std::fmt::Debug {
+    /// Calls `pool` on one other node that runs it; `None` when no node does.
+    fn call_any(&self, pool: &str, body: &[u8]) -> Option<Result<Vec<u8>, ApiError>>;
+    /// Calls `pool` on every other node that runs it: (node name, answer) each.
+    fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)>;
+}
+
+/// Streams of calls in flight, by node id, so a lost node's calls can be cut at once.
+type InFlight = Mutex<HashMap<String, HashMap<u64, TcpStream>>>;
+
+/// The client side of the peer transport.
+pub struct Forwarder {
+    registry: Arc<RwLock<Registry>>,
+    key: PeerKey,
+    next: AtomicUsize,
+    ids: AtomicU64,
+    inflight: Arc<InFlight>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder").finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// Also starts a watcher thread that cuts calls to nodes membership no longer sees up; it
+    /// ends when the forwarder is dropped.
+    pub fn new(registry: Arc<RwLock<Registry>>, key: PeerKey) -> Forwarder {
+        let inflight: Arc<InFlight> = Arc::default();
+        let weak: Weak<InFlight> = Arc::downgrade(&inflight);
+        let reg = registry.clone();
+        let _ = std::thread::Builder::new()
+            .name("drop-peer-watch".into())
+            .spawn(move || {
+                while let Some(inflight) = weak.upgrade() {
+                    let up = reg.read().unwrap_or_else(|e| e.into_inner()).up.clone();
+                    let map = inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    for (node, streams) in map.iter() {
+                        if !up.contains(node) {
+                            for s in streams.values() {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                        }
+                    }
+                    drop(map);
+                    drop(inflight);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        Forwarder {
+            registry,
+            key,
+            next: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+            inflight,
+        }
+    }
+
+    fn instances(&self, pool: &str) -> Vec<(String, String, SocketAddr)> {
+        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        reg.pools
+            .get(pool)
+            .map(|v| {
+                v.iter()
+                    .filter(|(id, _, _)| reg.up.contains(id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One signed call. `Err(None)`: could not connect (safe to try another node).
+    fn call_one(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        pool: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, Option<ApiError>> {
+        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|_| None)?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(CALL_TIMEOUT));
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(node.to_string())
+                .or_default()
+                .insert(id, clone);
+        }
+        let path = format!("/api/v1/{pool}");
+        let sig = self.key.sign(now_ms(), "POST", &path, body);
+        let result =
+            http::roundtrip_with(&mut stream, "POST", &path, Some(body), &[(HEADER, &sig)]);
+        {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = map.get_mut(node) {
+                m.remove(&id);
+                if m.is_empty() {
+                    map.remove(node);
+                }
+            }
+        }
+        match result {
+            Ok(r) if r.status == 200 => Ok(r.body),
+            Ok(r) => {
+                let (code, message) = serde_json::from_slice::<crate::api::ErrorBody>(&r.body)
+                    .map(|b| (b.error.code, b.error.message))
+                    .unwrap_or_else(|_| {
+                        (
+                            "peer_error".into(),
+                            String::from_utf8_lossy(&r.body).into_owned(),
+                        )
+                    });
+                Err(Some(ApiError::new(r.status, &code, message)))
+            }
+            Err(e) => Err(Some(ApiError::new(
+                503,
+                "peer_lost",
+                format!("node {node} ({addr}) did not answer the call of {pool}: {e}"),
+            ))),
+        }
+    }
+}
+
+impl Forward for Forwarder {
+    fn call_any(&self, pool: &str, body: &[u8]) -> Option<Result<Vec<u8>, ApiError>> {
+        let nodes = self.instances(pool);
+        if nodes.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..nodes.len() {
+            let (id, name, addr) = &nodes[(start + i) % nodes.len()];
+            match self.call_one(id, *addr, pool, body) {
+                Ok(reply) => return Some(Ok(reply)),
+                Err(Some(e)) => return Some(Err(e)),
+                // Not connected, so nothing was sent: the next node may take it.
+                Err(None) => last = Some(format!("{name} ({addr})")),
+            }
+        }
+        Some(Err(ApiError::new(
+            503,
+            "peer_unreachable",
+            format!(
+                "no node running {pool} could be reached (last tried {})",
+                last.unwrap_or_default()
+            ),
+        )))
+    }
+
+    fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)> {
+        let nodes = self.instances(pool);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .map(|(id, name, addr)| {
+                    s.spawn(move || {
+                        let r = self.call_one(id, *addr, pool, body).map_err(|e| {
+                            e.unwrap_or_else(|| {
+                                ApiError::new(
+                                    503,
+                                    "peer_unreachable",
+                                    format!("cannot connect to {name} ({addr})"),
+                                )
+                            })
+                        });
+                        (name.clone(), r)
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(text: &str) -> PeerKey {
+        PeerKey::derive(text).unwrap()
+    }
+
+    const K1: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const K2: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+
+    #[test]
+    fn a_signature_verifies_with_the_same_key_only() {
+        let (a, b) = (key(K1), key(K2));
+        let sig = a.sign(1_000_000, "POST", "/api/v1/echo", b"hi");
+        assert_eq!(
+            a.verify(Some(&sig), "POST", "/api/v1/echo", b"hi", 1_000_500),
+            Ok(())
+        );
+        assert!(
+            b.verify(Some(&sig), "POST", "/api/v1/echo", b"hi", 1_000_500)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn any_change_to_the_request_breaks_the_signature() {
+        let a = key(K1);
+        let sig = a.sign(1_000_000, "POST", "/api/v1/echo", b"hi");
+        assert!(
+            a.verify(Some(&sig), "POST", "/api/v1/echo", b"ho", 1_000_000)
+                .is_err()
+        );
+        assert!(
+            a.verify(Some(&sig), "POST", "/api/v1/other", b"hi", 1_000_000)
+                .is_err()
+        );
+        assert!(
+            a.verify(Some(&sig), "GET", "/api/v1/echo", b"hi", 1_000_000)
+                .is_err()
+        );
+        let forged = sig.replacen("1000000", "1000001", 1);
+        assert!(
+            a.verify(Some(&forged), "POST", "/api/v1/echo", b"hi", 1_000_000)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn stale_missing_and_malformed_signatures_are_refused() {
+        let a = key(K1);
+        let sig = a.sign(1_000_000, "POST", "/p", b"");
+        assert_eq!(
+            a.verify(Some(&sig), "POST", "/p", b"", 1_000_000 + 31_000),
+            Err("stale peer signature (check the clocks)")
+        );
+        assert_eq!(
+            a.verify(None, "POST", "/p", b"", 0),
+            Err("unsigned peer request")
+        );
+        assert!(a.verify(Some("x.zz"), "POST", "/p", b"", 0).is_err());
+        assert!(a.verify(Some("12"), "POST", "/p", b"", 0).is_err());
+    }
+
+    #[test]
+    fn the_peer_key_is_not_the_gossip_key() {
+        let k = key(K1);
+        let raw = super::super::membership::parse_key(K1).unwrap();
+        assert_ne!(&k.0[..], raw.as_ref());
+    }
+}
