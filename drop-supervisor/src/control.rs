@@ -38,6 +38,8 @@ pub struct Supervisor {
     gateway: Option<std::net::SocketAddr>,
     /// `None`: a single node (no `[cluster]` in the config).
     cluster: Option<Arc<Cluster>>,
+    /// Calls for pools that run on other nodes.
+    forward: Option<Arc<dyn crate::cluster::peer::Forward>>,
 }
 
 fn not_clustered() -> ApiError {
@@ -98,12 +100,18 @@ impl Supervisor {
             runtime,
             gateway,
             cluster: None,
+            forward: None,
         }
     }
 
     /// Puts the node in cluster mode: flows go to the replicated state.
-    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Supervisor {
+    pub fn with_cluster(
+        mut self,
+        cluster: Arc<Cluster>,
+        forward: Arc<dyn crate::cluster::peer::Forward>,
+    ) -> Supervisor {
         self.cluster = Some(cluster);
+        self.forward = Some(forward);
         self
     }
 
@@ -222,13 +230,21 @@ impl Supervisor {
                 .map(|s| to_json(&s))
                 .map_err(|e| runtime_error(&e)),
             ApiRequest::Call { pool, payload } => {
+                let forward = self.forward.clone();
                 self.blocking(move |rt| {
-                    let p = rt
-                        .pool(&pool)
-                        .ok_or_else(|| runtime_error(&RuntimeError::UnknownPool(pool.clone())))?;
-                    let reply = p
-                        .call(payload.as_bytes())
-                        .map_err(|e| gateway::call_error(&e))?;
+                    let reply = match (rt.pool(&pool), forward) {
+                        (Some(p), _) => p
+                            .call(payload.as_bytes())
+                            .map_err(|e| gateway::call_error(&e))?,
+                        (None, Some(f)) => {
+                            f.call_any(&pool, payload.as_bytes()).unwrap_or_else(|| {
+                                Err(runtime_error(&RuntimeError::UnknownPool(pool.clone())))
+                            })?
+                        }
+                        (None, None) => {
+                            return Err(runtime_error(&RuntimeError::UnknownPool(pool.clone())));
+                        }
+                    };
                     Ok(ApiResponse::Json(
                         serde_json::json!({ "reply": String::from_utf8_lossy(&reply) }),
                     ))
@@ -269,9 +285,16 @@ impl Supervisor {
                 Ok(ApiResponse::Json(serde_json::json!({ "removed": name })))
             }
             ApiRequest::Cast { pool, payload, all } => {
-                self.runtime
-                    .cast(&pool, payload.as_bytes(), all)
-                    .map_err(|e| runtime_error(&e))?;
+                match self.runtime.cast(&pool, payload.as_bytes(), all) {
+                    Ok(()) => {}
+                    // Not here: one node that runs it takes it.
+                    Err(RuntimeError::UnknownPool(_))
+                        if self
+                            .forward
+                            .as_ref()
+                            .is_some_and(|f| f.cast(&pool, payload.as_bytes(), all, false)) => {}
+                    Err(e) => return Err(runtime_error(&e)),
+                }
                 Ok(ApiResponse::Json(
                     serde_json::json!({ "queued": true, "pool": pool, "all": all }),
                 ))

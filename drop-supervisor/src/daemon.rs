@@ -190,6 +190,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         None => None,
     };
     let mut peer_server = None;
+    let mut forward: Option<Arc<crate::cluster::peer::Forwarder>> = None;
     if let (Some(cluster), Some(cc)) = (&cluster, &config.cluster) {
         let key = crate::cluster::peer::PeerKey::from_file(&cc.key_file).map_err(|reason| {
             DaemonError::ClusterKey {
@@ -201,6 +202,8 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             cluster.registry(),
             key.clone(),
         ));
+        runtime.set_forwarder(forwarder.clone());
+        forward = Some(forwarder.clone());
         if let Some(gw) = gateway.as_mut() {
             gw.set_forwarder(forwarder);
         }
@@ -224,8 +227,8 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         cluster.spawn(runtime.clone());
     }
     let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
-    if let Some(c) = &cluster {
-        supervisor = supervisor.with_cluster(c.clone());
+    if let (Some(c), Some(f)) = (&cluster, forward) {
+        supervisor = supervisor.with_cluster(c.clone(), f);
     }
     let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -18,7 +18,9 @@
 //! the peer transport, see `cluster::peer`); `POST /api/v1/<pool>?every` calls every instance
 //! and answers `{"replies": [{"node", "status", "reply" | "error"}]}`. Errors of a forwarded
 //! call keep the remote status; `503 peer_lost` means the node running the call went away and
-//! `503 peer_unreachable` that no node running the pool could be reached. The same server,
+//! `503 peer_unreachable` that no node running the pool could be reached. `?cast` (`?cast=all`:
+//! every worker) queues the body without waiting and answers `202 {"queued": true}`; a pool
+//! that is not here is cast to one node that runs it. The same server,
 //! started with a peer key, is the peer listener: it accepts only signed requests (401
 //! `unauthorized_peer` otherwise) and never forwards.
 //!
@@ -51,6 +53,12 @@ pub trait PoolLookup: Send + Sync {
     fn pool(&self, name: &str) -> Option<Pool>;
     /// Prometheus text for `GET /metrics`; `None` when this server has none.
     fn metrics(&self) -> Option<String> {
+        None
+    }
+    /// Queues `payload` for one worker of the pool (`all`: every worker) without waiting;
+    /// `None` when the pool is not here.
+    fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
+        let _ = (name, payload, all);
         None
     }
 }
@@ -229,10 +237,14 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
         return error_response(&err, close, out);
     }
     if let Some(key) = &ctx.options.peer_key {
+        let target = match &req.query {
+            Some(q) => format!("{}?{q}", req.path),
+            None => req.path.clone(),
+        };
         if let Err(why) = key.verify(
             req.peer_auth.as_deref(),
             &req.method,
-            &req.path,
+            &target,
             &req.body,
             peer::now_ms(),
         ) {
@@ -253,6 +265,32 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
         .query
         .as_deref()
         .is_some_and(|q| q.split('&').any(|p| p == "every" || p == "mode=every"));
+    let cast = req.query.as_deref().and_then(|q| {
+        q.split('&').find_map(|p| match p {
+            "cast" => Some(false),
+            "cast=all" => Some(true),
+            _ => None,
+        })
+    });
+    if let Some(all) = cast {
+        let result = match (ctx.lookup.cast(name, &req.body, all), ctx.forward) {
+            (Some(r), _) => r,
+            (None, Some(fwd)) if ctx.options.peer_key.is_none() => {
+                if fwd.cast(name, &req.body, all, false) {
+                    Ok(())
+                } else {
+                    Err(unknown_pool(name))
+                }
+            }
+            (None, _) => Err(unknown_pool(name)),
+        };
+        return match result {
+            Ok(()) => {
+                http::encode_response(202, "application/json", br#"{"queued":true}"#, close, out)
+            }
+            Err(e) => error_response(&e, close, out),
+        };
+    }
     let local = ctx.lookup.pool(name);
     if every {
         return every_response(name, &req.body, local.as_ref(), ctx.forward, close, out);

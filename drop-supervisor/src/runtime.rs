@@ -9,13 +9,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::api::ApiError;
 use crate::cgroup::{Cgroups, Limits};
+use crate::cluster::peer::Forward;
 use crate::flow::{self, Delivery, Filter, Flow, FlowError, PoolSpec};
 use crate::gateway::PoolLookup;
 use crate::logs::{self, PoolLog};
@@ -108,6 +110,20 @@ pub struct Runtime {
     flows: Mutex<BTreeMap<String, Applied>>,
     pools: Arc<RwLock<HashMap<String, Entry>>>,
     dispatcher: Dispatcher,
+    /// Other nodes' pools, for `done`/`dall` subscriptions (cluster mode).
+    remote: Arc<OnceLock<Arc<dyn Forward>>>,
+    /// `done`/`dall` subscriptions of pools that run on other nodes: (source pool, route).
+    remote_routes: Mutex<Vec<RemoteRoute>>,
+}
+
+/// A cluster-wide subscription (`done` / `dall`) declared by a pool of the namespace, wherever
+/// that pool runs.
+#[derive(Debug, Clone)]
+pub struct RemoteRoute {
+    pub from: String,
+    pub to: String,
+    pub filter: Filter,
+    pub delivery: Delivery,
 }
 
 /// Delivery threads and queue size for casts and subscription events.
@@ -133,6 +149,11 @@ impl PoolLookup for Runtime {
 
     fn metrics(&self) -> Option<String> {
         Some(crate::metrics::render(&self.pool_statuses()))
+    }
+
+    fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
+        self.pool(name)?;
+        Some(Runtime::cast(self, name, payload, all).map_err(|e| crate::control::runtime_error(&e)))
     }
 }
 
@@ -161,6 +182,8 @@ impl Runtime {
             flows: Mutex::new(BTreeMap::new()),
             pools: Arc::new(RwLock::new(HashMap::new())),
             dispatcher: Dispatcher::new(DISPATCH_THREADS, DISPATCH_QUEUE),
+            remote: Arc::default(),
+            remote_routes: Mutex::new(Vec::new()),
         }
     }
 
@@ -317,7 +340,8 @@ impl Runtime {
         report
     }
 
-    /// Points every pool's output at its subscribers (from the `sub` entries of all flows).
+    /// Points every pool's output at its subscribers: the `sub` entries of local pools, and the
+    /// cluster-wide ones (`done`/`dall`) of pools on other nodes.
     fn rewire(&self, pools: &HashMap<String, Entry>) {
         let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
         for entry in pools.values() {
@@ -329,30 +353,94 @@ impl Runtime {
                 });
             }
         }
+        for r in self
+            .remote_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let list = routes.entry(r.from.clone()).or_default();
+            if !list
+                .iter()
+                .any(|l| l.to == r.to && l.delivery == r.delivery)
+            {
+                list.push(Route {
+                    to: r.to.clone(),
+                    filter: r.filter.clone(),
+                    delivery: r.delivery,
+                });
+            }
+        }
         for (name, entry) in pools {
             let hook = routes.remove(name).map(|routes| {
-                if routes.iter().any(|r| matches!(r.delivery, Delivery::Any | Delivery::Every)) {
-                    info!(pool = %name, "cluster-wide subscriptions (any/every, DROP's done/dall) are delivered on this node until the cluster lands");
-                }
                 let registry = self.pools.clone();
                 let dispatcher = self.dispatcher.clone();
+                let remote = self.remote.clone();
                 let hook: crate::worker::pool::OutputHook = Arc::new(move |line: &[u8]| {
                     let text = String::from_utf8_lossy(line);
                     for route in routes.iter().filter(|r| r.filter.matches(&text)) {
-                        let target = registry.read().unwrap_or_else(|e| e.into_inner()).get(&route.to).map(|e| e.pool.clone());
-                        let Some(pool) = target else { continue };
-                        let payload = line.to_vec();
-                        let job = match route.delivery {
-                            Delivery::One | Delivery::Any => Job::One { pool, payload },
-                            Delivery::All | Delivery::Every => Job::All { pool, payload },
-                        };
-                        let _ = dispatcher.submit(job);
+                        let target = registry
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&route.to)
+                            .map(|e| e.pool.clone());
+                        let fwd = remote.get();
+                        match (route.delivery, target) {
+                            (Delivery::One, Some(pool)) | (Delivery::Any, Some(pool)) => {
+                                let payload = line.to_vec();
+                                let _ = dispatcher.submit(Job::One { pool, payload });
+                            }
+                            (Delivery::All, Some(pool)) => {
+                                let payload = line.to_vec();
+                                let _ = dispatcher.submit(Job::All { pool, payload });
+                            }
+                            // done: one instance, local first; elsewhere when not here.
+                            (Delivery::Any, None) => {
+                                if let Some(f) = fwd {
+                                    f.cast(&route.to, line, false, false);
+                                }
+                            }
+                            // dall: every instance, here and on every other node.
+                            (Delivery::Every, local) => {
+                                if let Some(pool) = local {
+                                    let payload = line.to_vec();
+                                    let _ = dispatcher.submit(Job::All { pool, payload });
+                                }
+                                if let Some(f) = fwd {
+                                    f.cast(&route.to, line, true, true);
+                                }
+                            }
+                            (Delivery::One | Delivery::All, None) => {}
+                        }
                     }
                 });
                 hook
             });
             entry.pool.set_output(hook);
         }
+    }
+
+    /// Sends `done`/`dall` events for pools on other nodes through `forward` (set once).
+    pub fn set_forwarder(&self, forward: Arc<dyn Forward>) {
+        let _ = self.remote.set(forward);
+    }
+
+    /// Replaces the cluster-wide subscriptions; rewires only when they changed.
+    pub fn set_remote_routes(&self, routes: Vec<RemoteRoute>) {
+        let key = |v: &[RemoteRoute]| -> Vec<String> {
+            v.iter()
+                .map(|r| format!("{}>{}>{:?}>{:?}", r.from, r.to, r.delivery, r.filter))
+                .collect()
+        };
+        {
+            let mut current = self.remote_routes.lock().unwrap_or_else(|e| e.into_inner());
+            if key(&current) == key(&routes) {
+                return;
+            }
+            *current = routes;
+        }
+        let pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        self.rewire(&pools);
     }
 
     /// Queues `payload` for one worker of `pool` (`all`: every worker) without waiting.

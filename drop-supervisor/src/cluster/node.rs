@@ -32,7 +32,8 @@ use super::membership::{Application, Member, MemberState, Membership, Membership
 use super::placement::{self, Candidate, FlowSpec};
 use super::state::{Clock, Entry, NodeId, StateMap, physical_now_ms};
 use crate::api::ApiError;
-use crate::runtime::Runtime;
+use crate::flow::Delivery;
+use crate::runtime::{RemoteRoute, Runtime};
 
 /// File under the state directory holding the replicated map.
 pub const STATE_FILE: &str = "cluster-state.json";
@@ -878,7 +879,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         .collect();
 
     // Leaders, placement and this node's share, under the lock (pure computation only).
-    let (my_flows, meta_changed, snapshot_ns) = {
+    let (my_flows, routes, meta_changed, snapshot_ns) = {
         let mut sh = inner.lock();
         let mut namespaces = Vec::new();
         let ns_names: Vec<String> = sh
@@ -892,6 +893,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
             .and_then(Value::as_str)
             .map(str::to_string);
         let mut my_flows: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut routes: Vec<RemoteRoute> = Vec::new();
         let mut my_lead = None;
         for ns in &ns_names {
             let members: BTreeSet<NodeId> = sh
@@ -979,6 +981,22 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 let Ok(flow) = crate::flow::parse_flow(source, Path::new(file)) else {
                     continue;
                 };
+                if my_ns.as_deref() == Some(ns.as_str()) {
+                    for spec in &flow.pools {
+                        for sub in spec
+                            .subs
+                            .iter()
+                            .filter(|s| matches!(s.delivery, Delivery::Any | Delivery::Every))
+                        {
+                            routes.push(RemoteRoute {
+                                from: sub.from.clone(),
+                                to: spec.name.clone(),
+                                filter: sub.filter.clone(),
+                                delivery: sub.delivery,
+                            });
+                        }
+                    }
+                }
                 let cost = flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1);
                 specs.push(FlowSpec {
                     name: name.clone(),
@@ -1054,7 +1072,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         let meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
         sh.meta.lead = my_lead;
         sh.meta.ns.clone_from(&my_ns);
-        (my_flows, meta_changed, namespaces)
+        (my_flows, routes, meta_changed, namespaces)
     };
     if meta_changed && let Err(e) = membership.update_meta().await {
         warn!(error = %e, "cannot gossip this node's metadata");
@@ -1063,8 +1081,11 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
     // This node's share of flows → the local runtime (blocking work off the async threads).
     let rt = runtime.clone();
     let failed_before: BTreeMap<String, (String, String)> = inner.lock().failed.clone();
-    let result =
-        tokio::task::spawn_blocking(move || apply_share(&rt, &my_flows, &failed_before)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        rt.set_remote_routes(routes);
+        apply_share(&rt, &my_flows, &failed_before)
+    })
+    .await;
     let (pools, failed) = match result {
         Ok(r) => r,
         Err(e) => {

@@ -2,7 +2,7 @@
 //!
 //! A peer request is the gateway's `POST /api/v1/<pool>` sent to another node's peer listener,
 //! signed with a key derived from the cluster key: header `X-Drop-Peer: <unix-ms>.<hex>` where
-//! `<hex>` is HMAC-SHA256 over the timestamp, method, path and body. The listener refuses
+//! `<hex>` is HMAC-SHA256 over the timestamp, method, path (with its query) and body. The listener refuses
 //! unsigned, wrongly signed, or stale (more than [`MAX_SKEW`] away) requests with 401 and never
 //! forwards further, so a call crosses at most one hop. A signature can be replayed within the
 //! skew window by someone who captured it; the listener is meant for the cluster network.
@@ -128,7 +128,23 @@ pub trait Forward: Send + Sync + std::fmt::Debug {
     fn call_any(&self, pool: &str, body: &[u8]) -> Option<Result<Vec<u8>, ApiError>>;
     /// Calls `pool` on every other node that runs it: (node name, answer) each.
     fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)>;
+    /// Queues `body` for `pool` on one other node that runs it (`every`: on each), for one
+    /// worker there (`all`: every worker), without waiting. False when no other node runs it
+    /// or the outgoing queue is full.
+    fn cast(&self, pool: &str, body: &[u8], all: bool, every: bool) -> bool;
 }
+
+/// A cast waiting for the sender thread.
+struct Cast {
+    node: String,
+    addr: SocketAddr,
+    pool: String,
+    body: Vec<u8>,
+    all: bool,
+}
+
+/// Casts waiting to be sent; more are dropped (and logged) rather than block a pool's output.
+const CAST_QUEUE: usize = 4096;
 
 /// Streams of calls in flight, by node id, so a lost node's calls can be cut at once.
 type InFlight = Mutex<HashMap<String, HashMap<u64, TcpStream>>>;
@@ -140,6 +156,7 @@ pub struct Forwarder {
     next: AtomicUsize,
     ids: AtomicU64,
     inflight: Arc<InFlight>,
+    casts: std::sync::mpsc::SyncSender<Cast>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -173,12 +190,32 @@ impl Forwarder {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             });
+        let (casts, rx) = std::sync::mpsc::sync_channel::<Cast>(CAST_QUEUE);
+        let sender_key = key.clone();
+        let _ = std::thread::Builder::new()
+            .name("drop-peer-cast".into())
+            .spawn(move || {
+                for c in rx {
+                    let path = format!("/api/v1/{}?cast{}", c.pool, if c.all { "=all" } else { "" });
+                    let sig = sender_key.sign(now_ms(), "POST", &path, &c.body);
+                    let sent = TcpStream::connect_timeout(&c.addr, CONNECT_TIMEOUT).and_then(|mut s| {
+                        s.set_read_timeout(Some(CONNECT_TIMEOUT * 5))?;
+                        http::roundtrip_with(&mut s, "POST", &path, Some(&c.body), &[(HEADER, &sig)])
+                    });
+                    match sent {
+                        Ok(r) if r.status == 202 => {}
+                        Ok(r) => tracing::warn!(node = %c.node, pool = %c.pool, status = r.status, "peer refused a cast"),
+                        Err(e) => tracing::warn!(node = %c.node, pool = %c.pool, error = %e, "cast to a peer failed"),
+                    }
+                }
+            });
         Forwarder {
             registry,
             key,
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
             inflight,
+            casts,
         }
     }
 
@@ -275,6 +312,34 @@ impl Forward for Forwarder {
                 last.unwrap_or_default()
             ),
         )))
+    }
+
+    fn cast(&self, pool: &str, body: &[u8], all: bool, every: bool) -> bool {
+        let nodes = self.instances(pool);
+        if nodes.is_empty() {
+            return false;
+        }
+        let chosen: Vec<_> = if every {
+            nodes
+        } else {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % nodes.len();
+            vec![nodes[i].clone()]
+        };
+        let mut queued = true;
+        for (_, name, addr) in chosen {
+            let c = Cast {
+                node: name,
+                addr,
+                pool: pool.to_string(),
+                body: body.to_vec(),
+                all,
+            };
+            if self.casts.try_send(c).is_err() {
+                tracing::warn!(pool, "peer cast queue full; event dropped");
+                queued = false;
+            }
+        }
+        queued
     }
 
     fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)> {
