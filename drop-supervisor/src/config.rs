@@ -81,6 +81,8 @@ pub struct RawCluster {
     pub profile: Option<String>,
     /// Relative size of this node for placement (default: 100 per CPU).
     pub capacity: Option<u32>,
+    /// `group:port` (an IPv4 multicast group) to find peers on the LAN; off when absent.
+    pub multicast: Option<String>,
     pub probe_interval: Option<String>,
     pub probe_timeout: Option<String>,
     pub suspicion_mult: Option<usize>,
@@ -105,6 +107,8 @@ pub struct ClusterConfig {
     pub profile: String,
     pub timing: Timing,
     pub capacity: u32,
+    /// LAN discovery group, if on.
+    pub multicast: Option<std::net::SocketAddrV4>,
 }
 
 /// Parses `500ms`, `2s` or `1m`.
@@ -265,7 +269,28 @@ impl ClusterConfig {
                 .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
                 .saturating_mul(100),
         };
+        let multicast = match &raw.multicast {
+            None => None,
+            Some(text) => {
+                let a: std::net::SocketAddrV4 = text.parse().map_err(|_| {
+                    invalid(
+                        "cluster.multicast",
+                        format!("`{text}` is not `group:port` with an IPv4 group"),
+                    )
+                })?;
+                if !a.ip().is_multicast() || !advertise.is_ipv4() {
+                    return Err(invalid(
+                        "cluster.multicast",
+                        format!(
+                            "`{text}` must be an IPv4 multicast group (224.0.0.0/4), on an IPv4 cluster address"
+                        ),
+                    ));
+                }
+                Some(a)
+            }
+        };
         Ok(ClusterConfig {
+            multicast,
             bind,
             advertise,
             peer,

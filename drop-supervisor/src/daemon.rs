@@ -214,7 +214,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             })?;
         let options = GatewayOptions {
             token: None,
-            peer_key: Some(key),
+            peer_key: Some(key.clone()),
         };
         let server = Gateway::start(listener, runtime.clone(), options).map_err(|source| {
             DaemonError::Peer {
@@ -224,7 +224,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         })?;
         info!(addr = %server.local_addr(), "peer transport listening");
         peer_server = Some(server);
-        cluster.spawn(runtime.clone());
+        cluster.spawn(runtime.clone(), key.clone());
     }
     let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
     if let (Some(c), Some(f)) = (&cluster, forward) {

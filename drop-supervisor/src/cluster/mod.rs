@@ -1,6 +1,7 @@
 //! The cluster: replicated desired state (more to come).
 
 pub mod broadcast;
+pub mod discovery;
 pub mod leader;
 pub mod membership;
 pub mod node;

@@ -165,7 +165,9 @@ struct Inner {
     me: NodeId,
     path: PathBuf,
     shared: Mutex<Shared>,
-    changed: Notify,
+    changed: Arc<Notify>,
+    /// Members found by multicast discovery.
+    discovered: Arc<Mutex<BTreeSet<SocketAddr>>>,
     members: AtomicUsize,
     snapshot: RwLock<Arc<Snapshot>>,
     registry: Arc<RwLock<Registry>>,
@@ -180,11 +182,20 @@ struct Message {
 impl Inner {
     /// Membership addresses of every node the state has heard of (from their registry entries).
     fn known_addrs(&self) -> Vec<SocketAddr> {
-        self.lock()
+        let mut addrs: Vec<SocketAddr> = self
+            .lock()
             .map
             .iter_prefix("reg/")
             .filter_map(|(_, v)| v.get("addr")?.as_str()?.parse().ok())
-            .collect()
+            .collect();
+        addrs.extend(
+            self.discovered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied(),
+        );
+        addrs
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -279,6 +290,7 @@ pub struct Cluster {
     membership: Arc<Membership>,
     name: String,
     seeds: Vec<SocketAddr>,
+    multicast: Option<std::net::SocketAddrV4>,
     stop: watch::Sender<bool>,
 }
 
@@ -380,7 +392,8 @@ impl Cluster {
                 history: BTreeMap::new(),
                 failed: BTreeMap::new(),
             }),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
+            discovered: Arc::default(),
             members: AtomicUsize::new(1),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             registry: Arc::new(RwLock::new(Registry::default())),
@@ -415,6 +428,7 @@ impl Cluster {
             membership: Arc::new(membership),
             name: opts.name,
             seeds,
+            multicast: opts.config.multicast,
             stop,
         })
     }
@@ -425,7 +439,17 @@ impl Cluster {
     }
 
     /// Runs the join loop and the reconcile loop until [`Cluster::stop`].
-    pub fn spawn(&self, runtime: Arc<Runtime>) {
+    pub fn spawn(&self, runtime: Arc<Runtime>, peer_key: super::peer::PeerKey) {
+        if let Some(group) = self.multicast {
+            tokio::spawn(super::discovery::run(
+                group,
+                self.membership.advertise(),
+                peer_key,
+                self.inner.discovered.clone(),
+                self.inner.changed.clone(),
+                self.stop.subscribe(),
+            ));
+        }
         let membership = self.membership.clone();
         let seeds = self.seeds.clone();
         let inner = self.inner.clone();
