@@ -94,6 +94,7 @@ pub struct RawCluster {
     pub retransmit_mult: Option<usize>,
     pub indirect_checks: Option<usize>,
     pub timeout: Option<String>,
+    pub awareness_max_multiplier: Option<usize>,
 }
 
 /// The validated `[cluster]` section.
@@ -261,6 +262,11 @@ impl ClusterConfig {
             "cluster.indirect_checks",
             raw.indirect_checks,
             &mut timing.indirect_checks,
+        )?;
+        count(
+            "cluster.awareness_max_multiplier",
+            raw.awareness_max_multiplier,
+            &mut timing.awareness_max_multiplier,
         )?;
         let capacity = match raw.capacity {
             Some(0) => return Err(invalid("cluster.capacity", "must be at least 1".into())),

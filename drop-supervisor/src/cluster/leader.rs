@@ -8,14 +8,15 @@
 //! - nobody leads without a quorum (a strict majority of the declared members alive), so the
 //!   minority side of a partition steps down instead of fighting over the floating IP;
 //! - a live claimant keeps the role (stickiness): a node with a smaller id that comes back does
-//!   not take over. Two claimants only exist briefly after a partition heals; the smaller id wins
-//!   and the other steps down once it sees the winning claim;
+//!   not take over. Two claimants only exist briefly after a partition heals; the older claim
+//!   (the leader that has sat longer; then the smaller id) wins and the other steps down once it
+//!   sees the winning claim;
 //! - while a fresh claim is still travelling, a node sticks to the leader it believed in before;
 //! - otherwise the smallest eligible id leads, a choice every node can make alone.
 //!
 //! Pure: no I/O, no clock.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::state::NodeId;
 
@@ -32,8 +33,9 @@ pub struct View<'a> {
     pub members: &'a BTreeSet<NodeId>,
     /// The nodes this node sees alive (may include non-members).
     pub alive: &'a BTreeSet<NodeId>,
-    /// The nodes whose metadata says "I lead this namespace".
-    pub claims: &'a BTreeSet<NodeId>,
+    /// The nodes whose metadata says "I lead this namespace", with since when (their clock,
+    /// milliseconds).
+    pub claims: &'a BTreeMap<NodeId, u64>,
     /// Whom this node believed to be leader at its last evaluation.
     pub previous: Option<NodeId>,
 }
@@ -44,7 +46,12 @@ pub fn elect(view: &View<'_>) -> Option<NodeId> {
         return None;
     }
     let eligible: BTreeSet<NodeId> = view.members.intersection(view.alive).copied().collect();
-    if let Some(&claimant) = eligible.intersection(view.claims).next() {
+    let oldest_claim = view
+        .claims
+        .iter()
+        .filter(|(id, _)| eligible.contains(id))
+        .min_by_key(|(id, since)| (**since, **id));
+    if let Some((&claimant, _)) = oldest_claim {
         return Some(claimant);
     }
     if let Some(previous) = view.previous.filter(|p| eligible.contains(p)) {
@@ -94,7 +101,7 @@ mod tests {
         elect(&View {
             members: &set(members),
             alive: &set(alive),
-            claims: &set(claims),
+            claims: &claims.iter().map(|&c| (n(c), 0)).collect(),
             previous: previous.map(n),
         })
     }
@@ -148,6 +155,19 @@ mod tests {
             Some(n(2))
         );
         assert_eq!(elect_with(&[1, 2, 3], &[1, 3], &[2], Some(2)), Some(n(1)));
+    }
+
+    #[test]
+    fn the_older_claim_wins_then_the_smaller_id() {
+        let members = set(&[1, 2, 3]);
+        let claims = BTreeMap::from([(n(1), 900), (n(3), 100)]);
+        let view = View {
+            members: &members,
+            alive: &members,
+            claims: &claims,
+            previous: None,
+        };
+        assert_eq!(elect(&view), Some(n(3)));
     }
 
     #[test]
@@ -219,9 +239,12 @@ mod tests {
         fn nodes_sharing_a_view_agree_on_an_alive_member(
             members in subset(),
             alive in subset(),
-            claims in subset(),
+            claimants in subset(),
+            since in prop::collection::vec(0u64..4, 8),
             previous in prop::collection::vec(prop::option::of(0u128..8), 8),
         ) {
+            let claims: BTreeMap<NodeId, u64> =
+                claimants.iter().zip(&since).map(|(id, t)| (*id, *t)).collect();
             let view = |previous: Option<u128>| View {
                 members: &members, alive: &alive, claims: &claims, previous: previous.map(n),
             };
@@ -242,7 +265,7 @@ mod tests {
                 .iter()
                 .map(|p| p.map(n).filter(|p| eligible.contains(p)))
                 .collect();
-            if claims.intersection(&eligible).next().is_some() || memories.len() == 1 {
+            if claims.keys().any(|c| eligible.contains(c)) || memories.len() == 1 {
                 prop_assert!(answers.windows(2).all(|w| w[0] == w[1]));
             }
         }

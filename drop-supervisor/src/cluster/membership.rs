@@ -59,13 +59,21 @@ pub struct Timing {
     pub push_pull_interval: Duration,
     pub retransmit_mult: usize,
     pub indirect_checks: usize,
+    /// Stream connections (join, push/pull) and, in memberlist 0.8.5, the TCP fallback of a
+    /// failed probe too: a silent node is only declared suspect after this.
     pub timeout: Duration,
+    /// Lifeguard: how far a node that misses acks slows its own probing (1 = never). High
+    /// values keep a struggling node from accusing healthy ones, but also slow the minority
+    /// side of a partition in noticing it lost the majority.
+    pub awareness_max_multiplier: usize,
 }
 
 impl Timing {
     /// The default: memberlist's LAN settings with a shorter suspicion (multiplier 3 instead of
-    /// 4) and more frequent push/pull (10 s instead of 30 s), so that a crash at N = 100 is
-    /// declared within about 5 s and anti-entropy repairs a missed update within seconds.
+    /// 4), more frequent push/pull (10 s instead of 30 s), a 2 s stream timeout (10 s) and a
+    /// Lifeguard slow-down of at most 3× (8×), so that a crash at N = 100 is declared within
+    /// about 5 s, a silent node soon after, and anti-entropy repairs a missed update within
+    /// seconds.
     pub fn lan() -> Timing {
         Timing {
             probe_interval: Duration::from_millis(500),
@@ -78,7 +86,8 @@ impl Timing {
             push_pull_interval: Duration::from_secs(10),
             retransmit_mult: 4,
             indirect_checks: 3,
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            awareness_max_multiplier: 3,
         }
     }
 
@@ -96,7 +105,8 @@ impl Timing {
             push_pull_interval: Duration::from_secs(5),
             retransmit_mult: 4,
             indirect_checks: 2,
-            timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            awareness_max_multiplier: 1,
         }
     }
 
@@ -122,6 +132,7 @@ impl Timing {
             .with_retransmit_mult(self.retransmit_mult)
             .with_indirect_checks(self.indirect_checks)
             .with_timeout(self.timeout)
+            .with_awareness_max_multiplier(self.awareness_max_multiplier)
     }
 }
 

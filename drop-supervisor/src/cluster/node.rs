@@ -57,6 +57,9 @@ pub struct NodeMeta {
     /// Namespace it leads.
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
     pub lead: Option<String>,
+    /// Since when it leads (its clock, ms): the older claim wins when two meet.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub lead_since: Option<u64>,
     /// Peer transport address.
     #[serde(rename = "p")]
     pub peer: SocketAddr,
@@ -372,6 +375,7 @@ impl Cluster {
             name: opts.name.clone(),
             ns,
             lead: None,
+            lead_since: None,
             peer: opts.config.peer,
             gateway: opts.gateway,
             mac: mac_of(opts.config.advertise.ip()),
@@ -927,13 +931,14 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 .filter_map(|(k, _)| k.trim_start_matches("nsm/").parse::<uuid::Uuid>().ok())
                 .map(NodeId)
                 .collect();
-            let claims: BTreeSet<NodeId> = known
+            let claims: BTreeMap<NodeId, u64> = known
                 .iter()
-                .filter(|k| {
-                    k.member.state.is_up()
-                        && k.meta.as_ref().and_then(|m| m.lead.as_deref()) == Some(ns.as_str())
+                .filter(|k| k.member.state.is_up())
+                .filter_map(|k| {
+                    let m = k.meta.as_ref()?;
+                    (m.lead.as_deref() == Some(ns.as_str()))
+                        .then_some((k.id?, m.lead_since.unwrap_or(0)))
                 })
-                .filter_map(|k| k.id)
                 .collect();
             let previous = sh.leaders.get(ns).copied().flatten();
             let view = View {
@@ -1094,6 +1099,11 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         }
         sh.leaders.retain(|ns, _| ns_names.contains(ns));
         let meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
+        if my_lead.is_none() {
+            sh.meta.lead_since = None;
+        } else if sh.meta.lead != my_lead {
+            sh.meta.lead_since = Some(unix_ms());
+        }
         sh.meta.lead = my_lead;
         sh.meta.ns.clone_from(&my_ns);
         (my_flows, routes, meta_changed, namespaces)
@@ -1313,6 +1323,7 @@ mod tests {
             name: "n".repeat(63),
             ns: Some("s".repeat(63)),
             lead: Some("s".repeat(63)),
+            lead_since: Some(u64::MAX),
             peer: "[fd00:1234:5678:9abc:def0:1234:5678:9abc]:65535"
                 .parse()
                 .unwrap(),
