@@ -7,6 +7,7 @@
 //! Usage: `privileged [FILTER...]` runs the tests whose name contains any FILTER.
 
 mod cgroups;
+mod cluster;
 mod faults;
 mod images;
 mod netns;
@@ -35,6 +36,7 @@ fn main() {
         images::TESTS,
         faults::TESTS,
         runtime::TESTS,
+        cluster::TESTS,
     ]
     .into_iter()
     .flatten();

@@ -2,6 +2,7 @@
 //! systemd, and paths to the built artefacts. Everything here cleans up on drop, also on panic.
 //! Never used in production code.
 
+pub mod cluster;
 pub mod netns;
 pub mod paths;
 pub mod systemd;

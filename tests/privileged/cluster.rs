@@ -1,0 +1,911 @@
+//! The cluster on real hosts (one daemon per network namespace, [`ClusterFixture`]): joining and
+//! agreeing on a namespace leader, placing flows by priority, a leader SIGKILLed, a 2|3
+//! partition and its healing, a node with the wrong key kept out, and a restart that comes back
+//! from persisted state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use drop_tests::cluster::{ClusterFixture, ClusterSpec, KeyChoice, on_each, poll, wait_for};
+use drop_tests::{Outcome, Test, paths, require_command, require_root};
+use serde_json::Value;
+
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "cluster_fixture_hosts_partition_and_teardown",
+        run: fixture_hosts_partition_and_teardown,
+    },
+    Test {
+        name: "cluster_join_and_converge",
+        run: join_and_converge,
+    },
+    Test {
+        name: "cluster_flows_placed",
+        run: flows_placed,
+    },
+    Test {
+        name: "cluster_sigkill_leader",
+        run: sigkill_leader,
+    },
+    Test {
+        name: "cluster_partition_2_3",
+        run: partition_2_3,
+    },
+    Test {
+        name: "cluster_wrong_key_refused",
+        run: wrong_key_refused,
+    },
+    Test {
+        name: "cluster_restart_keeps_state",
+        run: restart_keeps_state,
+    },
+];
+
+/// The namespace every test creates, and its VIP (inside the fixture's subnet).
+const NS: &str = "t";
+const VIP: &str = "10.201.0.100";
+/// Flows (and their one pool each): priority 0 runs on every member, priority 1 on the leader.
+const P0_FLOW: &str = "p0flow";
+const P0_POOL: &str = "p0echo";
+const P1_FLOW: &str = "p1flow";
+const P1_POOL: &str = "p1echo";
+const LATE_FLOW: &str = "lateflow";
+const LATE_POOL: &str = "lateecho";
+
+/// Five nodes seeing each other (seeds, then gossip).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A leader elected (or re-elected) once members agree on who is alive.
+const ELECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A crashed or cut-off node declared dead with the `fast` profile.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A flow's pools started where the placement says.
+const PLACE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Both halves of a partition merged again after the heal.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn preconditions() -> Option<Outcome> {
+    require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("nsenter"))
+        .or_else(|| require_command("find"))
+}
+
+/// The daemon, its client and the echo worker must have been built (`cargo xtask test` builds
+/// them); a missing one is a broken build, not an unmet precondition.
+fn require_binaries() -> anyhow::Result<()> {
+    for bin in ["drop-supervisor", "dropctl", "drop-echo-worker"] {
+        let path = paths::bin(bin);
+        ensure!(
+            path.is_file(),
+            "{} not found: build it first (cargo build -p drop-supervisor --bins)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `body` on `fx`; on failure prints the tail of every daemon's log before returning the
+/// error (the fixture is torn down by the caller's drop).
+fn with_logs(
+    fx: &mut ClusterFixture,
+    body: impl FnOnce(&mut ClusterFixture) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    match body(fx) {
+        Ok(()) => Ok(Outcome::Pass),
+        Err(e) => {
+            println!("  daemon logs (last 25 lines each):\n{}", fx.log_tails(25));
+            Err(e)
+        }
+    }
+}
+
+/// Five clustered nodes; node 4 finds its seeds in `drop-hosts`.
+fn five_nodes(spare_hosts: usize) -> anyhow::Result<ClusterFixture> {
+    require_binaries()?;
+    ClusterFixture::start(ClusterSpec {
+        spare_hosts,
+        seeds_from_hosts_file: vec![4],
+        ..ClusterSpec::new(5)
+    })
+}
+
+fn all_names(fx: &ClusterFixture, nodes: &[usize]) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .map(|&i| fx.node(i).name().to_string())
+        .collect()
+}
+
+// ---- reading the control API -------------------------------------------------------------
+
+/// `node ls` as name → state.
+fn member_states(fx: &ClusterFixture, i: usize) -> anyhow::Result<BTreeMap<String, String>> {
+    let v = fx.node(i).dropctl(&["node", "ls"])?;
+    let list = v.as_array().context("`node ls` is not a JSON array")?;
+    list.iter()
+        .map(|m| {
+            Ok((
+                str_field(m, "name")?.to_string(),
+                str_field(m, "state")?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The names `node i` lists as `state`.
+fn members_in_state(
+    fx: &ClusterFixture,
+    i: usize,
+    state: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    Ok(member_states(fx, i)?
+        .into_iter()
+        .filter(|(_, s)| s == state)
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Node `i`'s `ns ls` entry for `ns`, if listed.
+fn ns_entry(fx: &ClusterFixture, i: usize, ns: &str) -> anyhow::Result<Option<Value>> {
+    let v = fx.node(i).dropctl(&["ns", "ls"])?;
+    let list = v.as_array().context("`ns ls` is not a JSON array")?;
+    Ok(list.iter().find(|e| e["name"] == ns).cloned())
+}
+
+/// `(leader, quorum)` of `ns` as node `i` sees it; an error if `ns` is not listed.
+fn leader_view(fx: &ClusterFixture, i: usize, ns: &str) -> anyhow::Result<(Option<String>, bool)> {
+    let entry = ns_entry(fx, i, ns)?
+        .with_context(|| format!("{} does not list namespace {ns}", fx.node(i).name()))?;
+    let leader = match &entry["leader"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => bail!("`leader` is neither a name nor null: {other}"),
+    };
+    let quorum = entry["quorum"]
+        .as_bool()
+        .with_context(|| format!("`quorum` is not a bool in {entry}"))?;
+    Ok((leader, quorum))
+}
+
+/// Names of the pools node `i` runs.
+fn pools(fx: &ClusterFixture, i: usize) -> anyhow::Result<BTreeSet<String>> {
+    let v = fx.node(i).dropctl(&["pool", "ls"])?;
+    let list = v.as_array().context("`pool ls` is not a JSON array")?;
+    list.iter()
+        .map(|p| Ok(str_field(p, "name")?.to_string()))
+        .collect()
+}
+
+/// `ns show NS` on node `i`: flow name → the names of the nodes it is placed on.
+fn placements(
+    fx: &ClusterFixture,
+    i: usize,
+    ns: &str,
+) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+    let v = fx.node(i).dropctl(&["ns", "show", ns])?;
+    let flows = v["flows"]
+        .as_array()
+        .with_context(|| format!("`ns show {ns}` has no `flows` array: {v}"))?;
+    flows
+        .iter()
+        .map(|f| {
+            let nodes = f["nodes"]
+                .as_array()
+                .with_context(|| format!("flow without a `nodes` array: {f}"))?
+                .iter()
+                .map(|n| n.as_str().map(str::to_string).context("node name"))
+                .collect::<anyhow::Result<BTreeSet<String>>>()?;
+            Ok((str_field(f, "name")?.to_string(), nodes))
+        })
+        .collect()
+}
+
+/// A `members` array: names, or objects with a `name` (`ns ls` and `ns show` give either).
+fn member_names(v: &Value) -> anyhow::Result<BTreeSet<String>> {
+    v.as_array()
+        .with_context(|| format!("`members` is not an array: {v}"))?
+        .iter()
+        .map(|m| match m {
+            Value::String(name) => Ok(name.clone()),
+            _ => Ok(str_field(m, "name")?.to_string()),
+        })
+        .collect()
+}
+
+fn str_field<'v>(v: &'v Value, key: &str) -> anyhow::Result<&'v str> {
+    v[key]
+        .as_str()
+        .with_context(|| format!("`{key}` is not a string in {v}"))
+}
+
+// ---- conditions over several nodes -------------------------------------------------------
+
+/// Every node of `nodes` lists exactly `expected` as alive.
+fn all_see_alive(
+    fx: &ClusterFixture,
+    nodes: &[usize],
+    expected: &BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let views = on_each(nodes, |&i| members_in_state(fx, i, "alive"));
+    let mut wrong = Vec::new();
+    for (&i, view) in nodes.iter().zip(views) {
+        let view = view?;
+        if &view != expected {
+            wrong.push(format!("{} sees alive {view:?}", fx.node(i).name()));
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "expected alive {expected:?}; {}",
+        wrong.join("; ")
+    );
+    Ok(())
+}
+
+/// The leader every node of `nodes` names for `ns`, with quorum; an error describing each view
+/// unless they all agree.
+fn agreed_leader(fx: &ClusterFixture, nodes: &[usize], ns: &str) -> anyhow::Result<String> {
+    let views: Vec<(String, (Option<String>, bool))> = on_each(nodes, |&i| {
+        Ok((fx.node(i).name().to_string(), leader_view(fx, i, ns)?))
+    })
+    .into_iter()
+    .collect::<anyhow::Result<_>>()?;
+    let leaders: BTreeSet<Option<&String>> = views.iter().map(|(_, (l, _))| l.as_ref()).collect();
+    match (leaders.len(), leaders.first()) {
+        (1, Some(Some(leader))) if views.iter().all(|(_, (_, q))| *q) => Ok((*leader).clone()),
+        _ => bail!("no agreed leader with quorum: {views:?}"),
+    }
+}
+
+/// Which of `nodes` run `pool`.
+fn running(fx: &ClusterFixture, nodes: &[usize], pool: &str) -> anyhow::Result<BTreeSet<String>> {
+    let sets = on_each(nodes, |&i| pools(fx, i));
+    let mut out = BTreeSet::new();
+    for (&i, set) in nodes.iter().zip(sets) {
+        if set?.contains(pool) {
+            out.insert(fx.node(i).name().to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// POSTs `body` to `pool` through node `via`'s gateway until it answers 200 with `body` back.
+fn echoes_via(fx: &ClusterFixture, via: usize, pool: &str, body: &str) -> anyhow::Result<()> {
+    let node = fx.node(via);
+    wait_for(
+        PLACE_TIMEOUT,
+        &format!("{pool} answering through {}'s gateway", node.name()),
+        || {
+            let (status, reply) = node.post(pool, body.as_bytes())?;
+            ensure!(
+                status == 200 && reply == body.as_bytes(),
+                "{status} {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+            Ok(())
+        },
+    )
+}
+
+// ---- shared set-up steps -----------------------------------------------------------------
+
+/// Waits until all `fx.nodes` (the first five) see each other alive.
+fn converge(fx: &ClusterFixture) -> anyhow::Result<Duration> {
+    let nodes: Vec<usize> = (0..5).collect();
+    let expected = all_names(fx, &nodes);
+    let started = Instant::now();
+    wait_for(JOIN_TIMEOUT, "all 5 nodes alive in every `node ls`", || {
+        all_see_alive(fx, &nodes, &expected)
+    })?;
+    Ok(started.elapsed())
+}
+
+/// `ns create` on node 0 naming all five, then waits until every node lists it with one agreed
+/// leader; returns the leader's index.
+fn create_namespace(fx: &ClusterFixture) -> anyhow::Result<usize> {
+    let nodes: Vec<usize> = (0..5).collect();
+    let names: Vec<String> = all_names(fx, &nodes).into_iter().collect();
+    let created = fx.node(0).dropctl(&[
+        "ns",
+        "create",
+        NS,
+        "--vip",
+        VIP,
+        "--nodes",
+        &names.join(","),
+    ])?;
+    ensure!(
+        created["name"] == NS,
+        "`ns create` answered {created}, expected name {NS}"
+    );
+    let started = Instant::now();
+    let leader = wait_for(
+        ELECT_TIMEOUT,
+        &format!("every node listing {NS} with the same leader"),
+        || agreed_leader(fx, &nodes, NS),
+    )?;
+    println!(
+        "  namespace {NS}: leader {leader}, agreed by all 5 after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    fx.index_of(&leader)
+}
+
+/// A flow of one pool of `drop-echo-worker`.
+fn echo_flow(flow: &str, pool: &str, priority: u8) -> String {
+    format!(
+        "name: {flow}\npriority: {priority}\nfunc:\n  - name: {pool}\n    cmd: {}\n    num: 1\n",
+        paths::bin("drop-echo-worker").display()
+    )
+}
+
+/// Writes a flow file into node `via`'s folder and applies it there with `--ns`.
+fn apply_flow(
+    fx: &ClusterFixture,
+    via: usize,
+    flow: &str,
+    pool: &str,
+    priority: u8,
+) -> anyhow::Result<()> {
+    let node = fx.node(via);
+    let file = node.dir().join(format!("{flow}.yaml"));
+    std::fs::write(&file, echo_flow(flow, pool, priority))
+        .with_context(|| format!("writing {}", file.display()))?;
+    node.dropctl(&[
+        "flow",
+        "apply",
+        file.to_str().context("flow path is not UTF-8")?,
+        "--ns",
+        NS,
+    ])?;
+    Ok(())
+}
+
+/// Applies the priority-0 and priority-1 flows on node 2 and waits until the p0 pool runs on
+/// all five and the p1 pool on the leader alone.
+fn place_flows(fx: &ClusterFixture, leader: usize) -> anyhow::Result<()> {
+    let nodes: Vec<usize> = (0..5).collect();
+    apply_flow(fx, 2, P0_FLOW, P0_POOL, 0)?;
+    apply_flow(fx, 2, P1_FLOW, P1_POOL, 1)?;
+    let all = all_names(fx, &nodes);
+    let started = Instant::now();
+    wait_for(PLACE_TIMEOUT, &format!("{P0_POOL} on all 5 nodes"), || {
+        let on = running(fx, &nodes, P0_POOL)?;
+        ensure!(on == all, "{P0_POOL} runs on {on:?}");
+        Ok(())
+    })?;
+    let leader_name = fx.node(leader).name().to_string();
+    wait_for(
+        PLACE_TIMEOUT,
+        &format!("{P1_POOL} on the leader {leader_name} only"),
+        || {
+            let on = running(fx, &nodes, P1_POOL)?;
+            ensure!(
+                on == BTreeSet::from([leader_name.clone()]),
+                "{P1_POOL} runs on {on:?}"
+            );
+            Ok(())
+        },
+    )?;
+    println!(
+        "  flows placed after {:.2} s: {P0_POOL} on all 5, {P1_POOL} on {leader_name}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Five nodes converged, namespace created, both flows placed; the leader's index.
+fn cluster_with_flows(fx: &ClusterFixture) -> anyhow::Result<usize> {
+    converge(fx)?;
+    let leader = create_namespace(fx)?;
+    place_flows(fx, leader)?;
+    Ok(leader)
+}
+
+// ---- the tests ---------------------------------------------------------------------------
+
+/// The fixture itself, without `[cluster]`: every daemon starts in its own namespace and
+/// answers on its socket, its gateway is reachable from another host, a partition cuts exactly
+/// the chosen hosts off and `heal` undoes it, SIGKILL/SIGTERM/restart work, and dropping the
+/// fixture leaves no namespace, cgroup, process or folder behind.
+fn fixture_hosts_partition_and_teardown() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions().or_else(|| require_command("ping")) {
+        return Ok(skip);
+    }
+    require_binaries()?;
+    let mut fx = ClusterFixture::start(ClusterSpec {
+        cluster: false,
+        ..ClusterSpec::new(3)
+    })?;
+    let mut worker_pids = Vec::new();
+    let result = with_logs(&mut fx, |fx| {
+        for node in fx.nodes() {
+            let status = node.status()?;
+            ensure!(
+                status["name"] == node.name(),
+                "{} answered status {status}",
+                node.name()
+            );
+        }
+        // A standalone flow on n1 answers through n1's gateway, posted from n0's namespace.
+        let file = fx.node(1).dir().join("solo.yaml");
+        std::fs::write(&file, echo_flow("solo", "solo", 0))?;
+        fx.node(1)
+            .dropctl(&["flow", "apply", file.to_str().context("utf-8")?])?;
+        let gw1 = fx.node(1).gateway();
+        wait_for(
+            PLACE_TIMEOUT,
+            "solo answering on n1's gateway from n0",
+            || {
+                let (status, body) = fx.node(0).post_to(gw1, "solo", b"hi")?;
+                ensure!(status == 200 && body == b"hi", "{status} {body:?}");
+                Ok(())
+            },
+        )?;
+        worker_pids = worker_pids_of(fx.node(1).pid().context("n1 runs")?);
+        ensure!(!worker_pids.is_empty(), "n1 has no worker process");
+
+        let (h0, h1, h2) = (fx.node(0).host(), fx.node(1).host(), fx.node(2).host());
+        ensure!(h0.ping(h1.addr(), 1)?, "n0 reaches n1 before the partition");
+        fx.partition(&[0])?;
+        ensure!(
+            !h0.ping(h1.addr(), 1)?,
+            "n0 still reaches n1 across the partition"
+        );
+        ensure!(
+            h1.ping(h2.addr(), 1)?,
+            "n1 lost n2 although both are on br0"
+        );
+        ensure!(
+            fx.node(0).post_to(gw1, "solo", b"x").is_err(),
+            "n0 reached n1's gateway across the partition"
+        );
+        fx.heal()?;
+        ensure!(
+            h0.ping(h1.addr(), 3)?,
+            "n0 does not reach n1 after the heal"
+        );
+
+        fx.node(2).stop()?;
+        ensure!(!fx.node(2).is_running(), "n2 stopped");
+        fx.node(2).restart()?;
+        ensure!(
+            fx.node(2).status()?["name"] == "n2",
+            "n2 answers after restart"
+        );
+        // SIGKILL leaves n1's worker orphaned; the teardown must still remove it.
+        fx.node(1).sigkill()?;
+        ensure!(
+            fx.node(1).dropctl(&["status"]).is_err(),
+            "n1 answers after SIGKILL"
+        );
+        Ok(())
+    });
+    let mut footprint = fx.footprint();
+    footprint.pids.extend(worker_pids.iter().copied());
+    drop(fx);
+    result?;
+    let left = footprint.leftovers()?;
+    ensure!(left.is_empty(), "left behind by the fixture: {left:?}");
+    println!(
+        "  3 hosts: daemons, gateway across hosts, partition/heal, stop/restart/SIGKILL; teardown left nothing ({} namespaces, {} cgroup subtrees, {} pids checked)",
+        footprint.netns.len(),
+        footprint.cgroup_subtrees.len(),
+        footprint.pids.len()
+    );
+    Ok(Outcome::Pass)
+}
+
+/// Descendants of `pid` (its workers), from /proc/*/stat's ppid.
+fn worker_pids_of(pid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|pp| pp.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+fn join_and_converge() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(0)?;
+    with_logs(&mut fx, |fx| {
+        let hosts_file = fx.node(4).state_dir().join("drop-hosts");
+        ensure!(
+            hosts_file.is_file(),
+            "n4 is seeded through {}",
+            hosts_file.display()
+        );
+        let took = converge(fx)?;
+        println!(
+            "  5 nodes alive in every `node ls` after {:.2} s (n4 seeded via drop-hosts)",
+            took.as_secs_f64()
+        );
+        // Distinct identities.
+        let ids: BTreeSet<String> = fx
+            .nodes()
+            .map(|n| Ok(str_field(&n.status()?, "node_id")?.to_string()))
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(ids.len() == 5, "node ids are not distinct: {ids:?}");
+        create_namespace(fx)?;
+        // Every node lists the same members.
+        let nodes: Vec<usize> = (0..5).collect();
+        let all = all_names(fx, &nodes);
+        for i in nodes {
+            let entry = ns_entry(fx, i, NS)?.context("listed")?;
+            let members = member_names(&entry["members"])?;
+            ensure!(
+                members == all,
+                "{} lists members {members:?}",
+                fx.node(i).name()
+            );
+            ensure!(
+                entry["vip"] == VIP,
+                "{} lists vip {}",
+                fx.node(i).name(),
+                entry["vip"]
+            );
+        }
+        Ok(())
+    })
+}
+
+fn flows_placed() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(0)?;
+    with_logs(&mut fx, |fx| {
+        let leader = cluster_with_flows(fx)?;
+        let leader_name = fx.node(leader).name().to_string();
+        let nodes: Vec<usize> = (0..5).collect();
+        // The replicated placement says the same as the pools.
+        wait_for(PLACE_TIMEOUT, "`ns show` placements on n0", || {
+            let p = placements(fx, 0, NS)?;
+            ensure!(
+                p.get(P0_FLOW) == Some(&all_names(fx, &nodes)),
+                "{P0_FLOW} placed on {:?}",
+                p.get(P0_FLOW)
+            );
+            ensure!(
+                p.get(P1_FLOW) == Some(&BTreeSet::from([leader_name.clone()])),
+                "{P1_FLOW} placed on {:?}",
+                p.get(P1_FLOW)
+            );
+            Ok(())
+        })?;
+        // Any gateway serves the leader-only pool by forwarding.
+        let via = (0..5).find(|&i| i != leader).context("a non-leader")?;
+        echoes_via(fx, via, P1_POOL, "through a non-leader")?;
+        echoes_via(fx, leader, P1_POOL, "on the leader")?;
+        echoes_via(fx, via, P0_POOL, "p0 locally")?;
+        println!(
+            "  {P1_POOL} answered through {}'s gateway (leader {leader_name})",
+            fx.node(via).name()
+        );
+        Ok(())
+    })
+}
+
+fn sigkill_leader() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(0)?;
+    with_logs(&mut fx, |fx| {
+        let old = cluster_with_flows(fx)?;
+        let old_name = fx.node(old).name().to_string();
+        let survivors: Vec<usize> = (0..5).filter(|&i| i != old).collect();
+
+        let killed_at = Instant::now();
+        fx.node(old).sigkill()?;
+        // A tight interval: this is the measured figure.
+        let polled = poll(
+            DETECT_TIMEOUT + ELECT_TIMEOUT,
+            Duration::from_millis(25),
+            "the 4 survivors agreeing on a new leader",
+            || {
+                let leader = agreed_leader(fx, &survivors, NS)?;
+                ensure!(leader != old_name, "all still name the killed {old_name}");
+                Ok(leader)
+            },
+        )?;
+        let new_name = polled.value;
+        let upper = polled.ok_at.duration_since(killed_at).as_secs_f64();
+        let lower = polled
+            .last_miss_at
+            .map_or(0.0, |t| t.duration_since(killed_at).as_secs_f64());
+        println!("  leader failover: {upper:.2} s");
+        println!(
+            "  ({old_name} SIGKILLed → all 4 survivors name {new_name}; not yet at {lower:.2} s, agreed by {upper:.2} s)"
+        );
+
+        wait_for(
+            DETECT_TIMEOUT,
+            &format!("{old_name} dead on every survivor"),
+            || {
+                for (&i, states) in survivors
+                    .iter()
+                    .zip(on_each(&survivors, |&i| member_states(fx, i)))
+                {
+                    let states = states?;
+                    let s = states.get(&old_name).map(String::as_str);
+                    ensure!(
+                        matches!(s, Some("dead") | None),
+                        "{} sees {old_name} as {s:?}",
+                        fx.node(i).name()
+                    );
+                }
+                Ok(())
+            },
+        )?;
+        wait_for(
+            PLACE_TIMEOUT,
+            &format!("{P1_POOL} on the new leader {new_name} only"),
+            || {
+                let on = running(fx, &survivors, P1_POOL)?;
+                ensure!(
+                    on == BTreeSet::from([new_name.clone()]),
+                    "{P1_POOL} runs on {on:?}"
+                );
+                Ok(())
+            },
+        )?;
+        let new = fx.index_of(&new_name)?;
+        let via = survivors
+            .iter()
+            .copied()
+            .find(|&i| i != new)
+            .context("a non-leader")?;
+        echoes_via(fx, via, P1_POOL, "after failover")?;
+        Ok(())
+    })
+}
+
+fn partition_2_3() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(0)?;
+    with_logs(&mut fx, |fx| {
+        let old = cluster_with_flows(fx)?;
+        let old_name = fx.node(old).name().to_string();
+        let other = (0..5).find(|&i| i != old).context("a second node")?;
+        let minority = [old, other];
+        let majority: Vec<usize> = (0..5).filter(|i| !minority.contains(i)).collect();
+        let majority_names = all_names(fx, &majority);
+
+        let cut_at = Instant::now();
+        fx.partition(&minority)?;
+        // One loop watches both sides, so that a time when both claim a leader shows too.
+        let mut elected: Option<(String, f64)> = None;
+        let mut lost: Option<f64> = None;
+        let mut old_still_leads: Option<f64> = None;
+        wait_for(
+            DETECT_TIMEOUT + ELECT_TIMEOUT,
+            "the majority electing a new leader among themselves and the minority reporting no leader and no quorum",
+            || {
+                let now = cut_at.elapsed().as_secs_f64();
+                if elected.is_none()
+                    && let Ok(leader) = agreed_leader(fx, &majority, NS)
+                    && majority_names.contains(&leader)
+                {
+                    elected = Some((leader, now));
+                }
+                let views = on_each(&minority, |&i| leader_view(fx, i, NS));
+                if lost.is_none() && views.iter().all(|v| matches!(v, Ok((None, false)))) {
+                    lost = Some(now);
+                }
+                if elected.is_some()
+                    && let Some(Ok((Some(l), true))) = views.first()
+                    && *l == old_name
+                {
+                    old_still_leads = Some(now);
+                }
+                if elected.is_some() && lost.is_some() {
+                    return Ok(());
+                }
+                let shown: Vec<String> = minority
+                    .iter()
+                    .zip(&views)
+                    .map(|(&i, v)| match v {
+                        Ok(v) => format!("{} reports (leader, quorum) = {v:?}", fx.node(i).name()),
+                        Err(e) => format!("{}: {e:#}", fx.node(i).name()),
+                    })
+                    .collect();
+                bail!(
+                    "majority elected: {elected:?}; minority: {}",
+                    shown.join("; ")
+                )
+            },
+        )?;
+        let (new_name, elected_s) = elected.context("checked above")?;
+        let lost_s = lost.context("checked above")?;
+        echoes_via(fx, majority[0], P1_POOL, "majority side")?;
+        // Without quorum, the old leader gives up the leader-only pool.
+        wait_for(
+            PLACE_TIMEOUT,
+            &format!("{P1_POOL} stopped on the minority"),
+            || {
+                let on = running(fx, &minority, P1_POOL)?;
+                ensure!(on.is_empty(), "{P1_POOL} runs on {on:?}");
+                Ok(())
+            },
+        )?;
+        println!(
+            "  partition {{{old_name}, {}}} | {majority_names:?}: majority elected {new_name} after {elected_s:.2} s, minority without leader and quorum after {lost_s:.2} s",
+            fx.node(other).name()
+        );
+        if let Some(t) = old_still_leads {
+            println!(
+                "  two leaders: {old_name} still claimed leadership with quorum at {t:.2} s, {:.2} s after the majority elected {new_name}",
+                t - elected_s
+            );
+        }
+
+        let healed_at = Instant::now();
+        fx.heal()?;
+        let nodes: Vec<usize> = (0..5).collect();
+        let all = all_names(fx, &nodes);
+        wait_for(HEAL_TIMEOUT, "all 5 alive again in every `node ls`", || {
+            all_see_alive(fx, &nodes, &all)
+        })?;
+        let leader = wait_for(HEAL_TIMEOUT, "all 5 agreeing on one leader", || {
+            agreed_leader(fx, &nodes, NS)
+        })?;
+        wait_for(
+            PLACE_TIMEOUT,
+            &format!("{P1_POOL} on exactly one node, the leader {leader}"),
+            || {
+                let on = running(fx, &nodes, P1_POOL)?;
+                ensure!(
+                    on == BTreeSet::from([leader.clone()]),
+                    "{P1_POOL} runs on {on:?}"
+                );
+                // The leader must not have moved meanwhile.
+                let now = agreed_leader(fx, &nodes, NS)?;
+                ensure!(now == leader, "leader moved from {leader} to {now}");
+                Ok(())
+            },
+        )?;
+        println!(
+            "  healed: converged on leader {leader} with {P1_POOL} on it alone after {:.2} s",
+            healed_at.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })
+}
+
+fn wrong_key_refused() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(1)?;
+    with_logs(&mut fx, |fx| {
+        converge(fx)?;
+        let intruder = fx.start_extra(5, KeyChoice::Own, &[0])?;
+        let name = fx.node(intruder).name().to_string();
+        ensure!(
+            fx.node(intruder).status()?["name"] == name.as_str(),
+            "{name} answers status"
+        );
+        let nodes: Vec<usize> = (0..5).collect();
+        let watch = Duration::from_secs(5);
+        let until = Instant::now() + watch;
+        while Instant::now() < until {
+            let seen = member_states(fx, 0)?;
+            ensure!(
+                !seen.contains_key(&name),
+                "n0 lists {name}, which has another key: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (&i, states) in nodes.iter().zip(on_each(&nodes, |&i| member_states(fx, i))) {
+            let states = states?;
+            ensure!(
+                !states.contains_key(&name),
+                "{} lists {name}: {states:?}",
+                fx.node(i).name()
+            );
+        }
+        all_see_alive(fx, &nodes, &all_names(fx, &nodes))?;
+        let own_view = member_states(fx, intruder)?;
+        ensure!(
+            own_view.keys().eq([&name]),
+            "{name} should see only itself, sees {own_view:?}"
+        );
+        ensure!(fx.node(intruder).is_running(), "{name} is still running");
+        println!(
+            "  {name} (own key, seeded with n0) stayed out for {watch:?} and sees only itself"
+        );
+        Ok(())
+    })
+}
+
+fn restart_keeps_state() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(0)?;
+    with_logs(&mut fx, |fx| {
+        let leader = cluster_with_flows(fx)?;
+        // A non-leader other than n0 (where the late flow is applied).
+        let down = (1..5).find(|&i| i != leader).context("a non-leader")?;
+        let down_name = fx.node(down).name().to_string();
+        let up: Vec<usize> = (0..5).filter(|&i| i != down).collect();
+
+        fx.node(down).sigkill()?;
+        apply_flow(fx, 0, LATE_FLOW, LATE_POOL, 0)?;
+        wait_for(
+            PLACE_TIMEOUT,
+            &format!("{LATE_POOL} on the 4 running nodes"),
+            || {
+                let on = running(fx, &up, LATE_POOL)?;
+                ensure!(on == all_names(fx, &up), "{LATE_POOL} runs on {on:?}");
+                Ok(())
+            },
+        )?;
+
+        let restarted_at = Instant::now();
+        fx.node(down).restart()?;
+        // Straight from the persisted state, before any convergence is waited for.
+        fx.node(down).status()?;
+        let listed = ns_entry(fx, down, NS)?;
+        ensure!(
+            listed.is_some(),
+            "{down_name} does not list {NS} right after its restart"
+        );
+        let flows = placements(fx, down, NS)?;
+        ensure!(
+            flows.contains_key(P0_FLOW) && flows.contains_key(P1_FLOW),
+            "{down_name} lacks the flows it had before the crash right after its restart: {:?}",
+            flows.keys().collect::<Vec<_>>()
+        );
+        let had_late = flows.contains_key(LATE_FLOW);
+        let first_look = restarted_at.elapsed().as_secs_f64();
+
+        wait_for(
+            JOIN_TIMEOUT,
+            &format!("{down_name} catching up with {LATE_FLOW} and running its share"),
+            || {
+                let flows = placements(fx, down, NS)?;
+                ensure!(
+                    flows.contains_key(LATE_FLOW),
+                    "{down_name} knows flows {:?}",
+                    flows.keys().collect::<Vec<_>>()
+                );
+                let mine = pools(fx, down)?;
+                ensure!(
+                    mine.contains(P0_POOL) && mine.contains(LATE_POOL) && !mine.contains(P1_POOL),
+                    "{down_name} runs {mine:?}"
+                );
+                Ok(())
+            },
+        )?;
+        let nodes: Vec<usize> = (0..5).collect();
+        wait_for(
+            JOIN_TIMEOUT,
+            &format!("{down_name} alive again everywhere"),
+            || all_see_alive(fx, &nodes, &all_names(fx, &nodes)),
+        )?;
+        let leader_now = agreed_leader(fx, &nodes, NS)?;
+        println!(
+            "  {down_name} restarted: {NS} and its flows listed {first_look:.2} s after the restart ({LATE_FLOW} {}), caught up after {:.2} s; leader {leader_now}",
+            if had_late { "already there" } else { "not yet" },
+            restarted_at.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })
+}
