@@ -174,6 +174,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             let options = GatewayOptions {
                 token: config.gateway_token.clone(),
                 peer_key: None,
+                node_name: Some(config.node_name.clone()),
             };
             let gw = Gateway::start(listener, runtime.clone(), options)
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
@@ -215,6 +216,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         let options = GatewayOptions {
             token: None,
             peer_key: Some(key.clone()),
+            node_name: Some(config.node_name.clone()),
         };
         let server = Gateway::start(listener, runtime.clone(), options).map_err(|source| {
             DaemonError::Peer {

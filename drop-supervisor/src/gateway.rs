@@ -69,6 +69,8 @@ pub struct GatewayOptions {
     pub token: Option<String>,
     /// Set: this is the peer listener; requests must be signed with this key.
     pub peer_key: Option<PeerKey>,
+    /// How `?every` answers name this node's own instance (default `local`).
+    pub node_name: Option<String>,
 }
 
 /// Where calls for pools this node does not run go; set once the cluster is up.
@@ -293,7 +295,8 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
     }
     let local = ctx.lookup.pool(name);
     if every {
-        return every_response(name, &req.body, local.as_ref(), ctx.forward, close, out);
+        let me = ctx.options.node_name.as_deref().unwrap_or("local");
+        return every_response(name, me, &req.body, local.as_ref(), ctx.forward, close, out);
     }
     let result = match (local, ctx.forward) {
         (Some(pool), _) => pool.call(&req.body).map_err(|e| call_error(&e)),
@@ -316,6 +319,7 @@ fn unknown_pool(name: &str) -> ApiError {
 /// `?every`: this node's instance (if any) and every other node's, each with its own answer.
 fn every_response(
     name: &str,
+    me: &str,
     body: &[u8],
     local: Option<&Pool>,
     forward: Option<&dyn Forward>,
@@ -324,10 +328,7 @@ fn every_response(
 ) {
     let mut answers = Vec::new();
     if let Some(pool) = local {
-        answers.push((
-            "local".to_string(),
-            pool.call(body).map_err(|e| call_error(&e)),
-        ));
+        answers.push((me.to_string(), pool.call(body).map_err(|e| call_error(&e))));
     }
     if let Some(fwd) = forward {
         answers.extend(fwd.call_every(name, body));

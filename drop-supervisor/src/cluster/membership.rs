@@ -360,6 +360,14 @@ impl Membership {
             .collect()
     }
 
+    /// One UDP ping, answered within `probe_timeout`: whether `id` at `addr` acked.
+    pub async fn ping(&self, id: &str, addr: SocketAddr) -> bool {
+        self.ml
+            .ping(memberlist::proto::Node::new(SmolStr::new(id), addr))
+            .await
+            .is_ok()
+    }
+
     /// Re-reads [`Application::node_meta`] and gossips it.
     pub async fn update_meta(&self) -> Result<(), MembershipError> {
         self.ml

@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -162,6 +162,33 @@ struct Shared {
     history: BTreeMap<String, Vec<LeaderChange>>,
     /// Flows that failed to start here: name → (source, error).
     failed: BTreeMap<String, (String, String)>,
+    /// Set while this node's own view elects it leader of its namespace.
+    lease: Option<Lease>,
+}
+
+/// The leader's lease: it acts as leader only while a majority of its namespace acked its
+/// pings within [`lease_window`] (or, right after its election, for one window), so a leader
+/// cut off from the majority stops leader-only work in about one window — before the
+/// majority's failure detector has declared it dead and elected another.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    elected_at: Instant,
+    /// The lease lapsed once in this term: no more grace, only acks count.
+    lapsed: bool,
+}
+
+impl Lease {
+    /// Whether the lease holds with `acked` of `members` (this node included) answering
+    /// within the window: a majority, or the grace of a fresh election that never lapsed.
+    fn holds(&self, acked: usize, members: usize, now: Instant, window: Duration) -> bool {
+        let grace = !self.lapsed && now.duration_since(self.elected_at) < window;
+        acked * 2 > members || grace
+    }
+}
+
+/// How long a ping ack keeps counting for the lease: three probe intervals and a timeout.
+fn lease_window(t: &super::membership::Timing) -> Duration {
+    t.probe_interval * 3 + t.probe_timeout
 }
 
 struct Inner {
@@ -171,6 +198,9 @@ struct Inner {
     changed: Arc<Notify>,
     /// Members found by multicast discovery.
     discovered: Arc<Mutex<BTreeSet<SocketAddr>>>,
+    /// When each peer last acked a lease ping.
+    acks: Mutex<HashMap<NodeId, Instant>>,
+    lease_window: Duration,
     members: AtomicUsize,
     snapshot: RwLock<Arc<Snapshot>>,
     registry: Arc<RwLock<Registry>>,
@@ -395,9 +425,12 @@ impl Cluster {
                 leaders: BTreeMap::new(),
                 history: BTreeMap::new(),
                 failed: BTreeMap::new(),
+                lease: None,
             }),
             changed: Arc::new(Notify::new()),
             discovered: Arc::default(),
+            acks: Mutex::new(HashMap::new()),
+            lease_window: lease_window(&opts.config.timing),
             members: AtomicUsize::new(1),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             registry: Arc::new(RwLock::new(Registry::default())),
@@ -519,18 +552,78 @@ impl Cluster {
                 }
             }
         });
+        // The leader's lease pings: while this node's view elects it, every probe interval.
+        let membership = self.membership.clone();
+        let inner = self.inner.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let every = membership.timing().probe_interval;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                let peers: Vec<NodeId> = {
+                    let sh = inner.lock();
+                    if sh.lease.is_none() {
+                        continue;
+                    }
+                    let Some(ns) = sh.meta.ns.clone().or_else(|| {
+                        sh.map
+                            .get(&format!("nsm/{}", inner.me))
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    }) else {
+                        continue;
+                    };
+                    sh.map
+                        .iter_prefix("nsm/")
+                        .filter(|(_, v)| v.as_str() == Some(ns.as_str()))
+                        .filter_map(|(k, _)| k.trim_start_matches("nsm/").parse().ok().map(NodeId))
+                        .filter(|id| *id != inner.me)
+                        .collect()
+                };
+                let addrs: HashMap<String, SocketAddr> = membership
+                    .members()
+                    .await
+                    .into_iter()
+                    .map(|m| (m.id, m.addr))
+                    .collect();
+                for id in peers {
+                    let Some(addr) = addrs.get(&id.to_string()).copied() else {
+                        continue;
+                    };
+                    let (membership, inner) = (membership.clone(), inner.clone());
+                    tokio::spawn(async move {
+                        if membership.ping(&id.to_string(), addr).await {
+                            inner
+                                .acks
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(id, Instant::now());
+                        }
+                    });
+                }
+            }
+        });
         let membership = self.membership.clone();
         let inner = self.inner.clone();
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             loop {
                 reconcile(&inner, &membership, &runtime).await;
+                // A leader checks its lease often enough to stop within about one window.
+                let tick = if inner.lock().lease.is_some() {
+                    (inner.lease_window / 4).min(TICK)
+                } else {
+                    TICK
+                };
                 tokio::select! {
                     () = inner.changed.notified() => {
                         // Let a burst of events settle into one pass.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    () = tokio::time::sleep(TICK) => {}
+                    () = tokio::time::sleep(tick) => {}
                     _ = stop.changed() => return,
                 }
             }
@@ -985,8 +1078,40 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 }
                 sh.leaders.insert(ns.clone(), elected);
             }
-            if my_ns.as_deref() == Some(ns.as_str()) && elected == Some(inner.me) {
-                my_lead = Some(ns.clone());
+            // This node's own election is subject to its lease.
+            let mut acting = elected;
+            if my_ns.as_deref() == Some(ns.as_str()) {
+                if elected == Some(inner.me) {
+                    let now = Instant::now();
+                    let window = inner.lease_window;
+                    let acked = {
+                        let acks = inner.acks.lock().unwrap_or_else(|e| e.into_inner());
+                        1 + members
+                            .iter()
+                            .filter(|m| **m != inner.me)
+                            .filter(|m| acks.get(m).is_some_and(|t| now - *t < window))
+                            .count()
+                    };
+                    let lease = sh.lease.get_or_insert(Lease {
+                        elected_at: now,
+                        lapsed: false,
+                    });
+                    let ok = lease.holds(acked, members.len(), now, window);
+                    if !ok && !lease.lapsed {
+                        warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
+                    }
+                    if ok && lease.lapsed {
+                        info!(namespace = %ns, acked, "leader lease regained");
+                    }
+                    lease.lapsed = !ok;
+                    if ok {
+                        my_lead = Some(ns.clone());
+                    } else {
+                        acting = None;
+                    }
+                } else {
+                    sh.lease = None;
+                }
             }
 
             // Placement over the up members, with their advertised capacity.
@@ -1035,7 +1160,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 });
                 sources.insert(name, (source.to_string(), file.to_string()));
             }
-            let placed = placement::place(&specs, &candidates, elected);
+            let placed = placement::place(&specs, &candidates, acting);
             if my_ns.as_deref() == Some(ns.as_str()) {
                 for name in placement::local_share(&placed, inner.me) {
                     if let Some(s) = sources.get(&name) {
@@ -1079,8 +1204,8 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                         state: state_of(id),
                     })
                     .collect(),
-                leader: elected.as_ref().map(name_of),
-                leader_id: elected.map(|id| id.to_string()),
+                leader: acting.as_ref().map(name_of),
+                leader_id: acting.map(|id| id.to_string()),
                 quorum,
                 flows: specs
                     .iter()
@@ -1098,6 +1223,13 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
             });
         }
         sh.leaders.retain(|ns, _| ns_names.contains(ns));
+        // No namespace (or it is gone): no election of this node, no lease.
+        let elected_here = my_ns
+            .as_ref()
+            .is_some_and(|ns| sh.leaders.get(ns) == Some(&Some(inner.me)));
+        if !elected_here {
+            sh.lease = None;
+        }
         let meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
         if my_lead.is_none() {
             sh.meta.lead_since = None;
@@ -1343,6 +1475,30 @@ mod tests {
             bytes.len()
         );
         assert_eq!(serde_json::from_slice::<NodeMeta>(&bytes).unwrap(), meta);
+    }
+
+    #[test]
+    fn the_lease_needs_a_majority_after_its_grace() {
+        let t0 = Instant::now();
+        let w = Duration::from_millis(700);
+        let fresh = Lease {
+            elected_at: t0,
+            lapsed: false,
+        };
+        // Just elected: grace, even alone.
+        assert!(fresh.holds(1, 5, t0 + Duration::from_millis(100), w));
+        // After the grace: a strict majority of the members must have acked.
+        assert!(!fresh.holds(2, 5, t0 + w, w));
+        assert!(fresh.holds(3, 5, t0 + w, w));
+        assert!(fresh.holds(1, 1, t0 + w * 10, w));
+        assert!(!fresh.holds(2, 4, t0 + w, w));
+        // A lapsed lease gets no second grace.
+        let lapsed = Lease {
+            elected_at: t0,
+            lapsed: true,
+        };
+        assert!(!lapsed.holds(1, 3, t0, w));
+        assert!(lapsed.holds(2, 3, t0, w));
     }
 
     #[test]

@@ -236,6 +236,7 @@ impl Forwarder {
     fn call_one(
         &self,
         node: &str,
+        name: &str,
         addr: SocketAddr,
         pool: &str,
         body: &[u8],
@@ -281,7 +282,7 @@ impl Forwarder {
             Err(e) => Err(Some(ApiError::new(
                 503,
                 "peer_lost",
-                format!("node {node} ({addr}) did not answer the call of {pool}: {e}"),
+                format!("node {name} ({addr}) did not answer the call of {pool}: {e}"),
             ))),
         }
     }
@@ -297,7 +298,7 @@ impl Forward for Forwarder {
         let mut last = None;
         for i in 0..nodes.len() {
             let (id, name, addr) = &nodes[(start + i) % nodes.len()];
-            match self.call_one(id, *addr, pool, body) {
+            match self.call_one(id, name, *addr, pool, body) {
                 Ok(reply) => return Some(Ok(reply)),
                 Err(Some(e)) => return Some(Err(e)),
                 // Not connected, so nothing was sent: the next node may take it.
@@ -349,7 +350,7 @@ impl Forward for Forwarder {
                 .iter()
                 .map(|(id, name, addr)| {
                     s.spawn(move || {
-                        let r = self.call_one(id, *addr, pool, body).map_err(|e| {
+                        let r = self.call_one(id, name, *addr, pool, body).map_err(|e| {
                             e.unwrap_or_else(|| {
                                 ApiError::new(
                                     503,
