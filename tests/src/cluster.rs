@@ -693,14 +693,26 @@ impl<'a> Node<'a> {
         pool: &str,
         body: &[u8],
     ) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.post_within(gateway, pool, body, POST_TIMEOUT)
+    }
+
+    /// [`Self::post_to`] waiting up to `timeout` for the answer instead of [`POST_TIMEOUT`].
+    /// `pool` may carry a query (`"echo?every"`).
+    pub fn post_within(
+        &self,
+        gateway: SocketAddr,
+        pool: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
         let path = format!("/api/v1/{pool}");
         self.host
             .netns()
             .run(|| -> anyhow::Result<(u16, Vec<u8>)> {
                 let mut s = TcpStream::connect_timeout(&gateway, Duration::from_secs(2))
                     .with_context(|| format!("connecting to {gateway}"))?;
-                s.set_read_timeout(Some(POST_TIMEOUT))?;
-                s.set_write_timeout(Some(POST_TIMEOUT))?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
                 let r = drop_supervisor::http::roundtrip(&mut s, "POST", &path, Some(body))
                     .with_context(|| format!("POST {path} to {gateway}"))?;
                 Ok((r.status, r.body))
