@@ -16,22 +16,36 @@ use anyhow::{Context as _, bail};
 
 use crate::{cargo, output, root, run_cmd, step};
 
+mod cluster;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark (only `runtime` for now).
+    /// What to benchmark: `runtime` or `cluster`.
     pub what: String,
-    /// Workers in every mode.
+    /// runtime: workers in every mode.
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
-    /// Seconds per measurement.
+    /// runtime: seconds per measurement.
     #[arg(long, default_value_t = 5)]
     pub secs: u32,
-    /// Payload bytes.
+    /// runtime: payload bytes.
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
-    /// Runs per measurement; the run with the median req/s is reported (the VMs are noisy).
+    /// Runs per measurement; the median is reported (the VMs are noisy).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// cluster: member counts with the `lan` timing profile.
+    #[arg(long, default_value = "50,100,200")]
+    pub nodes: String,
+    /// cluster: member counts with the `fast` timing profile.
+    #[arg(long, default_value = "5,10")]
+    pub fast_nodes: String,
+    /// cluster: overrides of `lan` knobs (fields of `Timing`), e.g. `suspicion_mult=2,probe_interval=300ms`.
+    #[arg(long)]
+    pub lan: Option<String>,
+    /// cluster: overrides of `fast` knobs, as for `--lan`.
+    #[arg(long)]
+    pub fast: Option<String>,
 }
 
 /// Runs `measure` `runs` times and keeps the run with the median requests/s.
@@ -69,29 +83,29 @@ impl Drop for Server {
     }
 }
 
-fn bench_binary() -> anyhow::Result<PathBuf> {
+/// Builds the bench target `name` of drop-supervisor (release) and returns its executable.
+fn bench_binary(name: &str) -> anyhow::Result<PathBuf> {
     let out = output(cargo().args([
         "bench",
         "--locked",
         "-p",
         "drop-supervisor",
         "--bench",
-        "runtime",
+        name,
         "--no-run",
         "--message-format=json",
     ]))?;
+    let quoted = format!("\"{name}\"");
     out.lines()
         .filter(|l| {
-            l.contains("\"compiler-artifact\"")
-                && l.contains("\"runtime\"")
-                && l.contains("\"bench\"")
+            l.contains("\"compiler-artifact\"") && l.contains(&quoted) && l.contains("\"bench\"")
         })
         .find_map(|l| {
             let start = l.find("\"executable\":\"")? + 14;
             let end = l[start..].find('"')? + start;
             Some(PathBuf::from(&l[start..end]))
         })
-        .context("cannot find the runtime bench executable in cargo's output")
+        .with_context(|| format!("cannot find the {name} bench executable in cargo's output"))
 }
 
 fn json_num(line: &str, key: &str) -> Option<f64> {
@@ -230,9 +244,14 @@ fn wrk(
 }
 
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.what != "runtime" {
-        bail!("unknown benchmark {:?}; known: runtime", a.what);
+    match a.what.as_str() {
+        "runtime" => runtime(a),
+        "cluster" => cluster::cluster(&a),
+        other => bail!("unknown benchmark {other:?}; known: runtime, cluster"),
     }
+}
+
+fn runtime(a: BenchArgs) -> anyhow::Result<()> {
     if Command::new("taskset").arg("--version").output().is_err() {
         bail!("taskset (util-linux) is not installed");
     }
@@ -249,7 +268,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "--bins",
         ]))
     })?;
-    let bin = step("build: runtime bench", bench_binary)?;
+    let bin = step("build: runtime bench", || bench_binary("runtime"))?;
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("post.lua");

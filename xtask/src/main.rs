@@ -6,7 +6,7 @@
 //! - `run`        set up, build, and run a single-node DROP in the foreground (state in target/drop-dev)
 //! - `test`       set up, then fmt, clippy, unit tests and the privileged integration tests
 //! - `ci`         what CI runs: `test` with skips counted as failures
-//! - `bench`      benchmarks (`bench runtime`); figures go to BENCHMARKS.md
+//! - `bench`      benchmarks (`bench runtime`, `bench cluster`); figures go to BENCHMARKS.md
 
 mod bench;
 mod ebpf;
@@ -40,7 +40,8 @@ enum Verb {
     Test(test::TestArgs),
     /// What CI runs: `test` where a skipped privileged test counts as a failure.
     Ci,
-    /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP).
+    /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP), `cluster`
+    /// (membership convergence, crash detection, update spread).
     Bench(bench::BenchArgs),
 }
 
