@@ -692,6 +692,7 @@ fn set_knob(t: &mut Timing, knob: &str, value: &str) -> anyhow::Result<()> {
         "retransmit_mult" => t.retransmit_mult = num()?,
         "indirect_checks" => t.indirect_checks = num()?,
         "timeout" => t.timeout = dur()?,
+        "disable_reliable_pings" => t.disable_reliable_pings = value.parse()?,
         _ => bail!("unknown timing knob {knob:?}"),
     }
     Ok(())

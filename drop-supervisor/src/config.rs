@@ -95,6 +95,7 @@ pub struct RawCluster {
     pub indirect_checks: Option<usize>,
     pub timeout: Option<String>,
     pub awareness_max_multiplier: Option<usize>,
+    pub disable_reliable_pings: Option<bool>,
 }
 
 /// The validated `[cluster]` section.
@@ -268,6 +269,9 @@ impl ClusterConfig {
             raw.awareness_max_multiplier,
             &mut timing.awareness_max_multiplier,
         )?;
+        if let Some(b) = raw.disable_reliable_pings {
+            timing.disable_reliable_pings = b;
+        }
         let capacity = match raw.capacity {
             Some(0) => return Err(invalid("cluster.capacity", "must be at least 1".into())),
             Some(c) => c,
