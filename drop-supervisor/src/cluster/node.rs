@@ -167,28 +167,48 @@ struct Shared {
 }
 
 /// The leader's lease: it acts as leader only while a majority of its namespace acked its
-/// pings within [`lease_window`] (or, right after its election, for one window), so a leader
-/// cut off from the majority stops leader-only work in about one window — before the
-/// majority's failure detector has declared it dead and elected another.
+/// pings within [`lease_window`] (or, right after it starts, for one window), so a leader cut
+/// off from the majority stops leader-only work within about one window. A node that takes
+/// over from a leader that vanished waits one window first: by then the old leader, if it is
+/// only cut off rather than dead, has stopped acting, so two leaders never act at once.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
-    elected_at: Instant,
+    /// When this node may start acting as leader (its election, or one window later when it
+    /// replaces a leader that vanished).
+    start: Instant,
     /// The lease lapsed once in this term: no more grace, only acks count.
     lapsed: bool,
 }
 
+/// What the lease allows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    /// Taking over from a vanished leader: not yet.
+    Waiting,
+    Holds,
+    Lapsed,
+}
+
 impl Lease {
-    /// Whether the lease holds with `acked` of `members` (this node included) answering
-    /// within the window: a majority, or the grace of a fresh election that never lapsed.
-    fn holds(&self, acked: usize, members: usize, now: Instant, window: Duration) -> bool {
-        let grace = !self.lapsed && now.duration_since(self.elected_at) < window;
-        acked * 2 > members || grace
+    /// With `acked` of `members` (this node included) answering within the window: a
+    /// majority, or the grace of a fresh term that never lapsed.
+    fn state(&self, acked: usize, members: usize, now: Instant, window: Duration) -> LeaseState {
+        if now < self.start {
+            return LeaseState::Waiting;
+        }
+        let grace = !self.lapsed && now.duration_since(self.start) < window;
+        if acked * 2 > members || grace {
+            LeaseState::Holds
+        } else {
+            LeaseState::Lapsed
+        }
     }
 }
 
-/// How long a ping ack keeps counting for the lease: three probe intervals and a timeout.
+/// How long a ping ack keeps counting for the lease: two probe intervals and a probe timeout,
+/// so one lost round of pings is tolerated.
 fn lease_window(t: &super::membership::Timing) -> Duration {
-    t.probe_interval * 3 + t.probe_timeout
+    t.probe_interval * 2 + t.probe_timeout
 }
 
 struct Inner {
@@ -1092,19 +1112,25 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                             .filter(|m| acks.get(m).is_some_and(|t| now - *t < window))
                             .count()
                     };
+                    // Replacing another leader (not a first election): wait one window.
+                    let takeover = previous.is_some_and(|p| p != inner.me);
                     let lease = sh.lease.get_or_insert(Lease {
-                        elected_at: now,
+                        start: if takeover { now + window } else { now },
                         lapsed: false,
                     });
-                    let ok = lease.holds(acked, members.len(), now, window);
-                    if !ok && !lease.lapsed {
-                        warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
+                    let state = lease.state(acked, members.len(), now, window);
+                    match state {
+                        LeaseState::Waiting => {}
+                        LeaseState::Lapsed if !lease.lapsed => {
+                            warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
+                        }
+                        LeaseState::Holds if lease.lapsed => {
+                            info!(namespace = %ns, acked, "leader lease regained");
+                        }
+                        _ => {}
                     }
-                    if ok && lease.lapsed {
-                        info!(namespace = %ns, acked, "leader lease regained");
-                    }
-                    lease.lapsed = !ok;
-                    if ok {
+                    lease.lapsed = state == LeaseState::Lapsed;
+                    if state == LeaseState::Holds {
                         my_lead = Some(ns.clone());
                     } else {
                         acting = None;
@@ -1479,26 +1505,36 @@ mod tests {
 
     #[test]
     fn the_lease_needs_a_majority_after_its_grace() {
+        use LeaseState::*;
         let t0 = Instant::now();
-        let w = Duration::from_millis(700);
+        let w = Duration::from_millis(500);
+        let ms = Duration::from_millis;
         let fresh = Lease {
-            elected_at: t0,
+            start: t0,
             lapsed: false,
         };
         // Just elected: grace, even alone.
-        assert!(fresh.holds(1, 5, t0 + Duration::from_millis(100), w));
+        assert_eq!(fresh.state(1, 5, t0 + ms(100), w), Holds);
         // After the grace: a strict majority of the members must have acked.
-        assert!(!fresh.holds(2, 5, t0 + w, w));
-        assert!(fresh.holds(3, 5, t0 + w, w));
-        assert!(fresh.holds(1, 1, t0 + w * 10, w));
-        assert!(!fresh.holds(2, 4, t0 + w, w));
+        assert_eq!(fresh.state(2, 5, t0 + w, w), Lapsed);
+        assert_eq!(fresh.state(3, 5, t0 + w, w), Holds);
+        assert_eq!(fresh.state(1, 1, t0 + w * 10, w), Holds);
+        assert_eq!(fresh.state(2, 4, t0 + w, w), Lapsed);
         // A lapsed lease gets no second grace.
         let lapsed = Lease {
-            elected_at: t0,
+            start: t0,
             lapsed: true,
         };
-        assert!(!lapsed.holds(1, 3, t0, w));
-        assert!(lapsed.holds(2, 3, t0, w));
+        assert_eq!(lapsed.state(1, 3, t0, w), Lapsed);
+        assert_eq!(lapsed.state(2, 3, t0, w), Holds);
+        // Taking over: nothing before the start, even with every ack; then as usual.
+        let takeover = Lease {
+            start: t0 + w,
+            lapsed: false,
+        };
+        assert_eq!(takeover.state(5, 5, t0 + ms(499), w), Waiting);
+        assert_eq!(takeover.state(1, 5, t0 + w, w), Holds);
+        assert_eq!(takeover.state(1, 5, t0 + w * 2, w), Lapsed);
     }
 
     #[test]
