@@ -1001,6 +1001,16 @@ struct Known {
     meta: Option<NodeMeta>,
 }
 
+/// What one pass decided under the lock.
+struct Plan {
+    /// This node's share: flow name → (source, file).
+    my_flows: BTreeMap<String, (String, String)>,
+    /// `done`/`dall` subscriptions declared in this node's namespace.
+    routes: Vec<RemoteRoute>,
+    meta_changed: bool,
+    namespaces: Vec<NsView>,
+}
+
 /// One pass: membership + state → leaders, this node's claim, its flows, the registry.
 async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Runtime>) {
     let members = membership.members().await;
@@ -1013,266 +1023,18 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
             member: m,
         })
         .collect();
-    let up: BTreeSet<NodeId> = known
-        .iter()
-        .filter(|k| k.member.state.is_up())
-        .filter_map(|k| k.id)
-        .collect();
 
-    // Leaders, placement and this node's share, under the lock (pure computation only).
-    let (my_flows, routes, meta_changed, snapshot_ns) = {
-        let mut sh = inner.lock();
-        let mut namespaces = Vec::new();
-        let ns_names: Vec<String> = sh
-            .map
-            .iter_prefix("ns/")
-            .map(|(k, _)| k.trim_start_matches("ns/").to_string())
-            .collect();
-        let my_ns = sh
-            .map
-            .get(&format!("nsm/{}", inner.me))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let mut my_flows: BTreeMap<String, (String, String)> = BTreeMap::new();
-        let mut routes: Vec<RemoteRoute> = Vec::new();
-        let mut my_lead = None;
-        for ns in &ns_names {
-            let members: BTreeSet<NodeId> = sh
-                .map
-                .iter_prefix("nsm/")
-                .filter(|(_, v)| v.as_str() == Some(ns.as_str()))
-                .filter_map(|(k, _)| k.trim_start_matches("nsm/").parse::<uuid::Uuid>().ok())
-                .map(NodeId)
-                .collect();
-            let claims: BTreeMap<NodeId, u64> = known
-                .iter()
-                .filter(|k| k.member.state.is_up())
-                .filter_map(|k| {
-                    let m = k.meta.as_ref()?;
-                    (m.lead.as_deref() == Some(ns.as_str()))
-                        .then_some((k.id?, m.lead_since.unwrap_or(0)))
-                })
-                .collect();
-            let previous = sh.leaders.get(ns).copied().flatten();
-            let view = View {
-                members: &members,
-                alive: &up,
-                claims: &claims,
-                previous,
-            };
-            let quorum = leader::has_quorum(&members, &up);
-            let elected = leader::elect(&view);
-            if sh.leaders.get(ns).copied().flatten() != elected || !sh.leaders.contains_key(ns) {
-                let name_of = |id: Option<NodeId>| {
-                    id.map(|id| {
-                        known
-                            .iter()
-                            .find(|k| k.id == Some(id))
-                            .and_then(|k| k.meta.as_ref().map(|m| m.name.clone()))
-                            .unwrap_or_else(|| id.to_string())
-                    })
-                };
-                let change = LeaderChange {
-                    at_unix_ms: unix_ms(),
-                    from: name_of(previous),
-                    to: name_of(elected),
-                };
-                if my_ns.as_deref() == Some(ns.as_str()) || previous.is_some() || elected.is_some()
-                {
-                    match (&change.from, &change.to) {
-                        (_, Some(to)) => {
-                            info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader")
-                        }
-                        (Some(from), None) => {
-                            warn!(namespace = %ns, previous = %from, quorum, "namespace has no leader (no quorum)")
-                        }
-                        (None, None) => {}
-                    }
-                }
-                if change.from.is_some() || change.to.is_some() {
-                    let h = sh.history.entry(ns.clone()).or_default();
-                    h.push(change);
-                    if h.len() > HISTORY {
-                        h.remove(0);
-                    }
-                }
-                sh.leaders.insert(ns.clone(), elected);
-            }
-            // This node's own election is subject to its lease.
-            let mut acting = elected;
-            if my_ns.as_deref() == Some(ns.as_str()) {
-                if elected == Some(inner.me) {
-                    let now = Instant::now();
-                    let window = inner.lease_window;
-                    let acked = {
-                        let acks = inner.acks.lock().unwrap_or_else(|e| e.into_inner());
-                        1 + members
-                            .iter()
-                            .filter(|m| **m != inner.me)
-                            .filter(|m| acks.get(m).is_some_and(|t| now - *t < window))
-                            .count()
-                    };
-                    // Replacing another leader (not a first election): wait one window.
-                    let takeover = previous.is_some_and(|p| p != inner.me);
-                    let lease = sh.lease.get_or_insert(Lease {
-                        start: if takeover { now + window } else { now },
-                        lapsed: false,
-                    });
-                    let state = lease.state(acked, members.len(), now, window);
-                    match state {
-                        LeaseState::Waiting => {}
-                        LeaseState::Lapsed if !lease.lapsed => {
-                            warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
-                        }
-                        LeaseState::Holds if lease.lapsed => {
-                            info!(namespace = %ns, acked, "leader lease regained");
-                        }
-                        _ => {}
-                    }
-                    lease.lapsed = state == LeaseState::Lapsed;
-                    if state == LeaseState::Holds {
-                        my_lead = Some(ns.clone());
-                    } else {
-                        acting = None;
-                    }
-                } else {
-                    sh.lease = None;
-                }
-            }
-
-            // Placement over the up members, with their advertised capacity.
-            let candidates: Vec<Candidate> = known
-                .iter()
-                .filter(|k| k.member.state.is_up())
-                .filter_map(|k| {
-                    let id = k.id?;
-                    members.contains(&id).then(|| Candidate {
-                        id,
-                        capacity: k.meta.as_ref().map_or(100, |m| m.capacity),
-                    })
-                })
-                .collect();
-            let mut specs = Vec::new();
-            let mut sources = BTreeMap::new();
-            for (k, v) in sh.map.iter_prefix(&format!("flow/{ns}/")) {
-                let name = k.rsplit('/').next().unwrap_or_default().to_string();
-                let source = v.get("source").and_then(Value::as_str).unwrap_or_default();
-                let file = v.get("file").and_then(Value::as_str).unwrap_or(k);
-                let Ok(flow) = crate::flow::parse_flow(source, Path::new(file)) else {
-                    continue;
-                };
-                if my_ns.as_deref() == Some(ns.as_str()) {
-                    for spec in &flow.pools {
-                        for sub in spec
-                            .subs
-                            .iter()
-                            .filter(|s| matches!(s.delivery, Delivery::Any | Delivery::Every))
-                        {
-                            routes.push(RemoteRoute {
-                                from: sub.from.clone(),
-                                to: spec.name.clone(),
-                                filter: sub.filter.clone(),
-                                delivery: sub.delivery,
-                            });
-                        }
-                    }
-                }
-                let cost = flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1);
-                specs.push(FlowSpec {
-                    name: name.clone(),
-                    priority: flow.priority,
-                    replicas: flow.replicas,
-                    cost,
-                });
-                sources.insert(name, (source.to_string(), file.to_string()));
-            }
-            let placed = placement::place(&specs, &candidates, acting);
-            if my_ns.as_deref() == Some(ns.as_str()) {
-                for name in placement::local_share(&placed, inner.me) {
-                    if let Some(s) = sources.get(&name) {
-                        my_flows.insert(name, s.clone());
-                    }
-                }
-            }
-            let name_of = |id: &NodeId| {
-                known
-                    .iter()
-                    .find(|k| k.id == Some(*id))
-                    .and_then(|k| k.meta.as_ref().map(|m| m.name.clone()))
-                    .or_else(|| {
-                        sh.map
-                            .get(&format!("reg/{id}"))
-                            .and_then(|r| r.get("name"))
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                    })
-                    .unwrap_or_else(|| id.to_string())
-            };
-            let state_of = |id: &NodeId| {
-                known
-                    .iter()
-                    .find(|k| k.id == Some(*id))
-                    .map_or(MemberState::Dead, |k| k.member.state)
-            };
-            namespaces.push(NsView {
-                name: ns.clone(),
-                vip: sh
-                    .map
-                    .get(&format!("ns/{ns}"))
-                    .and_then(|v| v.get("vip"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                members: members
-                    .iter()
-                    .map(|id| NsMember {
-                        id: id.to_string(),
-                        name: name_of(id),
-                        state: state_of(id),
-                    })
-                    .collect(),
-                leader: acting.as_ref().map(name_of),
-                leader_id: acting.map(|id| id.to_string()),
-                quorum,
-                flows: specs
-                    .iter()
-                    .map(|s| FlowPlacement {
-                        name: s.name.clone(),
-                        priority: s.priority,
-                        replicas: s.replicas,
-                        nodes: placed
-                            .get(&s.name)
-                            .map(|ids| ids.iter().map(name_of).collect())
-                            .unwrap_or_default(),
-                    })
-                    .collect(),
-                history: sh.history.get(ns).cloned().unwrap_or_default(),
-            });
-        }
-        sh.leaders.retain(|ns, _| ns_names.contains(ns));
-        // No namespace (or it is gone): no election of this node, no lease.
-        let elected_here = my_ns
-            .as_ref()
-            .is_some_and(|ns| sh.leaders.get(ns) == Some(&Some(inner.me)));
-        if !elected_here {
-            sh.lease = None;
-        }
-        let meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
-        if my_lead.is_none() {
-            sh.meta.lead_since = None;
-        } else if sh.meta.lead != my_lead {
-            sh.meta.lead_since = Some(unix_ms());
-        }
-        sh.meta.lead = my_lead;
-        sh.meta.ns.clone_from(&my_ns);
-        (my_flows, routes, meta_changed, namespaces)
-    };
-    if meta_changed && let Err(e) = membership.update_meta().await {
+    let plan = plan(inner, &mut inner.lock(), &known);
+    if plan.meta_changed
+        && let Err(e) = membership.update_meta().await
+    {
         warn!(error = %e, "cannot gossip this node's metadata");
     }
 
     // This node's share of flows → the local runtime (blocking work off the async threads).
     let rt = runtime.clone();
     let failed_before: BTreeMap<String, (String, String)> = inner.lock().failed.clone();
+    let (my_flows, routes) = (plan.my_flows, plan.routes);
     let result = tokio::task::spawn_blocking(move || {
         rt.set_remote_routes(routes);
         apply_share(&rt, &my_flows, &failed_before)
@@ -1285,54 +1047,362 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
             return;
         }
     };
-
-    // This node's registry entry, rewritten only when it changes.
-    let (reg_key, reg_value) = {
-        let mut sh = inner.lock();
-        sh.failed = failed.clone();
-        (
-            format!("reg/{}", inner.me),
-            json!({
-                "name": sh.meta.name,
-                "peer": sh.meta.peer.to_string(),
-                "addr": membership.advertise().to_string(),
-                "pools": pools,
-                "failed": failed.iter().map(|(k, (_, e))| (k.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
-            }),
-        )
-    };
-    let current = inner.lock().map.get(&reg_key).cloned();
-    if current.as_ref() != Some(&reg_value) {
-        let mut sh = inner.lock();
-        let version = sh.clock.now(physical_now_ms());
-        sh.map.set(reg_key.clone(), reg_value, version);
-        if let Some(entry) = sh.map.entry(&reg_key).cloned() {
-            let msg = encode(&[(reg_key.clone(), entry)]);
-            sh.queue.queue(reg_key, msg.to_vec());
-        }
-        inner.save(&sh.map);
-    }
+    write_registry_entry(inner, membership.advertise(), pools, failed);
 
     // Snapshot for the API and the forwarding table for the gateway.
-    let sh = inner.lock();
+    let (registry, nodes) = views(inner, &inner.lock(), &known);
+    *inner.registry.write().unwrap_or_else(|e| e.into_inner()) = registry;
+    *inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+        nodes,
+        namespaces: plan.namespaces,
+    });
+}
+
+/// Leaders, this node's lease and claim, placement and its share, and the namespace views:
+/// computation only, under the state lock.
+fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
+    let up: BTreeSet<NodeId> = known
+        .iter()
+        .filter(|k| k.member.state.is_up())
+        .filter_map(|k| k.id)
+        .collect();
+    let ns_names: Vec<String> = sh
+        .map
+        .iter_prefix("ns/")
+        .map(|(k, _)| k.trim_start_matches("ns/").to_string())
+        .collect();
+    let my_ns = sh
+        .map
+        .get(&format!("nsm/{}", inner.me))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut plan = Plan {
+        my_flows: BTreeMap::new(),
+        routes: Vec::new(),
+        meta_changed: false,
+        namespaces: Vec::new(),
+    };
+    let mut my_lead = None;
+    for ns in &ns_names {
+        let mine = my_ns.as_deref() == Some(ns.as_str());
+        let members: BTreeSet<NodeId> = sh
+            .map
+            .iter_prefix("nsm/")
+            .filter(|(_, v)| v.as_str() == Some(ns.as_str()))
+            .filter_map(|(k, _)| k.trim_start_matches("nsm/").parse::<uuid::Uuid>().ok())
+            .map(NodeId)
+            .collect();
+        let claims: BTreeMap<NodeId, u64> = known
+            .iter()
+            .filter(|k| k.member.state.is_up())
+            .filter_map(|k| {
+                let m = k.meta.as_ref()?;
+                (m.lead.as_deref() == Some(ns.as_str()))
+                    .then_some((k.id?, m.lead_since.unwrap_or(0)))
+            })
+            .collect();
+        let previous = sh.leaders.get(ns).copied().flatten();
+        let quorum = leader::has_quorum(&members, &up);
+        let elected = leader::elect(&View {
+            members: &members,
+            alive: &up,
+            claims: &claims,
+            previous,
+        });
+        if previous != elected || !sh.leaders.contains_key(ns) {
+            record_leader_change(sh, known, ns, previous, elected, quorum, mine);
+        }
+        // This node's own election is subject to its lease.
+        let mut acting = elected;
+        if mine {
+            if elected == Some(inner.me) {
+                if check_lease(inner, sh, ns, &members, previous) {
+                    my_lead = Some(ns.clone());
+                } else {
+                    acting = None;
+                }
+            } else {
+                sh.lease = None;
+            }
+        }
+
+        // Placement over the up members, with their advertised capacity.
+        let candidates: Vec<Candidate> = known
+            .iter()
+            .filter(|k| k.member.state.is_up())
+            .filter_map(|k| {
+                let id = k.id?;
+                members.contains(&id).then(|| Candidate {
+                    id,
+                    capacity: k.meta.as_ref().map_or(100, |m| m.capacity),
+                })
+            })
+            .collect();
+        let flows = namespace_flows(&sh.map, ns);
+        if mine {
+            plan.routes.extend(flows.routes);
+        }
+        let placed = placement::place(&flows.specs, &candidates, acting);
+        if mine {
+            for name in placement::local_share(&placed, inner.me) {
+                if let Some(s) = flows.sources.get(&name) {
+                    plan.my_flows.insert(name, s.clone());
+                }
+            }
+        }
+        let name_of = |id: &NodeId| node_name(&sh.map, known, *id);
+        let state_of = |id: &NodeId| {
+            known
+                .iter()
+                .find(|k| k.id == Some(*id))
+                .map_or(MemberState::Dead, |k| k.member.state)
+        };
+        plan.namespaces.push(NsView {
+            name: ns.clone(),
+            vip: sh
+                .map
+                .get(&format!("ns/{ns}"))
+                .and_then(|v| v.get("vip"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            members: members
+                .iter()
+                .map(|id| NsMember {
+                    id: id.to_string(),
+                    name: name_of(id),
+                    state: state_of(id),
+                })
+                .collect(),
+            leader: acting.as_ref().map(name_of),
+            leader_id: acting.map(|id| id.to_string()),
+            quorum,
+            flows: flows
+                .specs
+                .iter()
+                .map(|s| FlowPlacement {
+                    name: s.name.clone(),
+                    priority: s.priority,
+                    replicas: s.replicas,
+                    nodes: placed
+                        .get(&s.name)
+                        .map(|ids| ids.iter().map(name_of).collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            history: sh.history.get(ns).cloned().unwrap_or_default(),
+        });
+    }
+    sh.leaders.retain(|ns, _| ns_names.contains(ns));
+    // No namespace (or it is gone): no election of this node, no lease.
+    let elected_here = my_ns
+        .as_ref()
+        .is_some_and(|ns| sh.leaders.get(ns) == Some(&Some(inner.me)));
+    if !elected_here {
+        sh.lease = None;
+    }
+    plan.meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
+    if my_lead.is_none() {
+        sh.meta.lead_since = None;
+    } else if sh.meta.lead != my_lead {
+        sh.meta.lead_since = Some(unix_ms());
+    }
+    sh.meta.lead = my_lead;
+    sh.meta.ns = my_ns;
+    plan
+}
+
+/// A node's name from its metadata, else its registry entry, else its id.
+fn node_name(map: &StateMap, known: &[Known], id: NodeId) -> String {
+    known
+        .iter()
+        .find(|k| k.id == Some(id))
+        .and_then(|k| k.meta.as_ref().map(|m| m.name.clone()))
+        .or_else(|| {
+            map.get(&format!("reg/{id}"))
+                .and_then(|r| r.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| id.to_string())
+}
+
+/// Logs a change of `ns`'s leader in this node's view and keeps it for `ns show`.
+fn record_leader_change(
+    sh: &mut Shared,
+    known: &[Known],
+    ns: &str,
+    previous: Option<NodeId>,
+    elected: Option<NodeId>,
+    quorum: bool,
+    mine: bool,
+) {
+    let name_of = |id: Option<NodeId>| id.map(|id| node_name(&sh.map, known, id));
+    let change = LeaderChange {
+        at_unix_ms: unix_ms(),
+        from: name_of(previous),
+        to: name_of(elected),
+    };
+    if mine || previous.is_some() || elected.is_some() {
+        match (&change.from, &change.to) {
+            (_, Some(to)) => {
+                info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader")
+            }
+            (Some(from), None) => {
+                warn!(namespace = %ns, previous = %from, quorum, "namespace has no leader (no quorum)")
+            }
+            (None, None) => {}
+        }
+    }
+    if change.from.is_some() || change.to.is_some() {
+        let h = sh.history.entry(ns.to_string()).or_default();
+        h.push(change);
+        if h.len() > HISTORY {
+            h.remove(0);
+        }
+    }
+    sh.leaders.insert(ns.to_string(), elected);
+}
+
+/// This node is elected leader of `ns` in its own view: whether its lease lets it act.
+fn check_lease(
+    inner: &Inner,
+    sh: &mut Shared,
+    ns: &str,
+    members: &BTreeSet<NodeId>,
+    previous: Option<NodeId>,
+) -> bool {
+    let now = Instant::now();
+    let window = inner.lease_window;
+    let acked = {
+        let acks = inner.acks.lock().unwrap_or_else(|e| e.into_inner());
+        1 + members
+            .iter()
+            .filter(|m| **m != inner.me)
+            .filter(|m| acks.get(m).is_some_and(|t| now - *t < window))
+            .count()
+    };
+    // Replacing another leader (not a first election): wait one window.
+    let takeover = previous.is_some_and(|p| p != inner.me);
+    let lease = sh.lease.get_or_insert(Lease {
+        start: if takeover { now + window } else { now },
+        lapsed: false,
+    });
+    let state = lease.state(acked, members.len(), now, window);
+    match state {
+        LeaseState::Lapsed if !lease.lapsed => {
+            warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
+        }
+        LeaseState::Holds if lease.lapsed => {
+            info!(namespace = %ns, acked, "leader lease regained");
+        }
+        _ => {}
+    }
+    lease.lapsed = state == LeaseState::Lapsed;
+    state == LeaseState::Holds
+}
+
+/// The flows stored for one namespace, decoded.
+struct NamespaceFlows {
+    specs: Vec<FlowSpec>,
+    /// Flow name → (source, file).
+    sources: BTreeMap<String, (String, String)>,
+    routes: Vec<RemoteRoute>,
+}
+
+fn namespace_flows(map: &StateMap, ns: &str) -> NamespaceFlows {
+    let mut out = NamespaceFlows {
+        specs: Vec::new(),
+        sources: BTreeMap::new(),
+        routes: Vec::new(),
+    };
+    for (k, v) in map.iter_prefix(&format!("flow/{ns}/")) {
+        let name = k.rsplit('/').next().unwrap_or_default().to_string();
+        let source = v.get("source").and_then(Value::as_str).unwrap_or_default();
+        let file = v.get("file").and_then(Value::as_str).unwrap_or(k);
+        // Checked when it was applied; a flow this version cannot read is skipped.
+        let Ok(flow) = crate::flow::parse_flow(source, Path::new(file)) else {
+            continue;
+        };
+        for spec in &flow.pools {
+            for sub in spec
+                .subs
+                .iter()
+                .filter(|s| matches!(s.delivery, Delivery::Any | Delivery::Every))
+            {
+                out.routes.push(RemoteRoute {
+                    from: sub.from.clone(),
+                    to: spec.name.clone(),
+                    filter: sub.filter.clone(),
+                    delivery: sub.delivery,
+                });
+            }
+        }
+        out.specs.push(FlowSpec {
+            name: name.clone(),
+            priority: flow.priority,
+            replicas: flow.replicas,
+            cost: flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1),
+        });
+        out.sources
+            .insert(name, (source.to_string(), file.to_string()));
+    }
+    out
+}
+
+/// Rewrites this node's `reg/` entry when what it runs changed.
+fn write_registry_entry(
+    inner: &Inner,
+    addr: SocketAddr,
+    pools: Vec<String>,
+    failed: BTreeMap<String, (String, String)>,
+) {
+    let mut sh = inner.lock();
+    let key = format!("reg/{}", inner.me);
+    let value = json!({
+        "name": sh.meta.name,
+        "peer": sh.meta.peer.to_string(),
+        "addr": addr.to_string(),
+        "pools": pools,
+        "failed": failed.iter().map(|(k, (_, e))| (k.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+    });
+    sh.failed = failed;
+    if sh.map.get(&key) == Some(&value) {
+        return;
+    }
+    let version = sh.clock.now(physical_now_ms());
+    sh.map.set(key.clone(), value, version);
+    if let Some(entry) = sh.map.entry(&key).cloned() {
+        let msg = encode(&[(key.clone(), entry)]);
+        sh.queue.queue(key, msg.to_vec());
+    }
+    inner.save(&sh.map);
+}
+
+/// The forwarding table (pools on other up nodes) and the `node ls` view.
+fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView>) {
     let mut registry = Registry::default();
     let mut nodes = Vec::new();
-    for k in &known {
+    let namespace_of = |id: &str| {
+        sh.map
+            .get(&format!("nsm/{id}"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    for k in known {
         let Some(id) = k.id else { continue };
-        let reg = sh.map.get(&format!("reg/{id}"));
-        let pools: Vec<String> = reg
+        let pools: Vec<String> = sh
+            .map
+            .get(&format!("reg/{id}"))
             .and_then(|r| r.get("pools"))
             .and_then(|p| serde_json::from_value(p.clone()).ok())
             .unwrap_or_default();
-        let meta = k.meta.clone();
-        let name = meta
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| id.to_string());
-        if k.member.state.is_up() {
+        let meta = k.meta.as_ref();
+        let name = meta.map_or_else(|| id.to_string(), |m| m.name.clone());
+        let up = k.member.state.is_up();
+        if up {
             registry.up.insert(id.to_string());
             if id != inner.me
-                && let Some(m) = &meta
+                && let Some(m) = meta
             {
                 for p in &pools {
                     registry.pools.entry(p.clone()).or_default().push((
@@ -1343,25 +1413,18 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 }
             }
         }
-        let namespace = sh
-            .map
-            .get(&format!("nsm/{id}"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let namespace = namespace_of(&id.to_string());
         nodes.push(NodeView {
             id: id.to_string(),
             name,
             addr: k.member.addr,
             state: k.member.state,
-            leader: k.member.state.is_up()
-                && meta
-                    .as_ref()
-                    .is_some_and(|m| m.lead.is_some() && m.lead == namespace),
+            leader: up && meta.is_some_and(|m| m.lead.is_some() && m.lead == namespace),
             namespace,
-            version: meta.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
-            capacity: meta.as_ref().map_or(0, |m| m.capacity),
-            peer: meta.as_ref().map(|m| m.peer),
-            mac: meta.as_ref().and_then(|m| m.mac.clone()),
+            version: meta.map(|m| m.version.clone()).unwrap_or_default(),
+            capacity: meta.map_or(0, |m| m.capacity),
+            peer: meta.map(|m| m.peer),
+            mac: meta.and_then(|m| m.mac.clone()),
             pools,
         });
     }
@@ -1372,11 +1435,6 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         if nodes.iter().any(|n| n.id == id) {
             continue;
         }
-        let namespace = sh
-            .map
-            .get(&format!("nsm/{id}"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
         nodes.push(NodeView {
             id: id.to_string(),
             name: reg
@@ -1386,7 +1444,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
                 .to_string(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             state: MemberState::Dead,
-            namespace,
+            namespace: namespace_of(id),
             leader: false,
             version: String::new(),
             capacity: 0,
@@ -1398,13 +1456,8 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
             pools: Vec::new(),
         });
     }
-    drop(sh);
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    *inner.registry.write().unwrap_or_else(|e| e.into_inner()) = registry;
-    *inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
-        nodes,
-        namespaces: snapshot_ns,
-    });
+    (registry, nodes)
 }
 
 /// Brings the local runtime to `wanted` (flow name → (source, file)). Returns the pools now
