@@ -314,6 +314,15 @@ impl Membership {
 
     /// Contacts `seeds` (skipping this node's own address) and syncs state with them. Returns
     /// how many answered; the errors of the others are logged.
+    /// Contacts one member and syncs state with it.
+    pub async fn join_one(&self, addr: SocketAddr) -> Result<(), MembershipError> {
+        self.ml
+            .join(MaybeResolvedAddress::Resolved(addr))
+            .await
+            .map(|_| ())
+            .map_err(|e| MembershipError::Other(e.to_string()))
+    }
+
     pub async fn join(&self, seeds: &[SocketAddr]) -> usize {
         let me = *self.ml.advertise_address();
         let mut joined = 0;

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::broadcast::BroadcastQueue;
 use super::leader::{self, View};
@@ -43,6 +43,8 @@ pub const HOSTS_FILE: &str = "drop-hosts";
 const GOSSIP_MAX: usize = 1024;
 /// How often the reconcile loop runs when nothing wakes it.
 const TICK: Duration = Duration::from_secs(1);
+/// A node that cannot join says so at most this often per address.
+const JOIN_WARN_EVERY: Duration = Duration::from_secs(30);
 /// Leadership changes remembered for `ns show`.
 const HISTORY: usize = 20;
 
@@ -519,6 +521,7 @@ impl Cluster {
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
         tokio::spawn(async move {
             let pending: Arc<Mutex<BTreeSet<SocketAddr>>> = Arc::default();
+            let warned: Arc<Mutex<HashMap<SocketAddr, Instant>>> = Arc::default();
             let mut delay = Duration::from_millis(200);
             let me = membership.advertise();
             loop {
@@ -547,12 +550,28 @@ impl Cluster {
                     {
                         continue;
                     }
-                    let (membership, inner, pending) =
-                        (membership.clone(), inner.clone(), pending.clone());
+                    let (membership, inner, pending, warned) = (
+                        membership.clone(),
+                        inner.clone(),
+                        pending.clone(),
+                        warned.clone(),
+                    );
                     tokio::spawn(async move {
-                        if membership.join(&[addr]).await > 0 {
-                            info!(%addr, "joined the cluster through this member");
-                            inner.changed.notify_one();
+                        match membership.join_one(addr).await {
+                            Ok(()) => {
+                                info!(%addr, "joined the cluster through this member");
+                                inner.changed.notify_one();
+                            }
+                            // Alone and refused: say so now and then, with the likely cause.
+                            Err(e) if alone => {
+                                let now = Instant::now();
+                                let mut w = warned.lock().unwrap_or_else(|e| e.into_inner());
+                                if w.get(&addr).is_none_or(|t| now - *t > JOIN_WARN_EVERY) {
+                                    w.insert(addr, now);
+                                    warn!(%addr, error = %e, "cannot join the cluster through this member (is it up, and does it have the same cluster key?)");
+                                }
+                            }
+                            Err(e) => debug!(%addr, error = %e, "known member did not answer"),
                         }
                         pending
                             .lock()
