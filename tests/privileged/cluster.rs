@@ -26,6 +26,10 @@ pub const TESTS: &[Test] = &[
         run: join_and_converge,
     },
     Test {
+        name: "cluster_multicast_discovery",
+        run: multicast_discovery,
+    },
+    Test {
         name: "cluster_flows_placed",
         run: flows_placed,
     },
@@ -604,6 +608,40 @@ fn worker_pids_of(pid: u32) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// Three nodes without any seed find each other through signed multicast announcements on
+/// the bridge alone.
+fn multicast_discovery() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    require_binaries()?;
+    let mut fx = ClusterFixture::start(ClusterSpec {
+        multicast: true,
+        ..ClusterSpec::new(3)
+    })?;
+    with_logs(&mut fx, |fx| {
+        for node in fx.nodes() {
+            let config = std::fs::read_to_string(node.dir().join("drop.toml"))?;
+            ensure!(
+                !config.contains("seeds") && config.contains("multicast"),
+                "{} is configured with seeds or without multicast:\n{config}",
+                node.name()
+            );
+        }
+        let nodes: Vec<usize> = (0..3).collect();
+        let expected = all_names(fx, &nodes);
+        let started = Instant::now();
+        wait_for(JOIN_TIMEOUT, "all 3 nodes alive in every `node ls`", || {
+            all_see_alive(fx, &nodes, &expected)
+        })?;
+        println!(
+            "  3 nodes without seeds found each other by multicast in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })
 }
 
 fn join_and_converge() -> anyhow::Result<Outcome> {

@@ -59,7 +59,12 @@ pub struct ClusterSpec {
     /// Write the `[cluster]` section. `false` gives independent single-node daemons on the same
     /// hosts, which checks the fixture itself (namespaces, sockets, gateways, partitions).
     pub cluster: bool,
+    /// Find peers by multicast discovery only: no seeds at all.
+    pub multicast: bool,
 }
+
+/// The multicast group and port the fixture's nodes announce themselves on.
+pub const MULTICAST_GROUP: &str = "239.192.0.77:7950";
 
 impl ClusterSpec {
     /// `nodes` clustered daemons seeded through their config files, no spare host.
@@ -69,6 +74,7 @@ impl ClusterSpec {
             spare_hosts: 0,
             seeds_from_hosts_file: Vec::new(),
             cluster: true,
+            multicast: false,
         }
     }
 }
@@ -377,7 +383,11 @@ impl ClusterFixture {
                 q(&key_file.display().to_string()),
                 q(PROFILE)
             )?;
+            if self.spec.multicast {
+                writeln!(text, "multicast = {}", q(MULTICAST_GROUP))?;
+            }
             match source {
+                SeedSource::Config if self.spec.multicast => {}
                 SeedSource::Config => {
                     let list: Vec<String> = seed_addrs.iter().map(|s| q(s)).collect();
                     writeln!(text, "seeds = [{}]", list.join(", "))?;
