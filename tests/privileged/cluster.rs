@@ -125,6 +125,19 @@ fn with_logs(
     }
 }
 
+/// Runs `body` on five clustered nodes (see [`five_nodes`]), or skips when a precondition is
+/// missing; the daemons' logs are printed if it fails.
+fn on_five_nodes(
+    spare_hosts: usize,
+    body: impl FnOnce(&mut ClusterFixture) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let mut fx = five_nodes(spare_hosts)?;
+    with_logs(&mut fx, body)
+}
+
 /// Five clustered nodes; node 4 finds its seeds in `drop-hosts`.
 fn five_nodes(spare_hosts: usize) -> anyhow::Result<ClusterFixture> {
     require_binaries()?;
@@ -645,11 +658,7 @@ fn multicast_discovery() -> anyhow::Result<Outcome> {
 }
 
 fn join_and_converge() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         let hosts_file = fx.node(4).state_dir().join("drop-hosts");
         ensure!(
             hosts_file.is_file(),
@@ -691,11 +700,7 @@ fn join_and_converge() -> anyhow::Result<Outcome> {
 }
 
 fn flows_placed() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         let leader = cluster_with_flows(fx)?;
         let leader_name = fx.node(leader).name().to_string();
         let nodes: Vec<usize> = (0..5).collect();
@@ -728,11 +733,7 @@ fn flows_placed() -> anyhow::Result<Outcome> {
 }
 
 fn sigkill_leader() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         let old = cluster_with_flows(fx)?;
         let old_name = fx.node(old).name().to_string();
         let survivors: Vec<usize> = (0..5).filter(|&i| i != old).collect();
@@ -803,11 +804,7 @@ fn sigkill_leader() -> anyhow::Result<Outcome> {
 }
 
 fn partition_2_3() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         let old = cluster_with_flows(fx)?;
         let old_name = fx.node(old).name().to_string();
         let other = (0..5).find(|&i| i != old).context("a second node")?;
@@ -932,11 +929,7 @@ fn partition_2_3() -> anyhow::Result<Outcome> {
 }
 
 fn wrong_key_refused() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(1)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(1, |fx| {
         converge(fx)?;
         let intruder = fx.start_extra(5, KeyChoice::Own, &[0])?;
         let name = fx.node(intruder).name().to_string();
@@ -978,11 +971,7 @@ fn wrong_key_refused() -> anyhow::Result<Outcome> {
 }
 
 fn restart_keeps_state() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         let leader = cluster_with_flows(fx)?;
         // A non-leader other than n0 (where the late flow is applied).
         let down = (1..5).find(|&i| i != leader).context("a non-leader")?;
@@ -1158,11 +1147,7 @@ fn check_every(
 /// the shared pool keeps its workers, the a-only pool stops, the daemon keeps its pid. `ns
 /// leave` stops all of n2's flows; `ns rm b` removes `b` everywhere and stops n3's and n4's.
 fn namespace_move_keeps_pools() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         converge(fx)?;
         let nodes: Vec<usize> = (0..5).collect();
         create_ns(fx, NS_A, VIP_A, &[0, 1, 2])?;
@@ -1304,11 +1289,7 @@ fn namespace_move_keeps_pools() -> anyhow::Result<Outcome> {
 /// A `replicas: 2` flow on exactly two nodes, where `ns show` says; `?every` on a priority-0
 /// pool answers once per node, and on the replicated pool once per replica.
 fn replicas_and_every() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         converge(fx)?;
         create_namespace(fx)?;
         let nodes: Vec<usize> = (0..5).collect();
@@ -1377,11 +1358,7 @@ fn subscriber_flow() -> String {
 /// Events of a leader-only source posted through a non-leader's gateway reach every node's
 /// `dall` subscriber once each, and the `done` subscribers exactly once in all.
 fn subscriptions_across_nodes() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         converge(fx)?;
         let leader = create_namespace(fx)?;
         let leader_name = fx.node(leader).name().to_string();
@@ -1488,11 +1465,7 @@ fn slow_flow() -> String {
 /// not when its worker would have answered; once a new leader runs the leader-only pools, a new
 /// call through the same gateway is answered.
 fn lost_node_fails_calls_fast() -> anyhow::Result<Outcome> {
-    if let Some(skip) = preconditions() {
-        return Ok(skip);
-    }
-    let mut fx = five_nodes(0)?;
-    with_logs(&mut fx, |fx| {
+    on_five_nodes(0, |fx| {
         converge(fx)?;
         let leader = create_namespace(fx)?;
         let leader_name = fx.node(leader).name().to_string();
