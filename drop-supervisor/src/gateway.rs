@@ -36,7 +36,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::api::ApiError;
-use crate::cluster::peer::{self, Forward, PeerKey};
+use crate::cluster::peer::{Forward, PeerKey};
 use crate::http::{self, BlockingReader, HttpError, Request};
 use crate::worker::pool::{CallError, Pool};
 
@@ -248,7 +248,7 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             &req.method,
             &target,
             &req.body,
-            peer::now_ms(),
+            crate::cluster::state::physical_now_ms(),
         ) {
             let err = ApiError::new(401, "unauthorized_peer", why);
             return error_response(&err, close, out);

@@ -16,7 +16,8 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sock
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use super::peer::{PeerKey, now_ms};
+use super::peer::PeerKey;
+use super::state::physical_now_ms;
 
 /// How often a node announces itself.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -103,14 +104,14 @@ pub async fn run(
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {
-                let msg = announcement(&key, me, now_ms());
+                let msg = announcement(&key, me, physical_now_ms());
                 if let Err(e) = tx.send_to(msg.as_bytes(), SocketAddr::V4(group)).await {
                     debug!(error = %e, "multicast announcement not sent");
                 }
             }
             got = rx.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
-                match parse_announcement(&key, &buf[..n], now_ms()) {
+                match parse_announcement(&key, &buf[..n], physical_now_ms()) {
                     Some(addr) if addr != me => {
                         let new = found.lock().unwrap_or_else(|e| e.into_inner()).insert(addr);
                         if new {

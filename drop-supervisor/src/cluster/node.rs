@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -30,7 +30,7 @@ use super::broadcast::BroadcastQueue;
 use super::leader::{self, View};
 use super::membership::{Application, Member, MemberState, Membership, MembershipOptions};
 use super::placement::{self, Candidate, FlowSpec};
-use super::state::{Clock, Entry, NodeId, StateMap, physical_now_ms};
+use super::state::{Clock, Entry, Hlc, NodeId, StateMap, physical_now_ms};
 use crate::api::ApiError;
 use crate::flow::Delivery;
 use crate::runtime::{RemoteRoute, Runtime};
@@ -166,6 +166,8 @@ struct Shared {
     failed: BTreeMap<String, (String, String)>,
     /// Set while this node's own view elects it leader of its namespace.
     lease: Option<Lease>,
+    /// Flows decoded once per stored version: `flow/...` key → (version, what placement needs).
+    decoded: HashMap<String, (Hlc, Option<DecodedFlow>)>,
 }
 
 /// The leader's lease: it acts as leader only while a majority of its namespace acked its
@@ -234,6 +236,19 @@ struct Message {
     e: Vec<(String, Entry)>,
 }
 
+impl Shared {
+    /// Queues `key`'s current entry for gossip; entries too large for a packet travel only by
+    /// the direct TCP send and push/pull.
+    fn gossip(&mut self, key: &str) {
+        if let Some(entry) = self.map.entry(key).cloned() {
+            let msg = encode(&[(key.to_string(), entry)]);
+            if msg.len() <= GOSSIP_MAX {
+                self.queue.queue(key, msg.to_vec());
+            }
+        }
+    }
+}
+
 impl Inner {
     /// Membership addresses of every node the state has heard of (from their registry entries).
     fn known_addrs(&self) -> Vec<SocketAddr> {
@@ -271,12 +286,9 @@ impl Inner {
             let now = physical_now_ms();
             for (key, entry) in entries {
                 sh.clock.observe(entry.version, now);
-                if sh.map.merge_entry(key.clone(), entry.clone()) {
+                if sh.map.merge_entry(key.clone(), entry) {
                     changed = true;
-                    let msg = encode(&[(key.clone(), entry)]);
-                    if msg.len() <= GOSSIP_MAX {
-                        sh.queue.queue(key, msg.to_vec());
-                    }
+                    sh.gossip(&key);
                 }
             }
             if changed {
@@ -448,6 +460,7 @@ impl Cluster {
                 history: BTreeMap::new(),
                 failed: BTreeMap::new(),
                 lease: None,
+                decoded: HashMap::new(),
             }),
             changed: Arc::new(Notify::new()),
             discovered: Arc::default(),
@@ -698,11 +711,8 @@ impl Cluster {
                     Some(v) => sh.map.set(key.clone(), v, version),
                     None => sh.map.delete(key.clone(), version),
                 };
+                sh.gossip(&key);
                 if let Some(entry) = sh.map.entry(&key).cloned() {
-                    let msg = encode(&[(key.clone(), entry.clone())]);
-                    if msg.len() <= GOSSIP_MAX {
-                        sh.queue.queue(key.clone(), msg.to_vec());
-                    }
                     batch.push((key, entry));
                 }
             }
@@ -1007,12 +1017,6 @@ fn validate_ns_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// A member with its metadata decoded.
 struct Known {
     member: Member,
@@ -1129,7 +1133,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
             previous,
         });
         if previous != elected || !sh.leaders.contains_key(ns) {
-            record_leader_change(sh, known, ns, previous, elected, quorum, mine);
+            record_leader_change(sh, known, ns, previous, elected, quorum);
         }
         // This node's own election is subject to its lease.
         let mut acting = elected;
@@ -1157,7 +1161,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
                 })
             })
             .collect();
-        let flows = namespace_flows(&sh.map, ns);
+        let flows = namespace_flows(&sh.map, &mut sh.decoded, ns);
         if mine {
             plan.routes.extend(flows.routes);
         }
@@ -1212,6 +1216,8 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
         });
     }
     sh.leaders.retain(|ns, _| ns_names.contains(ns));
+    let Shared { decoded, map, .. } = &mut *sh;
+    decoded.retain(|k, _| map.get(k).is_some());
     // No namespace (or it is gone): no election of this node, no lease.
     let elected_here = my_ns
         .as_ref()
@@ -1223,7 +1229,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
     if my_lead.is_none() {
         sh.meta.lead_since = None;
     } else if sh.meta.lead != my_lead {
-        sh.meta.lead_since = Some(unix_ms());
+        sh.meta.lead_since = Some(physical_now_ms());
     }
     sh.meta.lead = my_lead;
     sh.meta.ns = my_ns;
@@ -1253,15 +1259,15 @@ fn record_leader_change(
     previous: Option<NodeId>,
     elected: Option<NodeId>,
     quorum: bool,
-    mine: bool,
 ) {
     let name_of = |id: Option<NodeId>| id.map(|id| node_name(&sh.map, known, id));
-    let change = LeaderChange {
-        at_unix_ms: unix_ms(),
-        from: name_of(previous),
-        to: name_of(elected),
-    };
-    if mine || previous.is_some() || elected.is_some() {
+    let kind = leader::change(previous, elected);
+    if kind != leader::Change::Unchanged {
+        let change = LeaderChange {
+            at_unix_ms: physical_now_ms(),
+            from: name_of(previous),
+            to: name_of(elected),
+        };
         match (&change.from, &change.to) {
             (_, Some(to)) => {
                 info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader")
@@ -1271,8 +1277,6 @@ fn record_leader_change(
             }
             (None, None) => {}
         }
-    }
-    if change.from.is_some() || change.to.is_some() {
         let h = sh.history.entry(ns.to_string()).or_default();
         h.push(change);
         if h.len() > HISTORY {
@@ -1328,40 +1332,73 @@ struct NamespaceFlows {
     routes: Vec<RemoteRoute>,
 }
 
-fn namespace_flows(map: &StateMap, ns: &str) -> NamespaceFlows {
+/// What placement and subscriptions need from one stored flow.
+#[derive(Debug, Clone)]
+struct DecodedFlow {
+    spec: FlowSpec,
+    routes: Vec<RemoteRoute>,
+}
+
+fn decode_flow(name: &str, source: &str, file: &str) -> Option<DecodedFlow> {
+    // Checked when it was applied; a flow this version cannot read is skipped.
+    let flow = crate::flow::parse_flow(source, Path::new(file)).ok()?;
+    let mut routes = Vec::new();
+    for spec in &flow.pools {
+        for sub in spec
+            .subs
+            .iter()
+            .filter(|s| matches!(s.delivery, Delivery::Any | Delivery::Every))
+        {
+            routes.push(RemoteRoute {
+                from: sub.from.clone(),
+                to: spec.name.clone(),
+                filter: sub.filter.clone(),
+                delivery: sub.delivery,
+            });
+        }
+    }
+    Some(DecodedFlow {
+        spec: FlowSpec {
+            name: name.to_string(),
+            priority: flow.priority,
+            replicas: flow.replicas,
+            cost: flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1),
+        },
+        routes,
+    })
+}
+
+/// The flows of `ns`, parsing only those whose stored version changed since the last pass
+/// (the leader runs a pass several times a second).
+fn namespace_flows(
+    map: &StateMap,
+    decoded: &mut HashMap<String, (Hlc, Option<DecodedFlow>)>,
+    ns: &str,
+) -> NamespaceFlows {
     let mut out = NamespaceFlows {
         specs: Vec::new(),
         sources: BTreeMap::new(),
         routes: Vec::new(),
     };
     for (k, v) in map.iter_prefix(&format!("flow/{ns}/")) {
+        let Some(version) = map.entry(k).map(|e| e.version) else {
+            continue;
+        };
         let name = k.rsplit('/').next().unwrap_or_default().to_string();
         let source = v.get("source").and_then(Value::as_str).unwrap_or_default();
         let file = v.get("file").and_then(Value::as_str).unwrap_or(k);
-        // Checked when it was applied; a flow this version cannot read is skipped.
-        let Ok(flow) = crate::flow::parse_flow(source, Path::new(file)) else {
-            continue;
-        };
-        for spec in &flow.pools {
-            for sub in spec
-                .subs
-                .iter()
-                .filter(|s| matches!(s.delivery, Delivery::Any | Delivery::Every))
-            {
-                out.routes.push(RemoteRoute {
-                    from: sub.from.clone(),
-                    to: spec.name.clone(),
-                    filter: sub.filter.clone(),
-                    delivery: sub.delivery,
-                });
+        let cached = decoded.get(k).filter(|(v, _)| *v == version);
+        let flow = match cached {
+            Some((_, flow)) => flow.clone(),
+            None => {
+                let flow = decode_flow(&name, source, file);
+                decoded.insert(k.to_string(), (version, flow.clone()));
+                flow
             }
-        }
-        out.specs.push(FlowSpec {
-            name: name.clone(),
-            priority: flow.priority,
-            replicas: flow.replicas,
-            cost: flow.pools.iter().map(|p| p.max.max(1)).sum::<u32>().max(1),
-        });
+        };
+        let Some(flow) = flow else { continue };
+        out.routes.extend(flow.routes);
+        out.specs.push(flow.spec);
         out.sources
             .insert(name, (source.to_string(), file.to_string()));
     }
@@ -1390,10 +1427,7 @@ fn write_registry_entry(
     }
     let version = sh.clock.now(physical_now_ms());
     sh.map.set(key.clone(), value, version);
-    if let Some(entry) = sh.map.entry(&key).cloned() {
-        let msg = encode(&[(key.clone(), entry)]);
-        sh.queue.queue(key, msg.to_vec());
-    }
+    sh.gossip(&key);
     inner.save(&sh.map);
 }
 

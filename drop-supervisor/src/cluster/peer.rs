@@ -17,12 +17,13 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::node::Registry;
+use super::state::physical_now_ms;
 use crate::api::ApiError;
 use crate::http;
 
@@ -116,12 +117,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// What the gateway asks of the cluster for pools it does not run itself.
 pub trait Forward: Send + Sync + std::fmt::Debug {
     /// Calls `pool` on one other node that runs it; `None` when no node does.
@@ -197,7 +192,7 @@ impl Forwarder {
             .spawn(move || {
                 for c in rx {
                     let path = format!("/api/v1/{}?cast{}", c.pool, if c.all { "=all" } else { "" });
-                    let sig = sender_key.sign(now_ms(), "POST", &path, &c.body);
+                    let sig = sender_key.sign(physical_now_ms(), "POST", &path, &c.body);
                     let sent = TcpStream::connect_timeout(&c.addr, CONNECT_TIMEOUT).and_then(|mut s| {
                         s.set_read_timeout(Some(CONNECT_TIMEOUT * 5))?;
                         http::roundtrip_with(&mut s, "POST", &path, Some(&c.body), &[(HEADER, &sig)])
@@ -254,7 +249,7 @@ impl Forwarder {
                 .insert(id, clone);
         }
         let path = format!("/api/v1/{pool}");
-        let sig = self.key.sign(now_ms(), "POST", &path, body);
+        let sig = self.key.sign(physical_now_ms(), "POST", &path, body);
         let result =
             http::roundtrip_with(&mut stream, "POST", &path, Some(body), &[(HEADER, &sig)]);
         {
