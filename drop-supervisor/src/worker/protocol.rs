@@ -83,42 +83,56 @@ pub enum LineLimit {
     Exceeded,
 }
 
-/// Accumulates bytes read from a worker and hands out complete lines.
+/// Accumulates bytes read from a worker and hands out complete lines. The buffer is zeroed
+/// only when it grows: reading into it costs no fill per read.
 #[derive(Debug)]
 pub struct LineBuffer {
+    /// Initialised up to its length; bytes `start..end` are buffered.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
+    /// Bytes from `start` up to here hold no newline: each byte is searched once, so a long
+    /// line arriving in many reads costs linear time.
+    searched: usize,
     max: usize,
 }
 
 impl LineBuffer {
     pub fn new(max: usize) -> LineBuffer {
         LineBuffer {
-            buf: Vec::with_capacity(4096),
+            buf: Vec::new(),
             start: 0,
+            end: 0,
+            searched: 0,
             max,
         }
     }
 
     /// Space to read into: call [`LineBuffer::filled`] with the count read afterwards.
     pub fn spare(&mut self, at_least: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
+            (self.start, self.end, self.searched) = (0, 0, 0);
+        } else if self.start > 0 && self.end + at_least > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.searched = self.searched.saturating_sub(self.start);
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + at_least, 0);
-        &mut self.buf[len..]
+        if self.buf.len() < self.end + at_least {
+            self.buf.resize(self.end + at_least, 0);
+        }
+        &mut self.buf[self.end..self.end + at_least]
     }
 
-    /// Commits `n` bytes of the last [`LineBuffer::spare`] and drops the rest of it.
+    /// Commits `n` bytes of the last [`LineBuffer::spare`].
     pub fn filled(&mut self, at_least: usize, n: usize) -> LineLimit {
-        let keep = self.buf.len() - at_least + n;
-        self.buf.truncate(keep);
-        if memchr(b'\n', &self.buf[self.start..]).is_none()
-            && self.buf.len() - self.start > self.max
-        {
-            return LineLimit::Exceeded;
+        self.end += n.min(at_least);
+        let from = self.searched.max(self.start);
+        if memchr(b'\n', &self.buf[from..self.end]).is_none() {
+            self.searched = self.end;
+            if self.end - self.start > self.max {
+                return LineLimit::Exceeded;
+            }
         }
         LineLimit::Ok
     }
@@ -126,21 +140,25 @@ impl LineBuffer {
     /// The next complete line (without `\n`), if one is buffered. Its length is checked
     /// against the limit by the caller through [`LineBuffer::filled`].
     pub fn next_line(&mut self) -> Option<&[u8]> {
-        let pos = memchr(b'\n', &self.buf[self.start..])?;
-        let line = self.start..self.start + pos;
-        self.start += pos + 1;
+        let from = self.searched.max(self.start);
+        let Some(pos) = memchr(b'\n', &self.buf[from..self.end]) else {
+            self.searched = self.end;
+            return None;
+        };
+        let line = self.start..from + pos;
+        self.start = from + pos + 1;
+        self.searched = self.start;
         Some(&self.buf[line])
     }
 
     /// Bytes buffered beyond the lines already taken.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Forgets everything (after a worker restart).
     pub fn clear(&mut self) {
-        self.buf.clear();
-        self.start = 0;
+        (self.start, self.end, self.searched) = (0, 0, 0);
     }
 
     pub fn max(&self) -> usize {
@@ -151,6 +169,45 @@ impl LineBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `chunks` as successive reads; returns the lines and the last limit outcome.
+    fn feed(lb: &mut LineBuffer, chunks: &[&[u8]]) -> (Vec<Vec<u8>>, LineLimit) {
+        let mut lines = Vec::new();
+        let mut limit = LineLimit::Ok;
+        for chunk in chunks {
+            let spare = lb.spare(4);
+            let n = chunk.len().min(spare.len());
+            spare[..n].copy_from_slice(&chunk[..n]);
+            limit = lb.filled(4, n);
+            while let Some(line) = lb.next_line() {
+                lines.push(line.to_vec());
+            }
+        }
+        (lines, limit)
+    }
+
+    #[test]
+    fn line_buffer_joins_lines_split_across_reads_and_keeps_the_rest() {
+        let mut lb = LineBuffer::new(100);
+        let (lines, limit) = feed(&mut lb, &[b"ab", b"c\nd", b"e\nf\n", b"gh"]);
+        assert_eq!(lines, [b"abc".to_vec(), b"de".to_vec(), b"f".to_vec()]);
+        assert_eq!(limit, LineLimit::Ok);
+        assert_eq!(lb.pending(), 2);
+        let (lines, _) = feed(&mut lb, &[b"i\n"]);
+        assert_eq!(lines, [b"ghi".to_vec()]);
+        assert_eq!(lb.pending(), 0);
+    }
+
+    #[test]
+    fn line_buffer_reports_a_line_over_the_limit() {
+        let mut lb = LineBuffer::new(5);
+        let (lines, limit) = feed(&mut lb, &[b"1234", b"5678"]);
+        assert!(lines.is_empty());
+        assert_eq!(limit, LineLimit::Exceeded);
+        let mut ok = LineBuffer::new(5);
+        let (lines, limit) = feed(&mut ok, &[b"1234", b"5\n"]);
+        assert_eq!((lines, limit), (vec![b"12345".to_vec()], LineLimit::Ok));
+    }
 
     fn enc(p: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
