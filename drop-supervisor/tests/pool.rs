@@ -472,3 +472,151 @@ fn stream_events_reach_the_output_hook_and_a_silent_worker_is_restarted() {
         "stream pools take no requests"
     );
 }
+
+/// Submits `payload` and returns where its answer arrives, plus whether it ran on this thread.
+fn submit(
+    pool: &Pool,
+    payload: &str,
+) -> (std::sync::mpsc::Receiver<Result<Vec<u8>, CallError>>, bool) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut inline = false;
+    pool.submit(
+        payload.as_bytes().to_vec(),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+        &mut || inline = true,
+    );
+    (rx, inline)
+}
+
+#[test]
+fn submitted_requests_beyond_the_workers_queue_and_each_gets_its_own_reply() {
+    let rt = Rt::new();
+    let mut cfg = config("sub", &sh("while read l; do sleep 0.05; echo \"$l\"; done"));
+    (cfg.min, cfg.max, cfg.queue) = (2, 2, 1000);
+    let pool = rt.pool(cfg);
+    wait_for("2 workers", Duration::from_secs(5), || {
+        pool.status().workers == 2
+    });
+    std::thread::scope(|s| {
+        // Both workers busy with blocking callers: every submission queues.
+        let callers: Vec<_> = (0..2)
+            .map(|i| {
+                let p = pool.clone();
+                s.spawn(move || p.call(format!("call-{i}").as_bytes()))
+            })
+            .collect();
+        wait_for("both workers busy", Duration::from_secs(5), || {
+            pool.status().busy == 2
+        });
+        let answers: Vec<_> = (0..98)
+            .map(|i| (i, submit(&pool, &format!("req-{i}"))))
+            .collect();
+        assert!(answers.iter().all(|(_, (_, inline))| !inline), "all queued");
+        // The pool's executors run them, each answer to its own request.
+        for (i, (rx, _)) in answers {
+            let reply = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+            assert_eq!(reply, format!("req-{i}").as_bytes());
+        }
+        for (i, c) in callers.into_iter().enumerate() {
+            assert_eq!(c.join().unwrap().unwrap(), format!("call-{i}").as_bytes());
+        }
+    });
+    // With a worker idle and nothing queued, a submission runs on the submitting thread.
+    let (rx, inline) = submit(&pool, "now");
+    assert!(inline);
+    assert_eq!(rx.try_recv().unwrap().unwrap(), b"now");
+    let st = pool.status();
+    assert_eq!(st.stats.ok, 101);
+    assert_eq!(st.queue_depth, 0);
+}
+
+#[test]
+fn a_queued_submission_past_its_deadline_is_answered_with_a_timeout_on_time() {
+    let rt = Rt::new();
+    let mut cfg = config("hung", &sh("read l; sleep 100"));
+    cfg.timeout = Duration::from_millis(300);
+    let pool = rt.pool(cfg);
+    wait_for("a worker", Duration::from_secs(5), || {
+        pool.status().workers == 1
+    });
+    std::thread::scope(|s| {
+        let p = pool.clone();
+        let first = s.spawn(move || p.call(b"first"));
+        wait_for("the worker busy", Duration::from_secs(5), || {
+            pool.status().busy == 1
+        });
+        let t = Instant::now();
+        let (a, inline_a) = submit(&pool, "a");
+        let (b, inline_b) = submit(&pool, "b");
+        assert!(!inline_a && !inline_b, "no idle worker: both queue");
+        assert_eq!(pool.status().queue_depth, 2);
+        for rx in [a, b] {
+            let r = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(r, Err(CallError::Timeout("hung".into())));
+        }
+        // Answered at their own deadline (plus scheduling), not one timeout after another.
+        let waited = t.elapsed();
+        assert!(waited < Duration::from_millis(900), "{waited:?}");
+        assert_eq!(
+            first.join().unwrap(),
+            Err(CallError::Timeout("hung".into()))
+        );
+    });
+    assert_eq!(pool.status().stats.timeout, 3);
+}
+
+#[test]
+fn a_full_queue_refuses_a_submission_at_once() {
+    let rt = Rt::new();
+    let mut cfg = config("full", &sh("while read l; do sleep 0.3; echo \"$l\"; done"));
+    cfg.queue = 2;
+    let pool = rt.pool(cfg);
+    wait_for("a worker", Duration::from_secs(5), || {
+        pool.status().workers == 1
+    });
+    std::thread::scope(|s| {
+        let p = pool.clone();
+        let first = s.spawn(move || p.call(b"first"));
+        wait_for("the worker busy", Duration::from_secs(5), || {
+            pool.status().busy == 1
+        });
+        let queued = [submit(&pool, "q1").0, submit(&pool, "q2").0];
+        let (refused, _) = submit(&pool, "q3");
+        // Answered before `submit` returned.
+        assert_eq!(
+            refused.try_recv().unwrap(),
+            Err(CallError::Overloaded("full".into()))
+        );
+        for (rx, want) in queued.into_iter().zip(["q1", "q2"]) {
+            let r = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+            assert_eq!(r, want.as_bytes());
+        }
+        assert_eq!(first.join().unwrap().unwrap(), b"first");
+    });
+    assert_eq!(pool.status().stats.rejected, 1);
+}
+
+#[test]
+fn stopping_a_pool_answers_its_queued_submissions() {
+    let rt = Rt::new();
+    let pool = rt.pool(config("stopq", &sh("read l; sleep 100")));
+    wait_for("a worker", Duration::from_secs(5), || {
+        pool.status().workers == 1
+    });
+    std::thread::scope(|s| {
+        let p = pool.clone();
+        let first = s.spawn(move || p.call(b"first"));
+        wait_for("the worker busy", Duration::from_secs(5), || {
+            pool.status().busy == 1
+        });
+        let queued = [submit(&pool, "a").0, submit(&pool, "b").0];
+        pool.stop();
+        for rx in queued {
+            let r = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(matches!(r, Err(CallError::Unavailable { .. })), "{r:?}");
+        }
+        assert!(first.join().unwrap().is_err());
+    });
+}

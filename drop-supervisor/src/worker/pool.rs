@@ -5,6 +5,12 @@
 //! request is handed to another thread, because on these machines every hop between cores costs
 //! about 25 µs. Everything slow — starting, restarting with backoff, growing and shrinking —
 //! happens in the pool's manager task on the tokio runtime.
+//!
+//! A caller that must not wait (the gateway's event loop) uses [`Pool::submit`] instead: with an
+//! idle worker it runs the request at once, as `call` does; otherwise the request joins the same
+//! bounded queue as a job without a thread, and the pool's executor threads (at most one per
+//! worker) run queued jobs as workers free up and answer each through its callback. A job whose
+//! deadline passes while it waits is answered with a timeout by an executor.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -199,6 +205,29 @@ pub enum Phase {
     Stopped,
 }
 
+/// Where a submitted request's answer goes: called exactly once, on whichever thread ran it.
+pub type Done = Box<dyn FnOnce(Result<Vec<u8>, CallError>) + Send>;
+
+/// A submitted request waiting for a worker, with no thread waiting for it.
+struct Job {
+    payload: Vec<u8>,
+    started: Instant,
+    deadline: Instant,
+    done: Done,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("len", &self.payload.len())
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+/// An executor with nothing to do for this long ends.
+const EXECUTOR_IDLE: Duration = Duration::from_secs(10);
+
 /// One worker as the pool sees it.
 #[derive(Debug)]
 struct Slot {
@@ -241,9 +270,28 @@ struct State {
     waiting: u32,
     /// Of those, cast_all deliveries waiting for one particular worker.
     waiting_specific: u32,
+    /// Submitted requests waiting for a worker, oldest first (they count toward the queue).
+    jobs: VecDeque<Job>,
+    /// Threads running queued jobs, and how many of them wait for work.
+    executors: u32,
+    idle_executors: u32,
     phase: Phase,
     /// When the pool last had no idle worker (for shrinking).
     last_busy: Instant,
+}
+
+impl State {
+    /// Requests waiting for a worker: blocked callers and queued jobs.
+    fn queued(&self) -> u32 {
+        self.waiting
+            .saturating_add(u32::try_from(self.jobs.len()).unwrap_or(u32::MAX))
+    }
+
+    /// An idle worker is free for a queued job: blocked callers (other than `cast_all`
+    /// deliveries waiting for one particular worker) are served first.
+    fn free_for_job(&self) -> bool {
+        self.idle.len() > (self.waiting - self.waiting_specific) as usize
+    }
 }
 
 #[derive(Debug)]
@@ -251,6 +299,8 @@ struct Inner {
     config: PoolConfig,
     state: Mutex<State>,
     freed: Condvar,
+    /// Executors wait here for a job and a free worker.
+    work: Condvar,
     stats: PoolStats,
     events: mpsc::UnboundedSender<Event>,
     next_id: AtomicU64,
@@ -336,10 +386,14 @@ impl Pool {
                 starting: 0,
                 waiting: 0,
                 waiting_specific: 0,
+                jobs: VecDeque::new(),
+                executors: 0,
+                idle_executors: 0,
                 phase: Phase::Running,
                 last_busy: Instant::now(),
             }),
             freed: Condvar::new(),
+            work: Condvar::new(),
             stats: PoolStats::default(),
             events: tx,
             next_id: AtomicU64::new(1),
@@ -369,29 +423,12 @@ impl Pool {
     /// may block, never from an async task).
     pub fn call(&self, payload: &[u8]) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
-        let cfg = &self.inner.config;
-        // +1: the newline; the token expansion is checked on the encoded line below.
-        if payload.len() + 1 > cfg.line_max {
-            return Err(CallError::TooLarge {
-                len: payload.len(),
-                max: cfg.line_max,
-            });
+        if let Some(answer) = self.answer_early(payload, started) {
+            return answer;
         }
+        let cfg = &self.inner.config;
         let deadline = started + cfg.timeout;
         let stats = &self.inner.stats;
-        if let Some(cache) = &self.inner.cache {
-            let hit = cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(payload, started);
-            if let Some(reply) = hit {
-                stats.cache_hits.fetch_add(1, Relaxed);
-                stats.ok.fetch_add(1, Relaxed);
-                stats.observe(started.elapsed());
-                self.publish(&reply);
-                return Ok(reply);
-            }
-        }
         stats.running.fetch_add(1, Relaxed);
         let result = match cfg.mode {
             Mode::Sync => self.call_until(payload, deadline),
@@ -402,6 +439,101 @@ impl Pool {
             }),
         };
         stats.running.fetch_sub(1, Relaxed);
+        self.finish(payload, started, result)
+    }
+
+    /// Runs `payload` like [`Pool::call`] without making the caller wait for a worker; the
+    /// answer goes to `done`, exactly once. With an idle worker (and nothing queued before it)
+    /// the request runs at once on this thread, which first calls `before_blocking` — the
+    /// function may be slow. Otherwise it is queued, or refused with `Overloaded` when the
+    /// queue is full, and an executor runs it when a worker frees up. Async pools run it at
+    /// once on this thread (after `before_blocking`), as `call` does.
+    pub fn submit(&self, payload: Vec<u8>, done: Done, before_blocking: &mut dyn FnMut()) {
+        let started = Instant::now();
+        if let Some(answer) = self.answer_early(&payload, started) {
+            return done(answer);
+        }
+        let cfg = &self.inner.config;
+        if cfg.mode != Mode::Sync {
+            before_blocking();
+            return done(self.call(&payload));
+        }
+        let deadline = started + cfg.timeout;
+        let mut st = lock(&self.inner.state);
+        if let Err(e) = self.check_running(&st) {
+            drop(st);
+            return done(self.finish(&payload, started, Err(e)));
+        }
+        if st.jobs.is_empty()
+            && st.free_for_job()
+            && let Some(slot) = self.take_idle(&mut st)
+        {
+            drop(st);
+            before_blocking();
+            let stats = &self.inner.stats;
+            stats.running.fetch_add(1, Relaxed);
+            let result = match self.run_on(slot, &payload, deadline) {
+                Ran::Done(result) => result,
+                // The worker was out of step and nothing was sent: wait like a caller.
+                Ran::Retry => self.call_until(&payload, deadline),
+            };
+            stats.running.fetch_sub(1, Relaxed);
+            return done(self.finish(&payload, started, result));
+        }
+        if st.queued() >= cfg.queue {
+            drop(st);
+            return done(self.finish(
+                &payload,
+                started,
+                Err(CallError::Overloaded(self.name().into())),
+            ));
+        }
+        let first = st.jobs.is_empty();
+        st.jobs.push_back(Job {
+            payload,
+            started,
+            deadline,
+            done,
+        });
+        st.last_busy = started;
+        self.kick(&mut st);
+        drop(st);
+        if first {
+            let _ = self.inner.events.send(Event::Pressure);
+        }
+    }
+
+    /// Answers that need no worker: a payload over the line limit, or a cached reply.
+    fn answer_early(&self, payload: &[u8], started: Instant) -> Option<Result<Vec<u8>, CallError>> {
+        let cfg = &self.inner.config;
+        // +1: the newline; the token expansion is checked on the encoded line later.
+        if payload.len() + 1 > cfg.line_max {
+            return Some(Err(CallError::TooLarge {
+                len: payload.len(),
+                max: cfg.line_max,
+            }));
+        }
+        let cache = self.inner.cache.as_ref()?;
+        let hit = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(payload, started)?;
+        let stats = &self.inner.stats;
+        stats.cache_hits.fetch_add(1, Relaxed);
+        stats.ok.fetch_add(1, Relaxed);
+        stats.observe(started.elapsed());
+        self.publish(&hit);
+        Some(Ok(hit))
+    }
+
+    /// Counts a finished request, caches and publishes its reply; returns it unchanged.
+    fn finish(
+        &self,
+        payload: &[u8],
+        started: Instant,
+        result: Result<Vec<u8>, CallError>,
+    ) -> Result<Vec<u8>, CallError> {
+        let stats = &self.inner.stats;
         match &result {
             Ok(reply) => {
                 stats.ok.fetch_add(1, Relaxed);
@@ -427,6 +559,119 @@ impl Pool {
             }
         }
         result
+    }
+
+    /// `Unavailable` unless the pool is running.
+    fn check_running(&self, st: &State) -> Result<(), CallError> {
+        let reason = match &st.phase {
+            Phase::Running => return Ok(()),
+            Phase::Failed(reason) => format!("failed: {reason}"),
+            Phase::Stopped => "stopped".to_string(),
+        };
+        Err(CallError::Unavailable {
+            pool: self.name().into(),
+            reason,
+        })
+    }
+
+    /// Makes sure queued jobs will run: wakes a waiting executor, or starts one while there are
+    /// fewer executors than workers (at least one, which also answers jobs whose deadline
+    /// passes while no worker is left).
+    fn kick(&self, st: &mut State) {
+        if st.jobs.is_empty() {
+            return;
+        }
+        if st.idle_executors > 0 {
+            self.inner.work.notify_one();
+            return;
+        }
+        let limit = (u32::try_from(st.workers.len()).unwrap_or(u32::MAX) + st.starting).max(1);
+        if st.executors >= limit {
+            return;
+        }
+        st.executors += 1;
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("drop-exec".into())
+            .stack_size(256 * 1024)
+            .spawn(move || pool.execute());
+        if let Err(e) = spawned {
+            st.executors -= 1;
+            warn!(pool = %self.name(), error = %e, "cannot start an executor thread");
+        }
+    }
+
+    /// An executor: runs queued jobs on free workers, oldest first, and answers jobs whose
+    /// deadline passed while they waited. Ends when the pool stops (answering what is left)
+    /// or after [`EXECUTOR_IDLE`] without work.
+    fn execute(&self) {
+        let inner = &self.inner;
+        let mut st = lock(&inner.state);
+        loop {
+            if let Err(e) = self.check_running(&st) {
+                let jobs: Vec<Job> = st.jobs.drain(..).collect();
+                st.executors -= 1;
+                drop(st);
+                for job in jobs {
+                    (job.done)(self.finish(&job.payload, job.started, Err(e.clone())));
+                }
+                return;
+            }
+            let now = Instant::now();
+            if st.jobs.front().is_some_and(|j| j.deadline <= now) {
+                let mut expired = Vec::new();
+                while st.jobs.front().is_some_and(|j| j.deadline <= now) {
+                    expired.extend(st.jobs.pop_front());
+                }
+                drop(st);
+                for job in expired {
+                    let timeout = Err(CallError::Timeout(self.name().into()));
+                    (job.done)(self.finish(&job.payload, job.started, timeout));
+                }
+                st = lock(&inner.state);
+                continue;
+            }
+            if !st.jobs.is_empty() && st.free_for_job() {
+                let slot = self.take_idle(&mut st).expect("an idle worker");
+                let job = st.jobs.pop_front().expect("a job");
+                // More jobs and more free workers: another executor takes the next one.
+                if st.free_for_job() {
+                    self.kick(&mut st);
+                }
+                drop(st);
+                inner.stats.running.fetch_add(1, Relaxed);
+                let ran = self.run_on(slot, &job.payload, job.deadline);
+                inner.stats.running.fetch_sub(1, Relaxed);
+                match ran {
+                    Ran::Done(result) => {
+                        (job.done)(self.finish(&job.payload, job.started, result));
+                        st = lock(&inner.state);
+                    }
+                    Ran::Retry => {
+                        st = lock(&inner.state);
+                        st.jobs.push_front(job);
+                    }
+                }
+                continue;
+            }
+            // Nothing to run now: wait for a job or a free worker, at most until the oldest
+            // job's deadline.
+            let limit = st
+                .jobs
+                .front()
+                .map_or(EXECUTOR_IDLE, |j| j.deadline.saturating_duration_since(now));
+            st.idle_executors += 1;
+            let (guard, waited) = inner
+                .work
+                .wait_timeout(st, limit)
+                .unwrap_or_else(|e| e.into_inner());
+            st = guard;
+            st.idle_executors -= 1;
+            if waited.timed_out() && st.jobs.is_empty() {
+                st.executors -= 1;
+                return;
+            }
+        }
     }
 
     /// Sets (or clears) the receiver of this pool's output lines.
@@ -654,35 +899,43 @@ impl Pool {
     fn call_until(&self, payload: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
         loop {
             let slot = self.acquire(deadline)?;
-            match self.exchange(&slot, payload, deadline) {
-                Ok((reply, clean)) => {
-                    if clean {
-                        self.release(slot);
-                    } else {
-                        self.inner.stats.out_of_step.fetch_add(1, Relaxed);
-                        self.retire(&slot, "printed more than one line for one request");
-                    }
-                    return Ok(reply);
-                }
-                Err(Exchange::StaleOutput) => {
-                    // Output nobody asked for: this worker is out of step. Nothing was sent,
-                    // so the request is safe to give to another worker.
+            if let Ran::Done(result) = self.run_on(slot, payload, deadline) {
+                return result;
+            }
+        }
+    }
+
+    /// One request on a worker taken from `idle`; puts the worker back or retires it.
+    fn run_on(&self, slot: Arc<Slot>, payload: &[u8], deadline: Instant) -> Ran {
+        match self.exchange(&slot, payload, deadline) {
+            Ok((reply, clean)) => {
+                if clean {
+                    self.release(slot);
+                } else {
                     self.inner.stats.out_of_step.fetch_add(1, Relaxed);
-                    self.retire(&slot, "printed a line with no request in flight");
+                    self.retire(&slot, "printed more than one line for one request");
                 }
-                Err(Exchange::Failed(err)) => {
-                    if matches!(err, CallError::Worker { .. }) && slot.watch.timed_out() {
-                        self.retire(&slot, "timed out");
-                        return Err(CallError::Timeout(self.name().to_string()));
-                    }
-                    if let CallError::Worker { reason, .. } = &err {
-                        if reason.contains("line") {
-                            self.inner.stats.out_of_step.fetch_add(1, Relaxed);
-                        }
-                        self.retire(&slot, reason);
-                    }
-                    return Err(err);
+                Ran::Done(Ok(reply))
+            }
+            Err(Exchange::StaleOutput) => {
+                // Output nobody asked for: this worker is out of step. Nothing was sent, so
+                // the request is safe to give to another worker.
+                self.inner.stats.out_of_step.fetch_add(1, Relaxed);
+                self.retire(&slot, "printed a line with no request in flight");
+                Ran::Retry
+            }
+            Err(Exchange::Failed(err)) => {
+                if matches!(err, CallError::Worker { .. }) && slot.watch.timed_out() {
+                    self.retire(&slot, "timed out");
+                    return Ran::Done(Err(CallError::Timeout(self.name().to_string())));
                 }
+                if let CallError::Worker { reason, .. } = &err {
+                    if reason.contains("line") {
+                        self.inner.stats.out_of_step.fetch_add(1, Relaxed);
+                    }
+                    self.retire(&slot, reason);
+                }
+                Ran::Done(Err(err))
             }
         }
     }
@@ -691,22 +944,24 @@ impl Pool {
     /// on one core, as a caller and its worker do in the floor benchmark; a different worker
     /// each time costs a wake-up on the other core (~25 µs) per request.
     fn acquire(&self, deadline: Instant) -> Result<Arc<Slot>, CallError> {
-        self.wait_for_worker(deadline, |st| {
-            let preferred = LAST_WORKER.with(|last| {
-                let (pool, id) = last.get();
-                (pool == self.key()).then_some(id)
-            });
-            let pick = preferred.and_then(|id| st.idle.iter().rposition(|s| s.id == id));
-            let slot = match pick {
-                Some(i) => st.idle.swap_remove(i),
-                None => st.idle.pop()?,
-            };
-            if st.idle.is_empty() {
-                st.last_busy = Instant::now();
-            }
-            LAST_WORKER.with(|last| last.set((self.key(), slot.id)));
-            Some(slot)
-        })
+        self.wait_for_worker(deadline, |st| self.take_idle(st))
+    }
+
+    fn take_idle(&self, st: &mut State) -> Option<Arc<Slot>> {
+        let preferred = LAST_WORKER.with(|last| {
+            let (pool, id) = last.get();
+            (pool == self.key()).then_some(id)
+        });
+        let pick = preferred.and_then(|id| st.idle.iter().rposition(|s| s.id == id));
+        let slot = match pick {
+            Some(i) => st.idle.swap_remove(i),
+            None => st.idle.pop()?,
+        };
+        if st.idle.is_empty() {
+            st.last_busy = Instant::now();
+        }
+        LAST_WORKER.with(|last| last.set((self.key(), slot.id)));
+        Some(slot)
     }
 
     /// The waiting part every acquisition shares: `pick` takes a worker from the state if one
@@ -721,25 +976,11 @@ impl Pool {
         let mut st = lock(&inner.state);
         let mut signalled = false;
         loop {
-            match &st.phase {
-                Phase::Running => {}
-                Phase::Failed(reason) => {
-                    return Err(CallError::Unavailable {
-                        pool: self.name().into(),
-                        reason: format!("failed: {reason}"),
-                    });
-                }
-                Phase::Stopped => {
-                    return Err(CallError::Unavailable {
-                        pool: self.name().into(),
-                        reason: "stopped".into(),
-                    });
-                }
-            }
+            self.check_running(&st)?;
             if let Some(slot) = pick(&mut st) {
                 return Ok(slot);
             }
-            if st.waiting >= inner.config.queue {
+            if st.queued() >= inner.config.queue {
                 return Err(CallError::Overloaded(self.name().into()));
             }
             let now = Instant::now();
@@ -780,6 +1021,9 @@ impl Pool {
         }
         st.idle.push(slot);
         let (waiting, specific) = (st.waiting > 0, st.waiting_specific > 0);
+        if st.free_for_job() {
+            self.kick(&mut st);
+        }
         drop(st);
         // One waiter takes the freed worker; waking them all would be a thundering herd (64
         // connection threads on 2 workers). Only a cast_all waiting for this particular worker
@@ -927,7 +1171,7 @@ impl Pool {
             idle,
             busy: workers.saturating_sub(idle),
             starting: st.starting,
-            queue_depth: st.waiting,
+            queue_depth: st.queued(),
             min: self.inner.min.load(Relaxed),
             max: self.inner.max.load(Relaxed),
             pids,
@@ -947,6 +1191,7 @@ impl Pool {
         }
         drop(st);
         self.inner.freed.notify_all();
+        self.inner.work.notify_all();
         let _ = self.inner.events.send(Event::Stop);
     }
 
@@ -973,6 +1218,12 @@ impl Pool {
 enum Exchange {
     StaleOutput,
     Failed(CallError),
+}
+
+/// How a request on one worker ended: answered, or to be tried on another worker.
+enum Ran {
+    Done(Result<Vec<u8>, CallError>),
+    Retry,
 }
 
 /// Restart bookkeeping of the manager.
@@ -1103,6 +1354,7 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                             st.phase = Phase::Failed(reason);
                             drop(st);
                             inner.freed.notify_all();
+                            inner.work.notify_all();
                         }
                     }
                 }
@@ -1114,7 +1366,7 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                 let running = st.phase == Phase::Running;
                 drop(st);
                 // Replace up to `min`, or at least one worker while callers wait.
-                let waiting = lock(&inner.state).waiting;
+                let waiting = lock(&inner.state).queued();
                 let (min, max) = (inner.min.load(Relaxed), inner.max.load(Relaxed));
                 if running && (size < min || (waiting > 0 && size < max)) {
                     spawn_worker(&pool, &stderr);
@@ -1150,8 +1402,9 @@ fn grow(pool: &Pool, stderr: &StderrFactory, pending_restarts: u32) {
         return;
     }
     let size = st.workers.len() as u32 + st.starting + pending_restarts;
-    let want_more = st.waiting > cfg.grow_threshold.saturating_mul(size.max(1))
-        || (size == 0 && st.waiting > 0);
+    let queued = st.queued();
+    let want_more =
+        queued > cfg.grow_threshold.saturating_mul(size.max(1)) || (size == 0 && queued > 0);
     drop(st);
     if want_more && size < pool.inner.max.load(Relaxed) {
         spawn_worker(pool, stderr);
@@ -1245,6 +1498,7 @@ fn spawn_worker(pool: &Pool, stderr: &StderrFactory) {
                 st.workers.insert(id, slot.clone());
                 if cfg.mode == Mode::Sync {
                     st.idle.push(slot.clone());
+                    pool.kick(&mut st);
                 }
             }
             if let Some(stdout) = reader_stdout {
