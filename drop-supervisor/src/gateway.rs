@@ -24,28 +24,26 @@
 //! started with a peer key, is the peer listener: it accepts only signed requests (401
 //! `unauthorized_peer` otherwise) and never forwards.
 //!
-//! One thread per connection, blocking I/O: the connection's thread parses the request and
-//! calls the pool itself, so a request never waits for another thread to wake up.
+//! Connections are served by a few threads polling one epoll set (see [`server`]). A call to a
+//! local pool is [`Pool::submit`]ted: with an idle worker it runs at once on the polling thread,
+//! as a blocking caller would, so at low load a request never waits for another thread to wake
+//! up; when every worker is busy it is queued without holding a thread, and the pool's executor
+//! that runs it writes the answer. 64 connections on 2 workers thus cost 2 busy executors, not
+//! 64 threads taking turns.
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+pub mod server;
+
+use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-
-use tracing::{debug, warn};
 
 use crate::api::ApiError;
 use crate::cluster::peer::{Forward, PeerKey};
-use crate::http::{self, BlockingReader, HttpError, Request};
+use crate::http::{self, Request};
 use crate::worker::pool::{CallError, Pool};
 
-/// Requests are refused past this body size before any pool is looked at.
-pub const MAX_BODY: usize = 16 * 1024 * 1024;
-/// Connections served at once; more get `503 busy`.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// A keep-alive connection idle this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub use server::{IDLE_TIMEOUT, MAX_BODY, MAX_CONNECTIONS};
+use server::{Responder, Serve, Server};
+
 const PREFIX: &str = "/api/v1/";
 
 /// Finds pools by name; the runtime implements it.
@@ -80,8 +78,7 @@ type ForwardSlot = Arc<OnceLock<Arc<dyn Forward>>>;
 #[derive(Debug)]
 pub struct Gateway {
     addr: std::net::SocketAddr,
-    stopping: Arc<AtomicBool>,
-    acceptor: Option<std::thread::JoinHandle<()>>,
+    server: Server,
     forward: ForwardSlot,
 }
 
@@ -93,69 +90,16 @@ impl Gateway {
         options: GatewayOptions,
     ) -> std::io::Result<Gateway> {
         let addr = listener.local_addr()?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let active = Arc::new(AtomicUsize::new(0));
-        let stop = stopping.clone();
-        let options = Arc::new(options);
         let forward: ForwardSlot = Arc::default();
-        let fwd = forward.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("drop-gateway".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!(error = %e, "gateway accept failed");
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        }
-                    };
-                    if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-                        active.fetch_sub(1, Ordering::AcqRel);
-                        let err = ApiError::new(
-                            503,
-                            "busy",
-                            format!("more than {MAX_CONNECTIONS} gateway connections"),
-                        );
-                        let _ = (&stream).write_all(&http::encode_json_response(
-                            err.status,
-                            &err.to_json(),
-                            true,
-                        ));
-                        continue;
-                    }
-                    let (lookup, options, active, stop, fwd) = (
-                        lookup.clone(),
-                        options.clone(),
-                        active.clone(),
-                        stop.clone(),
-                        fwd.clone(),
-                    );
-                    let spawned = std::thread::Builder::new()
-                        .name("drop-gw-conn".into())
-                        .stack_size(256 * 1024)
-                        .spawn(move || {
-                            let ctx = Ctx {
-                                lookup: &*lookup,
-                                options: &options,
-                                forward: fwd.get().map(|f| &**f),
-                            };
-                            serve_connection(stream, &ctx, &stop);
-                            active.fetch_sub(1, Ordering::AcqRel);
-                        });
-                    if let Err(e) = spawned {
-                        warn!(error = %e, "cannot start a gateway connection thread");
-                    }
-                }
-            })?;
+        let ctx = Ctx {
+            lookup,
+            options,
+            forward: forward.clone(),
+        };
+        let server = Server::start(listener, Box::new(ctx))?;
         Ok(Gateway {
             addr,
-            stopping,
-            acceptor: Some(acceptor),
+            server,
             forward,
         })
     }
@@ -171,12 +115,7 @@ impl Gateway {
 
     /// Stops accepting; open connections end after their current request.
     pub fn stop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // Wake the blocking accept.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        if let Some(h) = self.acceptor.take() {
-            let _ = h.join();
-        }
+        self.server.stop();
     }
 }
 
@@ -196,27 +135,61 @@ pub fn call_error(err: &CallError) -> ApiError {
     }
 }
 
-/// What a connection's requests are served with.
-struct Ctx<'a> {
-    lookup: &'a dyn PoolLookup,
-    options: &'a GatewayOptions,
-    forward: Option<&'a dyn Forward>,
+/// What every request is served with.
+struct Ctx {
+    lookup: Arc<dyn PoolLookup>,
+    options: GatewayOptions,
+    forward: ForwardSlot,
 }
 
-fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
-    let close = req.close;
+impl Serve for Ctx {
+    fn serve(&self, req: Request, responder: Responder, before_blocking: &mut dyn FnMut()) {
+        let close = req.close || responder.closing();
+        let mut out = Vec::new();
+        let Some(pool) = handle(&req, close, self, &mut out, before_blocking) else {
+            return responder.respond(out, close);
+        };
+        let body = req.body;
+        let req_close = req.close;
+        let done = Box::new(move |result: Result<Vec<u8>, CallError>| {
+            let close = req_close || responder.closing();
+            let mut out = Vec::new();
+            match result {
+                Ok(reply) => {
+                    http::encode_response(200, "text/plain; charset=utf-8", &reply, close, &mut out)
+                }
+                Err(e) => error_response(&call_error(&e), close, &mut out),
+            }
+            responder.respond(out, close);
+        });
+        pool.submit(body, done, before_blocking);
+    }
+}
+
+/// Answers `req` into `out`, except a plain call to a pool of this node: that pool is returned
+/// for the caller to submit the body to. `before_blocking` is called before anything that may
+/// block (a call forwarded to another node).
+fn handle(
+    req: &Request,
+    close: bool,
+    ctx: &Ctx,
+    out: &mut Vec<u8>,
+    before_blocking: &mut dyn FnMut(),
+) -> Option<Pool> {
+    let forward = ctx.forward.get().map(|f| &**f);
     if req.path == "/metrics"
         && req.method == "GET"
         && ctx.options.peer_key.is_none()
         && let Some(text) = ctx.lookup.metrics()
     {
-        return http::encode_response(
+        http::encode_response(
             200,
             "text/plain; version=0.0.4",
             text.as_bytes(),
             close,
             out,
         );
+        return None;
     }
     let Some(name) = req
         .path
@@ -228,7 +201,8 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             "not_found",
             format!("no such endpoint: {}; use POST {PREFIX}<pool>", req.path),
         );
-        return error_response(&err, close, out);
+        error_response(&err, close, out);
+        return None;
     };
     if req.method != "POST" {
         let err = ApiError::new(
@@ -236,7 +210,8 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             "method_not_allowed",
             format!("{} is not allowed; use POST", req.method),
         );
-        return error_response(&err, close, out);
+        error_response(&err, close, out);
+        return None;
     }
     if let Some(key) = &ctx.options.peer_key {
         let target = match &req.query {
@@ -251,7 +226,8 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             crate::cluster::state::physical_now_ms(),
         ) {
             let err = ApiError::new(401, "unauthorized_peer", why);
-            return error_response(&err, close, out);
+            error_response(&err, close, out);
+            return None;
         }
     } else if let Some(token) = &ctx.options.token {
         let given = req
@@ -260,7 +236,8 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             .and_then(|a| a.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             let err = ApiError::new(401, "unauthorized", "missing or wrong bearer token");
-            return error_response(&err, close, out);
+            error_response(&err, close, out);
+            return None;
         }
     }
     let every = req
@@ -275,7 +252,7 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
         })
     });
     if let Some(all) = cast {
-        let result = match (ctx.lookup.cast(name, &req.body, all), ctx.forward) {
+        let result = match (ctx.lookup.cast(name, &req.body, all), forward) {
             (Some(r), _) => r,
             (None, Some(fwd)) if ctx.options.peer_key.is_none() => {
                 if fwd.cast(name, &req.body, all, false) {
@@ -286,30 +263,37 @@ fn handle(req: &Request, ctx: &Ctx<'_>, out: &mut Vec<u8>) {
             }
             (None, _) => Err(unknown_pool(name)),
         };
-        return match result {
+        match result {
             Ok(()) => {
                 http::encode_response(202, "application/json", br#"{"queued":true}"#, close, out)
             }
             Err(e) => error_response(&e, close, out),
-        };
+        }
+        return None;
     }
     let local = ctx.lookup.pool(name);
     if every {
+        before_blocking();
         let me = ctx.options.node_name.as_deref().unwrap_or("local");
-        return every_response(name, me, &req.body, local.as_ref(), ctx.forward, close, out);
+        every_response(name, me, &req.body, local.as_ref(), forward, close, out);
+        return None;
     }
-    let result = match (local, ctx.forward) {
-        (Some(pool), _) => pool.call(&req.body).map_err(|e| call_error(&e)),
-        (None, Some(fwd)) => match fwd.call_any(name, &req.body) {
-            Some(r) => r,
-            None => Err(unknown_pool(name)),
-        },
+    let result = match (local, forward) {
+        (Some(pool), _) => return Some(pool),
+        (None, Some(fwd)) => {
+            before_blocking();
+            match fwd.call_any(name, &req.body) {
+                Some(r) => r,
+                None => Err(unknown_pool(name)),
+            }
+        }
         (None, None) => Err(unknown_pool(name)),
     };
     match result {
         Ok(reply) => http::encode_response(200, "text/plain; charset=utf-8", &reply, close, out),
         Err(e) => error_response(&e, close, out),
     }
+    None
 }
 
 fn unknown_pool(name: &str) -> ApiError {
@@ -354,36 +338,6 @@ fn every_response(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn serve_connection(stream: TcpStream, ctx: &Ctx<'_>, stopping: &AtomicBool) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BlockingReader::new(stream, MAX_BODY);
-    let mut out = Vec::with_capacity(4096);
-    loop {
-        out.clear();
-        let req = match reader.next_request() {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
-            Err(HttpError::Io(_)) => return, // idle timeout or reset: nothing to answer
-            Err(e) => {
-                debug!(error = %e, "malformed gateway request");
-                error_response(&ApiError::from(&e), true, &mut out);
-                let _ = writer.write_all(&out);
-                return;
-            }
-        };
-        let close = req.close || stopping.load(Ordering::Acquire);
-        handle(&req, ctx, &mut out);
-        if writer.write_all(&out).is_err() || close {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

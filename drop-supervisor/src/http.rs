@@ -97,7 +97,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     /// The next request, or `None` when the peer closed the connection between requests.
     pub async fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
         loop {
-            if let Some(req) = frame(&mut self.buf, self.max_body)? {
+            if let Some(req) = take_request(&mut self.buf, self.max_body)? {
                 return Ok(Some(req));
             }
             if self.fill().await? == 0 {
@@ -149,7 +149,7 @@ impl<R: std::io::Read> BlockingReader<R> {
     /// The next request, or `None` when the peer closed the connection between requests.
     pub fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
         loop {
-            if let Some(req) = frame(&mut self.buf, self.max_body)? {
+            if let Some(req) = take_request(&mut self.buf, self.max_body)? {
                 return Ok(Some(req));
             }
             if self.fill()? == 0 {
@@ -160,8 +160,9 @@ impl<R: std::io::Read> BlockingReader<R> {
 }
 
 /// Takes one complete request off the front of `buf`, or `None` while more bytes are needed.
-/// Shared by the async and the blocking reader, which differ only in how they read.
-fn frame(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<Request>, HttpError> {
+/// Shared by the async and the blocking reader, which differ only in how they read, and the
+/// gateway's event loop.
+pub fn take_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<Request>, HttpError> {
     let Some((head_len, mut req, content_length)) = parse_head(buf)? else {
         return if buf.len() > MAX_HEAD {
             Err(HttpError::HeadTooLarge)

@@ -1,0 +1,348 @@
+//! The gateway's event loop with real worker processes (no root needed): many connections on
+//! few workers, pipelining, answers larger than a socket buffer, slow functions next to fast
+//! ones, queue timeouts, malformed requests, stop.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drop_supervisor::gateway::{Gateway, GatewayOptions, PoolLookup};
+use drop_supervisor::worker::pool::{Pool, PoolConfig, RestartPolicy};
+use drop_supervisor::worker::process::Launch;
+
+const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
+
+fn config(name: &str, argv: &[&str], workers: u32) -> PoolConfig {
+    PoolConfig {
+        name: name.into(),
+        mode: drop_supervisor::flow::Mode::Sync,
+        concurrency: 1,
+        launch: Launch {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            credentials: None,
+            cgroup_procs: Vec::new(),
+            image: None,
+        },
+        min: workers,
+        max: workers,
+        queue: 1024,
+        timeout: Duration::from_secs(10),
+        line_max: 64 * 1024,
+        restart: RestartPolicy::default(),
+        grow_threshold: 1,
+        idle_shrink_after: Duration::from_secs(3600),
+        cache: None,
+        cgroups: None,
+    }
+}
+
+fn devnull() -> Arc<dyn Fn() -> std::io::Result<OwnedFd> + Send + Sync> {
+    Arc::new(|| {
+        Ok(std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")?
+            .into())
+    })
+}
+
+struct Pools(Vec<Pool>);
+
+impl PoolLookup for Pools {
+    fn pool(&self, name: &str) -> Option<Pool> {
+        self.0.iter().find(|p| p.name() == name).cloned()
+    }
+}
+
+/// A gateway in front of `configs`, with the runtime its pools run on.
+struct Fixture {
+    _rt: tokio::runtime::Runtime,
+    pools: Vec<Pool>,
+    gateway: Gateway,
+}
+
+impl Fixture {
+    fn new(configs: Vec<PoolConfig>) -> Fixture {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pools: Vec<Pool> = {
+            let _g = rt.enter();
+            configs
+                .into_iter()
+                .map(|c| Pool::start(c, devnull()))
+                .collect()
+        };
+        for pool in &pools {
+            let want = pool.config().min;
+            let until = Instant::now() + Duration::from_secs(10);
+            while pool.status().workers < want {
+                assert!(
+                    Instant::now() < until,
+                    "workers of {} did not start",
+                    pool.name()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gateway = Gateway::start(
+            listener,
+            Arc::new(Pools(pools.clone())),
+            GatewayOptions::default(),
+        )
+        .unwrap();
+        Fixture {
+            _rt: rt,
+            pools,
+            gateway,
+        }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.gateway.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.gateway.stop();
+        for p in &self.pools {
+            p.stop();
+        }
+    }
+}
+
+fn request(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// Reads one response off a keep-alive connection: (status, body, connection closes).
+fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, Vec<u8>, bool) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = resp.parse(buf).unwrap() {
+            let header = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).to_string())
+            };
+            let len: usize = header("content-length").unwrap().parse().unwrap();
+            let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            let status = resp.code.unwrap();
+            while buf.len() < head + len {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "connection closed inside a response");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[head..head + len].to_vec();
+            buf.drain(..head + len);
+            return (status, body, close);
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["/bin/sh", "-c", script]
+}
+
+#[test]
+fn sixty_four_connections_on_two_workers_each_get_their_own_replies() {
+    let fx = Fixture::new(vec![config("echo", &[ECHO], 2)]);
+    std::thread::scope(|scope| {
+        for c in 0..64 {
+            let mut s = fx.connect();
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                for i in 0..50 {
+                    let payload = format!("conn-{c}-req-{i}");
+                    s.write_all(&request("/api/v1/echo", payload.as_bytes()))
+                        .unwrap();
+                    let (status, body, _) = read_response(&mut s, &mut buf);
+                    assert_eq!(status, 200);
+                    assert_eq!(body, payload.as_bytes());
+                }
+            });
+        }
+    });
+    let st = fx.pools[0].status();
+    assert_eq!(st.stats.ok, 64 * 50);
+    assert_eq!(st.queue_depth, 0);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    // Slow enough that later requests are read while earlier ones still run.
+    let fx = Fixture::new(vec![config(
+        "slow",
+        &sh("while read l; do sleep 0.02; echo \"$l\"; done"),
+        2,
+    )]);
+    let mut s = fx.connect();
+    let mut all = Vec::new();
+    for i in 0..6 {
+        all.extend(request("/api/v1/slow", format!("p{i}").as_bytes()));
+    }
+    s.write_all(&all).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..6 {
+        let (status, body, _) = read_response(&mut s, &mut buf);
+        assert_eq!((status, body), (200, format!("p{i}").into_bytes()));
+    }
+}
+
+#[test]
+fn an_answer_larger_than_the_socket_buffer_reaches_a_slow_reader() {
+    let mut cfg = config("big", &[ECHO], 1);
+    cfg.line_max = 16 * 1024 * 1024;
+    let fx = Fixture::new(vec![cfg]);
+    let payload: Vec<u8> = (0..8 * 1024 * 1024)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    let mut s = fx.connect();
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let req = request("/api/v1/big", &payload);
+        std::thread::spawn(move || w.write_all(&req).unwrap())
+    };
+    // Not reading yet: the answer fills the socket buffers and the rest waits for room.
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile the gateway serves others.
+    let mut other = fx.connect();
+    let mut obuf = Vec::new();
+    other.write_all(&request("/api/v1/big", b"small")).unwrap();
+    assert_eq!(read_response(&mut other, &mut obuf).1, b"small");
+    let mut buf = Vec::new();
+    let (status, body, _) = read_response(&mut s, &mut buf);
+    writer.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(body == payload, "the 8 MiB answer arrived intact");
+}
+
+#[test]
+fn a_slow_function_does_not_hold_up_calls_to_a_fast_one() {
+    let fx = Fixture::new(vec![
+        config(
+            "slow",
+            &sh("while read l; do sleep 2; echo \"$l\"; done"),
+            2,
+        ),
+        config("fast", &[ECHO], 1),
+    ]);
+    // Two slow calls run at once on the slow pool's idle workers, each on a polling thread;
+    // two more wait in its queue without a thread.
+    let mut slow: Vec<TcpStream> = (0..4).map(|_| fx.connect()).collect();
+    for (i, s) in slow.iter_mut().enumerate() {
+        s.write_all(&request("/api/v1/slow", format!("s{i}").as_bytes()))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let mut fast = fx.connect();
+    let mut buf = Vec::new();
+    for i in 0..20 {
+        let p = format!("f{i}");
+        fast.write_all(&request("/api/v1/fast", p.as_bytes()))
+            .unwrap();
+        assert_eq!(read_response(&mut fast, &mut buf).1, p.as_bytes());
+    }
+    let fast_took = t.elapsed();
+    assert!(
+        fast_took < Duration::from_secs(1),
+        "fast calls waited for slow ones: {fast_took:?}"
+    );
+    for (i, s) in slow.iter_mut().enumerate() {
+        let mut b = Vec::new();
+        let (status, body, _) = read_response(s, &mut b);
+        assert_eq!((status, body), (200, format!("s{i}").into_bytes()));
+    }
+}
+
+#[test]
+fn queued_calls_past_the_timeout_get_504_on_time() {
+    let mut cfg = config("hung", &sh("read l; sleep 100"), 1);
+    cfg.timeout = Duration::from_millis(300);
+    let fx = Fixture::new(vec![cfg]);
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| fx.connect()).collect();
+    let t = Instant::now();
+    for s in &mut conns {
+        s.write_all(&request("/api/v1/hung", b"x")).unwrap();
+    }
+    for s in &mut conns {
+        let mut b = Vec::new();
+        let (status, body, _) = read_response(s, &mut b);
+        assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("\"timeout\""));
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+#[test]
+fn a_malformed_request_gets_400_and_the_connection_closes() {
+    let fx = Fixture::new(vec![config("echo", &[ECHO], 1)]);
+    let mut s = fx.connect();
+    s.write_all(b"POST /api/v1/echo HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let (status, body, close) = read_response(&mut s, &mut buf);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(close);
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the answer"
+    );
+}
+
+#[test]
+fn stop_closes_idle_connections_and_finishes_the_answer_in_flight() {
+    let mut fx = Fixture::new(vec![config(
+        "slow",
+        &sh("while read l; do sleep 0.5; echo \"$l\"; done"),
+        1,
+    )]);
+    let mut idle = fx.connect();
+    let mut busy = fx.connect();
+    // The idle connection has been served once, so it is known and waiting.
+    let mut ibuf = Vec::new();
+    idle.write_all(&request("/api/v1/slow", b"once")).unwrap();
+    assert_eq!(read_response(&mut idle, &mut ibuf).1, b"once");
+    busy.write_all(&request("/api/v1/slow", b"late")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    fx.gateway.stop();
+    let mut rest = Vec::new();
+    assert_eq!(
+        idle.read_to_end(&mut rest).unwrap(),
+        0,
+        "idle connection closed"
+    );
+    let mut buf = Vec::new();
+    let (status, body, close) = read_response(&mut busy, &mut buf);
+    assert_eq!((status, body.as_slice(), close), (200, &b"late"[..], true));
+    assert!(
+        TcpStream::connect(fx.gateway.local_addr()).is_err(),
+        "no longer accepting"
+    );
+}
