@@ -10,18 +10,18 @@
 //!
 //! Results are printed as one JSON line.
 
-use std::collections::BTreeMap;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drop_supervisor::gateway::{Gateway, GatewayOptions, PoolLookup};
 use drop_supervisor::http::{self, BlockingReader};
-use drop_supervisor::worker::pool::{Pool, PoolConfig, RestartPolicy};
-use drop_supervisor::worker::process::Launch;
+use drop_supervisor::worker::pool::{Pool, PoolConfig};
 
 fn echo_worker() -> String {
     std::env::var("DROP_ECHO_WORKER").unwrap_or_else(|_| {
@@ -36,39 +36,13 @@ fn echo_worker() -> String {
     })
 }
 
+/// A pool of `workers` echo workers; the queue holds every caller, the timeout never fires.
 fn config(name: &str, workers: u32) -> PoolConfig {
-    PoolConfig {
-        name: name.into(),
-        mode: drop_supervisor::flow::Mode::Sync,
-        concurrency: 1,
-        launch: Launch {
-            argv: vec![echo_worker()],
-            env: BTreeMap::new(),
-            cwd: None,
-            credentials: None,
-            cgroup_procs: vec![],
-            image: None,
-        },
-        min: workers,
-        max: workers,
-        queue: 1024,
-        timeout: Duration::from_secs(10),
-        line_max: 64 * 1024,
-        restart: RestartPolicy::default(),
-        grow_threshold: 1,
-        idle_shrink_after: Duration::from_secs(3600),
-        cache: None,
-        cgroups: None,
-    }
-}
-
-fn devnull() -> Arc<dyn Fn() -> std::io::Result<OwnedFd> + Send + Sync> {
-    Arc::new(|| {
-        Ok(std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")?
-            .into())
-    })
+    let echo = echo_worker();
+    let mut cfg = common::config(name, &[echo.as_str()]);
+    (cfg.min, cfg.max, cfg.queue) = (workers, workers, 1024);
+    cfg.timeout = Duration::from_secs(10);
+    cfg
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -182,7 +156,7 @@ fn pool_paced(workers: usize, secs: f64, bytes: usize, rate: f64) {
     let rt = runtime();
     let pool = {
         let _g = rt.enter();
-        Pool::start(config("paced", workers as u32), devnull())
+        Pool::start(config("paced", workers as u32), common::devnull())
     };
     wait_workers(&pool, workers as u32);
     let payload = vec![b'x'; bytes];
@@ -241,7 +215,7 @@ fn pool_mode(workers: usize, secs: f64, bytes: usize) {
     let rt = runtime();
     let pool = {
         let _g = rt.enter();
-        Pool::start(config("bench", workers as u32), devnull())
+        Pool::start(config("bench", workers as u32), common::devnull())
     };
     wait_workers(&pool, workers as u32);
     let payload = vec![b'x'; bytes];
@@ -268,7 +242,7 @@ fn serve_gateway(workers: u32, port: u16) {
     let rt = runtime();
     let pool = {
         let _g = rt.enter();
-        Pool::start(config("echo", workers), devnull())
+        Pool::start(config("echo", workers), common::devnull())
     };
     wait_workers(&pool, workers);
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -315,7 +289,7 @@ fn cold(runs: usize) {
         let t0 = Instant::now();
         let pool = {
             let _g = rt.enter();
-            Pool::start(config(&format!("cold{i}"), 1), devnull())
+            Pool::start(config(&format!("cold{i}"), 1), common::devnull())
         };
         pool.call(b"first").unwrap();
         times.push(t0.elapsed().as_nanos() as u64);
@@ -348,7 +322,7 @@ fn idle_rss(pools: u32, workers: u32) {
     let all: Vec<Pool> = (0..pools)
         .map(|i| {
             let _g = rt.enter();
-            Pool::start(config(&format!("idle{i}"), workers), devnull())
+            Pool::start(config(&format!("idle{i}"), workers), common::devnull())
         })
         .collect();
     for p in &all {

@@ -2,52 +2,25 @@
 //! few workers, pipelining, answers larger than a socket buffer, slow functions next to fast
 //! ones, queue timeouts, malformed requests, stop.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{devnull, sh, wait_for};
 use drop_supervisor::gateway::{Gateway, GatewayOptions, PoolLookup};
-use drop_supervisor::worker::pool::{Pool, PoolConfig, RestartPolicy};
-use drop_supervisor::worker::process::Launch;
+use drop_supervisor::worker::pool::{Pool, PoolConfig};
 
 const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
 
+/// A pool of `workers` workers with room to queue every test's requests.
 fn config(name: &str, argv: &[&str], workers: u32) -> PoolConfig {
-    PoolConfig {
-        name: name.into(),
-        mode: drop_supervisor::flow::Mode::Sync,
-        concurrency: 1,
-        launch: Launch {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: BTreeMap::new(),
-            cwd: None,
-            credentials: None,
-            cgroup_procs: Vec::new(),
-            image: None,
-        },
-        min: workers,
-        max: workers,
-        queue: 1024,
-        timeout: Duration::from_secs(10),
-        line_max: 64 * 1024,
-        restart: RestartPolicy::default(),
-        grow_threshold: 1,
-        idle_shrink_after: Duration::from_secs(3600),
-        cache: None,
-        cgroups: None,
-    }
-}
-
-fn devnull() -> Arc<dyn Fn() -> std::io::Result<OwnedFd> + Send + Sync> {
-    Arc::new(|| {
-        Ok(std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")?
-            .into())
-    })
+    let mut cfg = common::config(name, argv);
+    (cfg.min, cfg.max, cfg.queue) = (workers, workers, 1024);
+    cfg.timeout = Duration::from_secs(10);
+    cfg
 }
 
 struct Pools(Vec<Pool>);
@@ -81,15 +54,9 @@ impl Fixture {
         };
         for pool in &pools {
             let want = pool.config().min;
-            let until = Instant::now() + Duration::from_secs(10);
-            while pool.status().workers < want {
-                assert!(
-                    Instant::now() < until,
-                    "workers of {} did not start",
-                    pool.name()
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for("the workers", Duration::from_secs(10), || {
+                pool.status().workers >= want
+            });
         }
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let gateway = Gateway::start(
@@ -160,10 +127,6 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, Vec<u8>, bool) {
         assert!(n > 0, "connection closed before a response");
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-fn sh(script: &str) -> Vec<&str> {
-    vec!["/bin/sh", "-c", script]
 }
 
 #[test]

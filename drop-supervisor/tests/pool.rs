@@ -1,54 +1,15 @@
 //! The pool engine with real worker processes (no root needed): protocol, supervision,
 //! overload, timeouts, out-of-step workers, elasticity.
 
-use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{config, devnull, sh, wait_for};
 use drop_supervisor::worker::pool::{CallError, Phase, Pool, PoolConfig, RestartPolicy};
-use drop_supervisor::worker::process::Launch;
 
 const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
-
-fn config(name: &str, argv: &[&str]) -> PoolConfig {
-    PoolConfig {
-        name: name.into(),
-        mode: drop_supervisor::flow::Mode::Sync,
-        concurrency: 1,
-        launch: Launch {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: BTreeMap::new(),
-            cwd: None,
-            credentials: None,
-            cgroup_procs: Vec::new(),
-            image: None,
-        },
-        min: 1,
-        max: 1,
-        queue: 64,
-        timeout: Duration::from_secs(5),
-        line_max: 64 * 1024,
-        restart: RestartPolicy::default(),
-        grow_threshold: 1,
-        idle_shrink_after: Duration::from_secs(3600),
-        cache: None,
-        cgroups: None,
-    }
-}
-
-fn sh(script: &str) -> Vec<&str> {
-    vec!["/bin/sh", "-c", script]
-}
-
-fn devnull() -> Arc<dyn Fn() -> std::io::Result<OwnedFd> + Send + Sync> {
-    Arc::new(|| {
-        Ok(std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")?
-            .into())
-    })
-}
 
 struct Rt {
     rt: tokio::runtime::Runtime,
@@ -67,14 +28,6 @@ impl Rt {
     fn pool(&self, cfg: PoolConfig) -> Pool {
         let _g = self.rt.enter();
         Pool::start(cfg, devnull())
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
