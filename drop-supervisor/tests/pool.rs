@@ -426,6 +426,25 @@ fn stream_events_reach_the_output_hook_and_a_silent_worker_is_restarted() {
     );
 }
 
+/// Blocking callers on every worker of `pool` (payloads `call-0`, `call-1`, …), started in
+/// `s`; returns once all `workers` are busy with them.
+fn occupy<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    pool: &Pool,
+    workers: u32,
+) -> Vec<std::thread::ScopedJoinHandle<'s, Result<Vec<u8>, CallError>>> {
+    let callers = (0..workers)
+        .map(|i| {
+            let p = pool.clone();
+            s.spawn(move || p.call(format!("call-{i}").as_bytes()))
+        })
+        .collect();
+    wait_for("every worker busy", Duration::from_secs(5), || {
+        pool.status().busy == workers
+    });
+    callers
+}
+
 /// Submits `payload` and returns where its answer arrives, plus whether it ran on this thread.
 fn submit(
     pool: &Pool,
@@ -454,15 +473,7 @@ fn submitted_requests_beyond_the_workers_queue_and_each_gets_its_own_reply() {
     });
     std::thread::scope(|s| {
         // Both workers busy with blocking callers: every submission queues.
-        let callers: Vec<_> = (0..2)
-            .map(|i| {
-                let p = pool.clone();
-                s.spawn(move || p.call(format!("call-{i}").as_bytes()))
-            })
-            .collect();
-        wait_for("both workers busy", Duration::from_secs(5), || {
-            pool.status().busy == 2
-        });
+        let callers = occupy(s, &pool, 2);
         let answers: Vec<_> = (0..98)
             .map(|i| (i, submit(&pool, &format!("req-{i}"))))
             .collect();
@@ -495,11 +506,7 @@ fn a_queued_submission_past_its_deadline_is_answered_with_a_timeout_on_time() {
         pool.status().workers == 1
     });
     std::thread::scope(|s| {
-        let p = pool.clone();
-        let first = s.spawn(move || p.call(b"first"));
-        wait_for("the worker busy", Duration::from_secs(5), || {
-            pool.status().busy == 1
-        });
+        let first = occupy(s, &pool, 1).remove(0);
         let t = Instant::now();
         let (a, inline_a) = submit(&pool, "a");
         let (b, inline_b) = submit(&pool, "b");
@@ -530,11 +537,7 @@ fn a_full_queue_refuses_a_submission_at_once() {
         pool.status().workers == 1
     });
     std::thread::scope(|s| {
-        let p = pool.clone();
-        let first = s.spawn(move || p.call(b"first"));
-        wait_for("the worker busy", Duration::from_secs(5), || {
-            pool.status().busy == 1
-        });
+        let first = occupy(s, &pool, 1).remove(0);
         let queued = [submit(&pool, "q1").0, submit(&pool, "q2").0];
         let (refused, _) = submit(&pool, "q3");
         // Answered before `submit` returned.
@@ -546,7 +549,7 @@ fn a_full_queue_refuses_a_submission_at_once() {
             let r = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
             assert_eq!(r, want.as_bytes());
         }
-        assert_eq!(first.join().unwrap().unwrap(), b"first");
+        assert_eq!(first.join().unwrap().unwrap(), b"call-0");
     });
     assert_eq!(pool.status().stats.rejected, 1);
 }
@@ -559,11 +562,7 @@ fn stopping_a_pool_answers_its_queued_submissions() {
         pool.status().workers == 1
     });
     std::thread::scope(|s| {
-        let p = pool.clone();
-        let first = s.spawn(move || p.call(b"first"));
-        wait_for("the worker busy", Duration::from_secs(5), || {
-            pool.status().busy == 1
-        });
+        let first = occupy(s, &pool, 1).remove(0);
         let queued = [submit(&pool, "a").0, submit(&pool, "b").0];
         pool.stop();
         for rx in queued {
