@@ -82,7 +82,6 @@ struct Conn {
     st: Mutex<ConnState>,
 }
 
-#[derive(Default)]
 struct ConnState {
     /// Bytes read and not yet framed (the start of a request, or a pipelined next one).
     buf: Vec<u8>,
@@ -95,7 +94,8 @@ struct ConnState {
     /// Close once `out` is sent.
     close_after: bool,
     closed: bool,
-    last_active: Option<Instant>,
+    /// Last time a request was read or an answer finished (for the idle timeout).
+    last_active: Instant,
 }
 
 /// Where one request's answer goes; usable from any thread, once.
@@ -455,8 +455,13 @@ impl Shared {
             id,
             stream,
             st: Mutex::new(ConnState {
-                last_active: Some(Instant::now()),
-                ..ConnState::default()
+                buf: Vec::new(),
+                out: Vec::new(),
+                busy: false,
+                missed: false,
+                close_after: false,
+                closed: false,
+                last_active: Instant::now(),
             }),
         });
         if let Err(e) = self.ctl(
@@ -504,7 +509,7 @@ impl Shared {
         let req = match http::take_request(&mut st.buf, MAX_BODY) {
             Ok(Some(req)) => req,
             Ok(None) => {
-                st.last_active = Some(Instant::now());
+                st.last_active = Instant::now();
                 if eof {
                     self.close(&conn, st);
                 }
@@ -558,7 +563,7 @@ impl Shared {
         if st.close_after {
             return self.close(conn, st);
         }
-        st.last_active = Some(Instant::now());
+        st.last_active = Instant::now();
         // A pipelined request already read, or an event that came while busy: no new edge
         // will announce it.
         let again = st.missed || !st.buf.is_empty();
@@ -598,10 +603,7 @@ impl Shared {
         for conn in conns {
             // A connection another thread is handling is not idle.
             let Ok(st) = conn.st.try_lock() else { continue };
-            if !st.busy
-                && st.out.is_empty()
-                && st.last_active.is_some_and(|t| t.elapsed() >= IDLE_TIMEOUT)
-            {
+            if !st.busy && st.out.is_empty() && st.last_active.elapsed() >= IDLE_TIMEOUT {
                 self.close(&conn, st);
             }
         }

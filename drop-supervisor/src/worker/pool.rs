@@ -428,18 +428,24 @@ impl Pool {
         }
         let cfg = &self.inner.config;
         let deadline = started + cfg.timeout;
-        let stats = &self.inner.stats;
-        stats.running.fetch_add(1, Relaxed);
-        let result = match cfg.mode {
+        let result = self.running(|| match cfg.mode {
             Mode::Sync => self.call_until(payload, deadline),
             Mode::Async => self.call_async(payload, deadline),
             Mode::Stream => Err(CallError::Unavailable {
                 pool: self.name().into(),
                 reason: "a stream pool takes no requests; subscribe to it".into(),
             }),
-        };
-        stats.running.fetch_sub(1, Relaxed);
+        });
         self.finish(payload, started, result)
+    }
+
+    /// Runs `f` counted in the `running` number.
+    fn running<T>(&self, f: impl FnOnce() -> T) -> T {
+        let running = &self.inner.stats.running;
+        running.fetch_add(1, Relaxed);
+        let out = f();
+        running.fetch_sub(1, Relaxed);
+        out
     }
 
     /// Runs `payload` like [`Pool::call`] without making the caller wait for a worker; the
@@ -470,14 +476,11 @@ impl Pool {
         {
             drop(st);
             before_blocking();
-            let stats = &self.inner.stats;
-            stats.running.fetch_add(1, Relaxed);
-            let result = match self.run_on(slot, &payload, deadline) {
+            let result = self.running(|| match self.run_on(slot, &payload, deadline) {
                 Ran::Done(result) => result,
                 // The worker was out of step and nothing was sent: wait like a caller.
                 Ran::Retry => self.call_until(&payload, deadline),
-            };
-            stats.running.fetch_sub(1, Relaxed);
+            });
             return done(self.finish(&payload, started, result));
         }
         if st.queued() >= cfg.queue {
@@ -639,10 +642,7 @@ impl Pool {
                     self.kick(&mut st);
                 }
                 drop(st);
-                inner.stats.running.fetch_add(1, Relaxed);
-                let ran = self.run_on(slot, &job.payload, job.deadline);
-                inner.stats.running.fetch_sub(1, Relaxed);
-                match ran {
+                match self.running(|| self.run_on(slot, &job.payload, job.deadline)) {
                     Ran::Done(result) => {
                         (job.done)(self.finish(&job.payload, job.started, result));
                         st = lock(&inner.state);
