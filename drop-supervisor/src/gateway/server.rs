@@ -1,31 +1,35 @@
-//! The gateway's connections: one epoll set shared by a few polling threads, no thread per
+//! The gateway's connections: one epoll set, one polling thread at a time, no thread per
 //! connection.
 //!
 //! Connections are registered edge-triggered, once. A connection is `busy` from the moment a
 //! request is framed until its answer is out; only then is the next one read, so answers keep
 //! the order of requests. The thread that got the event reads and frames one request and hands
 //! it to the gateway with a [`Responder`]; an event for a busy connection is remembered and
-//! raised again when its answer is out. One thread at a time waits in
-//! `epoll_wait` (the others wait for their turn), so events that arrive while it works are
-//! taken together in its next batch instead of waking one sleeping thread each. The answer may be written by any
-//! thread — the poller itself, or a pool executor that ran a queued request — and writing it
-//! re-arms the connection. A request that waits for a worker therefore holds no thread at all.
+//! raised again when its answer is out. The answer may be written by any thread — the poller
+//! itself, or a pool executor that ran a queued request. A request that waits for a worker
+//! holds no thread at all, and answering re-arms nothing: the common request costs no
+//! `epoll_ctl`.
 //!
+//! One thread, the leader, waits in `epoll_wait` and handles its batch; the others stand by.
 //! Work that may block (a request run at once on an idle worker, a call forwarded to another
-//! node) runs on the polling thread; before it blocks, the thread gives back the other events of
-//! its batch (re-arming them), hands its turn to the next thread and, if none is left, starts
-//! another. Threads beyond [`MIN_POLLERS`] end after [`POLLER_IDLE`] without events.
+//! node) runs on the leader itself, which keeps its turn: on one core a request then costs the
+//! worker's round trip and nothing else, no wake-up of another thread. The leader publishes the
+//! rest of its batch first; a standby thread, ticking every [`TICK`] while the leader runs
+//! something, takes the turn and that rest over once the leader has run for [`TAKEOVER`], so a
+//! slow function delays other connections by a few milliseconds at most, once. The old leader
+//! stands by when its request is done. A standby thread that sees nothing run for a second
+//! sleeps until it is woken; standby threads beyond one end after [`POLLER_IDLE`].
 //!
-//! A response that does not fit the socket's buffer is finished by the pollers (`EPOLLOUT`);
+//! A response that does not fit the socket's buffer is finished by the leader (`EPOLLOUT`);
 //! bytes of a pipelined next request stay buffered and are served after the answer is out.
-//! Answering re-arms nothing: the common request costs no `epoll_ctl`. Connections idle for [`IDLE_TIMEOUT`] are closed.
+//! Connections idle for [`IDLE_TIMEOUT`] are closed.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -39,15 +43,22 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 pub const MAX_CONNECTIONS: usize = 1024;
 /// A keep-alive connection idle this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Threads that keep polling when there is nothing to do.
-pub const MIN_POLLERS: usize = 2;
-/// A polling thread beyond [`MIN_POLLERS`] with no event for this long ends.
+/// A leader that has run one request (or forwarded call) this long loses its turn to a
+/// standby thread.
+pub const TAKEOVER: Duration = Duration::from_millis(2);
+/// How often a standby thread looks at a leader that runs something.
+pub const TICK: Duration = Duration::from_millis(2);
+/// Ticks without the leader running anything before a standby thread sleeps untimed.
+const QUIET_TICKS: u32 = 500;
+/// A standby thread beyond the first that waited this long ends.
 pub const POLLER_IDLE: Duration = Duration::from_secs(10);
-/// At most this many polling threads (each blocked one is serving a request).
-const MAX_POLLERS: usize = MAX_CONNECTIONS + MIN_POLLERS;
+/// At most this many gateway threads (each one past the first two is running a request).
+const MAX_POLLERS: usize = MAX_CONNECTIONS + 2;
 const LISTENER: u64 = 0;
 const WAKE: u64 = 1;
 const BATCH: usize = 32;
+/// At most this many shards, whatever the CPU count.
+const MAX_SHARDS: usize = 16;
 const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -57,18 +68,13 @@ pub trait Serve: Send + Sync + 'static {
     fn serve(&self, req: Request, responder: Responder, before_blocking: &mut dyn FnMut());
 }
 
-/// The epoll set, the connections and the thread accounting, shared by every poller.
+/// The shards, the connections and the listener, shared by every thread.
 struct Shared {
-    epoll: OwnedFd,
+    shards: Vec<Shard>,
     wake: OwnedFd,
     listener: Mutex<Option<TcpListener>>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
-    /// Held by the one thread that polls; the others wait here for their turn.
-    turn: Mutex<()>,
-    /// Threads in the poll loop (not blocked serving a request), and all polling threads.
-    polling: AtomicUsize,
-    threads: AtomicUsize,
     stopping: AtomicBool,
     /// Milliseconds since `epoch` of the last idle-connection sweep.
     last_sweep: AtomicU64,
@@ -76,8 +82,35 @@ struct Shared {
     serve: Box<dyn Serve>,
 }
 
+/// One epoll set with its own leader: connections are spread over one shard per CPU this
+/// process may run on, so each CPU has a thread that reads requests and runs them.
+struct Shard {
+    epoll: OwnedFd,
+    /// Who polls; standby threads wait on `turn_cv`.
+    turn: Mutex<Turn>,
+    turn_cv: Condvar,
+}
+
+/// The leader and the standby threads of a shard.
+struct Turn {
+    /// A leader holds the turn.
+    taken: bool,
+    /// Bumped by every takeover: a leader whose epoch is gone has lost the turn.
+    epoch: u64,
+    /// Since when the leader runs something (`None` while it polls).
+    running_since: Option<Instant>,
+    /// The leader's batch not yet handled, published while it runs something.
+    rest: Vec<libc::epoll_event>,
+    /// Threads standing by, and how many of them sleep without a timeout.
+    standby: usize,
+    sleeping: usize,
+    threads: usize,
+}
+
 struct Conn {
     id: u64,
+    /// The shard whose epoll set watches it.
+    shard: usize,
     stream: TcpStream,
     st: Mutex<ConnState>,
 }
@@ -145,7 +178,7 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("threads", &self.shared.threads.load(Ordering::Relaxed))
+            .field("shards", &self.shared.shards.len())
             .finish()
     }
 }
@@ -159,14 +192,11 @@ impl Server {
     /// Serves `listener` with [`MIN_POLLERS`] threads to begin with.
     pub fn start(listener: TcpListener, serve: Box<dyn Serve>) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
-        // SAFETY: plain system calls; the returned descriptors are checked and owned at once.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(os_err("epoll_create1"));
-        }
-        // SAFETY: `epoll` is a fresh descriptor nobody else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        // SAFETY: as above.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = (0..cpus.clamp(1, MAX_SHARDS))
+            .map(|_| Shard::new())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // SAFETY: plain system call; the returned descriptor is checked and owned at once.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake < 0 {
             return Err(os_err("eventfd"));
@@ -174,40 +204,41 @@ impl Server {
         // SAFETY: `wake` is a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         let shared = Arc::new(Shared {
-            epoll,
+            shards,
             wake,
             listener: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
-            turn: Mutex::new(()),
             next_id: AtomicU64::new(2),
-            polling: AtomicUsize::new(0),
-            threads: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             last_sweep: AtomicU64::new(0),
             epoch: Instant::now(),
             serve,
         });
         // The wake descriptor is level-triggered and never read: once written, every poller
-        // sees it.
-        shared.ctl(
-            libc::EPOLL_CTL_ADD,
-            shared.wake.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            WAKE,
-        )?;
-        shared.ctl(
+        // sees it. The first shard accepts.
+        for shard in &shared.shards {
+            shard.ctl(
+                libc::EPOLL_CTL_ADD,
+                shared.wake.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                WAKE,
+            )?;
+        }
+        shared.shards[0].ctl(
             libc::EPOLL_CTL_ADD,
             listener.as_raw_fd(),
             (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
             LISTENER,
         )?;
         *lock(&shared.listener) = Some(listener);
-        for _ in 0..MIN_POLLERS {
-            shared.polling.fetch_add(1, Ordering::AcqRel);
-            if let Err(e) = Shared::spawn_poller(&shared) {
-                shared.polling.fetch_sub(1, Ordering::AcqRel);
-                shared.stop();
-                return Err(e);
+        // Per shard, a leader and one thread standing by.
+        for i in 0..shared.shards.len() {
+            for _ in 0..2 {
+                let spawned = Shared::spawn_poller(&shared, i, &mut lock(&shared.shards[i].turn));
+                if let Err(e) = spawned {
+                    shared.stop();
+                    return Err(e);
+                }
             }
         }
         Ok(Server { shared })
@@ -229,7 +260,29 @@ impl Conn {
     }
 }
 
-impl Shared {
+impl Shard {
+    fn new() -> std::io::Result<Shard> {
+        // SAFETY: plain system call; the returned descriptor is checked and owned at once.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(os_err("epoll_create1"));
+        }
+        Ok(Shard {
+            // SAFETY: `epoll` is a fresh descriptor nobody else owns.
+            epoll: unsafe { OwnedFd::from_raw_fd(epoll) },
+            turn: Mutex::new(Turn {
+                taken: false,
+                epoch: 0,
+                running_since: None,
+                rest: Vec::new(),
+                standby: 0,
+                sleeping: 0,
+                threads: 0,
+            }),
+            turn_cv: Condvar::new(),
+        })
+    }
+
     fn ctl(&self, op: i32, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: `ev` lives across the call; the kernel copies it.
@@ -239,11 +292,13 @@ impl Shared {
         }
         Ok(())
     }
+}
 
+impl Shared {
     /// Raises a connection's event again if it is readable or writable now (a modification
     /// re-checks readiness), for work that no new edge would announce.
     fn retrigger(&self, conn: &Conn) {
-        if let Err(e) = self.ctl(
+        if let Err(e) = self.shards[conn.shard].ctl(
             libc::EPOLL_CTL_MOD,
             conn.stream.as_raw_fd(),
             CONN_EVENTS,
@@ -253,17 +308,14 @@ impl Shared {
         }
     }
 
-    fn spawn_poller(shared: &Arc<Shared>) -> std::io::Result<()> {
-        shared.threads.fetch_add(1, Ordering::AcqRel);
+    fn spawn_poller(shared: &Arc<Shared>, shard: usize, turn: &mut Turn) -> std::io::Result<()> {
         let me = shared.clone();
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("drop-gw-poll".into())
             .stack_size(256 * 1024)
-            .spawn(move || me.poll_loop());
-        if spawned.is_err() {
-            shared.threads.fetch_sub(1, Ordering::AcqRel);
-        }
-        spawned.map(|_| ())
+            .spawn(move || me.poll_loop(shard))?;
+        turn.threads += 1;
+        Ok(())
     }
 
     fn stop(&self) {
@@ -280,7 +332,11 @@ impl Shared {
             )
         };
         if let Some(listener) = lock(&self.listener).take() {
-            let _ = self.ctl(libc::EPOLL_CTL_DEL, listener.as_raw_fd(), 0, LISTENER);
+            let _ = self.shards[0].ctl(libc::EPOLL_CTL_DEL, listener.as_raw_fd(), 0, LISTENER);
+        }
+        for shard in &self.shards {
+            drop(lock(&shard.turn));
+            shard.turn_cv.notify_all();
         }
         let conns: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
         for conn in conns {
@@ -291,119 +347,154 @@ impl Shared {
         }
     }
 
-    fn poll_loop(self: Arc<Self>) {
+    fn poll_loop(self: Arc<Self>, shard: usize) {
+        let sh = &self.shards[shard];
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
-        let mut idle_since = Instant::now();
-        // Kept from one batch to the next: giving it back wakes a waiting thread for nothing.
-        let mut turn = None;
-        loop {
-            if turn.is_none() {
-                turn = Some(lock(&self.turn));
-            }
-            if self.stopping.load(Ordering::Acquire) {
-                break;
-            }
-            // SAFETY: `events` outlives the call and holds BATCH entries.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    BATCH as i32,
-                    1000,
-                )
-            };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
-                    warn!(error = %os_err("epoll_wait"), "gateway poller");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+        // Each round: wait for the turn, then lead until the turn is lost or the server stops.
+        while let Some((epoch, rest)) = self.wait_turn(shard) {
+            if !self.handle_batch(shard, &rest, epoch) {
                 continue;
             }
-            self.sweep_idle();
-            if n == 0 {
-                if idle_since.elapsed() >= POLLER_IDLE && self.leave_if_spare() {
+            loop {
+                if self.stopping.load(Ordering::Acquire) {
+                    let mut turn = lock(&sh.turn);
+                    turn.taken = false;
+                    turn.threads -= 1;
+                    drop(turn);
+                    sh.turn_cv.notify_all();
                     return;
                 }
-                continue;
-            }
-            idle_since = Instant::now();
-            let batch = &events[..n as usize];
-            for (i, ev) in batch.iter().enumerate() {
-                let handed_off = match ev.u64 {
-                    WAKE => break,
-                    LISTENER => {
-                        self.accept_all();
-                        false
-                    }
-                    id => self.on_ready(id, &batch[i + 1..], &mut turn),
+                // SAFETY: `events` outlives the call and holds BATCH entries.
+                let n = unsafe {
+                    libc::epoll_wait(
+                        sh.epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        BATCH as i32,
+                        1000,
+                    )
                 };
-                if handed_off {
+                if n < 0 {
+                    if std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+                        warn!(error = %os_err("epoll_wait"), "gateway poller");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    continue;
+                }
+                self.sweep_idle();
+                if !self.handle_batch(shard, &events[..n as usize], epoch) {
                     break;
                 }
             }
         }
-        self.polling.fetch_sub(1, Ordering::AcqRel);
-        self.threads.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Ends this poller if more than [`MIN_POLLERS`] are polling.
-    fn leave_if_spare(&self) -> bool {
-        let mut polling = self.polling.load(Ordering::Acquire);
-        while polling > MIN_POLLERS {
-            match self.polling.compare_exchange(
-                polling,
-                polling - 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.threads.fetch_sub(1, Ordering::AcqRel);
-                    return true;
-                }
-                Err(now) => polling = now,
-            }
-        }
-        false
-    }
-
-    /// About to block: gives the rest of the batch back, hands the turn to poll to the next
-    /// thread and makes sure there is one.
-    fn enter_blocking(
+    /// Handles a batch as the leader of `epoch`. False when the turn was taken over while a
+    /// request ran: the rest of the batch is the new leader's.
+    fn handle_batch(
         self: &Arc<Self>,
-        rest: &[libc::epoll_event],
-        turn: &mut Option<MutexGuard<'_, ()>>,
-    ) {
-        for ev in rest {
+        shard: usize,
+        batch: &[libc::epoll_event],
+        epoch: u64,
+    ) -> bool {
+        for (i, ev) in batch.iter().enumerate() {
             match ev.u64 {
                 WAKE => {}
-                LISTENER => {
-                    if let Some(l) = lock(&self.listener).as_ref() {
-                        let _ = self.ctl(
-                            libc::EPOLL_CTL_MOD,
-                            l.as_raw_fd(),
-                            (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
-                            LISTENER,
-                        );
-                    }
-                }
+                LISTENER => self.accept_all(),
                 id => {
-                    if let Some(conn) = lock(&self.conns).get(&id).cloned() {
-                        self.retrigger(&conn);
+                    if !self.on_ready(shard, id, &batch[i + 1..], epoch) {
+                        return false;
                     }
                 }
             }
         }
-        drop(turn.take());
-        if self.polling.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.threads.load(Ordering::Acquire) < MAX_POLLERS
-            && !self.stopping.load(Ordering::Acquire)
-        {
-            self.polling.fetch_add(1, Ordering::AcqRel);
-            if let Err(e) = Shared::spawn_poller(self) {
-                self.polling.fetch_sub(1, Ordering::AcqRel);
-                warn!(error = %e, "cannot start a gateway poller");
+        true
+    }
+
+    /// Waits until this thread leads: the turn is free, or the leader has run something for
+    /// [`TAKEOVER`] (then its unhandled events come along). `None`: the thread ends (the server
+    /// stops, or it is a spare standby that waited [`POLLER_IDLE`]).
+    fn wait_turn(&self, shard: usize) -> Option<(u64, Vec<libc::epoll_event>)> {
+        let sh = &self.shards[shard];
+        let mut turn = lock(&sh.turn);
+        let waiting_since = Instant::now();
+        let mut quiet = 0;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                turn.threads -= 1;
+                return None;
             }
+            if !turn.taken {
+                turn.taken = true;
+                return Some((turn.epoch, Vec::new()));
+            }
+            if turn.running_since.is_some_and(|t| t.elapsed() >= TAKEOVER) {
+                turn.epoch += 1;
+                turn.running_since = None;
+                let rest = std::mem::take(&mut turn.rest);
+                debug!(
+                    events = rest.len(),
+                    "gateway: a request runs long; another thread polls"
+                );
+                return Some((turn.epoch, rest));
+            }
+            if turn.standby > 0 && waiting_since.elapsed() >= POLLER_IDLE {
+                turn.threads -= 1;
+                return None;
+            }
+            turn.standby += 1;
+            if turn.running_since.is_some() || quiet < QUIET_TICKS {
+                turn = sh
+                    .turn_cv
+                    .wait_timeout(turn, TICK)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                quiet = if turn.running_since.is_some() {
+                    0
+                } else {
+                    quiet + 1
+                };
+            } else {
+                turn.sleeping += 1;
+                turn = sh
+                    .turn_cv
+                    .wait_timeout(turn, POLLER_IDLE)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                turn.sleeping -= 1;
+                quiet = 0;
+            }
+            turn.standby -= 1;
         }
+    }
+
+    /// The leader is about to run something that may block: publishes the rest of its batch
+    /// for a takeover and makes sure a thread stands by to watch.
+    fn start_running(self: &Arc<Self>, shard: usize, rest: &[libc::epoll_event]) {
+        let sh = &self.shards[shard];
+        let mut turn = lock(&sh.turn);
+        turn.running_since = Some(Instant::now());
+        turn.rest.clear();
+        turn.rest.extend_from_slice(rest);
+        if turn.sleeping > 0 {
+            sh.turn_cv.notify_one();
+        } else if turn.standby == 0
+            && turn.threads < MAX_POLLERS
+            && !self.stopping.load(Ordering::Acquire)
+            && let Err(e) = Shared::spawn_poller(self, shard, &mut turn)
+        {
+            warn!(error = %e, "cannot start a gateway thread");
+        }
+    }
+
+    /// The leader's request is done. False when its turn was taken over meanwhile.
+    fn stop_running(&self, shard: usize, epoch: u64) -> bool {
+        let mut turn = lock(&self.shards[shard].turn);
+        if turn.epoch != epoch {
+            return false;
+        }
+        turn.running_since = None;
+        turn.rest.clear();
+        true
     }
 
     fn accept_all(self: &Arc<Self>) {
@@ -422,7 +513,7 @@ impl Shared {
                 }
             }
         }
-        let _ = self.ctl(
+        let _ = self.shards[0].ctl(
             libc::EPOLL_CTL_MOD,
             l.as_raw_fd(),
             (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
@@ -451,8 +542,11 @@ impl Shared {
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Round robin over the shards.
+        let shard = (id as usize) % self.shards.len();
         let conn = Arc::new(Conn {
             id,
+            shard,
             stream,
             st: Mutex::new(ConnState {
                 buf: Vec::new(),
@@ -464,7 +558,7 @@ impl Shared {
                 last_active: Instant::now(),
             }),
         });
-        if let Err(e) = self.ctl(
+        if let Err(e) = self.shards[shard].ctl(
             libc::EPOLL_CTL_ADD,
             conn.stream.as_raw_fd(),
             CONN_EVENTS,
@@ -476,34 +570,36 @@ impl Shared {
         conns.insert(id, conn);
     }
 
-    /// One ready connection. Returns true when the rest of the batch was handed off.
+    /// One ready connection, handled by the leader of `epoch`. False when the turn was taken
+    /// over while its request ran.
     fn on_ready(
         self: &Arc<Self>,
+        shard: usize,
         id: u64,
         rest: &[libc::epoll_event],
-        turn: &mut Option<MutexGuard<'_, ()>>,
+        epoch: u64,
     ) -> bool {
         let Some(conn) = lock(&self.conns).get(&id).cloned() else {
-            return false;
+            return true;
         };
         let mut st = conn.lock();
         if st.closed {
-            return false;
+            return true;
         }
         if st.busy {
             st.missed = true;
-            return false;
+            return true;
         }
         if !st.out.is_empty() {
             // The rest of an answer: send it, then serve what is buffered.
             self.after_output(&conn, st);
-            return false;
+            return true;
         }
         let eof = match read_some(&conn.stream, &mut st.buf) {
             Ok(eof) => eof,
             Err(()) => {
                 self.close(&conn, st);
-                return false;
+                return true;
             }
         };
         let req = match http::take_request(&mut st.buf, MAX_BODY) {
@@ -513,7 +609,7 @@ impl Shared {
                 if eof {
                     self.close(&conn, st);
                 }
-                return false;
+                return true;
             }
             Err(e) => {
                 debug!(error = %e, "malformed gateway request");
@@ -522,24 +618,21 @@ impl Shared {
                 let body = ApiError::from(&e).to_json();
                 let out = http::encode_json_response(e.status(), &body, true);
                 self.responder(conn).respond(out, true);
-                return false;
+                return true;
             }
         };
         st.busy = true;
         drop(st);
-        let mut handed_off = false;
+        let mut running = false;
         let mut before_blocking = || {
-            if !handed_off {
-                handed_off = true;
-                self.enter_blocking(rest, turn);
+            if !running {
+                running = true;
+                self.start_running(shard, rest);
             }
         };
         self.serve
             .serve(req, self.responder(conn), &mut before_blocking);
-        if handed_off {
-            self.polling.fetch_add(1, Ordering::AcqRel);
-        }
-        handed_off
+        !running || self.stop_running(shard, epoch)
     }
 
     fn responder(self: &Arc<Self>, conn: Arc<Conn>) -> Responder {
@@ -582,7 +675,8 @@ impl Shared {
         st.buf = Vec::new();
         st.out = Vec::new();
         drop(st);
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, conn.id);
+        let _ =
+            self.shards[conn.shard].ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, conn.id);
         let _ = conn.stream.shutdown(Shutdown::Both);
         lock(&self.conns).remove(&conn.id);
     }
