@@ -24,12 +24,12 @@
 //! started with a peer key, is the peer listener: it accepts only signed requests (401
 //! `unauthorized_peer` otherwise) and never forwards.
 //!
-//! Connections are served by a few threads polling one epoll set (see [`server`]). A call to a
-//! local pool is [`Pool::submit`]ted: with an idle worker it runs at once on the polling thread,
-//! as a blocking caller would, so at low load a request never waits for another thread to wake
-//! up; when every worker is busy it is queued without holding a thread, and the pool's executor
-//! that runs it writes the answer. 64 connections on 2 workers thus cost 2 busy executors, not
-//! 64 threads taking turns.
+//! Connections are spread over one epoll shard per CPU (see [`server`]); in each, one leader
+//! thread polls. A call to a local pool is [`Pool::submit`]ted: with an idle worker the leader
+//! runs it itself, as a blocking caller would, so a request never waits for another thread to
+//! wake up; when every worker is busy it is queued without holding a thread, and the pool's
+//! executor that runs it writes the answer. 64 connections on 2 workers thus cost a leader and
+//! at most 2 busy executors, not 64 threads taking turns.
 
 pub mod server;
 

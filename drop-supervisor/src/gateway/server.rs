@@ -1,5 +1,5 @@
-//! The gateway's connections: one epoll set, one polling thread at a time, no thread per
-//! connection.
+//! The gateway's connections: one epoll shard per CPU the process may run on, one polling
+//! thread at a time in each, no thread per connection.
 //!
 //! Connections are registered edge-triggered, once. A connection is `busy` from the moment a
 //! request is framed until its answer is out; only then is the next one read, so answers keep
@@ -10,7 +10,8 @@
 //! holds no thread at all, and answering re-arms nothing: the common request costs no
 //! `epoll_ctl`.
 //!
-//! One thread, the leader, waits in `epoll_wait` and handles its batch; the others stand by.
+//! Connections are spread over the shards round robin as they are accepted. In each shard one
+//! thread, the leader, waits in `epoll_wait` and handles its batch; the others stand by.
 //! Work that may block (a request run at once on an idle worker, a call forwarded to another
 //! node) runs on the leader itself, which keeps its turn: on one core a request then costs the
 //! worker's round trip and nothing else, no wake-up of another thread. The leader publishes the
@@ -189,7 +190,7 @@ fn os_err(what: &str) -> std::io::Error {
 }
 
 impl Server {
-    /// Serves `listener` with [`MIN_POLLERS`] threads to begin with.
+    /// Serves `listener`: per shard, a leader and a thread standing by to begin with.
     pub fn start(listener: TcpListener, serve: Box<dyn Serve>) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
