@@ -308,6 +308,17 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// One read, again after a signal: a socket with a read timeout is not restarted after a
+/// signal handler and says `Interrupted` (a process with child processes gets SIGCHLD).
+fn read_retrying<S: std::io::Read>(stream: &mut S, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 /// Blocking client side: writes one request and reads one response (`Content-Length` framed).
 pub fn roundtrip<S: std::io::Read + std::io::Write>(
     stream: &mut S,
@@ -367,7 +378,7 @@ pub fn roundtrip_with<S: std::io::Read + std::io::Write>(
                     ));
                 };
                 while buf.len() < head_len + len {
-                    let n = stream.read(&mut chunk)?;
+                    let n = read_retrying(stream, &mut chunk)?;
                     if n == 0 {
                         return Err(Error::new(
                             ErrorKind::UnexpectedEof,
@@ -395,7 +406,7 @@ pub fn roundtrip_with<S: std::io::Read + std::io::Write>(
                 "response head too large",
             ));
         }
-        let n = stream.read(&mut chunk)?;
+        let n = read_retrying(stream, &mut chunk)?;
         if n == 0 {
             return Err(Error::new(
                 ErrorKind::UnexpectedEof,

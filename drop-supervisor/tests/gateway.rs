@@ -98,6 +98,17 @@ fn request(path: &str, body: &[u8]) -> Vec<u8> {
     r
 }
 
+/// One read; a signal (a worker of this process ended) is not an error. A socket with a read
+/// timeout is not restarted after a signal handler, so `read` can say `Interrupted`.
+fn read_more(s: &mut TcpStream, chunk: &mut [u8]) -> usize {
+    loop {
+        match s.read(chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r.unwrap(),
+        }
+    }
+}
+
 /// Reads one response off a keep-alive connection: (status, body, connection closes).
 fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, Vec<u8>, bool) {
     let mut chunk = vec![0u8; 64 * 1024];
@@ -115,7 +126,7 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, Vec<u8>, bool) {
             let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
             let status = resp.code.unwrap();
             while buf.len() < head + len {
-                let n = s.read(&mut chunk).unwrap();
+                let n = read_more(s, &mut chunk);
                 assert!(n > 0, "connection closed inside a response");
                 buf.extend_from_slice(&chunk[..n]);
             }
@@ -123,7 +134,7 @@ fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, Vec<u8>, bool) {
             buf.drain(..head + len);
             return (status, body, close);
         }
-        let n = s.read(&mut chunk).unwrap();
+        let n = read_more(s, &mut chunk);
         assert!(n > 0, "connection closed before a response");
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -1107,7 +1107,8 @@ impl Pool {
                 };
                 let n = match stdout.read(spare) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                    // A signal, not the end of the reply: read again.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         io.lines.filled(CHUNK, 0);
                         return Err(failed(format!("reading the reply: {e}")));
