@@ -19,9 +19,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drop_supervisor::gateway::{Gateway, GatewayOptions, PoolLookup};
+use drop_supervisor::gateway::{Gateway, GatewayOptions};
+use drop_supervisor::runtime::PoolLookup;
 use drop_supervisor::http::{self, BlockingReader};
-use drop_supervisor::worker::pool::{Pool, PoolConfig};
+use drop_supervisor::runtime::worker::pool::{Pool, PoolConfig};
 
 fn echo_worker() -> String {
     std::env::var("DROP_ECHO_WORKER").unwrap_or_else(|_| {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cluster::ClusterConfig;
 use crate::cluster::membership::Timing;
 
 /// Where the packaged daemon looks when `--config` is not given.
@@ -98,21 +99,6 @@ pub struct RawCluster {
     pub disable_reliable_pings: Option<bool>,
 }
 
-/// The validated `[cluster]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    pub bind: SocketAddr,
-    pub advertise: SocketAddr,
-    pub peer: SocketAddr,
-    pub seeds: Vec<SocketAddr>,
-    pub key_file: PathBuf,
-    pub profile: String,
-    pub timing: Timing,
-    pub capacity: u32,
-    /// LAN discovery group, if on.
-    pub multicast: Option<std::net::SocketAddrV4>,
-}
-
 /// Parses `500ms`, `2s` or `1m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -132,8 +118,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-impl ClusterConfig {
-    fn from_raw(raw: RawCluster, origin: &str) -> Result<ClusterConfig, ConfigError> {
+/// Validates the `[cluster]` section.
+fn cluster_from_raw(raw: RawCluster, origin: &str) -> Result<ClusterConfig, ConfigError> {
         let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
             origin: origin.to_string(),
             key,
@@ -311,7 +297,6 @@ impl ClusterConfig {
             capacity,
         })
     }
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -505,7 +490,7 @@ impl Config {
 
         let cluster = raw
             .cluster
-            .map(|c| ClusterConfig::from_raw(c, &origin))
+            .map(|c| cluster_from_raw(c, &origin))
             .transpose()?;
 
         Ok(Config {

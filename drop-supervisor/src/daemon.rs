@@ -14,9 +14,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::control::{self, Supervisor};
 use crate::gateway::{Gateway, GatewayOptions};
-use crate::notify::Notifier;
+use crate::host::notify::Notifier;
 use crate::runtime::{Runtime, RuntimeOptions};
-use crate::state;
+use crate::host::state;
 
 /// Mode of the control socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -60,14 +60,14 @@ pub enum DaemonError {
     #[error("cannot read /proc/self/cgroup")]
     ProcSelfCgroup(#[source] std::io::Error),
     #[error("cannot set up pool cgroups (set `runtime.cgroups = false` to run without them)")]
-    Cgroups(#[source] crate::cgroup::CgroupError),
+    Cgroups(#[source] crate::runtime::cgroup::CgroupError),
 }
 
 fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
     let cgroups = if config.cgroups {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(DaemonError::ProcSelfCgroup)?;
-        let cg = crate::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &config.cgroup_subtree)
+        let cg = crate::runtime::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &config.cgroup_subtree)
             .map_err(DaemonError::Cgroups)?;
         info!(version = ?cg.version(), subtree = %config.cgroup_subtree, "pool cgroups ready");
         Some(Arc::from(cg))
@@ -85,7 +85,7 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
 
 async fn start_cluster(
     config: &Config,
-    cc: &crate::config::ClusterConfig,
+    cc: &crate::cluster::ClusterConfig,
     node_id: uuid::Uuid,
     gateway: Option<std::net::SocketAddr>,
 ) -> Result<crate::cluster::node::Cluster, DaemonError> {
@@ -234,7 +234,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
     let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(control::serve(
+    let server = tokio::spawn(control::server::serve(
         listener,
         supervisor.clone(),
         stop_rx.clone(),
@@ -259,7 +259,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    () = control::stopped(&mut stop) => return,
+                    () = control::server::stopped(&mut stop) => return,
                     _ = tick.tick() => {
                         if let Err(e) = notifier.notify("WATCHDOG=1") {
                             warn!(error = %e, "sd_notify WATCHDOG failed");

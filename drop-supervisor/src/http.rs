@@ -6,6 +6,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::error::ApiError;
+
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body accepted on the control socket.
@@ -60,6 +62,12 @@ impl HttpError {
             HttpError::BodyTooLarge(_) => "payload_too_large",
             HttpError::LengthRequired => "length_required",
         }
+    }
+}
+
+impl From<&HttpError> for ApiError {
+    fn from(e: &HttpError) -> Self {
+        ApiError::new(e.status(), e.code(), e.to_string())
     }
 }
 

@@ -6,22 +6,12 @@
 //! names (state directory, control socket, sysctl root), so that tests can point it at
 //! temporary folders.
 
-pub mod api;
-pub mod cgroup;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod flow;
+pub mod error;
 pub mod gateway;
+pub mod host;
 pub mod http;
-pub mod images;
-pub mod logging;
-pub mod logs;
-pub mod metrics;
-pub mod notify;
 pub mod runtime;
-pub mod state;
-pub mod tune;
-pub mod worker;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use drop_supervisor::{config::Config, daemon, logging};
+use drop_supervisor::{config::Config, daemon, host::logging};
 
 /// The DROP node daemon: runs functions and services on this node and serves the control API
 /// on a Unix socket (see `dropctl`).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use drop_supervisor::tune::{Profile, key_path};
+use drop_supervisor::host::tune::{Profile, key_path};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_drop-supervisor");
 const DROPCTL: &str = env!("CARGO_BIN_EXE_dropctl");

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{devnull, sh, wait_for};
-use drop_supervisor::gateway::{Gateway, GatewayOptions, PoolLookup};
-use drop_supervisor::worker::pool::{Pool, PoolConfig};
+use drop_supervisor::gateway::{Gateway, GatewayOptions};
+use drop_supervisor::runtime::PoolLookup;
+use drop_supervisor::runtime::worker::pool::{Pool, PoolConfig};
 
 const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{config, devnull, sh, wait_for};
-use drop_supervisor::worker::pool::{CallError, Phase, Pool, PoolConfig, RestartPolicy};
+use drop_supervisor::runtime::worker::pool::{CallError, Phase, Pool, PoolConfig, RestartPolicy};
 
 const ECHO: &str = env!("CARGO_BIN_EXE_drop-echo-worker");
 
@@ -305,7 +305,7 @@ fn stopping_kills_every_worker() {
 
 fn async_config(name: &str, argv: &[&str], concurrency: u32) -> PoolConfig {
     let mut cfg = config(name, argv);
-    cfg.mode = drop_supervisor::flow::Mode::Async;
+    cfg.mode = drop_supervisor::runtime::flow::Mode::Async;
     cfg.concurrency = concurrency;
     cfg
 }
@@ -400,7 +400,7 @@ fn stream_events_reach_the_output_hook_and_a_silent_worker_is_restarted() {
             "i=0; while [ $i -lt 5 ]; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done; sleep 100",
         ),
     );
-    cfg.mode = drop_supervisor::flow::Mode::Stream;
+    cfg.mode = drop_supervisor::runtime::flow::Mode::Stream;
     cfg.timeout = Duration::from_millis(400);
     cfg.restart.intensity = 100;
     let pool = rt.pool(cfg);

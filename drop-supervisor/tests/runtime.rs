@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use drop_supervisor::gateway::PoolLookup;
+use drop_supervisor::runtime::PoolLookup;
 use drop_supervisor::runtime::{Runtime, RuntimeOptions};
 
 fn runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
@@ -210,7 +210,7 @@ fn a_failed_pool_recovers_when_its_flow_is_fixed() {
     wait_for("failed", Duration::from_secs(10), || {
         matches!(
             runtime.pool_status("f").unwrap().phase,
-            drop_supervisor::worker::pool::Phase::Failed(_)
+            drop_supervisor::runtime::worker::pool::Phase::Failed(_)
         )
     });
     let fixed = "name: f\nfunc:\n  - name: f\n    cmd: /bin/cat\n";

@@ -13,8 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use drop_supervisor::cgroup::v1::V1Cgroups;
-use drop_supervisor::cgroup::{
+use drop_supervisor::runtime::cgroup::v1::V1Cgroups;
+use drop_supervisor::runtime::cgroup::{
     self, CGROUP_ROOT, CgroupError, CgroupVersion, Cgroups, Limits, ProcCgroupEntry,
 };
 use drop_tests::{Outcome, Test, require_root, unique_name};

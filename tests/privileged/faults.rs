@@ -287,14 +287,14 @@ fn sigkill_mid_load() -> anyhow::Result<Outcome> {
 /// A worker that escapes its process group (`setsid`) and then times out: its own cgroup goes
 /// with it, grandchild included, while the pool goes on serving.
 fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
-    use drop_supervisor::gateway::PoolLookup;
+    use drop_supervisor::runtime::PoolLookup;
     if let Some(skip) = require_root() {
         return Ok(skip);
     }
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
     let subtree = unique_name("dropwk");
     let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
-    let cg: Arc<dyn drop_supervisor::cgroup::Cgroups> = Arc::from(drop_supervisor::cgroup::detect(
+    let cg: Arc<dyn drop_supervisor::runtime::cgroup::Cgroups> = Arc::from(drop_supervisor::runtime::cgroup::detect(
         Path::new("/sys/fs/cgroup"),
         &own,
         &subtree,
@@ -344,7 +344,7 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
         ensure!(
             matches!(
                 pool.call(b"hang"),
-                Err(drop_supervisor::worker::pool::CallError::Timeout(_))
+                Err(drop_supervisor::runtime::worker::pool::CallError::Timeout(_))
             ),
             "hang must time out"
         );

@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use drop_supervisor::images::{self, ImageError};
-use drop_supervisor::worker::image::ImageMount;
+use drop_supervisor::runtime::images::{self, ImageError};
+use drop_supervisor::runtime::worker::image::ImageMount;
 use drop_tests::{Outcome, Test, paths, require_root, unique_name};
 
 pub const TESTS: &[Test] = &[

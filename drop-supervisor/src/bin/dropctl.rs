@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use drop_supervisor::api::StatusInfo;
-use drop_supervisor::client::{Client, ClientError};
+use drop_supervisor::control::api::StatusInfo;
+use drop_supervisor::control::client::{Client, ClientError};
 use drop_supervisor::config::DEFAULT_SOCKET;
-use drop_supervisor::tune::{ApplyOutcome, ApplyReport, CheckReport, KeyState, Policy};
+use drop_supervisor::host::tune::{ApplyOutcome, ApplyReport, CheckReport, KeyState, Policy};
 
 const EXIT_CODES: &str = "\
 Exit codes:

@@ -31,8 +31,8 @@ use super::leader::{self, View};
 use super::membership::{Application, Member, MemberState, Membership, MembershipOptions};
 use super::placement::{self, Candidate, FlowSpec};
 use super::state::{Clock, Entry, Hlc, NodeId, StateMap, physical_now_ms};
-use crate::api::ApiError;
-use crate::flow::Delivery;
+use crate::error::ApiError;
+use crate::runtime::flow::Delivery;
 use crate::runtime::{RemoteRoute, Runtime};
 
 /// File under the state directory holding the replicated map.
@@ -81,7 +81,7 @@ pub struct ClusterOptions {
     pub node_id: NodeId,
     pub name: String,
     pub state_dir: PathBuf,
-    pub config: crate::config::ClusterConfig,
+    pub config: super::ClusterConfig,
     pub key: memberlist::proto::SecretKey,
     pub gateway: Option<SocketAddr>,
 }
@@ -931,8 +931,8 @@ impl Cluster {
         file: &str,
         ns: Option<String>,
     ) -> Result<Value, ApiError> {
-        let flow = crate::flow::parse_flow(source, Path::new(file))
-            .map_err(|e| crate::control::runtime_error(&crate::runtime::RuntimeError::from(e)))?;
+        let flow = crate::runtime::flow::parse_flow(source, Path::new(file))
+            .map_err(|e| ApiError::from(&crate::runtime::RuntimeError::from(e)))?;
         let ns = self.target_ns(ns)?;
         let key = format!("flow/{ns}/{}", flow.name);
         let unchanged = self
@@ -1341,7 +1341,7 @@ struct DecodedFlow {
 
 fn decode_flow(name: &str, source: &str, file: &str) -> Option<DecodedFlow> {
     // Checked when it was applied; a flow this version cannot read is skipped.
-    let flow = crate::flow::parse_flow(source, Path::new(file)).ok()?;
+    let flow = crate::runtime::flow::parse_flow(source, Path::new(file)).ok()?;
     let mut routes = Vec::new();
     for spec in &flow.pools {
         for sub in spec

@@ -24,8 +24,9 @@ use sha2::Sha256;
 
 use super::node::Registry;
 use super::state::physical_now_ms;
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::http;
+use crate::runtime::Forward;
 
 /// Signatures older or newer than this are refused.
 pub const MAX_SKEW: Duration = Duration::from_secs(30);
@@ -115,18 +116,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// What the gateway asks of the cluster for pools it does not run itself.
-pub trait Forward: Send + Sync + std::fmt::Debug {
-    /// Calls `pool` on one other node that runs it; `None` when no node does.
-    fn call_any(&self, pool: &str, body: &[u8]) -> Option<Result<Vec<u8>, ApiError>>;
-    /// Calls `pool` on every other node that runs it: (node name, answer) each.
-    fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)>;
-    /// Queues `body` for `pool` on one other node that runs it (`every`: on each), for one
-    /// worker there (`all`: every worker), without waiting. False when no other node runs it
-    /// or the outgoing queue is full.
-    fn cast(&self, pool: &str, body: &[u8], all: bool, every: bool) -> bool;
 }
 
 /// A cast waiting for the sender thread.
@@ -264,7 +253,7 @@ impl Forwarder {
         match result {
             Ok(r) if r.status == 200 => Ok(r.body),
             Ok(r) => {
-                let (code, message) = serde_json::from_slice::<crate::api::ErrorBody>(&r.body)
+                let (code, message) = serde_json::from_slice::<crate::error::ErrorBody>(&r.body)
                     .map(|b| (b.error.code, b.error.message))
                     .unwrap_or_else(|_| {
                         (

@@ -23,7 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::state::{StateError, ensure_dir, write_atomic};
+use crate::host::state::{StateError, ensure_dir, write_atomic};
 
 /// Version of the file written by [`StateMap::save`].
 pub const FORMAT: u64 = 1;

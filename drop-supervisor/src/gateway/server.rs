@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::http::{self, Request};
 
 /// Requests are refused past this body size before any pool is looked at.

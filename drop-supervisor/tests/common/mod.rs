@@ -7,14 +7,14 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drop_supervisor::worker::pool::{PoolConfig, RestartPolicy};
-use drop_supervisor::worker::process::Launch;
+use drop_supervisor::runtime::worker::pool::{PoolConfig, RestartPolicy};
+use drop_supervisor::runtime::worker::process::Launch;
 
 /// A sync pool of one worker running `argv`: queue 64, timeout 5 s, 64 KiB lines.
 pub fn config(name: &str, argv: &[&str]) -> PoolConfig {
     PoolConfig {
         name: name.into(),
-        mode: drop_supervisor::flow::Mode::Sync,
+        mode: drop_supervisor::runtime::flow::Mode::Sync,
         concurrency: 1,
         launch: Launch {
             argv: argv.iter().map(|s| s.to_string()).collect(),

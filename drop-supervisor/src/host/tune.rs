@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The profile shipped with DROP (tuning/90-drop.conf), embedded at build time.
-pub const BUILTIN_PROFILE: &str = include_str!("../../tuning/90-drop.conf");
+pub const BUILTIN_PROFILE: &str = include_str!("../../../tuning/90-drop.conf");
 
 /// Capacity keys: the profile value is a floor; a host value that is already higher is kept.
 pub const MINIMUM_KEYS: &[&str] = &[
@@ -397,7 +397,7 @@ mod tests {
 
     #[test]
     fn every_profile_key_is_documented_in_the_readme() {
-        let readme = include_str!("../../tuning/README.md");
+        let readme = include_str!("../../../tuning/README.md");
         for e in Profile::builtin().entries {
             assert!(
                 readme.contains(&format!("| `{}` |", e.key)),

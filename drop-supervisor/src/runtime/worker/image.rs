@@ -39,7 +39,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::images::ImageError;
+use crate::runtime::images::ImageError;
 
 /// Where the bundle appears inside the worker's mount namespace.
 pub const MOUNT_POINT: &str = "/home/drop";

@@ -29,7 +29,8 @@ use super::deadline::Watch;
 use super::process::{self, Launch, kill_group, readable_bytes};
 use super::protocol::{LineBuffer, LineLimit, decode_line, encode_async, encode_line, split_async};
 use super::stats::{PoolStats, StatsSnapshot};
-use crate::flow::Mode;
+use crate::error::ApiError;
+use crate::runtime::flow::Mode;
 
 thread_local! {
     /// (pool, worker id) this thread called last.
@@ -93,7 +94,7 @@ pub struct PoolConfig {
 /// Where a pool's workers get their own cgroups.
 #[derive(Debug, Clone)]
 pub struct WorkerCgroups {
-    pub cgroups: Arc<dyn crate::cgroup::Cgroups>,
+    pub cgroups: Arc<dyn crate::runtime::cgroup::Cgroups>,
     /// The pool's group (already created, with the pool's limits).
     pub group: String,
 }
@@ -193,6 +194,20 @@ pub enum CallError {
     /// The payload is longer than the pool's line limit: 413.
     #[error("payload of {len} bytes exceeds the line limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
+}
+
+/// A call error as the edges answer it: each has its own status.
+impl From<&CallError> for ApiError {
+    fn from(err: &CallError) -> ApiError {
+        let msg = err.to_string();
+        match err {
+            CallError::Overloaded(_) => ApiError::new(429, "overloaded", msg),
+            CallError::Timeout(_) => ApiError::new(504, "timeout", msg),
+            CallError::Worker { .. } => ApiError::new(503, "worker_error", msg),
+            CallError::Unavailable { .. } => ApiError::new(503, "unavailable", msg),
+            CallError::TooLarge { .. } => ApiError::new(413, "payload_too_large", msg),
+        }
+    }
 }
 
 /// Lifecycle of a pool as operators see it.
@@ -1453,7 +1468,7 @@ fn spawn_worker(pool: &Pool, stderr: &StderrFactory) {
         let name = wc.worker(id);
         let placed = wc
             .cgroups
-            .create(&name, &crate::cgroup::Limits::default())
+            .create(&name, &crate::runtime::cgroup::Limits::default())
             .and_then(|()| wc.cgroups.attach_paths(&name));
         match placed {
             Ok(paths) => launch.cgroup_procs = paths,
@@ -1606,4 +1621,35 @@ fn stream_reader(pool: &Pool, slot: &Arc<Slot>, mut stdout: File) {
         }
     }
     slot.watch.disarm();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_errors_map_to_distinct_statuses() {
+        let cases = [
+            (CallError::Overloaded("p".into()), 429),
+            (CallError::Timeout("p".into()), 504),
+            (
+                CallError::Worker {
+                    pool: "p".into(),
+                    reason: "x".into(),
+                },
+                503,
+            ),
+            (
+                CallError::Unavailable {
+                    pool: "p".into(),
+                    reason: "x".into(),
+                },
+                503,
+            ),
+            (CallError::TooLarge { len: 9, max: 1 }, 413),
+        ];
+        for (err, status) in cases {
+            assert_eq!(ApiError::from(&err).status, status, "{err}");
+        }
+    }
 }

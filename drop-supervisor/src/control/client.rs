@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{ApiError, ErrorBody};
+use super::api::{ApiError, ErrorBody};
 use crate::http;
 
 #[derive(Debug, thiserror::Error)]

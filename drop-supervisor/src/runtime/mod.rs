@@ -15,17 +15,51 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::api::ApiError;
-use crate::cgroup::{Cgroups, Limits};
-use crate::cluster::peer::Forward;
-use crate::flow::{self, Delivery, Filter, Flow, FlowError, PoolSpec};
-use crate::gateway::PoolLookup;
-use crate::logs::{self, PoolLog};
-use crate::state;
-use crate::worker::dispatch::{Dispatcher, Job};
-use crate::worker::image::ImageMount;
-use crate::worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy, WorkerCgroups};
-use crate::worker::process::{self, Launch};
+pub mod cgroup;
+pub mod flow;
+pub mod images;
+pub mod logs;
+pub mod metrics;
+pub mod worker;
+
+use cgroup::{Cgroups, Limits};
+use flow::{Delivery, Filter, Flow, FlowError, PoolSpec};
+use logs::PoolLog;
+use worker::dispatch::{Dispatcher, Job};
+use worker::image::ImageMount;
+use worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy, WorkerCgroups};
+use worker::process::{self, Launch};
+
+use crate::error::ApiError;
+use crate::host::state;
+
+/// Finds pools by name: what the gateway asks of the runtime.
+pub trait PoolLookup: Send + Sync {
+    fn pool(&self, name: &str) -> Option<Pool>;
+    /// Prometheus text for `GET /metrics`; `None` when this server has none.
+    fn metrics(&self) -> Option<String> {
+        None
+    }
+    /// Queues `payload` for one worker of the pool (`all`: every worker) without waiting;
+    /// `None` when the pool is not here.
+    fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
+        let _ = (name, payload, all);
+        None
+    }
+}
+
+/// Pools on other nodes: what the runtime (cluster-wide subscriptions) and the edges ask of the
+/// cluster for pools this node does not run. The cluster's peer transport implements it.
+pub trait Forward: Send + Sync + std::fmt::Debug {
+    /// Calls `pool` on one other node that runs it; `None` when no node does.
+    fn call_any(&self, pool: &str, body: &[u8]) -> Option<Result<Vec<u8>, ApiError>>;
+    /// Calls `pool` on every other node that runs it: (node name, answer) each.
+    fn call_every(&self, pool: &str, body: &[u8]) -> Vec<(String, Result<Vec<u8>, ApiError>)>;
+    /// Queues `body` for `pool` on one other node that runs it (`every`: on each), for one
+    /// worker there (`all`: every worker), without waiting. False when no other node runs it
+    /// or the outgoing queue is full.
+    fn cast(&self, pool: &str, body: &[u8], all: bool, every: bool) -> bool;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -57,8 +91,25 @@ pub enum RuntimeError {
     Cgroup {
         pool: String,
         #[source]
-        source: crate::cgroup::CgroupError,
+        source: cgroup::CgroupError,
     },
+}
+
+/// A runtime error as the edges answer it.
+impl From<&RuntimeError> for ApiError {
+    fn from(e: &RuntimeError) -> ApiError {
+        let msg = format!("{e:#}");
+        match e {
+            RuntimeError::Flow(_) => ApiError::new(422, "invalid_flow", msg),
+            RuntimeError::PoolConflict { .. } => ApiError::new(409, "conflict", msg),
+            RuntimeError::Unsupported { .. } => ApiError::new(422, "unsupported", msg),
+            RuntimeError::Invalid { .. } => ApiError::new(422, "invalid_flow", msg),
+            RuntimeError::UnknownFlow(_) => ApiError::new(404, "unknown_flow", msg),
+            RuntimeError::UnknownPool(_) => ApiError::new(404, "unknown_pool", msg),
+            RuntimeError::Overloaded(_) => ApiError::new(429, "overloaded", msg),
+            RuntimeError::Persist { .. } | RuntimeError::Cgroup { .. } => ApiError::internal(msg),
+        }
+    }
 }
 
 /// What applying a flow did.
@@ -148,12 +199,12 @@ impl PoolLookup for Runtime {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(crate::metrics::render(&self.pool_statuses()))
+        Some(metrics::render(&self.pool_statuses()))
     }
 
     fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
         self.pool(name)?;
-        Some(Runtime::cast(self, name, payload, all).map_err(|e| crate::control::runtime_error(&e)))
+        Some(Runtime::cast(self, name, payload, all).map_err(|e| ApiError::from(&e)))
     }
 }
 
@@ -376,7 +427,7 @@ impl Runtime {
                 let registry = self.pools.clone();
                 let dispatcher = self.dispatcher.clone();
                 let remote = self.remote.clone();
-                let hook: crate::worker::pool::OutputHook = Arc::new(move |line: &[u8]| {
+                let hook: worker::pool::OutputHook = Arc::new(move |line: &[u8]| {
                     let text = String::from_utf8_lossy(line);
                     for route in routes.iter().filter(|r| r.filter.matches(&text)) {
                         let target = registry
@@ -490,7 +541,7 @@ impl Runtime {
                     reason: format!("image {name}: {}", error_chain(e)),
                 };
                 let dir =
-                    crate::images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
+                    images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
                 let mut mount = ImageMount::new(&dir).map_err(|e| invalid(&e))?;
                 if let Some(cwd) = &spec.cwd {
                     mount = mount.with_workdir(cwd).map_err(|e| invalid(&e))?;

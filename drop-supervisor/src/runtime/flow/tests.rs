@@ -1121,7 +1121,7 @@ fn example(name: &str, text: &str) -> Flow {
 fn examples_parse() {
     let f = example(
         "pyecho.yaml",
-        include_str!("../../../examples/flows/pyecho.yaml"),
+        include_str!("../../../../examples/flows/pyecho.yaml"),
     );
     assert_eq!(f.pools[0].argv, ["/usr/bin/python3", "echo.py"]);
     assert_eq!(f.pools[0].image.as_deref(), Some("pyecho:0.1.0"));
@@ -1129,14 +1129,14 @@ fn examples_parse() {
 
     let f = example(
         "bashecho.yaml",
-        include_str!("../../../examples/flows/bashecho.yaml"),
+        include_str!("../../../../examples/flows/bashecho.yaml"),
     );
     assert_eq!(f.pools[0].argv, ["/bin/bash", "echo.sh"]);
     assert!(!f.pools[0].shell);
 
     let f = example(
         "pingpong.yaml",
-        include_str!("../../../examples/flows/pingpong.yaml"),
+        include_str!("../../../../examples/flows/pingpong.yaml"),
     );
     assert_eq!(f.pools[0].subs[0].from, "pong");
     assert_eq!(f.pools[1].subs[0].from, "ping");
@@ -1148,7 +1148,7 @@ fn examples_parse() {
 
     let f = example(
         "pipeline.yaml",
-        include_str!("../../../examples/flows/pipeline.yaml"),
+        include_str!("../../../../examples/flows/pipeline.yaml"),
     );
     let filters: Vec<_> = f
         .pools
@@ -1168,7 +1168,7 @@ fn examples_parse() {
 
     let f = example(
         "asyncpy.yaml",
-        include_str!("../../../examples/flows/asyncpy.yaml"),
+        include_str!("../../../../examples/flows/asyncpy.yaml"),
     );
     assert_eq!(
         (f.name.as_str(), f.pools[0].mode),
@@ -1177,7 +1177,7 @@ fn examples_parse() {
 
     let f = example(
         "stream.yaml",
-        include_str!("../../../examples/flows/stream.yaml"),
+        include_str!("../../../../examples/flows/stream.yaml"),
     );
     assert_eq!(
         (f.name.as_str(), f.pools[0].mode),
@@ -1187,14 +1187,14 @@ fn examples_parse() {
 
     let f = example(
         "rustecho.yaml",
-        include_str!("../../../examples/flows/rustecho.yaml"),
+        include_str!("../../../../examples/flows/rustecho.yaml"),
     );
     assert_eq!(f.pools[0].argv, ["drop-echo-worker"]);
     assert_eq!((f.pools[0].min, f.pools[0].max), (2, 2));
 
     let f = example(
         "rich.yaml",
-        include_str!("../../../examples/flows/rich.yaml"),
+        include_str!("../../../../examples/flows/rich.yaml"),
     );
     assert_eq!(f.replicas, Some(2));
     assert_eq!(
@@ -1209,7 +1209,7 @@ fn examples_parse() {
 fn summary_json_lists_pools_without_env_values() {
     let f = example(
         "rich.yaml",
-        include_str!("../../../examples/flows/rich.yaml"),
+        include_str!("../../../../examples/flows/rich.yaml"),
     );
     let json = f.to_summary_json();
     assert_eq!(json["name"], "rich");

@@ -24,6 +24,8 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use serde::Serialize;
 
+use crate::error::ApiError;
+
 /// Longest image name accepted.
 pub const NAME_MAX: usize = 128;
 
@@ -61,6 +63,19 @@ pub enum ImageError {
     },
     #[error("image mounts are not available: {0}")]
     Unsupported(String),
+}
+
+/// An image error as the API answers it: the caller's mistake (400/404/409) or ours (500).
+impl From<&ImageError> for ApiError {
+    fn from(e: &ImageError) -> ApiError {
+        let msg = format!("{e:#}");
+        match e {
+            ImageError::NotFound { .. } => ApiError::new(404, "unknown_image", msg),
+            ImageError::Exists { .. } => ApiError::new(409, "conflict", msg),
+            ImageError::Io { .. } => ApiError::internal(msg),
+            _ => ApiError::new(400, "invalid_image", msg),
+        }
+    }
 }
 
 /// What [`import`] installed.

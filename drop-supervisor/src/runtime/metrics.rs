@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::worker::pool::{Phase, PoolStatus};
-use crate::worker::stats::BUCKETS_US;
+use crate::runtime::worker::pool::{Phase, PoolStatus};
+use crate::runtime::worker::stats::BUCKETS_US;
 
 fn escape(label: &str) -> String {
     label
@@ -116,7 +116,7 @@ pub fn render(pools: &[PoolStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::stats::PoolStats;
+    use crate::runtime::worker::stats::PoolStats;
 
     #[test]
     fn renders_counters_gauges_and_a_cumulative_histogram() {

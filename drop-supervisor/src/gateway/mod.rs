@@ -36,30 +36,16 @@ pub mod server;
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
 
-use crate::api::ApiError;
-use crate::cluster::peer::{Forward, PeerKey};
+use crate::error::ApiError;
+use crate::cluster::peer::PeerKey;
+use crate::runtime::{Forward, PoolLookup};
 use crate::http::{self, Request};
-use crate::worker::pool::{CallError, Pool};
+use crate::runtime::worker::pool::{CallError, Pool};
 
 pub use server::{IDLE_TIMEOUT, MAX_BODY, MAX_CONNECTIONS};
 use server::{Responder, Serve, Server};
 
 const PREFIX: &str = "/api/v1/";
-
-/// Finds pools by name; the runtime implements it.
-pub trait PoolLookup: Send + Sync {
-    fn pool(&self, name: &str) -> Option<Pool>;
-    /// Prometheus text for `GET /metrics`; `None` when this server has none.
-    fn metrics(&self) -> Option<String> {
-        None
-    }
-    /// Queues `payload` for one worker of the pool (`all`: every worker) without waiting;
-    /// `None` when the pool is not here.
-    fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
-        let _ = (name, payload, all);
-        None
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct GatewayOptions {
@@ -123,18 +109,6 @@ fn error_response(err: &ApiError, close: bool, out: &mut Vec<u8>) {
     http::encode_response(err.status, "application/json", &err.to_json(), close, out);
 }
 
-/// Maps a pool's call error to the gateway's answer.
-pub fn call_error(err: &CallError) -> ApiError {
-    let msg = err.to_string();
-    match err {
-        CallError::Overloaded(_) => ApiError::new(429, "overloaded", msg),
-        CallError::Timeout(_) => ApiError::new(504, "timeout", msg),
-        CallError::Worker { .. } => ApiError::new(503, "worker_error", msg),
-        CallError::Unavailable { .. } => ApiError::new(503, "unavailable", msg),
-        CallError::TooLarge { .. } => ApiError::new(413, "payload_too_large", msg),
-    }
-}
-
 /// What every request is served with.
 struct Ctx {
     lookup: Arc<dyn PoolLookup>,
@@ -158,7 +132,7 @@ impl Serve for Ctx {
                 Ok(reply) => {
                     http::encode_response(200, "text/plain; charset=utf-8", &reply, close, &mut out)
                 }
-                Err(e) => error_response(&call_error(&e), close, &mut out),
+                Err(e) => error_response(&ApiError::from(&e), close, &mut out),
             }
             responder.respond(out, close);
         });
@@ -312,7 +286,7 @@ fn every_response(
 ) {
     let mut answers = Vec::new();
     if let Some(pool) = local {
-        answers.push((me.to_string(), pool.call(body).map_err(|e| call_error(&e))));
+        answers.push((me.to_string(), pool.call(body).map_err(|e| ApiError::from(&e))));
     }
     if let Some(fwd) = forward {
         answers.extend(fwd.call_every(name, body));
@@ -343,32 +317,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn call_errors_map_to_distinct_statuses() {
-        let cases = [
-            (CallError::Overloaded("p".into()), 429),
-            (CallError::Timeout("p".into()), 504),
-            (
-                CallError::Worker {
-                    pool: "p".into(),
-                    reason: "x".into(),
-                },
-                503,
-            ),
-            (
-                CallError::Unavailable {
-                    pool: "p".into(),
-                    reason: "x".into(),
-                },
-                503,
-            ),
-            (CallError::TooLarge { len: 9, max: 1 }, 413),
-        ];
-        for (err, status) in cases {
-            assert_eq!(call_error(&err).status, status, "{err}");
-        }
-    }
 
     #[test]
     fn token_comparison() {

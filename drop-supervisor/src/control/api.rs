@@ -24,8 +24,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::http::{HttpError, Request};
-use crate::tune::{ApplyReport, CheckReport};
+pub use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use crate::host::tune::{ApplyReport, CheckReport};
+use crate::http::Request;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -136,73 +137,23 @@ impl ApiResponse {
     }
 }
 
-/// An error answer: HTTP status, a stable machine-readable code, and a message for humans.
-/// Body: `{"error": {"code": "...", "message": "..."}}`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message} ({code})")]
-pub struct ApiError {
-    pub status: u16,
-    pub code: String,
-    pub message: String,
+fn not_found(req: &Request) -> ApiError {
+    ApiError::new(
+        404,
+        "not_found",
+        format!("no such endpoint: {} {}", req.method, req.path),
+    )
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code: code.to_string(),
-            message: message.into(),
-        }
-    }
-    pub fn not_found(req: &Request) -> Self {
-        ApiError::new(
-            404,
-            "not_found",
-            format!("no such endpoint: {} {}", req.method, req.path),
-        )
-    }
-    pub fn method_not_allowed(req: &Request, allowed: &str) -> Self {
-        ApiError::new(
-            405,
-            "method_not_allowed",
-            format!(
-                "{} is not allowed on {}; use {allowed}",
-                req.method, req.path
-            ),
-        )
-    }
-    pub fn invalid_body(message: impl Into<String>) -> Self {
-        ApiError::new(400, "invalid_body", message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        ApiError::new(500, "internal", message)
-    }
-    pub fn to_json(&self) -> Vec<u8> {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.clone(),
-                message: self.message.clone(),
-            },
-        };
-        serde_json::to_vec(&body).expect("error bodies serialise")
-    }
-}
-
-impl From<&HttpError> for ApiError {
-    fn from(e: &HttpError) -> Self {
-        ApiError::new(e.status(), e.code(), e.to_string())
-    }
+fn method_not_allowed(req: &Request, allowed: &str) -> ApiError {
+    ApiError::new(
+        405,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}; use {allowed}",
+            req.method, req.path
+        ),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,13 +223,13 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
     match req.path.trim_end_matches('/') {
         "/v1/status" => match method {
             "GET" => Ok(ApiRequest::Status),
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/tune/check" => match method {
             "GET" => Ok(ApiRequest::TuneCheck {
                 only: query_list(req.query.as_deref(), "only")?,
             }),
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/tune/apply" => match method {
             "POST" => {
@@ -290,7 +241,7 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                 };
                 Ok(ApiRequest::TuneApply { only: body.only })
             }
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         "/v1/flows" => match method {
             "GET" => Ok(ApiRequest::FlowList),
@@ -302,7 +253,7 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                     ns: body.ns,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+            _ => Err(method_not_allowed(req, "GET or POST")),
         },
         "/v1/images" => match method {
             "GET" => Ok(ApiRequest::ImageList),
@@ -314,11 +265,11 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                     replace: body.replace,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+            _ => Err(method_not_allowed(req, "GET or POST")),
         },
         "/v1/nodes" => match method {
             "GET" => Ok(ApiRequest::NodeList),
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/namespaces" => match method {
             "GET" => Ok(ApiRequest::NsList),
@@ -330,15 +281,15 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
                     nodes: body.nodes,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "GET or POST")),
+            _ => Err(method_not_allowed(req, "GET or POST")),
         },
         "/v1/leave" => match method {
             "POST" => Ok(ApiRequest::NsLeave),
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         "/v1/pools" => match method {
             "GET" => Ok(ApiRequest::PoolList),
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         path => decode_named(req, method, path),
     }
@@ -356,7 +307,7 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                 name: name.to_string(),
                 ns: query_list(req.query.as_deref(), "ns")?.into_iter().next(),
             }),
-            _ => Err(ApiError::method_not_allowed(req, "GET or DELETE")),
+            _ => Err(method_not_allowed(req, "GET or DELETE")),
         },
         ["v1", "namespaces", name] if !name.is_empty() => match method {
             "GET" => Ok(ApiRequest::NsShow {
@@ -365,19 +316,19 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
             "DELETE" => Ok(ApiRequest::NsRemove {
                 name: name.to_string(),
             }),
-            _ => Err(ApiError::method_not_allowed(req, "GET or DELETE")),
+            _ => Err(method_not_allowed(req, "GET or DELETE")),
         },
         ["v1", "namespaces", name, "join"] if !name.is_empty() => match method {
             "POST" => Ok(ApiRequest::NsJoin {
                 name: name.to_string(),
             }),
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         ["v1", "pools", name] if !name.is_empty() => match method {
             "GET" => Ok(ApiRequest::PoolShow {
                 name: name.to_string(),
             }),
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         ["v1", "pools", name, "call"] if !name.is_empty() => match method {
             "POST" => {
@@ -387,13 +338,13 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                     payload: body.payload,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         ["v1", "images", name] if !name.is_empty() => match method {
             "DELETE" => Ok(ApiRequest::ImageRemove {
                 name: name.to_string(),
             }),
-            _ => Err(ApiError::method_not_allowed(req, "DELETE")),
+            _ => Err(method_not_allowed(req, "DELETE")),
         },
         ["v1", "pools", name, "scale"] if !name.is_empty() => match method {
             "POST" => {
@@ -404,7 +355,7 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                     max: body.max,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         ["v1", "pools", name, "cast"] if !name.is_empty() => match method {
             "POST" => {
@@ -415,7 +366,7 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                     all: body.all,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "POST")),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         ["v1", "pools", name, "logs"] if !name.is_empty() => match method {
             "GET" => {
@@ -451,9 +402,9 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                     offset,
                 })
             }
-            _ => Err(ApiError::method_not_allowed(req, "GET")),
+            _ => Err(method_not_allowed(req, "GET")),
         },
-        _ => Err(ApiError::not_found(req)),
+        _ => Err(not_found(req)),
     }
 }
 
