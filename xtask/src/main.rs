@@ -6,10 +6,12 @@
 //! - `run`        set up, build, and run a single-node DROP in the foreground (state in target/drop-dev)
 //! - `test`       set up, then fmt, clippy, unit tests and the privileged integration tests
 //! - `ci`         what CI runs: `test` with skips counted as failures
+//! - `layers`     fail on a module cycle inside any crate (also one of `test`'s lint steps)
 //! - `bench`      benchmarks (`bench runtime`, `bench cluster`); figures go to BENCHMARKS.md
 
 mod bench;
 mod ebpf;
+mod layers;
 mod run;
 mod setup;
 mod test;
@@ -40,6 +42,8 @@ enum Verb {
     Test(test::TestArgs),
     /// What CI runs: `test` where a skipped privileged test counts as a failure.
     Ci,
+    /// Fail on a cycle among sibling modules inside any crate of the workspace.
+    Layers,
     /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP), `cluster`
     /// (membership convergence, crash detection, update spread).
     Bench(bench::BenchArgs),
@@ -57,6 +61,7 @@ fn main() {
             ..Default::default()
         }),
         Verb::Bench(args) => bench::bench(args),
+        Verb::Layers => layers::check(&workspace_crates()),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -70,6 +75,21 @@ pub fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// The directories of the workspace's crates (drop-ebpf is its own workspace, checked too).
+pub fn workspace_crates() -> Vec<PathBuf> {
+    [
+        "drop-common",
+        "drop-ebpf",
+        "drop-net",
+        "drop-supervisor",
+        "xtask",
+        "tests",
+    ]
+    .iter()
+    .map(|c| root().join(c))
+    .collect()
 }
 
 /// Runs `f` as a named step: prints `name ...`, then `ok (Ns)` or the failure.

@@ -132,6 +132,10 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             ]))
         });
         tally.check("clippy", clippy);
+        let layers = step("lint: no module cycle inside a crate", || {
+            crate::layers::check(&crate::workspace_crates())
+        });
+        tally.check("layers", layers);
     }
 
     let unit = step("test: unit tests", || {

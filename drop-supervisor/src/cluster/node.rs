@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::broadcast::BroadcastQueue;
 use super::leader::{self, View};
 use super::membership::{Application, Member, MemberState, Membership, MembershipOptions};
+use super::peer::Registry;
 use super::placement::{self, Candidate, FlowSpec};
 use super::state::{Clock, Entry, Hlc, NodeId, StateMap, physical_now_ms};
 use crate::error::ApiError;
@@ -136,15 +137,6 @@ pub struct LeaderChange {
     pub at_unix_ms: u64,
     pub from: Option<String>,
     pub to: Option<String>,
-}
-
-/// Where a pool runs elsewhere: the forwarding table the gateway reads.
-#[derive(Debug, Clone, Default)]
-pub struct Registry {
-    /// Pool name → (node id, node name, peer address) of up nodes other than this one.
-    pub pools: HashMap<String, Vec<(String, String, SocketAddr)>>,
-    /// Ids of nodes that are up.
-    pub up: BTreeSet<String>,
 }
 
 /// What the reconcile loop last computed; API answers read it.

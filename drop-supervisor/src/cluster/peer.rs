@@ -11,7 +11,7 @@
 //! reconcile loop keeps, and fails calls in flight to a node at once when membership declares it
 //! gone (their sockets are shut down).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
@@ -22,7 +22,6 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::node::Registry;
 use super::state::physical_now_ms;
 use crate::error::ApiError;
 use crate::http;
@@ -116,6 +115,16 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// Where a pool runs elsewhere: the forwarding table the [`Forwarder`] reads. The reconcile
+/// loop (`node`) writes it from the registry entries of the replicated state.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    /// Pool name → (node id, node name, peer address) of up nodes other than this one.
+    pub pools: HashMap<String, Vec<(String, String, SocketAddr)>>,
+    /// Ids of nodes that are up.
+    pub up: BTreeSet<String>,
 }
 
 /// A cast waiting for the sender thread.
