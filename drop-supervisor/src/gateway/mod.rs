@@ -31,6 +31,7 @@
 //! executor that runs it writes the answer. 64 connections on 2 workers thus cost a leader and
 //! at most 2 busy executors, not 64 threads taking turns.
 
+pub mod envelope;
 pub mod server;
 
 use std::net::TcpListener;

@@ -567,6 +567,7 @@ impl Runtime {
             queue: spec.queue,
             timeout: spec.timeout,
             line_max: spec.line_max,
+            envelope: spec.envelope,
             restart: RestartPolicy {
                 backoff_initial: spec.restart.backoff_initial,
                 backoff_max: spec.restart.backoff_max,

@@ -34,6 +34,7 @@ pub fn config(name: &str, argv: &[&str]) -> PoolConfig {
         idle_shrink_after: Duration::from_secs(3600),
         cache: None,
         cgroups: None,
+        envelope: false,
     }
 }
 

@@ -37,6 +37,7 @@ const POOL_KEYS: &[&str] = &[
     "cache",
     "restart",
     "line_max",
+    "envelope",
 ];
 const SUB_KEYS: &[&str] = &["name", "filter", "regex", "type"];
 const CACHE_KEYS: &[&str] = &["ttl_ms", "size"];
@@ -529,6 +530,11 @@ fn pool(cx: &Cx<'_>, node: &Node, path: &str) -> Result<(PoolSpec, Pos)> {
         Some(n) => Some(cache(cx, n, &f.path("cache"))?),
         None => None,
     };
+    stream_refuses("envelope", "takes no requests to wrap")?;
+    let envelope = match f.get("envelope") {
+        Some(n) => boolean(cx, n, &f.path("envelope"))?,
+        None => false,
+    };
     let restart = match f.get("restart") {
         Some(n) => restart(cx, n, &f.path("restart"))?,
         None => RestartSpec::default(),
@@ -561,6 +567,7 @@ fn pool(cx: &Cx<'_>, node: &Node, path: &str) -> Result<(PoolSpec, Pos)> {
         cache,
         restart,
         line_max,
+        envelope,
         line: node.at.line,
     };
     Ok((spec, name_node.at))

@@ -30,7 +30,8 @@
 //! `concurrency` (async only, default 16), `queue` (default 64), `cpu` (cores), `pids`, `env`,
 //! `user`, `group`, `cwd`, `shell` (run `cmd` with `/bin/sh -c`), `cmd` as a list (the argv),
 //! `cache` ({`ttl_ms`, `size`}), `restart` ({`backoff_initial_ms`, `backoff_max_ms`,
-//! `reset_after_ms`, `intensity`, `period_ms`}), `line_max` (bytes). A subscription may give
+//! `reset_after_ms`, `intensity`, `period_ms`}), `line_max` (bytes), `envelope` (the gateway
+//! sends each request as the original L7 JSON envelope). A subscription may give
 //! `regex` instead of `filter`.
 //!
 //! # Typing
@@ -107,6 +108,9 @@ pub struct PoolSpec {
     pub restart: RestartSpec,
     /// Longest line, in bytes, in either direction.
     pub line_max: usize,
+    /// The gateway hands this pool every request as the original DROP's JSON envelope and
+    /// lets the reply set the status (`gateway::envelope`).
+    pub envelope: bool,
     /// Line of the flow file where this pool is defined.
     pub line: usize,
 }
@@ -409,6 +413,7 @@ impl PoolSpec {
             "mode": self.mode,
             "argv": self.argv,
             "shell": self.shell,
+            "envelope": self.envelope,
             "image": self.image,
             "min": self.min,
             "max": self.max,

@@ -380,6 +380,26 @@ fn shell_must_be_a_boolean() {
 }
 
 #[test]
+fn envelope_is_a_boolean_off_by_default_and_not_for_stream_pools() {
+    assert!(!pool(&one_pool("num: 1")).envelope);
+    assert!(pool(&one_pool("envelope: true")).envelope);
+    pool_fails(
+        "envelope: 1",
+        5,
+        15,
+        "func[0].envelope",
+        "expected `true` or `false`",
+    );
+    fails(
+        "name: f\nfunc:\n  - name: t_stream\n    cmd: x\n    envelope: true\n",
+        5,
+        15,
+        "func[0].envelope",
+        "takes no requests to wrap",
+    );
+}
+
+#[test]
 fn list_cmd_is_the_argv_and_takes_numbers_as_written() {
     let p = pool("name: f\nfunc:\n  - name: p\n    cmd: [/usr/bin/python3, 'pyex.py', 1, 0.50]\n");
     assert_eq!(p.argv, ["/usr/bin/python3", "pyex.py", "1", "0.50"]);

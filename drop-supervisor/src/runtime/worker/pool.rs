@@ -89,6 +89,9 @@ pub struct PoolConfig {
     /// Each worker in its own cgroup `<group>/w<id>` inside the pool's group: a worker that
     /// ends for any reason (timeout, crash, retirement) takes every process it started with it.
     pub cgroups: Option<WorkerCgroups>,
+    /// How the gateway frames requests for this pool: the original DROP's JSON envelope
+    /// (`gateway::envelope`). The pool itself only carries it.
+    pub envelope: bool,
 }
 
 /// Where a pool's workers get their own cgroups.
