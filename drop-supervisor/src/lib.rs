@@ -1,10 +1,22 @@
-//! DROP's node daemon as a library: configuration, node state, the control API and its
-//! server, host tuning, and the client `dropctl` uses. The binaries (`drop-supervisor`,
-//! `dropctl`) are thin: they parse arguments, set up logging and call in here.
+//! DROP's node daemon as a library. The binaries (`drop-supervisor`, `dropctl`) are thin: they
+//! parse arguments, set up logging and call in here.
+//!
+//! The modules are layered; each depends only on those below it (`cargo xtask layers` checks
+//! that no sibling modules depend on each other in a circle):
+//!
+//! - [`daemon`], [`config`]: the process and its config file, wiring everything below.
+//! - Edges — [`control`] (the operators' API on a Unix socket, its client, and the
+//!   `Supervisor` that owns node state) and [`gateway`] (HTTP in front of pools).
+//! - Capabilities — [`cluster`] (membership, replicated state, leaders, placement, peer
+//!   transport) on top of [`runtime`] (flows, pools of workers, cgroups, images). Services, the
+//!   floating IP and the balancer join here as siblings.
+//! - Seams — [`host`] (sysctl tuning, sd_notify, the state directory, logging).
+//! - Shared vocabulary — [`error`] (`ApiError`, the one shape of every error answer) and
+//!   [`http`] (framing).
 //!
 //! Owns all policy and node state. Must never touch the host outside what the configuration
-//! names (state directory, control socket, sysctl root), so that tests can point it at
-//! temporary folders.
+//! names (state directory, control socket, sysctl root, images, logs, its own cgroup subtree),
+//! so that tests can point it at temporary folders.
 
 pub mod cluster;
 pub mod config;
