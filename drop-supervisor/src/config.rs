@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::cluster::ClusterConfig;
 use crate::cluster::membership::Timing;
+use crate::gateway::limits::Limits as GatewayLimits;
 
 /// Where the packaged daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/drop/drop.toml";
@@ -313,8 +314,20 @@ pub struct RawRuntime {
 pub struct RawGateway {
     /// `host:port` of the HTTP gateway, or `off`. Default: 127.0.0.1:8081.
     pub listen: Option<String>,
-    /// When set, gateway requests need `Authorization: Bearer <token>`.
+    /// When set, gateway requests (and `/metrics`) need `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Connections at once (default 1024).
+    pub max_connections: Option<usize>,
+    /// Connections at once from one client address (default 256).
+    pub max_connections_per_client: Option<usize>,
+    /// The whole request head within this, e.g. `10s` (default).
+    pub head_timeout: Option<String>,
+    /// The whole body within this after the head, e.g. `30s` (default).
+    pub body_timeout: Option<String>,
+    /// Idle keep-alive connections closed after this (default `60s`).
+    pub idle_timeout: Option<String>,
+    /// MiB of request bodies received at once over all connections (default 64).
+    pub body_budget_mb: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -362,6 +375,7 @@ pub struct Config {
     /// `None`: the gateway is off.
     pub gateway_listen: Option<SocketAddr>,
     pub gateway_token: Option<String>,
+    pub gateway_limits: GatewayLimits,
     /// `None`: a single node.
     pub cluster: Option<ClusterConfig>,
 }
@@ -463,6 +477,7 @@ impl Config {
             .unwrap_or_else(|| "drop-pools".into());
         validate_name(&cgroup_subtree).map_err(|r| invalid("runtime.cgroup_subtree", r))?;
 
+        let gateway_limits = gateway_limits(&raw.gateway, &invalid)?;
         let listen = raw.gateway.listen.unwrap_or_else(|| DEFAULT_GATEWAY.into());
         let gateway_listen = if listen == "off" {
             None
@@ -504,9 +519,50 @@ impl Config {
             cgroup_subtree,
             gateway_listen,
             gateway_token,
+            gateway_limits,
             cluster,
         })
     }
+}
+
+/// The `[gateway]` limits over their defaults.
+fn gateway_limits(
+    raw: &RawGateway,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<GatewayLimits, ConfigError> {
+    let mut limits = GatewayLimits::default();
+    if let Some(n) = raw.max_connections {
+        limits.max_connections = n;
+    }
+    if let Some(n) = raw.max_connections_per_client {
+        limits.max_connections_per_client = n;
+    }
+    for (key, text, slot) in [
+        (
+            "gateway.head_timeout",
+            &raw.head_timeout,
+            &mut limits.head_timeout,
+        ),
+        (
+            "gateway.body_timeout",
+            &raw.body_timeout,
+            &mut limits.body_timeout,
+        ),
+        (
+            "gateway.idle_timeout",
+            &raw.idle_timeout,
+            &mut limits.idle_timeout,
+        ),
+    ] {
+        if let Some(text) = text {
+            *slot = parse_duration(text).map_err(|r| invalid(key, r))?;
+        }
+    }
+    if let Some(mb) = raw.body_budget_mb {
+        limits.body_budget = mb.saturating_mul(1024 * 1024);
+    }
+    limits.validate().map_err(|r| invalid("gateway", r))?;
+    Ok(limits)
 }
 
 fn require_absolute(p: &Path) -> Result<(), String> {
@@ -623,6 +679,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn gateway_limits_override_the_defaults_and_nonsense_names_the_key() {
+        assert_eq!(parse("").unwrap().gateway_limits, GatewayLimits::default());
+        let c = parse(
+            "[gateway]\nmax_connections = 100\nmax_connections_per_client = 10\n\
+             head_timeout = \"2s\"\nbody_timeout = \"500ms\"\nbody_budget_mb = 8\n",
+        )
+        .unwrap();
+        let l = c.gateway_limits;
+        assert_eq!((l.max_connections, l.max_connections_per_client), (100, 10));
+        assert_eq!(
+            (l.head_timeout, l.body_timeout, l.body_budget),
+            (Duration::from_secs(2), Duration::from_millis(500), 8 << 20)
+        );
+        let err = parse("[gateway]\nhead_timeout = \"2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.head_timeout"), "{err}");
+        let err = parse("[gateway]\nmax_connections = 10\nmax_connections_per_client = 20\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_connections_per_client"), "{err}");
     }
 
     #[test]

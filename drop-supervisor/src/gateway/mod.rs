@@ -32,6 +32,7 @@
 //! at most 2 busy executors, not 64 threads taking turns.
 
 pub mod envelope;
+pub mod limits;
 pub mod server;
 
 use std::net::TcpListener;
