@@ -2,7 +2,13 @@
 //! clients (slow heads, slow or huge bodies, one address opening every connection) cannot lock
 //! others out or grow the daemon's memory without bound.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::error::ApiError;
 
 /// The gateway's limits (`[gateway]` in the config file; defaults in [`Limits::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +80,173 @@ impl Limits {
     }
 }
 
+/// Who holds connection slots and body bytes right now. Slots and bytes are given back when
+/// their ticket is dropped, on every path a connection or request can end.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    connections: AtomicUsize,
+    body_bytes: AtomicUsize,
+}
+
+/// One admitted connection; its slot is free again when this is dropped.
+#[derive(Debug)]
+pub struct ConnTicket {
+    admission: Arc<Admission>,
+    client: IpAddr,
+}
+
+/// Room for one body being received; given back when this is dropped.
+#[derive(Debug)]
+pub struct BodyTicket {
+    admission: Arc<Admission>,
+    bytes: usize,
+}
+
+fn busy(message: String) -> ApiError {
+    ApiError::new(503, "busy", message)
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Arc<Admission> {
+        Arc::new(Admission {
+            limits,
+            per_client: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            body_bytes: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A slot for a new connection from `client`, or the `503 busy` to answer it with.
+    pub fn open(self: &Arc<Self>, client: IpAddr) -> Result<ConnTicket, ApiError> {
+        let mut per_client = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if self.connections.load(Ordering::Relaxed) >= self.limits.max_connections {
+            return Err(busy(format!(
+                "more than {} gateway connections",
+                self.limits.max_connections
+            )));
+        }
+        let mine = per_client.entry(client).or_insert(0);
+        if *mine >= self.limits.max_connections_per_client {
+            return Err(busy(format!(
+                "more than {} gateway connections from {client}",
+                self.limits.max_connections_per_client
+            )));
+        }
+        *mine += 1;
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnTicket {
+            admission: self.clone(),
+            client,
+        })
+    }
+
+    /// Room for a body of `bytes`, or the `503 busy` to answer it with at once.
+    pub fn reserve_body(self: &Arc<Self>, bytes: usize) -> Result<BodyTicket, ApiError> {
+        let budget = self.limits.body_budget;
+        self.body_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|total| *total <= budget)
+            })
+            .map_err(|held| {
+                busy(format!(
+                    "a body of {bytes} bytes does not fit the gateway's body budget \
+                     ({held} of {budget} bytes are being received)"
+                ))
+            })?;
+        Ok(BodyTicket {
+            admission: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Connections admitted now, and from `client`.
+    pub fn connections(&self, client: IpAddr) -> (usize, usize) {
+        let per_client = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.connections.load(Ordering::Relaxed),
+            per_client.get(&client).copied().unwrap_or(0),
+        )
+    }
+
+    /// Body bytes reserved now.
+    pub fn body_bytes(&self) -> usize {
+        self.body_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        let mut per_client = a.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                per_client.remove(&self.client);
+            }
+        }
+        a.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BodyTicket {
+    fn drop(&mut self) {
+        self.admission
+            .body_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_client_cannot_take_every_slot_and_slots_come_back() {
+        let a = Admission::new(Limits {
+            max_connections: 4,
+            max_connections_per_client: 2,
+            ..Limits::default()
+        });
+        let (x, y, z): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let x1 = a.open(x).unwrap();
+        let _x2 = a.open(x).unwrap();
+        let e = a.open(x).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (503, "busy"));
+        assert!(e.message.contains("from 10.0.0.1"), "{e}");
+        let _y1 = a.open(y).unwrap();
+        let _y2 = a.open(y).unwrap();
+        let e = a.open(z).unwrap_err();
+        assert!(e.message.contains("more than 4"), "{e}");
+        drop(x1);
+        assert_eq!(a.connections(x), (3, 1));
+        let _z1 = a.open(z).unwrap();
+    }
+
+    #[test]
+    fn the_body_budget_is_shared_and_given_back() {
+        let a = Admission::new(Limits {
+            body_budget: 1000,
+            ..Limits::default()
+        });
+        let first = a.reserve_body(700).unwrap();
+        let e = a.reserve_body(400).unwrap_err();
+        assert_eq!(e.status, 503);
+        let _small = a.reserve_body(300).unwrap();
+        assert_eq!(a.body_bytes(), 1000);
+        drop(first);
+        assert_eq!(a.body_bytes(), 300);
+        let _again = a.reserve_body(700).unwrap();
+    }
 
     #[test]
     fn the_default_worst_case_stays_under_256_mib() {
