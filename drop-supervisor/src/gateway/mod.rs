@@ -36,11 +36,11 @@ pub mod server;
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
 
-use crate::error::ApiError;
 use crate::cluster::peer::PeerKey;
-use crate::runtime::{Forward, PoolLookup};
+use crate::error::ApiError;
 use crate::http::{self, Request};
 use crate::runtime::worker::pool::{CallError, Pool};
+use crate::runtime::{Forward, PoolLookup};
 
 pub use server::{IDLE_TIMEOUT, MAX_BODY, MAX_CONNECTIONS};
 use server::{Responder, Serve, Server};
@@ -286,7 +286,10 @@ fn every_response(
 ) {
     let mut answers = Vec::new();
     if let Some(pool) = local {
-        answers.push((me.to_string(), pool.call(body).map_err(|e| ApiError::from(&e))));
+        answers.push((
+            me.to_string(),
+            pool.call(body).map_err(|e| ApiError::from(&e)),
+        ));
     }
     if let Some(fwd) = forward {
         answers.extend(fwd.call_every(name, body));
