@@ -314,10 +314,15 @@ fn shutdown_stops_accepting_and_lets_a_request_in_progress_finish() {
     let mut server = Server::start(SMALL);
     let mut idle = server.connect();
     let mut busy = server.connect();
-    busy.write_all(b"POST /v1/pools/p/call HTTP/1.1\r\nContent-Length: 15\r\n\r\n{\"payl")
-        .unwrap();
-    // Let the server read the head before it is told to stop.
-    std::thread::sleep(Duration::from_millis(100));
+    // The 100 Continue says the server is reading this request's body: it is in progress.
+    busy.write_all(
+        b"POST /v1/pools/p/call HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 15\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = busy.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
+    busy.write_all(b"{\"payl").unwrap();
 
     server.stop.send(true).unwrap();
     let task = server.task.take().unwrap();
