@@ -1,17 +1,16 @@
-//! A small HTTP/1.1 codec for the control socket: requests with `Content-Length` bodies,
-//! keep-alive, and a JSON error for every malformed request instead of a dropped connection.
+//! A small HTTP/1.1 codec for the edges that do not use hyper: the gateway's event loop and
+//! blocking readers (requests with `Content-Length` bodies, keep-alive, a JSON error for every
+//! malformed request instead of a dropped connection), and the blocking one-request client of
+//! the peer transport and of tests. The control socket is served by hyper (see
+//! `control::server`); it shares only the [`Request`] shape that `control::api::decode` reads.
 //!
-//! Deliberately small: the control API needs no chunked bodies, no pipelining beyond reading
-//! requests one after another, and no TLS. Parsing is `httparse`'s; this module frames.
-
-use tokio::io::{AsyncRead, AsyncReadExt};
+//! Deliberately small: no chunked bodies, no pipelining beyond reading requests one after
+//! another, and no TLS. Parsing is `httparse`'s; this module frames.
 
 use crate::error::ApiError;
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
-/// Largest request body accepted on the control socket.
-pub const MAX_BODY: usize = 1024 * 1024;
 const MAX_HEADERS: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,52 +70,9 @@ impl From<&HttpError> for ApiError {
     }
 }
 
-/// Reads requests from one connection. Bytes after a request stay buffered for the next one.
-#[derive(Debug)]
-pub struct RequestReader<R> {
-    io: R,
-    buf: Vec<u8>,
-    max_body: usize,
-}
-
-impl<R: AsyncRead + Unpin> RequestReader<R> {
-    /// A reader with the control socket's body limit ([`MAX_BODY`]).
-    pub fn new(io: R) -> Self {
-        Self::with_max_body(io, MAX_BODY)
-    }
-
-    pub fn with_max_body(io: R, max_body: usize) -> Self {
-        RequestReader {
-            io,
-            buf: Vec::with_capacity(4096),
-            max_body,
-        }
-    }
-
-    async fn fill(&mut self) -> Result<usize, HttpError> {
-        let len = self.buf.len();
-        self.buf.resize(len + 16 * 1024, 0);
-        let read = self.io.read(&mut self.buf[len..]).await;
-        let n = *read.as_ref().unwrap_or(&0);
-        self.buf.truncate(len + n);
-        read.map_err(|e| HttpError::Io(e.to_string()))
-    }
-
-    /// The next request, or `None` when the peer closed the connection between requests.
-    pub async fn next_request(&mut self) -> Result<Option<Request>, HttpError> {
-        loop {
-            if let Some(req) = take_request(&mut self.buf, self.max_body)? {
-                return Ok(Some(req));
-            }
-            if self.fill().await? == 0 {
-                return closed(&self.buf);
-            }
-        }
-    }
-}
-
-/// The blocking twin of [`RequestReader`], for thread-per-connection servers (the gateway):
-/// reads one request at a time from `io`, with its own body limit.
+/// Reads requests one at a time from a blocking `io`, with its own body limit (thread-per-
+/// connection servers: the runtime benchmark's). Bytes after a request stay buffered for the
+/// next one.
 #[derive(Debug)]
 pub struct BlockingReader<R> {
     io: R,
@@ -168,8 +124,7 @@ impl<R: std::io::Read> BlockingReader<R> {
 }
 
 /// Takes one complete request off the front of `buf`, or `None` while more bytes are needed.
-/// Shared by the async and the blocking reader, which differ only in how they read, and the
-/// gateway's event loop.
+/// Shared by [`BlockingReader`] and the gateway's event loop, which differ only in how they read.
 pub fn take_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<Request>, HttpError> {
     let Some((head_len, mut req, content_length)) = parse_head(buf)? else {
         return if buf.len() > MAX_HEAD {
@@ -273,6 +228,7 @@ pub fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
+        414 => "URI Too Long",
         422 => "Unprocessable Content",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -429,11 +385,13 @@ pub fn roundtrip_with<S: std::io::Read + std::io::Write>(
 mod tests {
     use super::*;
 
-    async fn read_all(input: &[u8]) -> Vec<Result<Option<Request>, HttpError>> {
-        let mut r = RequestReader::new(input);
+    const LIMIT: usize = 1024 * 1024;
+
+    fn read_all(input: &[u8]) -> Vec<Result<Option<Request>, HttpError>> {
+        let mut r = BlockingReader::new(input, LIMIT);
         let mut out = Vec::new();
         loop {
-            let next = r.next_request().await;
+            let next = r.next_request();
             let stop = !matches!(next, Ok(Some(_)));
             out.push(next);
             if stop {
@@ -442,10 +400,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn reads_keep_alive_requests_one_after_another() {
+    #[test]
+    fn reads_keep_alive_requests_one_after_another() {
         let input = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/tune/apply?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
-        let got = read_all(input).await;
+        let got = read_all(input);
         assert_eq!(got.len(), 3);
         let first = got[0].clone().unwrap().unwrap();
         assert_eq!(
@@ -459,27 +417,19 @@ mod tests {
         assert_eq!(got[2], Ok(None));
     }
 
-    #[tokio::test]
-    async fn body_split_across_reads_is_assembled() {
-        let (client, server) = tokio::io::duplex(64);
-        let writer = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut client = client;
-            client
-                .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
-                .await
-                .unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            client.write_all(b"56789").await.unwrap();
-        });
-        let mut r = RequestReader::new(server);
-        let req = r.next_request().await.unwrap().unwrap();
+    #[test]
+    fn body_split_across_reads_is_assembled() {
+        use std::io::Read as _;
+        // A chain answers each read from one part only: the body arrives in two reads.
+        let input =
+            (&b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234"[..]).chain(&b"56789"[..]);
+        let mut r = BlockingReader::new(input, LIMIT);
+        let req = r.next_request().unwrap().unwrap();
         assert_eq!(req.body, b"0123456789");
-        writer.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn every_malformed_request_has_its_own_status() {
+    #[test]
+    fn every_malformed_request_has_its_own_status() {
         let cases: [(&[u8], u16); 6] = [
             (b"NOT HTTP AT ALL\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
@@ -495,7 +445,7 @@ mod tests {
             ),
         ];
         for (input, status) in cases {
-            let got = read_all(input).await;
+            let got = read_all(input);
             let err = got.last().unwrap().clone().unwrap_err();
             assert_eq!(
                 err.status(),
@@ -508,7 +458,6 @@ mod tests {
         huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
         assert_eq!(
             read_all(&huge)
-                .await
                 .last()
                 .unwrap()
                 .clone()

@@ -1,32 +1,99 @@
-//! The control socket's server: accepts connections, reads HTTP requests, decodes them with
-//! [`api::decode`], asks the [`Supervisor`] and writes the answer. Every failure becomes a JSON
-//! error with its own status; a connection is closed only after its answer was written.
+//! The control socket's server: HTTP/1.1 by hyper, one task per connection. A request is decoded
+//! with [`api::decode`], answered by the [`Supervisor`], and every failure becomes a JSON error
+//! with its own status.
+//!
+//! The [`Limits`] and where each is enforced:
+//! - request head: hyper (`max_header_size`); hyper answers 431 itself, [`Conn`] makes it JSON.
+//! - request body: checked against `Content-Length` before reading, then read through
+//!   [`Limited`], so no more than the limit is ever buffered (413).
+//! - connections: a semaphore here; one over gets 503 `busy` and is closed unread.
+//! - time: hyper's `header_read_timeout` for the head (it also bounds the wait for the next
+//!   request of a keep-alive connection), then the same again for the body (408).
+//!
+//! An answer after which the connection's bytes are out of step (411, 413, 408, a malformed
+//! head) closes it; every other error keeps a keep-alive connection usable.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::{debug, warn};
 
 use super::Supervisor;
 use super::api::{self, ApiError};
-use crate::http::{self, RequestReader};
+use super::conn::Conn;
+use crate::http;
 
 /// Connections served at once; more get `503 busy` and are closed.
 pub const MAX_CONNECTIONS: usize = 256;
-/// A connection that sends nothing for this long is closed (a request in progress gets 408).
+/// A request's head (and then its body) must arrive within this; a connection that sends
+/// nothing for this long is closed after a 408.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
 
-/// Serves `listener` until `shutdown` turns true; then stops accepting and returns. Connections
-/// in progress finish their current request.
+/// What one client may cost the daemon. [`Limits::default`] is what the daemon uses; tests pass
+/// small values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head in bytes; larger gets 431 `headers_too_large`.
+    pub max_head: usize,
+    /// Largest request body in bytes; larger gets 413 `payload_too_large`.
+    pub max_body: usize,
+    /// Connections served at once; more get 503 `busy`.
+    pub max_connections: usize,
+    /// Time for a request's head, then again for its body; over gets 408 `timeout`.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: MAX_HEAD,
+            max_body: MAX_BODY,
+            max_connections: MAX_CONNECTIONS,
+            request_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `listener` with the production [`Limits`] until `shutdown` turns true.
 pub async fn serve(
     listener: UnixListener,
     supervisor: Arc<Supervisor>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_with(listener, supervisor, shutdown, Limits::default()).await;
+}
+
+/// Serves `listener` until `shutdown` turns true; then stops accepting and returns. Connections
+/// in progress finish their current request (hyper's graceful shutdown), idle ones close.
+pub async fn serve_with(
+    listener: UnixListener,
+    supervisor: Arc<Supervisor>,
+    mut shutdown: watch::Receiver<bool>,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout)
+        .max_header_size(limits.max_head);
+    let builder = Arc::new(builder);
     loop {
         let stream = tokio::select! {
             () = stopped(&mut shutdown) => return,
@@ -41,21 +108,25 @@ pub async fn serve(
         };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let supervisor = supervisor.clone();
+                let connection = Connection {
+                    supervisor: supervisor.clone(),
+                    builder: builder.clone(),
+                    limits,
+                };
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    serve_connection(stream, &supervisor, shutdown).await;
+                    connection.serve(stream, shutdown).await;
                     drop(permit);
                 });
             }
             Err(_) => {
+                // Answered without reading the request: reading would be the work the limit
+                // is there to refuse.
+                let max = limits.max_connections;
                 tokio::spawn(async move {
-                    let err = ApiError::new(
-                        503,
-                        "busy",
-                        format!("more than {MAX_CONNECTIONS} control connections"),
-                    );
-                    let _ = write(&mut { stream }, &err.to_json(), err.status, true).await;
+                    let err =
+                        ApiError::new(503, "busy", format!("more than {max} control connections"));
+                    let _ = write_error(stream, &err).await;
                 });
             }
         }
@@ -68,73 +139,167 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn write(
-    stream: &mut UnixStream,
-    body: &[u8],
-    status: u16,
-    close: bool,
-) -> std::io::Result<()> {
-    stream
-        .write_all(&http::encode_json_response(status, body, close))
-        .await
+/// Writes `err` as a whole answer outside hyper, then closes the stream.
+async fn write_error(mut stream: UnixStream, err: &ApiError) -> std::io::Result<()> {
+    let bytes = http::encode_json_response(err.status, &err.to_json(), true);
+    // A client that does not read cannot hold the task.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn serve_connection(
-    stream: UnixStream,
-    supervisor: &Supervisor,
-    shutdown: watch::Receiver<bool>,
-) {
-    let (read, mut write_half) = stream.into_split();
-    let mut reader = RequestReader::new(read);
-    loop {
-        let next = match tokio::time::timeout(IDLE_TIMEOUT, reader.next_request()).await {
-            Ok(next) => next,
-            Err(_) => {
-                let err = ApiError::new(408, "timeout", "no complete request within 60 s");
-                let _ = write_half
-                    .write_all(&http::encode_json_response(
-                        err.status,
-                        &err.to_json(),
-                        true,
-                    ))
-                    .await;
-                return;
+/// What serving one connection needs.
+struct Connection {
+    supervisor: Arc<Supervisor>,
+    builder: Arc<http1::Builder>,
+    limits: Limits,
+}
+
+impl Connection {
+    async fn serve(self, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
+        let (give_back, returned) = oneshot::channel();
+        let io = TokioIo::new(Conn::new(stream, self.limits.max_head, give_back));
+        let (supervisor, limits) = (self.supervisor, self.limits);
+        let service = service_fn(move |req| {
+            let supervisor = supervisor.clone();
+            async move { Ok::<_, Infallible>(answer(req, &supervisor, limits).await) }
+        });
+        let served = {
+            let conn = self.builder.serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => served,
+                () = stopped(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
+            // Dropping `conn` drops the `Conn`, which hands the stream back.
         };
-        let req = match next {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
-            Err(e) => {
-                // The stream is out of step after a framing error: answer, then close.
-                debug!(error = %e, "malformed control request");
-                let err = ApiError::from(&e);
-                let _ = write_half
-                    .write_all(&http::encode_json_response(
-                        err.status,
-                        &err.to_json(),
-                        true,
-                    ))
-                    .await;
-                return;
+        match served {
+            Ok(()) => {}
+            Err(e) if e.is_timeout() => {
+                // hyper gave up on the head without a word; the client learns why.
+                if let Ok(stream) = returned.await {
+                    let err = ApiError::new(
+                        408,
+                        "timeout",
+                        format!(
+                            "no complete request head within {} s",
+                            limits.request_timeout.as_secs_f64()
+                        ),
+                    );
+                    let _ = write_error(stream, &err).await;
+                }
             }
-        };
-        let stopping = *shutdown.borrow();
-        let close = req.close || stopping;
-        let (status, body) = match api::decode(&req) {
-            Ok(api_req) => match supervisor.handle(api_req).await {
-                Ok(resp) => (200, resp.to_json()),
-                Err(e) => (e.status, e.to_json()),
-            },
-            Err(e) => (e.status, e.to_json()),
-        };
-        debug!(method = %req.method, path = %req.path, status, "control request");
-        if write_half
-            .write_all(&http::encode_json_response(status, &body, close))
-            .await
-            .is_err()
-            || close
-        {
-            return;
+            Err(e) => debug!(error = %e, "control connection ended"),
         }
     }
+}
+
+/// Answers one request; never fails (every failure is a JSON answer).
+async fn answer(
+    req: hyper::Request<Incoming>,
+    supervisor: &Supervisor,
+    limits: Limits,
+) -> hyper::Response<Full<Bytes>> {
+    let (head, body) = req.into_parts();
+    let body = match read_body(&head.headers, body, limits).await {
+        Ok(body) => body,
+        Err(e) => {
+            debug!(method = %head.method, path = %head.uri.path(), status = e.status, error = %e, "control request refused");
+            // The body was not read to its end: the connection's bytes are out of step.
+            return json(e.status, e.to_json(), true);
+        }
+    };
+    let req = http::Request {
+        method: head.method.to_string(),
+        path: head.uri.path().to_string(),
+        query: head.uri.query().map(str::to_string),
+        body,
+        close: false,
+        authorization: None,
+        peer_auth: None,
+    };
+    let (status, body) = match api::decode(&req) {
+        Ok(api_req) => match supervisor.handle(api_req).await {
+            Ok(resp) => (200, resp.to_json()),
+            Err(e) => (e.status, e.to_json()),
+        },
+        Err(e) => (e.status, e.to_json()),
+    };
+    debug!(method = %req.method, path = %req.path, status, "control request");
+    // hyper leaves out the body of an answer to HEAD, which `Conn` cannot see; closing after
+    // it keeps `Conn` in step with the response framing.
+    json(status, body, head.method == Method::HEAD)
+}
+
+/// The request body, at most `limits.max_body` bytes of it, within `limits.request_timeout`.
+async fn read_body(
+    headers: &hyper::HeaderMap,
+    body: Incoming,
+    limits: Limits,
+) -> Result<Vec<u8>, ApiError> {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        // dropctl always sends a length; refusing the rest keeps one way to frame a body.
+        return Err(ApiError::new(
+            411,
+            "length_required",
+            "a body needs a Content-Length header (chunked transfer encoding is not supported)",
+        ));
+    }
+    let too_large = |len: u64| {
+        ApiError::new(
+            413,
+            "payload_too_large",
+            format!(
+                "request body of {len} bytes is larger than the limit of {} bytes",
+                limits.max_body
+            ),
+        )
+    };
+    // hyper has checked Content-Length, and its hint is that length: refuse before reading.
+    let announced = body.size_hint().lower();
+    if announced > limits.max_body as u64 {
+        return Err(too_large(announced));
+    }
+    let collected = tokio::time::timeout(
+        limits.request_timeout,
+        Limited::new(body, limits.max_body).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            408,
+            "timeout",
+            format!(
+                "no complete request body within {} s",
+                limits.request_timeout.as_secs_f64()
+            ),
+        )
+    })?;
+    match collected {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large(announced)),
+        Err(e) => Err(ApiError::new(
+            400,
+            "bad_request",
+            format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+fn json(status: u16, body: Vec<u8>, close: bool) -> hyper::Response<Full<Bytes>> {
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    // `Conn` tells the server's answers from hyper's own by this header: keep it on every one.
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if close {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
