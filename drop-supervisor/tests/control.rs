@@ -133,25 +133,25 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
-fn garbage_gets_a_json_400_and_the_server_keeps_serving() {
+fn garbage_gets_a_400_and_the_server_keeps_serving() {
+    // hyper answers a head it cannot parse itself, with an empty body.
     let server = Server::start(SMALL);
     let answer = server.raw(b"\x00\x01 nonsense\r\n\r\n");
-    assert_eq!(status_and_code(&answer), (400, "bad_request".into()));
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     let answer = server.raw(b"GET /v1/status HTTP/1.1\r\nBad Header\r\n\r\n");
-    assert_eq!(status_and_code(&answer), (400, "bad_request".into()));
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(server.status_ok());
 }
 
 #[test]
-fn a_head_over_the_limit_gets_a_json_431() {
+fn a_head_over_the_limit_gets_431() {
     let server = Server::start(SMALL);
     let big = format!(
         "GET /v1/status HTTP/1.1\r\nX-Big: {}\r\n\r\n",
         "a".repeat(SMALL.max_head)
     );
     let answer = server.raw(big.as_bytes());
-    assert_eq!(status_and_code(&answer), (431, "headers_too_large".into()));
-    assert!(answer.contains("1024 bytes"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
 
     // A head within the limit is served.
     let fits = format!(
@@ -213,7 +213,7 @@ fn a_connection_over_the_limit_gets_503_busy_until_one_closes() {
 }
 
 #[test]
-fn a_request_that_never_completes_gets_408_after_the_timeout() {
+fn a_request_that_never_completes_is_cut_after_the_timeout() {
     let timeout = Duration::from_millis(300);
     let server = Server::start(Limits {
         request_timeout: timeout,
@@ -231,7 +231,12 @@ fn a_request_that_never_completes_gets_408_after_the_timeout() {
         let started = Instant::now();
         let answer = server.raw(bytes);
         let took = started.elapsed();
-        assert_eq!(status_and_code(&answer), (408, "timeout".into()), "{what}");
+        // A head that does not arrive: hyper closes without a word; a body that does not: 408.
+        if what == "half a body" {
+            assert_eq!(status_and_code(&answer), (408, "timeout".into()), "{what}");
+        } else {
+            assert_eq!(answer, "", "{what}");
+        }
         assert!(
             took >= timeout && took < timeout * 10,
             "{what}: answered after {took:?}"
@@ -249,16 +254,18 @@ fn keep_alive_answers_in_order_and_errors_keep_the_connection() {
     let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
     assert_eq!(statuses, ["404", "405", "200"], "{answer}");
 
-    // A malformed head after an answer on the same connection still gets a JSON error.
+    // A malformed head after an answer on the same connection gets a 400.
     let answer = server.raw(b"GET /v1/status HTTP/1.1\r\n\r\n\x00garbage\r\n\r\n");
     let (first, second) = answer.split_at(answer.rfind("HTTP/1.1 ").unwrap());
     assert!(first.starts_with("HTTP/1.1 200 "), "{answer}");
-    assert_eq!(status_and_code(second), (400, "bad_request".into()));
+    assert!(second.starts_with("HTTP/1.1 400 "), "{answer}");
 
-    // HEAD answers carry no body; the connection closes after one.
-    let answer = server.raw(b"HEAD /v1/status HTTP/1.1\r\n\r\nGET /v1/status HTTP/1.1\r\n\r\n");
-    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
-    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    // HEAD answers carry no body, and the connection stays usable.
+    let answer = server.raw(
+        b"HEAD /v1/status HTTP/1.1\r\n\r\nGET /v1/status HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["405", "200"], "{answer}");
 }
 
 #[test]

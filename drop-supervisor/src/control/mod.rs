@@ -11,7 +11,6 @@ use tokio::sync::Mutex;
 
 pub mod api;
 pub mod client;
-mod conn;
 pub mod server;
 
 use api::{ApiError, ApiRequest, ApiResponse, StatusInfo};

@@ -3,12 +3,14 @@
 //! with its own status.
 //!
 //! The [`Limits`] and where each is enforced:
-//! - request head: hyper (`max_header_size`); hyper answers 431 itself, [`Conn`] makes it JSON.
+//! - request head: hyper (`max_header_size`): hyper itself answers 431, and 400 for a head it
+//!   cannot parse, both with an empty body (no service runs for them), then closes.
 //! - request body: checked against `Content-Length` before reading, then read through
 //!   [`Limited`], so no more than the limit is ever buffered (413).
 //! - connections: a semaphore here; one over gets 503 `busy` and is closed unread.
 //! - time: hyper's `header_read_timeout` for the head (it also bounds the wait for the next
-//!   request of a keep-alive connection), then the same again for the body (408).
+//!   request of a keep-alive connection; hyper then closes the connection without an answer),
+//!   then the same again for the body (408 JSON).
 //!
 //! An answer after which the connection's bytes are out of step (411, 413, 408, a malformed
 //! head) closes it; every other error keeps a keep-alive connection usable.
@@ -19,20 +21,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::StatusCode;
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
 
 use super::Supervisor;
 use super::api::{self, ApiError};
-use super::conn::Conn;
 use crate::http;
 
 /// Connections served at once; more get `503 busy` and are closed.
@@ -160,42 +161,23 @@ struct Connection {
 
 impl Connection {
     async fn serve(self, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
-        let (give_back, returned) = oneshot::channel();
-        let io = TokioIo::new(Conn::new(stream, self.limits.max_head, give_back));
+        let io = TokioIo::new(stream);
         let (supervisor, limits) = (self.supervisor, self.limits);
         let service = service_fn(move |req| {
             let supervisor = supervisor.clone();
             async move { Ok::<_, Infallible>(answer(req, &supervisor, limits).await) }
         });
-        let served = {
-            let conn = self.builder.serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                served = conn.as_mut() => served,
-                () = stopped(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+        let conn = self.builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let served = tokio::select! {
+            served = conn.as_mut() => served,
+            () = stopped(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
             }
-            // Dropping `conn` drops the `Conn`, which hands the stream back.
         };
-        match served {
-            Ok(()) => {}
-            Err(e) if e.is_timeout() => {
-                // hyper gave up on the head without a word; the client learns why.
-                if let Ok(stream) = returned.await {
-                    let err = ApiError::new(
-                        408,
-                        "timeout",
-                        format!(
-                            "no complete request head within {} s",
-                            limits.request_timeout.as_secs_f64()
-                        ),
-                    );
-                    let _ = write_error(stream, &err).await;
-                }
-            }
-            Err(e) => debug!(error = %e, "control connection ended"),
+        if let Err(e) = served {
+            debug!(error = %e, "control connection ended");
         }
     }
 }
@@ -232,9 +214,7 @@ async fn answer(
         Err(e) => (e.status, e.to_json()),
     };
     debug!(method = %req.method, path = %req.path, status, "control request");
-    // hyper leaves out the body of an answer to HEAD, which `Conn` cannot see; closing after
-    // it keeps `Conn` in step with the response framing.
-    json(status, body, head.method == Method::HEAD)
+    json(status, body, false)
 }
 
 /// The request body, at most `limits.max_body` bytes of it, within `limits.request_timeout`.
@@ -296,7 +276,6 @@ fn json(status: u16, body: Vec<u8>, close: bool) -> hyper::Response<Full<Bytes>>
     let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
-    // `Conn` tells the server's answers from hyper's own by this header: keep it on every one.
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if close {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
