@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drop_supervisor::gateway::{Gateway, GatewayOptions};
-use drop_supervisor::runtime::PoolLookup;
 use drop_supervisor::http::{self, BlockingReader};
+use drop_supervisor::runtime::PoolLookup;
 use drop_supervisor::runtime::worker::pool::{Pool, PoolConfig};
 
 fn echo_worker() -> String {

@@ -120,183 +120,180 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Validates the `[cluster]` section.
 fn cluster_from_raw(raw: RawCluster, origin: &str) -> Result<ClusterConfig, ConfigError> {
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key,
-            reason,
-        };
-        let addr = |key: &'static str, text: &str| -> Result<SocketAddr, ConfigError> {
-            text.parse().map_err(|_| {
+    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key,
+        reason,
+    };
+    let addr = |key: &'static str, text: &str| -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|_| {
+            invalid(
+                key,
+                format!("`{text}` is not `ip:port` (an IP address and a port)"),
+            )
+        })
+    };
+    let bind_text = raw
+        .bind
+        .ok_or_else(|| invalid("cluster.bind", "is required in `[cluster]`".into()))?;
+    let bind = addr("cluster.bind", &bind_text)?;
+    let advertise = match &raw.advertise {
+        Some(a) => addr("cluster.advertise", a)?,
+        None if bind.ip().is_unspecified() => {
+            return Err(invalid(
+                "cluster.advertise",
+                format!("is required when `cluster.bind` is `{bind}`: peers need a real address"),
+            ));
+        }
+        None => bind,
+    };
+    let peer = match &raw.peer {
+        Some(p) => addr("cluster.peer", p)?,
+        None => SocketAddr::new(
+            advertise.ip(),
+            advertise.port().checked_add(1).ok_or_else(|| {
                 invalid(
-                    key,
-                    format!("`{text}` is not `ip:port` (an IP address and a port)"),
+                    "cluster.peer",
+                    "bind port 65535 leaves no room for port + 1; set it".into(),
                 )
-            })
-        };
-        let bind_text = raw
-            .bind
-            .ok_or_else(|| invalid("cluster.bind", "is required in `[cluster]`".into()))?;
-        let bind = addr("cluster.bind", &bind_text)?;
-        let advertise = match &raw.advertise {
-            Some(a) => addr("cluster.advertise", a)?,
-            None if bind.ip().is_unspecified() => {
+            })?,
+        ),
+    };
+    let seeds = raw
+        .seeds
+        .iter()
+        .map(|s| addr("cluster.seeds", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key_file = raw.key_file.ok_or_else(|| {
+        invalid(
+            "cluster.key_file",
+            "is required: gossip is always encrypted (`dropctl cluster keygen` makes a key)".into(),
+        )
+    })?;
+    require_absolute(&key_file).map_err(|r| invalid("cluster.key_file", r))?;
+    let profile = raw.profile.unwrap_or_else(|| "lan".into());
+    let mut timing = Timing::profile(&profile).ok_or_else(|| {
+        invalid(
+            "cluster.profile",
+            format!("`{profile}` is not `lan` or `fast`"),
+        )
+    })?;
+    let dur = |key: &'static str, v: &Option<String>, slot: &mut Duration| {
+        if let Some(text) = v {
+            *slot = parse_duration(text).map_err(|r| invalid(key, r))?;
+            if slot.is_zero() {
+                return Err(invalid(key, "must be greater than zero".into()));
+            }
+        }
+        Ok(())
+    };
+    dur(
+        "cluster.probe_interval",
+        &raw.probe_interval,
+        &mut timing.probe_interval,
+    )?;
+    dur(
+        "cluster.probe_timeout",
+        &raw.probe_timeout,
+        &mut timing.probe_timeout,
+    )?;
+    dur(
+        "cluster.gossip_interval",
+        &raw.gossip_interval,
+        &mut timing.gossip_interval,
+    )?;
+    dur(
+        "cluster.gossip_to_the_dead_time",
+        &raw.gossip_to_the_dead_time,
+        &mut timing.gossip_to_the_dead_time,
+    )?;
+    dur(
+        "cluster.push_pull_interval",
+        &raw.push_pull_interval,
+        &mut timing.push_pull_interval,
+    )?;
+    dur("cluster.timeout", &raw.timeout, &mut timing.timeout)?;
+    let count = |key: &'static str, v: Option<usize>, slot: &mut usize| {
+        if let Some(n) = v {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+            *slot = n;
+        }
+        Ok(())
+    };
+    count(
+        "cluster.suspicion_mult",
+        raw.suspicion_mult,
+        &mut timing.suspicion_mult,
+    )?;
+    count(
+        "cluster.suspicion_max_timeout_mult",
+        raw.suspicion_max_timeout_mult,
+        &mut timing.suspicion_max_timeout_mult,
+    )?;
+    count(
+        "cluster.gossip_nodes",
+        raw.gossip_nodes,
+        &mut timing.gossip_nodes,
+    )?;
+    count(
+        "cluster.retransmit_mult",
+        raw.retransmit_mult,
+        &mut timing.retransmit_mult,
+    )?;
+    count(
+        "cluster.indirect_checks",
+        raw.indirect_checks,
+        &mut timing.indirect_checks,
+    )?;
+    count(
+        "cluster.awareness_max_multiplier",
+        raw.awareness_max_multiplier,
+        &mut timing.awareness_max_multiplier,
+    )?;
+    if let Some(b) = raw.disable_reliable_pings {
+        timing.disable_reliable_pings = b;
+    }
+    let capacity = match raw.capacity {
+        Some(0) => return Err(invalid("cluster.capacity", "must be at least 1".into())),
+        Some(c) => c,
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .saturating_mul(100),
+    };
+    let multicast = match &raw.multicast {
+        None => None,
+        Some(text) => {
+            let a: std::net::SocketAddrV4 = text.parse().map_err(|_| {
+                invalid(
+                    "cluster.multicast",
+                    format!("`{text}` is not `group:port` with an IPv4 group"),
+                )
+            })?;
+            if !a.ip().is_multicast() || !advertise.is_ipv4() {
                 return Err(invalid(
-                    "cluster.advertise",
+                    "cluster.multicast",
                     format!(
-                        "is required when `cluster.bind` is `{bind}`: peers need a real address"
+                        "`{text}` must be an IPv4 multicast group (224.0.0.0/4), on an IPv4 cluster address"
                     ),
                 ));
             }
-            None => bind,
-        };
-        let peer = match &raw.peer {
-            Some(p) => addr("cluster.peer", p)?,
-            None => SocketAddr::new(
-                advertise.ip(),
-                advertise.port().checked_add(1).ok_or_else(|| {
-                    invalid(
-                        "cluster.peer",
-                        "bind port 65535 leaves no room for port + 1; set it".into(),
-                    )
-                })?,
-            ),
-        };
-        let seeds = raw
-            .seeds
-            .iter()
-            .map(|s| addr("cluster.seeds", s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let key_file = raw.key_file.ok_or_else(|| {
-            invalid(
-                "cluster.key_file",
-                "is required: gossip is always encrypted (`dropctl cluster keygen` makes a key)"
-                    .into(),
-            )
-        })?;
-        require_absolute(&key_file).map_err(|r| invalid("cluster.key_file", r))?;
-        let profile = raw.profile.unwrap_or_else(|| "lan".into());
-        let mut timing = Timing::profile(&profile).ok_or_else(|| {
-            invalid(
-                "cluster.profile",
-                format!("`{profile}` is not `lan` or `fast`"),
-            )
-        })?;
-        let dur = |key: &'static str, v: &Option<String>, slot: &mut Duration| {
-            if let Some(text) = v {
-                *slot = parse_duration(text).map_err(|r| invalid(key, r))?;
-                if slot.is_zero() {
-                    return Err(invalid(key, "must be greater than zero".into()));
-                }
-            }
-            Ok(())
-        };
-        dur(
-            "cluster.probe_interval",
-            &raw.probe_interval,
-            &mut timing.probe_interval,
-        )?;
-        dur(
-            "cluster.probe_timeout",
-            &raw.probe_timeout,
-            &mut timing.probe_timeout,
-        )?;
-        dur(
-            "cluster.gossip_interval",
-            &raw.gossip_interval,
-            &mut timing.gossip_interval,
-        )?;
-        dur(
-            "cluster.gossip_to_the_dead_time",
-            &raw.gossip_to_the_dead_time,
-            &mut timing.gossip_to_the_dead_time,
-        )?;
-        dur(
-            "cluster.push_pull_interval",
-            &raw.push_pull_interval,
-            &mut timing.push_pull_interval,
-        )?;
-        dur("cluster.timeout", &raw.timeout, &mut timing.timeout)?;
-        let count = |key: &'static str, v: Option<usize>, slot: &mut usize| {
-            if let Some(n) = v {
-                if n == 0 {
-                    return Err(invalid(key, "must be at least 1".into()));
-                }
-                *slot = n;
-            }
-            Ok(())
-        };
-        count(
-            "cluster.suspicion_mult",
-            raw.suspicion_mult,
-            &mut timing.suspicion_mult,
-        )?;
-        count(
-            "cluster.suspicion_max_timeout_mult",
-            raw.suspicion_max_timeout_mult,
-            &mut timing.suspicion_max_timeout_mult,
-        )?;
-        count(
-            "cluster.gossip_nodes",
-            raw.gossip_nodes,
-            &mut timing.gossip_nodes,
-        )?;
-        count(
-            "cluster.retransmit_mult",
-            raw.retransmit_mult,
-            &mut timing.retransmit_mult,
-        )?;
-        count(
-            "cluster.indirect_checks",
-            raw.indirect_checks,
-            &mut timing.indirect_checks,
-        )?;
-        count(
-            "cluster.awareness_max_multiplier",
-            raw.awareness_max_multiplier,
-            &mut timing.awareness_max_multiplier,
-        )?;
-        if let Some(b) = raw.disable_reliable_pings {
-            timing.disable_reliable_pings = b;
+            Some(a)
         }
-        let capacity = match raw.capacity {
-            Some(0) => return Err(invalid("cluster.capacity", "must be at least 1".into())),
-            Some(c) => c,
-            None => std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-                .saturating_mul(100),
-        };
-        let multicast = match &raw.multicast {
-            None => None,
-            Some(text) => {
-                let a: std::net::SocketAddrV4 = text.parse().map_err(|_| {
-                    invalid(
-                        "cluster.multicast",
-                        format!("`{text}` is not `group:port` with an IPv4 group"),
-                    )
-                })?;
-                if !a.ip().is_multicast() || !advertise.is_ipv4() {
-                    return Err(invalid(
-                        "cluster.multicast",
-                        format!(
-                            "`{text}` must be an IPv4 multicast group (224.0.0.0/4), on an IPv4 cluster address"
-                        ),
-                    ));
-                }
-                Some(a)
-            }
-        };
-        Ok(ClusterConfig {
-            multicast,
-            bind,
-            advertise,
-            peer,
-            seeds,
-            key_file,
-            profile,
-            timing,
-            capacity,
-        })
-    }
+    };
+    Ok(ClusterConfig {
+        multicast,
+        bind,
+        advertise,
+        peer,
+        seeds,
+        key_file,
+        profile,
+        timing,
+        capacity,
+    })
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::control::{self, Supervisor};
 use crate::gateway::{Gateway, GatewayOptions};
 use crate::host::notify::Notifier;
-use crate::runtime::{Runtime, RuntimeOptions};
 use crate::host::state;
+use crate::runtime::{Runtime, RuntimeOptions};
 
 /// Mode of the control socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -67,8 +67,12 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
     let cgroups = if config.cgroups {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(DaemonError::ProcSelfCgroup)?;
-        let cg = crate::runtime::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &config.cgroup_subtree)
-            .map_err(DaemonError::Cgroups)?;
+        let cg = crate::runtime::cgroup::detect(
+            Path::new("/sys/fs/cgroup"),
+            &own,
+            &config.cgroup_subtree,
+        )
+        .map_err(DaemonError::Cgroups)?;
         info!(version = ?cg.version(), subtree = %config.cgroup_subtree, "pool cgroups ready");
         Some(Arc::from(cg))
     } else {

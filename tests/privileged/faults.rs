@@ -294,11 +294,9 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
     let subtree = unique_name("dropwk");
     let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
-    let cg: Arc<dyn drop_supervisor::runtime::cgroup::Cgroups> = Arc::from(drop_supervisor::runtime::cgroup::detect(
-        Path::new("/sys/fs/cgroup"),
-        &own,
-        &subtree,
-    )?);
+    let cg: Arc<dyn drop_supervisor::runtime::cgroup::Cgroups> = Arc::from(
+        drop_supervisor::runtime::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &subtree)?,
+    );
     let dir = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -344,7 +342,9 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
         ensure!(
             matches!(
                 pool.call(b"hang"),
-                Err(drop_supervisor::runtime::worker::pool::CallError::Timeout(_))
+                Err(drop_supervisor::runtime::worker::pool::CallError::Timeout(
+                    _
+                ))
             ),
             "hang must time out"
         );

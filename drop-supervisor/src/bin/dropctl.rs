@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use drop_supervisor::config::DEFAULT_SOCKET;
 use drop_supervisor::control::api::StatusInfo;
 use drop_supervisor::control::client::{Client, ClientError};
-use drop_supervisor::config::DEFAULT_SOCKET;
 use drop_supervisor::host::tune::{ApplyOutcome, ApplyReport, CheckReport, KeyState, Policy};
 
 const EXIT_CODES: &str = "\

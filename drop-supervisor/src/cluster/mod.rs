@@ -28,4 +28,3 @@ pub struct ClusterConfig {
     /// LAN discovery group, if on.
     pub multicast: Option<std::net::SocketAddrV4>,
 }
-

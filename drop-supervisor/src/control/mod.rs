@@ -73,11 +73,7 @@ impl Supervisor {
     }
 
     /// Puts the node in cluster mode: flows go to the replicated state.
-    pub fn with_cluster(
-        mut self,
-        cluster: Arc<Cluster>,
-        forward: Arc<dyn Forward>,
-    ) -> Supervisor {
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>, forward: Arc<dyn Forward>) -> Supervisor {
         self.cluster = Some(cluster);
         self.forward = Some(forward);
         self
@@ -201,9 +197,9 @@ impl Supervisor {
                 let forward = self.forward.clone();
                 self.blocking(move |rt| {
                     let reply = match (rt.pool(&pool), forward) {
-                        (Some(p), _) => p
-                            .call(payload.as_bytes())
-                            .map_err(|e| ApiError::from(&e))?,
+                        (Some(p), _) => {
+                            p.call(payload.as_bytes()).map_err(|e| ApiError::from(&e))?
+                        }
                         (None, Some(f)) => {
                             f.call_any(&pool, payload.as_bytes()).unwrap_or_else(|| {
                                 Err(ApiError::from(&RuntimeError::UnknownPool(pool.clone())))

@@ -540,8 +540,7 @@ impl Runtime {
                     pool: spec.name.clone(),
                     reason: format!("image {name}: {}", error_chain(e)),
                 };
-                let dir =
-                    images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
+                let dir = images::resolve(&self.opts.images_dir, name).map_err(|e| invalid(&e))?;
                 let mut mount = ImageMount::new(&dir).map_err(|e| invalid(&e))?;
                 if let Some(cwd) = &spec.cwd {
                     mount = mount.with_workdir(cwd).map_err(|e| invalid(&e))?;
