@@ -30,7 +30,13 @@
 //! wake up; when every worker is busy it is queued without holding a thread, and the pool's
 //! executor that runs it writes the answer. 64 connections on 2 workers thus cost a leader and
 //! at most 2 busy executors, not 64 threads taking turns.
+//!
+//! Which request gets what is decided by `route`, apart from any server: it answers
+//! ([`Routed::Done`]) or names the pool to submit to and how to turn the result into the
+//! answer ([`Routed::Submit`]). The same routing can thus run on a hyper server
+//! ([`GatewayKind::Hyper`], see `hyper_server`), kept to measure the epoll server against.
 
+mod hyper_server;
 pub mod server;
 
 use std::borrow::Cow;
@@ -61,17 +67,43 @@ pub struct GatewayOptions {
 /// Where calls for pools this node does not run go; set once the cluster is up.
 type ForwardSlot = Arc<OnceLock<Arc<dyn Forward>>>;
 
+/// Which HTTP server carries the gateway; both serve the same `route`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GatewayKind {
+    /// The hand-written epoll server of [`server`]: the daemon's.
+    #[default]
+    Epoll,
+    /// hyper 1 on a tokio runtime of its own (see `hyper_server`), to measure against.
+    Hyper,
+}
+
 /// A running gateway; dropping it does not stop it, [`Gateway::stop`] does.
 #[derive(Debug)]
 pub struct Gateway {
     addr: std::net::SocketAddr,
-    server: Server,
+    server: Running,
     forward: ForwardSlot,
 }
 
+#[derive(Debug)]
+enum Running {
+    Epoll(Server),
+    Hyper(hyper_server::HyperServer),
+}
+
 impl Gateway {
-    /// Serves `listener` on its own threads.
+    /// Serves `listener` on its own threads, with the epoll server.
     pub fn start(
+        listener: TcpListener,
+        lookup: Arc<dyn PoolLookup>,
+        options: GatewayOptions,
+    ) -> std::io::Result<Gateway> {
+        Gateway::start_kind(GatewayKind::Epoll, listener, lookup, options)
+    }
+
+    /// Serves `listener` on its own threads, with the server `kind`.
+    pub fn start_kind(
+        kind: GatewayKind,
         listener: TcpListener,
         lookup: Arc<dyn PoolLookup>,
         options: GatewayOptions,
@@ -83,7 +115,10 @@ impl Gateway {
             options,
             forward: forward.clone(),
         };
-        let server = Server::start(listener, Box::new(ctx))?;
+        let server = match kind {
+            GatewayKind::Epoll => Running::Epoll(Server::start(listener, Box::new(ctx))?),
+            GatewayKind::Hyper => Running::Hyper(hyper_server::HyperServer::start(listener, ctx)?),
+        };
         Ok(Gateway {
             addr,
             server,
@@ -102,13 +137,16 @@ impl Gateway {
 
     /// Stops accepting; open connections end after their current request.
     pub fn stop(&mut self) {
-        self.server.stop();
+        match &self.server {
+            Running::Epoll(server) => server.stop(),
+            Running::Hyper(server) => server.stop(),
+        }
     }
 }
 
-/// A gateway answer before any server encodes it: what [`route`] and a [`Finish`] produce,
+/// A gateway answer before any server encodes it: what `route` and a [`Finish`] produce,
 /// so that the routing is the same whichever server (the epoll one in [`server`] or the hyper
-/// one in [`hyper_server`]) carries it. The server adds the framing (`Content-Length`, and
+/// one in `hyper_server`) carries it. The server adds the framing (`Content-Length`, and
 /// `Connection: close` when the connection ends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -145,7 +183,7 @@ impl Answer {
 /// thread finished the call. A boxed function item or capture-less closure allocates nothing.
 pub type Finish = Box<dyn FnOnce(Result<Vec<u8>, CallError>) -> Answer + Send>;
 
-/// What [`route`] decided for a request.
+/// What `route` decided for a request.
 pub enum Routed {
     /// Answered already (an error, metrics, a cast, a call forwarded to another node).
     Done(Answer),
