@@ -375,6 +375,10 @@ fn stop_closes_idle_connections_and_finishes_the_answer_in_flight() {
     }
 }
 
+/// A request of the status table and what it must get: method, path, extra headers, body,
+/// status, error code.
+type Case<'a> = (&'a str, &'a str, &'a [&'a str], &'a [u8], u16, &'a str);
+
 #[test]
 fn every_status_of_the_routing_table_and_metrics_on_one_keep_alive_connection() {
     for kind in KINDS {
@@ -388,7 +392,7 @@ fn every_status_of_the_routing_table_and_metrics_on_one_keep_alive_connection() 
         let fx =
             Fixture::with_options(kind, vec![config("echo", &[ECHO], 1), tiny, dying], options);
         let auth = "Authorization: Bearer s3cret";
-        let cases: [(&str, &str, &[&str], &[u8], u16, &str); 9] = [
+        let cases: [Case<'_>; 9] = [
             ("GET", "/metrics", &[], b"", 200, ""),
             ("POST", "/api/v1/echo", &[auth], b"hello", 200, ""),
             ("POST", "/api/v1/echo", &[], b"x", 401, "unauthorized"),
