@@ -4,6 +4,7 @@
 //! - `pool N SECS BYTES`: the same workers through `Pool::call`, N caller threads (b)
 //! - `serve-gateway N PORT`: the gateway in front of a pool of N echo workers, until killed (c)
 //! - `serve-floor PORT`: a bare keep-alive HTTP echo server, thread per connection (d)
+//! - `serve-gateway-hyper N PORT`: the same gateway routing served by hyper, until killed (e)
 //! - `paced N SECS BYTES RATE`: the pool at a fixed request rate (latency at a given load)
 //! - `cold RUNS`: spawn-to-first-reply of a new echo worker through a fresh pool
 //! - `idle-rss POOLS WORKERS`: this process's RSS with POOLS × WORKERS idle workers
@@ -19,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drop_supervisor::gateway::{Gateway, GatewayOptions};
+use drop_supervisor::gateway::{Gateway, GatewayKind, GatewayOptions};
 use drop_supervisor::http::{self, BlockingReader};
 use drop_supervisor::runtime::PoolLookup;
 use drop_supervisor::runtime::worker::pool::{Pool, PoolConfig};
@@ -239,7 +240,8 @@ impl PoolLookup for One {
     }
 }
 
-fn serve_gateway(workers: u32, port: u16) {
+/// (c) with the epoll server, (e) with hyper: the same pool, routing and listener.
+fn serve_gateway(kind: GatewayKind, workers: u32, port: u16) {
     let rt = runtime();
     let pool = {
         let _g = rt.enter();
@@ -247,7 +249,13 @@ fn serve_gateway(workers: u32, port: u16) {
     };
     wait_workers(&pool, workers);
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let _gw = Gateway::start(listener, Arc::new(One(pool)), GatewayOptions::default()).unwrap();
+    let _gw = Gateway::start_kind(
+        kind,
+        listener,
+        Arc::new(One(pool)),
+        GatewayOptions::default(),
+    )
+    .unwrap();
     println!("ready");
     std::io::stdout().flush().unwrap();
     loop {
@@ -352,7 +360,16 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("floor") => floor(num(1, 2.0) as usize, num(2, 3.0), num(3, 64.0) as usize),
         Some("pool") => pool_mode(num(1, 2.0) as usize, num(2, 3.0), num(3, 64.0) as usize),
-        Some("serve-gateway") => serve_gateway(num(1, 2.0) as u32, num(2, 18081.0) as u16),
+        Some("serve-gateway") => serve_gateway(
+            GatewayKind::Epoll,
+            num(1, 2.0) as u32,
+            num(2, 18081.0) as u16,
+        ),
+        Some("serve-gateway-hyper") => serve_gateway(
+            GatewayKind::Hyper,
+            num(1, 2.0) as u32,
+            num(2, 18085.0) as u16,
+        ),
         Some("serve-floor") => serve_floor(num(1, 18082.0) as u16),
         Some("paced") => pool_paced(
             num(1, 2.0) as usize,
@@ -362,6 +379,8 @@ fn main() {
         ),
         Some("cold") => cold(num(1, 50.0) as usize),
         Some("idle-rss") => idle_rss(num(1, 10.0) as u32, num(2, 100.0) as u32),
-        _ => eprintln!("usage: runtime floor|pool|serve-gateway|serve-floor|cold|idle-rss ..."),
+        _ => eprintln!(
+            "usage: runtime floor|pool|serve-gateway|serve-gateway-hyper|serve-floor|paced|cold|idle-rss ..."
+        ),
     }
 }

@@ -220,10 +220,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
 pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         401 => "Unauthorized",
+        403 => "Forbidden",
         408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
@@ -233,6 +236,7 @@ pub fn reason(status: u16) -> &'static str {
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Unknown",
@@ -247,15 +251,57 @@ pub fn encode_response(
     close: bool,
     out: &mut Vec<u8>,
 ) {
+    encode_response_with(status, content_type, &[], body, close, out);
+}
+
+/// [`encode_response`] with extra headers. A header [`extra_header_ok`] refuses is left out:
+/// extra headers may come from a function's reply, and must neither split the response (CR or
+/// LF) nor contradict the framing this encoder writes.
+pub fn encode_response_with(
+    status: u16,
+    content_type: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) {
     use std::io::Write as _;
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}",
         reason(status),
         body.len(),
         if close { "Connection: close\r\n" } else { "" }
     );
+    for (name, value) in headers {
+        if extra_header_ok(name, value) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
+}
+
+/// Whether an extra response header may be sent as is: its name is a token (RFC 9110 §5.6.2),
+/// its value has no control character but tab, and it is none of the headers the server
+/// itself owns (`Content-Type` has its own field; length and connection are the framing).
+pub fn extra_header_ok(name: &str, value: &str) -> bool {
+    const OWNED: [&str; 4] = [
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+    ];
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !name.is_empty()
+        && name.bytes().all(token)
+        && value
+            .bytes()
+            .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        && !OWNED.iter().any(|o| name.eq_ignore_ascii_case(o))
 }
 
 /// Encodes a complete response with a JSON body.
@@ -464,6 +510,33 @@ mod tests {
                 .unwrap_err()
                 .status(),
             431
+        );
+    }
+
+    #[test]
+    fn extra_headers_go_before_the_body_and_unsafe_ones_are_left_out() {
+        let headers = [
+            ("X-Trace", "abc 1"),
+            ("Bad\r\nName", "x"),
+            ("X-Split", "a\r\nSet-Cookie: evil"),
+            ("content-length", "0"),
+            ("Connection", "keep-alive"),
+            ("Content-Type", "text/html"),
+            ("", "empty name"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut out = Vec::new();
+        encode_response_with(201, "application/json", &headers, b"{}", true, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
+             Connection: close\r\nX-Trace: abc 1\r\n\r\n{}"
+        );
+        let mut plain = Vec::new();
+        encode_response(200, "text/plain", b"hi", false, &mut plain);
+        assert_eq!(
+            plain,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi"
         );
     }
 

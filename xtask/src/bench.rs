@@ -6,6 +6,8 @@
 //! (b) the pool API in process
 //! (c) the HTTP gateway in front of the pool, keep-alive, wrk at 2 and 64 connections
 //! (d) a bare keep-alive HTTP echo server (no worker), same wrk load
+//! (e) the same gateway routing and pool served by hyper instead of the epoll server, measured
+//!     exactly like (c), beside it in the same run: is the hand-written server worth keeping?
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -341,9 +343,23 @@ fn runtime(a: BenchArgs) -> anyhow::Result<()> {
         Some(1),
         Some(0),
     )?;
+    let (hy2, hy64) = http(
+        "(e) hyper gateway, isolated",
+        &["serve-gateway-hyper", &workers, "18085"],
+        "/api/v1/echo",
+        Some(1),
+        Some(0),
+    )?;
     let (sgw2, sgw64) = http(
         "(c) gateway, shared cores",
         &["serve-gateway", &workers, "18083"],
+        "/api/v1/echo",
+        None,
+        None,
+    )?;
+    let (shy2, shy64) = http(
+        "(e) hyper gateway, shared cores",
+        &["serve-gateway-hyper", &workers, "18086"],
         "/api/v1/echo",
         None,
         None,
@@ -381,10 +397,14 @@ fn runtime(a: BenchArgs) -> anyhow::Result<()> {
     md += &row("(c) gateway, 64 connections, isolated", gw64);
     md += &row("(d) bare HTTP, 2 connections, isolated", fl2);
     md += &row("(d) bare HTTP, 64 connections, isolated", fl64);
+    md += &row("(e) hyper gateway, 2 connections, isolated", hy2);
+    md += &row("(e) hyper gateway, 64 connections, isolated", hy64);
     md += &row("(c) gateway, 2 connections, shared cores", sgw2);
     md += &row("(c) gateway, 64 connections, shared cores", sgw64);
     md += &row("(d) bare HTTP, 2 connections, shared cores", sfl2);
     md += &row("(d) bare HTTP, 64 connections, shared cores", sfl64);
+    md += &row("(e) hyper gateway, 2 connections, shared cores", shy2);
+    md += &row("(e) hyper gateway, 64 connections, shared cores", shy64);
     md += &format!(
         "\nRatios: b/a = {:.2} (target ≥ 0.5); c/d isolated = {:.2} at 2 connections, {:.2} at 64 \
          (target ≥ 0.7); c/d on shared cores = {:.2} and {:.2}.\n",
@@ -393,6 +413,14 @@ fn runtime(a: BenchArgs) -> anyhow::Result<()> {
         gw64.req_s / fl64.req_s,
         sgw2.req_s / sfl2.req_s,
         sgw64.req_s / sfl64.req_s
+    );
+    md += &format!(
+        "Epoll gateway against hyper (c/e, above 1: the hand-written server is faster): \
+         isolated = {:.2} at 2 connections, {:.2} at 64; shared cores = {:.2} and {:.2}.\n",
+        gw2.req_s / hy2.req_s,
+        gw64.req_s / hy64.req_s,
+        sgw2.req_s / shy2.req_s,
+        sgw64.req_s / shy64.req_s
     );
     md += &format!(
         "Latency at half of max load (pool API): p99 {:.1} µs (target ≤ 1 ms).\n",

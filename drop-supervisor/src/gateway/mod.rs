@@ -30,11 +30,18 @@
 //! wake up; when every worker is busy it is queued without holding a thread, and the pool's
 //! executor that runs it writes the answer. 64 connections on 2 workers thus cost a leader and
 //! at most 2 busy executors, not 64 threads taking turns.
+//!
+//! Which request gets what is decided by `route`, apart from any server: it answers
+//! ([`Routed::Done`]) or names the pool to submit to and how to turn the result into the
+//! answer ([`Routed::Submit`]). The same routing can thus run on a hyper server
+//! ([`GatewayKind::Hyper`], see `hyper_server`), kept to measure the epoll server against.
 
 pub mod envelope;
+mod hyper_server;
 pub mod limits;
 pub mod server;
 
+use std::borrow::Cow;
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
 
@@ -62,17 +69,43 @@ pub struct GatewayOptions {
 /// Where calls for pools this node does not run go; set once the cluster is up.
 type ForwardSlot = Arc<OnceLock<Arc<dyn Forward>>>;
 
+/// Which HTTP server carries the gateway; both serve the same `route`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GatewayKind {
+    /// The hand-written epoll server of [`server`]: the daemon's.
+    #[default]
+    Epoll,
+    /// hyper 1 on a tokio runtime of its own (see `hyper_server`), to measure against.
+    Hyper,
+}
+
 /// A running gateway; dropping it does not stop it, [`Gateway::stop`] does.
 #[derive(Debug)]
 pub struct Gateway {
     addr: std::net::SocketAddr,
-    server: Server,
+    server: Running,
     forward: ForwardSlot,
 }
 
+#[derive(Debug)]
+enum Running {
+    Epoll(Server),
+    Hyper(hyper_server::HyperServer),
+}
+
 impl Gateway {
-    /// Serves `listener` on its own threads.
+    /// Serves `listener` on its own threads, with the epoll server.
     pub fn start(
+        listener: TcpListener,
+        lookup: Arc<dyn PoolLookup>,
+        options: GatewayOptions,
+    ) -> std::io::Result<Gateway> {
+        Gateway::start_kind(GatewayKind::Epoll, listener, lookup, options)
+    }
+
+    /// Serves `listener` on its own threads, with the server `kind`.
+    pub fn start_kind(
+        kind: GatewayKind,
         listener: TcpListener,
         lookup: Arc<dyn PoolLookup>,
         options: GatewayOptions,
@@ -84,7 +117,10 @@ impl Gateway {
             options,
             forward: forward.clone(),
         };
-        let server = Server::start(listener, Box::new(ctx))?;
+        let server = match kind {
+            GatewayKind::Epoll => Running::Epoll(Server::start(listener, Box::new(ctx))?),
+            GatewayKind::Hyper => Running::Hyper(hyper_server::HyperServer::start(listener, ctx)?),
+        };
         Ok(Gateway {
             addr,
             server,
@@ -103,12 +139,84 @@ impl Gateway {
 
     /// Stops accepting; open connections end after their current request.
     pub fn stop(&mut self) {
-        self.server.stop();
+        match &self.server {
+            Running::Epoll(server) => server.stop(),
+            Running::Hyper(server) => server.stop(),
+        }
     }
 }
 
-fn error_response(err: &ApiError, close: bool, out: &mut Vec<u8>) {
-    http::encode_response(err.status, "application/json", &err.to_json(), close, out);
+/// A gateway answer before any server encodes it: what `route` and a [`Finish`] produce,
+/// so that the routing is the same whichever server (the epoll one in [`server`] or the hyper
+/// one in `hyper_server`) carries it. The server adds the framing (`Content-Length`, and
+/// `Connection: close` when the connection ends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// Borrowed for the fixed types; owned when a reply names its own.
+    pub content_type: Cow<'static, str>,
+    /// Extra headers, e.g. set by a function's reply. Servers leave out those that
+    /// [`http::extra_header_ok`] refuses.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Answer {
+        Answer {
+            status,
+            content_type: Cow::Borrowed(content_type),
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    /// A function's reply as the plain gateway answers it: `200 text/plain`.
+    pub fn reply(body: Vec<u8>) -> Answer {
+        Answer::new(200, "text/plain; charset=utf-8", body)
+    }
+
+    pub fn error(err: &ApiError) -> Answer {
+        Answer::new(err.status, "application/json", err.to_json())
+    }
+}
+
+/// Turns the result of a submitted call into the answer; called exactly once, on whichever
+/// thread finished the call. A boxed function item or capture-less closure allocates nothing.
+pub type Finish = Box<dyn FnOnce(Result<Vec<u8>, CallError>) -> Answer + Send>;
+
+/// What `route` decided for a request.
+pub enum Routed {
+    /// Answered already (an error, metrics, a cast, a call forwarded to another node).
+    Done(Answer),
+    /// A call to a pool of this node: the server submits `payload` to `pool` the way it can
+    /// wait best and answers with `finish` of the result.
+    Submit {
+        pool: Pool,
+        payload: Vec<u8>,
+        finish: Finish,
+    },
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Routed::Done(answer) => f.debug_tuple("Done").field(answer).finish(),
+            Routed::Submit { pool, payload, .. } => f
+                .debug_struct("Submit")
+                .field("pool", &pool.name())
+                .field("len", &payload.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The plain call's [`Finish`]: the reply as is, or the call error's status.
+fn plain_finish(result: Result<Vec<u8>, CallError>) -> Answer {
+    match result {
+        Ok(reply) => Answer::reply(reply),
+        Err(e) => Answer::error(&ApiError::from(&e)),
+    }
 }
 
 /// What every request is served with.
@@ -118,76 +226,84 @@ struct Ctx {
     forward: ForwardSlot,
 }
 
+/// The epoll server's request: routed, then submitted from this thread (which may run it at
+/// once) and encoded by whichever thread finishes it.
 impl Serve for Ctx {
     fn serve(&self, req: Request, responder: Responder, before_blocking: &mut dyn FnMut()) {
-        let close = req.close || responder.closing();
-        let mut out = Vec::new();
-        let Some(pool) = handle(&req, close, self, &mut out, before_blocking) else {
-            return responder.respond(out, close);
-        };
-        let body = req.body;
         let req_close = req.close;
-        let done = Box::new(move |result: Result<Vec<u8>, CallError>| {
-            let close = req_close || responder.closing();
-            let mut out = Vec::new();
-            match result {
-                Ok(reply) => {
-                    http::encode_response(200, "text/plain; charset=utf-8", &reply, close, &mut out)
-                }
-                Err(e) => error_response(&ApiError::from(&e), close, &mut out),
+        match route(req, self, before_blocking) {
+            Routed::Done(answer) => {
+                let close = req_close || responder.closing();
+                responder.respond(encode(&answer, close), close);
             }
-            responder.respond(out, close);
-        });
-        pool.submit(body, done, before_blocking);
+            Routed::Submit {
+                pool,
+                payload,
+                finish,
+            } => {
+                let done = Box::new(move |result: Result<Vec<u8>, CallError>| {
+                    let close = req_close || responder.closing();
+                    responder.respond(encode(&finish(result), close), close);
+                });
+                pool.submit(payload, done, before_blocking);
+            }
+        }
     }
 }
 
-/// Answers `req` into `out`, except a plain call to a pool of this node: that pool is returned
-/// for the caller to submit the body to. `before_blocking` is called before anything that may
-/// block (a call forwarded to another node).
-fn handle(
-    req: &Request,
-    close: bool,
-    ctx: &Ctx,
-    out: &mut Vec<u8>,
-    before_blocking: &mut dyn FnMut(),
-) -> Option<Pool> {
+/// The wire bytes of `answer`, in one buffer sized up front (a head is ~100 bytes).
+fn encode(answer: &Answer, close: bool) -> Vec<u8> {
+    let extra: usize = answer
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(128 + extra + answer.body.len());
+    http::encode_response_with(
+        answer.status,
+        &answer.content_type,
+        &answer.headers,
+        &answer.body,
+        close,
+        &mut out,
+    );
+    out
+}
+
+/// Decides what `req` gets, whichever server carries it: an answer, or — a plain call to a
+/// pool of this node — the pool and payload to submit and how to answer the result.
+/// `before_blocking` is called before anything here that may block (a call forwarded to
+/// another node, `?every`).
+fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
     let forward = ctx.forward.get().map(|f| &**f);
     if req.path == "/metrics"
         && req.method == "GET"
         && ctx.options.peer_key.is_none()
         && let Some(text) = ctx.lookup.metrics()
     {
-        http::encode_response(
+        return Routed::Done(Answer::new(
             200,
             "text/plain; version=0.0.4",
-            text.as_bytes(),
-            close,
-            out,
-        );
-        return None;
+            text.into_bytes(),
+        ));
     }
     let Some(name) = req
         .path
         .strip_prefix(PREFIX)
         .filter(|n| !n.is_empty() && !n.contains('/'))
     else {
-        let err = ApiError::new(
+        return error(ApiError::new(
             404,
             "not_found",
             format!("no such endpoint: {}; use POST {PREFIX}<pool>", req.path),
-        );
-        error_response(&err, close, out);
-        return None;
+        ));
     };
     if req.method != "POST" {
-        let err = ApiError::new(
+        return error(ApiError::new(
             405,
             "method_not_allowed",
             format!("{} is not allowed; use POST", req.method),
-        );
-        error_response(&err, close, out);
-        return None;
+        ));
     }
     if let Some(key) = &ctx.options.peer_key {
         let target = match &req.query {
@@ -201,9 +317,7 @@ fn handle(
             &req.body,
             crate::cluster::state::physical_now_ms(),
         ) {
-            let err = ApiError::new(401, "unauthorized_peer", why);
-            error_response(&err, close, out);
-            return None;
+            return error(ApiError::new(401, "unauthorized_peer", why));
         }
     } else if let Some(token) = &ctx.options.token {
         let given = req
@@ -211,9 +325,11 @@ fn handle(
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            let err = ApiError::new(401, "unauthorized", "missing or wrong bearer token");
-            error_response(&err, close, out);
-            return None;
+            return error(ApiError::new(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token",
+            ));
         }
     }
     let every = req
@@ -239,23 +355,29 @@ fn handle(
             }
             (None, _) => Err(unknown_pool(name)),
         };
-        match result {
-            Ok(()) => {
-                http::encode_response(202, "application/json", br#"{"queued":true}"#, close, out)
-            }
-            Err(e) => error_response(&e, close, out),
-        }
-        return None;
+        return match result {
+            Ok(()) => Routed::Done(Answer::new(
+                202,
+                "application/json",
+                br#"{"queued":true}"#.to_vec(),
+            )),
+            Err(e) => error(e),
+        };
     }
     let local = ctx.lookup.pool(name);
     if every {
         before_blocking();
         let me = ctx.options.node_name.as_deref().unwrap_or("local");
-        every_response(name, me, &req.body, local.as_ref(), forward, close, out);
-        return None;
+        return Routed::Done(every_answer(name, me, &req.body, local.as_ref(), forward));
     }
     let result = match (local, forward) {
-        (Some(pool), _) => return Some(pool),
+        (Some(pool), _) => {
+            return Routed::Submit {
+                pool,
+                payload: req.body,
+                finish: Box::new(plain_finish),
+            };
+        }
         (None, Some(fwd)) => {
             before_blocking();
             match fwd.call_any(name, &req.body) {
@@ -266,10 +388,13 @@ fn handle(
         (None, None) => Err(unknown_pool(name)),
     };
     match result {
-        Ok(reply) => http::encode_response(200, "text/plain; charset=utf-8", &reply, close, out),
-        Err(e) => error_response(&e, close, out),
+        Ok(reply) => Routed::Done(Answer::reply(reply)),
+        Err(e) => error(e),
     }
-    None
+}
+
+fn error(err: ApiError) -> Routed {
+    Routed::Done(Answer::error(&err))
 }
 
 fn unknown_pool(name: &str) -> ApiError {
@@ -277,15 +402,13 @@ fn unknown_pool(name: &str) -> ApiError {
 }
 
 /// `?every`: this node's instance (if any) and every other node's, each with its own answer.
-fn every_response(
+fn every_answer(
     name: &str,
     me: &str,
     body: &[u8],
     local: Option<&Pool>,
     forward: Option<&dyn Forward>,
-    close: bool,
-    out: &mut Vec<u8>,
-) {
+) -> Answer {
     let mut answers = Vec::new();
     if let Some(pool) = local {
         answers.push((
@@ -297,7 +420,7 @@ fn every_response(
         answers.extend(fwd.call_every(name, body));
     }
     if answers.is_empty() {
-        return error_response(&unknown_pool(name), close, out);
+        return Answer::error(&unknown_pool(name));
     }
     let replies: Vec<serde_json::Value> = answers
         .into_iter()
@@ -312,7 +435,7 @@ fn every_response(
         .collect();
     let body =
         serde_json::to_vec(&serde_json::json!({ "replies": replies })).expect("replies serialise");
-    http::encode_response(200, "application/json", &body, close, out);
+    Answer::new(200, "application/json", body)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -530,11 +530,7 @@ impl Shared {
         let mut conns = lock(&self.conns);
         if conns.len() >= MAX_CONNECTIONS {
             drop(conns);
-            let err = ApiError::new(
-                503,
-                "busy",
-                format!("more than {MAX_CONNECTIONS} gateway connections"),
-            );
+            let err = busy_error();
             let _ = (&stream).write_all(&http::encode_json_response(
                 err.status,
                 &err.to_json(),
@@ -703,6 +699,15 @@ impl Shared {
             }
         }
     }
+}
+
+/// The answer to a connection past [`MAX_CONNECTIONS`] (either server), before it is closed.
+pub(super) fn busy_error() -> ApiError {
+    ApiError::new(
+        503,
+        "busy",
+        format!("more than {MAX_CONNECTIONS} gateway connections"),
+    )
 }
 
 /// One read into `buf`. `Ok(true)`: the peer closed its side. `Err`: the connection is broken.
