@@ -26,6 +26,22 @@ pub struct Request {
     pub authorization: Option<String>,
     /// The `X-Drop-Peer` header: a peer's signature (see `cluster::peer`).
     pub peer_auth: Option<String>,
+    /// The header lines as received (`Name: value`, one per line), for whoever needs them all
+    /// (the envelope); kept raw so that the common request pays one copy, not one per header.
+    pub head: Vec<u8>,
+}
+
+impl Request {
+    /// Every header as (name, value), in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.head.split(|b| *b == b'\n').filter_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = line.iter().position(|b| *b == b':')?;
+            let name = std::str::from_utf8(&line[..colon]).ok()?.trim();
+            let value = line[colon + 1..].trim_ascii();
+            (!name.is_empty()).then_some((name, value))
+        })
+    }
 }
 
 /// Why a request could not be read. Each maps to one status; see [`HttpError::status`].
@@ -204,6 +220,12 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
             peer_auth = Some(value.to_string());
         }
     }
+    // The header lines: after the request line, before the blank line that ends the head.
+    let lines_start = buf
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(head_len, |i| i + 1);
+    let head = buf[lines_start.min(head_len)..head_len].to_vec();
     let req = Request {
         method,
         path,
@@ -212,6 +234,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
         close,
         authorization,
         peer_auth,
+        head,
     };
     Ok(Some((skip + head_len, req, content_length.unwrap_or(0))))
 }

@@ -419,3 +419,108 @@ fn dropctl_generates_completions_and_its_man_page_without_a_daemon() {
         "{man}"
     );
 }
+
+/// One request on a fresh connection: (status, lower-cased headers, body).
+fn http_exchange(
+    addr: &str,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: t\r\nX-Request-Id: r-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, out[split + 4..].to_vec())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn an_envelope_pool_answers_any_method_with_what_its_function_sets() {
+    // The example function, written as original DROP L7 functions were (Python, one JSON
+    // envelope in, one JSON answer out).
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/images/users:0.1.0/users.py");
+    let mut node = Node::new();
+    node.start();
+    let flow = node.path("users.yaml");
+    std::fs::write(
+        &flow,
+        format!(
+            "name: users\nfunc:\n  - name: users\n    cmd: /usr/bin/python3 {}\n    num: 1\n    envelope: true\n  - name: echo\n    cmd: {ECHO}\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let gw = node.ctl_json(&["status"])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (status, headers, body) =
+        http_exchange(&gw, "PUT", "/api/v1/users/ann", br#"{"name": "Ann"}"#);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&headers, "location"), Some("/api/v1/users/ann"));
+    let (status, headers, body) = http_exchange(&gw, "GET", "/api/v1/users/ann", b"");
+    assert_eq!(
+        (status, header(&headers, "content-type")),
+        (200, Some("application/json"))
+    );
+    assert_eq!(body, br#"{"name":"Ann"}"#);
+    // Query keys arrive lower-cased.
+    let (status, _, body) = http_exchange(&gw, "GET", "/api/v1/users?Prefix=a", b"");
+    assert_eq!((status, body.as_slice()), (200, &br#"["ann"]"#[..]));
+    let (status, _, body) = http_exchange(&gw, "GET", "/api/v1/users/bob", b"");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    let (status, headers, _) = http_exchange(&gw, "POST", "/api/v1/users", b"{}");
+    assert_eq!(
+        (status, header(&headers, "allow")),
+        (405, Some("GET, POST, PUT, DELETE"))
+    );
+    let (status, _, body) = http_exchange(&gw, "DELETE", "/api/v1/users/ann", b"");
+    assert_eq!((status, body.len()), (204, 0));
+    // A reply that is no envelope passes through as 200; an impossible status is a 502.
+    let (status, _, body) = http_exchange(&gw, "OPTIONS", "/api/v1/users", b"");
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"GET, POST, PUT, DELETE"[..])
+    );
+    let (status, _, body) = http_exchange(&gw, "PATCH", "/api/v1/users/ann", b"");
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{text}");
+    assert!(
+        text.contains("bad_envelope_reply") && text.contains("x_res_code 99"),
+        "{text}"
+    );
+
+    // A plain pool keeps the plain rules: POST only, no sub-paths.
+    let (status, _, _) = http_exchange(&gw, "GET", "/api/v1/echo", b"");
+    assert_eq!(status, 405);
+    let (status, _, _) = http_exchange(&gw, "POST", "/api/v1/echo/more", b"x");
+    assert_eq!(status, 404);
+    let (status, _, body) = http_exchange(&gw, "POST", "/api/v1/echo", b"plain");
+    assert_eq!((status, body.as_slice()), (200, &b"plain"[..]));
+}

@@ -11,7 +11,7 @@ use crate::{cargo, ebpf, root, run_cmd, setup, step};
 
 /// Example flows applied by `run`, in order (examples/flows/).
 const EXAMPLE_FLOWS: &[&str] = &[
-    "rustecho", "pyecho", "bashecho", "pipeline", "asyncpy", "stream", "pingpong",
+    "rustecho", "pyecho", "bashecho", "pipeline", "asyncpy", "stream", "pingpong", "users",
 ];
 
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {

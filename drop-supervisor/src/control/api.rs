@@ -449,6 +449,7 @@ mod tests {
             close: false,
             authorization: None,
             peer_auth: None,
+            head: Vec::new(),
         }
     }
 

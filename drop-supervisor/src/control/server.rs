@@ -205,6 +205,7 @@ async fn answer(
         close: false,
         authorization: None,
         peer_auth: None,
+        head: Vec::new(),
     };
     let (status, body) = match api::decode(&req) {
         Ok(api_req) => match supervisor.handle(api_req).await {

@@ -5,9 +5,9 @@
 //!
 //! A call to a local pool is [`Pool::submit`]ted from the request's task, which awaits the
 //! answer on a oneshot channel. With an idle worker `submit` runs the exchange at once on the
-//! runtime thread that polls the task, as the epoll leader does; unlike that leader, nothing
-//! takes over its other connections meanwhile, so a slow function holds one of the runtime's
-//! threads (one per CPU) for as long as it runs. Queued calls hold no thread.
+//! runtime thread that polls the task, as the epoll leader does, inside `block_in_place` so
+//! that the thread's other connections move to another thread meanwhile (a slow function must
+//! not stall them). Queued calls hold no thread.
 //!
 //! Stopping: the listener closes at once, idle connections close, a connection with a request
 //! in flight gets its answer with `Connection: close`.
@@ -221,24 +221,33 @@ async fn serve(shared: &Shared, req: hyper::Request<Incoming>) -> Response {
 }
 
 async fn answer(shared: &Shared, req: Request) -> Answer {
-    // Blocking work in `route` (a forwarded call, `?every`) and a call run at once by
-    // `submit` block this runtime thread; the other threads go on serving.
-    match route(req, &shared.ctx, &mut || {}) {
-        Routed::Done(answer) => answer,
+    let (tx, rx) = oneshot::channel();
+    // Routing may block (a forwarded call, `?every`) and `submit` runs the call at once on an
+    // idle worker. `block_in_place` hands this thread's other connections to another thread
+    // while it does, so a slow function does not stall them — the job the epoll server's
+    // standby takeover does. It costs a hand-over per request; without it, as many slow calls
+    // as CPUs stall the whole gateway (tested).
+    let routed = tokio::task::block_in_place(|| match route(req, &shared.ctx, &mut || {}) {
+        Routed::Done(answer) => Err(answer),
         Routed::Submit {
             pool,
             payload,
             finish,
         } => {
-            let (tx, rx) = oneshot::channel();
             let done = Box::new(move |result: Result<Vec<u8>, CallError>| {
                 let _ = tx.send(result);
             });
             pool.submit(payload, done, &mut || {});
+            Ok((pool.name().to_string(), finish))
+        }
+    });
+    match routed {
+        Err(answer) => answer,
+        Ok((pool, finish)) => {
             // `submit` calls `done` exactly once; a dropped sender would be a pool bug.
             let result = rx.await.unwrap_or_else(|_| {
                 Err(CallError::Unavailable {
-                    pool: pool.name().to_string(),
+                    pool,
                     reason: "the call was dropped".into(),
                 })
             });
@@ -275,6 +284,13 @@ async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, HttpErro
             .headers
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let mut head = Vec::new();
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
     Ok(Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -282,6 +298,7 @@ async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, HttpErro
         close,
         authorization: text("authorization"),
         peer_auth: text("x-drop-peer"),
+        head,
         body,
     })
 }

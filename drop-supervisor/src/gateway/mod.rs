@@ -276,35 +276,7 @@ fn encode(answer: &Answer, close: bool) -> Vec<u8> {
 /// another node, `?every`).
 fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
     let forward = ctx.forward.get().map(|f| &**f);
-    if req.path == "/metrics"
-        && req.method == "GET"
-        && ctx.options.peer_key.is_none()
-        && let Some(text) = ctx.lookup.metrics()
-    {
-        return Routed::Done(Answer::new(
-            200,
-            "text/plain; version=0.0.4",
-            text.into_bytes(),
-        ));
-    }
-    let Some(name) = req
-        .path
-        .strip_prefix(PREFIX)
-        .filter(|n| !n.is_empty() && !n.contains('/'))
-    else {
-        return error(ApiError::new(
-            404,
-            "not_found",
-            format!("no such endpoint: {}; use POST {PREFIX}<pool>", req.path),
-        ));
-    };
-    if req.method != "POST" {
-        return error(ApiError::new(
-            405,
-            "method_not_allowed",
-            format!("{} is not allowed; use POST", req.method),
-        ));
-    }
+    // Who may ask comes first, for every path: with a token set, `/metrics` needs it too.
     if let Some(key) = &ctx.options.peer_key {
         let target = match &req.query {
             Some(q) => format!("{}?{q}", req.path),
@@ -331,6 +303,69 @@ fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
                 "missing or wrong bearer token",
             ));
         }
+    }
+    if req.path == "/metrics"
+        && req.method == "GET"
+        && ctx.options.peer_key.is_none()
+        && let Some(text) = ctx.lookup.metrics()
+    {
+        return Routed::Done(Answer::new(
+            200,
+            "text/plain; version=0.0.4",
+            text.into_bytes(),
+        ));
+    }
+    let Some((name, sub_path)) = req
+        .path
+        .strip_prefix(PREFIX)
+        .map(|rest| {
+            rest.split_once('/')
+                .map_or((rest, false), |(n, _)| (n, true))
+        })
+        .filter(|(n, _)| !n.is_empty())
+    else {
+        return error(ApiError::new(
+            404,
+            "not_found",
+            format!("no such endpoint: {}; use POST {PREFIX}<pool>", req.path),
+        ));
+    };
+    let local = ctx.lookup.pool(name);
+    // An envelope pool of this node takes any method and any sub-path, wrapped as the
+    // original DROP's L7 envelope; `?cast` and `?every` stay plain calls.
+    if let Some(pool) = local.as_ref().filter(|p| p.config().envelope)
+        && !req.query.as_deref().is_some_and(plain_mode)
+    {
+        let payload = envelope::request_line(
+            &req.method,
+            &req.path,
+            req.query.as_deref(),
+            req.headers(),
+            &req.body,
+        );
+        let pool_name = name.to_string();
+        return Routed::Submit {
+            pool: pool.clone(),
+            payload,
+            finish: Box::new(move |result| envelope_finish(&pool_name, result)),
+        };
+    }
+    if sub_path {
+        return error(ApiError::new(
+            404,
+            "not_found",
+            format!(
+                "no such endpoint: {}; sub-paths are for envelope pools, use POST {PREFIX}<pool>",
+                req.path
+            ),
+        ));
+    }
+    if req.method != "POST" {
+        return error(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{} is not allowed; use POST", req.method),
+        ));
     }
     let every = req
         .query
@@ -364,7 +399,6 @@ fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
             Err(e) => error(e),
         };
     }
-    let local = ctx.lookup.pool(name);
     if every {
         before_blocking();
         let me = ctx.options.node_name.as_deref().unwrap_or("local");
@@ -390,6 +424,29 @@ fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
     match result {
         Ok(reply) => Routed::Done(Answer::reply(reply)),
         Err(e) => error(e),
+    }
+}
+
+/// `?cast`, `?cast=all`, `?every`: asks for the plain call even of an envelope pool.
+fn plain_mode(query: &str) -> bool {
+    query
+        .split('&')
+        .any(|p| matches!(p, "cast" | "cast=all" | "every" | "mode=every"))
+}
+
+/// An envelope pool's [`Finish`]: the reply's `x_res_*` fields become the answer.
+fn envelope_finish(pool: &str, result: Result<Vec<u8>, CallError>) -> Answer {
+    let reply = result
+        .map_err(|e| ApiError::from(&e))
+        .and_then(|raw| envelope::reply(pool, raw));
+    match reply {
+        Ok(r) => Answer {
+            status: r.status,
+            content_type: Cow::Owned(r.content_type),
+            headers: r.headers,
+            body: r.body,
+        },
+        Err(e) => Answer::error(&e),
     }
 }
 

@@ -783,7 +783,7 @@ fn unknown_key_at_the_key_with_a_suggestion() {
 
 fn decode_pool_keys() -> &'static str {
     "name, mode, image, cmd, shell, num, min, max, concurrency, queue, timeout, memory, cpu, \
-     pids, env, user, group, cwd, sub, cache, restart, line_max"
+     pids, env, user, group, cwd, sub, cache, restart, line_max, envelope"
 }
 
 #[test]
@@ -1146,6 +1146,13 @@ fn examples_parse() {
     assert_eq!(f.pools[0].argv, ["/usr/bin/python3", "echo.py"]);
     assert_eq!(f.pools[0].image.as_deref(), Some("pyecho:0.1.0"));
     assert_eq!(f.pools[0].max, 2);
+
+    let f = example(
+        "users.yaml",
+        include_str!("../../../../examples/flows/users.yaml"),
+    );
+    assert!(f.pools[0].envelope);
+    assert_eq!(f.pools[0].image.as_deref(), Some("users:0.1.0"));
 
     let f = example(
         "bashecho.yaml",
