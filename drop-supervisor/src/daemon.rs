@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::{self, Supervisor};
-use crate::gateway::{Gateway, GatewayOptions};
+use crate::gateway::{Gateway, GatewayOptions, Limits as GatewayLimits};
 use crate::host::notify::Notifier;
 use crate::host::state;
 use crate::runtime::{Runtime, RuntimeOptions};
@@ -179,6 +179,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
                 token: config.gateway_token.clone(),
                 peer_key: None,
                 node_name: Some(config.node_name.clone()),
+                limits: config.gateway_limits.clone(),
             };
             let gw = Gateway::start(listener, runtime.clone(), options)
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
@@ -217,10 +218,17 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
                 addr: cc.peer,
                 source,
             })?;
+        // Every peer is a node that forwards many callers' calls: no per-address cap here
+        // beyond the global one (signed requests only).
+        let limits = GatewayLimits::default();
         let options = GatewayOptions {
             token: None,
             peer_key: Some(key.clone()),
             node_name: Some(config.node_name.clone()),
+            limits: GatewayLimits {
+                max_connections_per_client: limits.max_connections,
+                ..limits
+            },
         };
         let server = Gateway::start(listener, runtime.clone(), options).map_err(|source| {
             DaemonError::Peer {

@@ -170,8 +170,9 @@ fn closed(buf: &[u8]) -> Result<Option<Request>, HttpError> {
     }
 }
 
-/// Parses a complete head from `buf`: `(head length, request without body, content length)`.
-fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
+/// Parses a complete head from `buf`: `(head length, request without body, content length)`,
+/// or `None` while the head is incomplete.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, HttpError> {
     // Tolerate blank lines between keep-alive requests (RFC 9112 §2.2).
     let skip = buf
         .iter()

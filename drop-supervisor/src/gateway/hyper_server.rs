@@ -1,7 +1,8 @@
 //! The gateway on hyper 1 (HTTP/1.1) and a tokio multi-thread runtime of its own, beside the
 //! hand-written epoll server of [`super::server`]: the same [`route`], the same body and
 //! connection caps, so the two can be measured against each other (`cargo xtask bench
-//! runtime`, rows (e)).
+//! runtime`, rows (e)). It is the measuring stick, not the daemon's server: it does not keep
+//! the per-client caps, head and body deadlines or body budget of [`super::limits`].
 //!
 //! A call to a local pool is [`Pool::submit`]ted from the request's task, which awaits the
 //! answer on a oneshot channel. With an idle worker `submit` runs the exchange at once on the
@@ -28,7 +29,6 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
-use super::server::{IDLE_TIMEOUT, MAX_BODY, MAX_CONNECTIONS, busy_error};
 use super::{Answer, Ctx, Routed, route};
 use crate::error::ApiError;
 use crate::http::{self, HttpError, Request};
@@ -41,7 +41,7 @@ struct Shared {
     ctx: Ctx,
     /// Set by [`HyperServer::stop`]: answers say `Connection: close`.
     stopping: AtomicBool,
-    /// Connections open now, for the [`MAX_CONNECTIONS`] cap.
+    /// Connections open now, for the `max_connections` cap.
     open: AtomicUsize,
 }
 
@@ -142,7 +142,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         // Only this loop adds, so the check and the increment cannot race past the cap.
-        if shared.open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+        if shared.open.load(Ordering::Acquire) >= shared.ctx.options.limits.max_connections {
             tokio::spawn(refuse(stream));
             continue;
         }
@@ -173,7 +173,7 @@ impl Drop for Open {
 
 /// Over the cap: `503 busy`, as the epoll server answers, and close.
 async fn refuse(mut stream: tokio::net::TcpStream) {
-    let err = busy_error();
+    let err = ApiError::new(503, "busy", "too many gateway connections");
     let bytes = http::encode_json_response(err.status, &err.to_json(), true);
     let _ = stream.write_all(&bytes).await;
     let _ = stream.shutdown().await;
@@ -181,6 +181,7 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
 
 async fn connection(stream: tokio::net::TcpStream, open: Open, mut stop_rx: watch::Receiver<bool>) {
     let shared = open.shared.clone();
+    let idle_timeout = shared.ctx.options.limits.idle_timeout;
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(serve(&shared, req).await) }
@@ -189,7 +190,7 @@ async fn connection(stream: tokio::net::TcpStream, open: Open, mut stop_rx: watc
     // request, so it is the idle timeout as well.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(IDLE_TIMEOUT)
+        .header_read_timeout(idle_timeout)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
@@ -212,7 +213,7 @@ async fn connection(stream: tokio::net::TcpStream, open: Open, mut stop_rx: watc
 
 /// One request: read (capped), routed, submitted if it is a local call, answered.
 async fn serve(shared: &Shared, req: hyper::Request<Incoming>) -> Response {
-    let (answer, close) = match read_request(req).await {
+    let (answer, close) = match read_request(req, shared.ctx.options.limits.max_body).await {
         Ok(req) => (answer(shared, req).await, false),
         // The body is (partly) unread: the connection cannot carry another request.
         Err(e) => (Answer::error(&ApiError::from(&e)), true),
@@ -256,19 +257,22 @@ async fn answer(shared: &Shared, req: Request) -> Answer {
     }
 }
 
-/// The request as the routing sees it, with the body read up to [`MAX_BODY`].
-async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, HttpError> {
+/// The request as the routing sees it, with the body read up to `max_body`.
+async fn read_request(
+    req: hyper::Request<Incoming>,
+    max_body: usize,
+) -> Result<Request, HttpError> {
     let (parts, body) = req.into_parts();
     // A Content-Length past the cap is refused before reading anything, as the epoll server
     // does; a chunked body is cut off at the cap.
     let declared = body.size_hint().lower();
-    if declared > MAX_BODY as u64 {
+    if declared > max_body as u64 {
         return Err(HttpError::BodyTooLarge(declared));
     }
-    let body = match Limited::new(body, MAX_BODY).collect().await {
+    let body = match Limited::new(body, max_body).collect().await {
         Ok(collected) => Vec::from(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(HttpError::BodyTooLarge(MAX_BODY as u64 + 1));
+            return Err(HttpError::BodyTooLarge(max_body as u64 + 1));
         }
         Err(e) => return Err(HttpError::Io(e.to_string())),
     };

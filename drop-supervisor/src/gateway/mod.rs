@@ -51,7 +51,7 @@ use crate::http::{self, Request};
 use crate::runtime::worker::pool::{CallError, Pool};
 use crate::runtime::{Forward, PoolLookup};
 
-pub use server::{IDLE_TIMEOUT, MAX_BODY, MAX_CONNECTIONS};
+pub use limits::Limits;
 use server::{Responder, Serve, Server};
 
 const PREFIX: &str = "/api/v1/";
@@ -64,6 +64,8 @@ pub struct GatewayOptions {
     pub peer_key: Option<PeerKey>,
     /// How `?every` answers name this node's own instance (default `local`).
     pub node_name: Option<String>,
+    /// What one client and all of them may take (connections, deadlines, body bytes).
+    pub limits: Limits,
 }
 
 /// Where calls for pools this node does not run go; set once the cluster is up.
@@ -118,7 +120,10 @@ impl Gateway {
             forward: forward.clone(),
         };
         let server = match kind {
-            GatewayKind::Epoll => Running::Epoll(Server::start(listener, Box::new(ctx))?),
+            GatewayKind::Epoll => {
+                let limits = ctx.options.limits.clone();
+                Running::Epoll(Server::start(listener, Box::new(ctx), limits)?)
+            }
             GatewayKind::Hyper => Running::Hyper(hyper_server::HyperServer::start(listener, ctx)?),
         };
         Ok(Gateway {
@@ -248,6 +253,16 @@ impl Serve for Ctx {
                 pool.submit(payload, done, before_blocking);
             }
         }
+    }
+
+    /// The target pool's line limit (the body is one line for it); for a pool of another
+    /// node, or no pool, the server's own cap applies.
+    fn body_limit(&self, req: &Request) -> usize {
+        req.path
+            .strip_prefix(PREFIX)
+            .map(|rest| rest.split_once('/').map_or(rest, |(name, _)| name))
+            .and_then(|name| self.lookup.pool(name))
+            .map_or(usize::MAX, |pool| pool.config().line_max)
     }
 }
 

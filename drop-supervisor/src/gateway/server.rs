@@ -23,7 +23,12 @@
 //!
 //! A response that does not fit the socket's buffer is finished by the leader (`EPOLLOUT`);
 //! bytes of a pipelined next request stay buffered and are served after the answer is out.
-//! Connections idle for [`IDLE_TIMEOUT`] are closed.
+//! Within the [`Limits`]: a connection slot per accepted connection (global and per client
+//! address, `503 busy` beyond), a request head must be complete within `head_timeout` of its
+//! first byte and its body within `body_timeout` of the head (`408` and close), a body is
+//! checked against its target's limit and the body budget as soon as its head is read (`413`,
+//! `503 busy`), and no more is read from a socket than the request being read can need.
+//! Connections idle for `idle_timeout` are closed.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -35,15 +40,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::limits::{Admission, BodyTicket, ConnTicket, Limits};
 use crate::error::ApiError;
-use crate::http::{self, Request};
+use crate::http::{self, HttpError, Request};
 
-/// Requests are refused past this body size before any pool is looked at.
-pub const MAX_BODY: usize = 16 * 1024 * 1024;
-/// Connections served at once; more get `503 busy`.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// A keep-alive connection idle this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A leader that has run one request (or forwarded call) this long loses its turn to a
 /// standby thread.
 pub const TAKEOVER: Duration = Duration::from_millis(2);
@@ -53,8 +53,6 @@ pub const TICK: Duration = Duration::from_millis(2);
 const QUIET_TICKS: u32 = 500;
 /// A standby thread beyond the first that waited this long ends.
 pub const POLLER_IDLE: Duration = Duration::from_secs(10);
-/// At most this many gateway threads (each one past the first two is running a request).
-const MAX_POLLERS: usize = MAX_CONNECTIONS + 2;
 const LISTENER: u64 = 0;
 const WAKE: u64 = 1;
 const BATCH: usize = 32;
@@ -67,6 +65,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// that may block the calling thread.
 pub trait Serve: Send + Sync + 'static {
     fn serve(&self, req: Request, responder: Responder, before_blocking: &mut dyn FnMut());
+    /// The largest body `req` (its head read, its body not yet) may carry; a longer one is
+    /// refused from its `Content-Length`, before any of it is buffered.
+    fn body_limit(&self, req: &Request) -> usize;
 }
 
 /// The shards, the connections and the listener, shared by every thread.
@@ -81,6 +82,8 @@ struct Shared {
     last_sweep: AtomicU64,
     epoch: Instant,
     serve: Box<dyn Serve>,
+    /// Connection slots (global and per client address) and the body budget.
+    admission: Arc<Admission>,
 }
 
 /// One epoll set with its own leader: connections are spread over one shard per CPU this
@@ -119,6 +122,12 @@ struct Conn {
 struct ConnState {
     /// Bytes read and not yet framed (the start of a request, or a pipelined next one).
     buf: Vec<u8>,
+    /// When the first byte of the request being read arrived (for the head deadline).
+    started: Option<Instant>,
+    /// A request whose head is read and whose body is still arriving.
+    pending: Option<Pending>,
+    /// The connection's slot; given back when it closes.
+    ticket: Option<ConnTicket>,
     /// Response bytes not yet sent.
     out: Vec<u8>,
     /// A request is being answered: nothing more is read until its answer is out.
@@ -130,6 +139,18 @@ struct ConnState {
     closed: bool,
     /// Last time a request was read or an answer finished (for the idle timeout).
     last_active: Instant,
+}
+
+/// A request between its head and the end of its body.
+struct Pending {
+    req: Request,
+    /// Bytes of `buf` the head takes.
+    head_len: usize,
+    content_length: usize,
+    /// When the head was complete (for the body deadline).
+    since: Instant,
+    /// Room in the body budget, held until the body is complete.
+    _budget: Option<BodyTicket>,
 }
 
 /// Where one request's answer goes; usable from any thread, once.
@@ -190,8 +211,13 @@ fn os_err(what: &str) -> std::io::Error {
 }
 
 impl Server {
-    /// Serves `listener`: per shard, a leader and a thread standing by to begin with.
-    pub fn start(listener: TcpListener, serve: Box<dyn Serve>) -> std::io::Result<Server> {
+    /// Serves `listener` within `limits`: per shard, a leader and a thread standing by to begin
+    /// with.
+    pub fn start(
+        listener: TcpListener,
+        serve: Box<dyn Serve>,
+        limits: Limits,
+    ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shards = (0..cpus.clamp(1, MAX_SHARDS))
@@ -214,6 +240,7 @@ impl Server {
             last_sweep: AtomicU64::new(0),
             epoch: Instant::now(),
             serve,
+            admission: Admission::new(limits),
         });
         // The wake descriptor is level-triggered and never read: once written, every poller
         // sees it. The first shard accepts.
@@ -479,7 +506,9 @@ impl Shared {
         if turn.sleeping > 0 {
             sh.turn_cv.notify_one();
         } else if turn.standby == 0
-            && turn.threads < MAX_POLLERS
+            // Each thread past the first two of a shard is running a request: at most one
+            // per connection.
+            && turn.threads < self.admission.limits().max_connections + 2
             && !self.stopping.load(Ordering::Acquire)
             && let Err(e) = Shared::spawn_poller(self, shard, &mut turn)
         {
@@ -503,7 +532,7 @@ impl Shared {
         let Some(l) = listener.as_ref() else { return };
         loop {
             match l.accept() {
-                Ok((stream, _)) => self.register(stream),
+                Ok((stream, peer)) => self.register(stream, peer.ip()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -522,22 +551,25 @@ impl Shared {
         );
     }
 
-    fn register(self: &Arc<Self>, stream: TcpStream) {
+    fn register(self: &Arc<Self>, stream: TcpStream, client: std::net::IpAddr) {
         let _ = stream.set_nodelay(true);
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         let mut conns = lock(&self.conns);
-        if conns.len() >= MAX_CONNECTIONS {
-            drop(conns);
-            let err = busy_error();
-            let _ = (&stream).write_all(&http::encode_json_response(
-                err.status,
-                &err.to_json(),
-                true,
-            ));
-            return;
-        }
+        let ticket = match self.admission.open(client) {
+            Ok(ticket) => ticket,
+            Err(err) => {
+                drop(conns);
+                // Answered without reading the request: reading is the work the cap refuses.
+                let _ = (&stream).write_all(&http::encode_json_response(
+                    err.status,
+                    &err.to_json(),
+                    true,
+                ));
+                return;
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Round robin over the shards.
         let shard = (id as usize) % self.shards.len();
@@ -547,6 +579,9 @@ impl Shared {
             stream,
             st: Mutex::new(ConnState {
                 buf: Vec::new(),
+                started: None,
+                pending: None,
+                ticket: Some(ticket),
                 out: Vec::new(),
                 busy: false,
                 missed: false,
@@ -592,28 +627,53 @@ impl Shared {
             self.after_output(&conn, st);
             return true;
         }
-        let eof = match read_some(&conn.stream, &mut st.buf) {
-            Ok(eof) => eof,
-            Err(()) => {
-                self.close(&conn, st);
-                return true;
+        // Read no further than the request being read can need: its head, then its head and
+        // announced body (checked against the limits in between). What stays in the socket
+        // is read once this request is answered.
+        let framed = loop {
+            // (One byte past the head limit, so that a head over it is seen at once.)
+            let cap = st
+                .pending
+                .as_ref()
+                .map_or(http::MAX_HEAD + 1, |p| p.head_len + p.content_length);
+            let (eof, full) = match read_some(&conn.stream, &mut st.buf, cap) {
+                Ok(r) => r,
+                Err(()) => {
+                    self.close(&conn, st);
+                    return true;
+                }
+            };
+            if st.started.is_none() && !st.buf.is_empty() {
+                st.started = Some(Instant::now());
+            }
+            match self.frame(&mut st) {
+                // The cap stopped the read before the socket was empty: the rest is a
+                // pipelined request, read after this answer (no new edge will announce it).
+                Ok(Some(req)) => {
+                    st.missed |= full;
+                    break Ok(req);
+                }
+                // The head just completed (the cap grows to the body): read on.
+                Ok(None) if full && !eof => {}
+                Ok(None) => {
+                    st.last_active = Instant::now();
+                    if eof {
+                        self.close(&conn, st);
+                    }
+                    return true;
+                }
+                Err(err) => break Err(err),
             }
         };
-        let req = match http::take_request(&mut st.buf, MAX_BODY) {
-            Ok(Some(req)) => req,
-            Ok(None) => {
-                st.last_active = Instant::now();
-                if eof {
-                    self.close(&conn, st);
-                }
-                return true;
-            }
-            Err(e) => {
-                debug!(error = %e, "malformed gateway request");
+        let req = match framed {
+            Ok(req) => req,
+            Err(err) => {
+                // The stream is out of step (or the request refused before its body): answer,
+                // then close.
+                debug!(error = %err, "gateway request refused");
                 st.busy = true;
                 drop(st);
-                let body = ApiError::from(&e).to_json();
-                let out = http::encode_json_response(e.status(), &body, true);
+                let out = http::encode_json_response(err.status, &err.to_json(), true);
                 self.responder(conn).respond(out, true);
                 return true;
             }
@@ -630,6 +690,65 @@ impl Shared {
         self.serve
             .serve(req, self.responder(conn), &mut before_blocking);
         !running || self.stop_running(shard, epoch)
+    }
+
+    /// The next complete request off `st.buf`, `None` while more bytes are needed, or the
+    /// error to answer. A head is checked as soon as it is complete: a body longer than the
+    /// target allows (413) or than the body budget has room for (503 busy) is refused before
+    /// any of it is buffered.
+    fn frame(&self, st: &mut ConnState) -> Result<Option<Request>, ApiError> {
+        if st.pending.is_none() {
+            let Some((head_len, req, content_length)) =
+                http::parse_head(&st.buf).map_err(|e| ApiError::from(&e))?
+            else {
+                if st.buf.len() > http::MAX_HEAD {
+                    return Err(ApiError::from(&HttpError::HeadTooLarge));
+                }
+                return Ok(None);
+            };
+            let limits = self.admission.limits();
+            let limit = if content_length == 0 {
+                0
+            } else {
+                self.serve.body_limit(&req).min(limits.max_body)
+            };
+            if content_length > limit as u64 {
+                return Err(ApiError::new(
+                    413,
+                    "payload_too_large",
+                    format!(
+                        "request body of {content_length} bytes is larger than the limit of \
+                         {limit} bytes for {}",
+                        req.path
+                    ),
+                ));
+            }
+            let content_length = content_length as usize;
+            let budget = if content_length > 0 {
+                Some(self.admission.reserve_body(content_length)?)
+            } else {
+                None
+            };
+            st.pending = Some(Pending {
+                req,
+                head_len,
+                content_length,
+                since: Instant::now(),
+                _budget: budget,
+            });
+        }
+        let p = st.pending.as_ref().expect("set above");
+        let total = p.head_len + p.content_length;
+        if st.buf.len() < total {
+            return Ok(None);
+        }
+        let Pending {
+            mut req, head_len, ..
+        } = st.pending.take().expect("set above");
+        req.body = st.buf[head_len..total].to_vec();
+        st.buf.drain(..total);
+        st.started = None;
+        Ok(Some(req))
     }
 
     fn responder(self: &Arc<Self>, conn: Arc<Conn>) -> Responder {
@@ -671,6 +790,8 @@ impl Shared {
         st.closed = true;
         st.buf = Vec::new();
         st.out = Vec::new();
+        st.pending = None;
+        st.ticket = None;
         drop(st);
         let _ =
             self.shards[conn.shard].ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, conn.id);
@@ -678,8 +799,10 @@ impl Shared {
         lock(&self.conns).remove(&conn.id);
     }
 
-    /// At most once a second: closes connections idle for [`IDLE_TIMEOUT`].
-    fn sweep_idle(&self) {
+    /// At most once a second: answers `408` to a request whose head or body is late and closes
+    /// connections idle for too long. The deadlines are for the whole head (from its first
+    /// byte) and the whole body (from the end of the head), so trickling bytes buys nothing.
+    fn sweep_idle(self: &Arc<Self>) {
         let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) < 1000
@@ -690,45 +813,68 @@ impl Shared {
         {
             return;
         }
+        let limits = self.admission.limits();
         let conns: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
         for conn in conns {
             // A connection another thread is handling is not idle.
-            let Ok(st) = conn.st.try_lock() else { continue };
-            if !st.busy && st.out.is_empty() && st.last_active.elapsed() >= IDLE_TIMEOUT {
+            let Ok(mut st) = conn.st.try_lock() else {
+                continue;
+            };
+            if st.busy || !st.out.is_empty() || st.closed {
+                continue;
+            }
+            let late = match (&st.pending, st.started) {
+                (Some(p), _) if p.since.elapsed() >= limits.body_timeout => Some(format!(
+                    "the request body did not arrive within {} s",
+                    limits.body_timeout.as_secs_f64()
+                )),
+                (None, Some(t)) if t.elapsed() >= limits.head_timeout => Some(format!(
+                    "the request head did not arrive within {} s",
+                    limits.head_timeout.as_secs_f64()
+                )),
+                _ => None,
+            };
+            if let Some(why) = late {
+                st.busy = true;
+                st.pending = None;
+                drop(st);
+                let err = ApiError::new(408, "timeout", why);
+                let out = http::encode_json_response(err.status, &err.to_json(), true);
+                self.responder(conn).respond(out, true);
+            } else if st.pending.is_none()
+                && st.started.is_none()
+                && st.last_active.elapsed() >= limits.idle_timeout
+            {
                 self.close(&conn, st);
             }
         }
     }
 }
 
-/// The answer to a connection past [`MAX_CONNECTIONS`] (either server), before it is closed.
-pub(super) fn busy_error() -> ApiError {
-    ApiError::new(
-        503,
-        "busy",
-        format!("more than {MAX_CONNECTIONS} gateway connections"),
-    )
-}
-
-/// One read into `buf`. `Ok(true)`: the peer closed its side. `Err`: the connection is broken.
-fn read_some(mut stream: &TcpStream, buf: &mut Vec<u8>) -> Result<bool, ()> {
+/// Reads into `buf` until the socket is empty or `buf` holds `cap` bytes. `Ok((eof, full))`:
+/// the peer closed its side; `cap` was reached (more may wait in the socket). `Err`: the
+/// connection is broken.
+fn read_some(mut stream: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> Result<(bool, bool), ()> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_CHUNK]);
     }
-    // Edge-triggered: read until the socket is empty (a short read says so), or past what
-    // any request may be (framing then refuses it).
+    // Edge-triggered: read until the socket is empty (a short read says so) or the cap.
     SCRATCH.with_borrow_mut(|scratch| {
         loop {
-            match stream.read(scratch) {
-                Ok(0) => return Ok(true),
+            let room = cap.saturating_sub(buf.len()).min(scratch.len());
+            if room == 0 {
+                return Ok((false, true));
+            }
+            match stream.read(&mut scratch[..room]) {
+                Ok(0) => return Ok((true, false)),
                 Ok(n) => {
                     buf.extend_from_slice(&scratch[..n]);
-                    if n < scratch.len() || buf.len() > MAX_BODY + http::MAX_HEAD {
-                        return Ok(false);
+                    if n < room {
+                        return Ok((false, false));
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok((false, false)),
                 Err(_) => return Err(()),
             }
         }
