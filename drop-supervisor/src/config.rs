@@ -307,6 +307,12 @@ pub struct RawRuntime {
     pub cgroups: Option<bool>,
     /// Name of the cgroup subtree (below the daemon's own cgroup) that holds the pools.
     pub cgroup_subtree: Option<String>,
+    /// Who workers of a pool without `user:` run as (default `drop-fn`, from sysusers.d).
+    pub worker_user: Option<String>,
+    /// Their group (default: the user's primary group).
+    pub worker_group: Option<String>,
+    /// Whether a flow may ask for `user: root` (default false: such a flow is refused).
+    pub allow_root_workers: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -372,6 +378,10 @@ pub struct Config {
     pub logs_dir: PathBuf,
     pub cgroups: bool,
     pub cgroup_subtree: String,
+    /// `runtime.worker_user` as written; `None`: the default ([`DEFAULT_WORKER_USER`]).
+    pub worker_user: Option<String>,
+    pub worker_group: Option<String>,
+    pub allow_root_workers: bool,
     /// `None`: the gateway is off.
     pub gateway_listen: Option<SocketAddr>,
     pub gateway_token: Option<String>,
@@ -379,6 +389,10 @@ pub struct Config {
     /// `None`: a single node.
     pub cluster: Option<ClusterConfig>,
 }
+
+/// Who workers run as when neither the flow nor `runtime.worker_user` says (the package's
+/// sysusers.d creates it).
+pub const DEFAULT_WORKER_USER: &str = "drop-fn";
 
 /// Default address of the HTTP gateway.
 pub const DEFAULT_GATEWAY: &str = "127.0.0.1:8081";
@@ -476,6 +490,9 @@ impl Config {
             .cgroup_subtree
             .unwrap_or_else(|| "drop-pools".into());
         validate_name(&cgroup_subtree).map_err(|r| invalid("runtime.cgroup_subtree", r))?;
+        let worker_user = raw.runtime.worker_user;
+        let worker_group = raw.runtime.worker_group;
+        let allow_root_workers = raw.runtime.allow_root_workers.unwrap_or(false);
 
         let gateway_limits = gateway_limits(&raw.gateway, &invalid)?;
         let listen = raw.gateway.listen.unwrap_or_else(|| DEFAULT_GATEWAY.into());
@@ -517,6 +534,9 @@ impl Config {
             logs_dir,
             cgroups,
             cgroup_subtree,
+            worker_user,
+            worker_group,
+            allow_root_workers,
             gateway_listen,
             gateway_token,
             gateway_limits,

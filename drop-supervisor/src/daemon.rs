@@ -11,11 +11,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_WORKER_USER};
 use crate::control::{self, Supervisor};
 use crate::gateway::{Gateway, GatewayOptions, Limits as GatewayLimits};
 use crate::host::notify::Notifier;
 use crate::host::state;
+use crate::runtime::worker::process::{Credentials, resolve_credentials};
 use crate::runtime::{Runtime, RuntimeOptions};
 
 /// Mode of the control socket: owner and group may connect.
@@ -61,6 +62,47 @@ pub enum DaemonError {
     ProcSelfCgroup(#[source] std::io::Error),
     #[error("cannot set up pool cgroups (set `runtime.cgroups = false` to run without them)")]
     Cgroups(#[source] crate::runtime::cgroup::CgroupError),
+    #[error("runtime.worker_user / worker_group: {0} (the package's sysusers.d creates `drop-fn`)")]
+    WorkerUser(String),
+}
+
+/// Who workers run as when their flow does not say: `runtime.worker_user`, else `drop-fn`, else
+/// — on a machine without the package's sysusers.d (a development checkout) — `nobody`, said in
+/// the log. A daemon that is not root cannot switch users: its workers run as itself.
+fn worker_credentials(config: &Config) -> Result<Option<Credentials>, DaemonError> {
+    if !nix::unistd::geteuid().is_root() {
+        info!("not running as root: workers run as this daemon's own user");
+        return Ok(None);
+    }
+    let group = config.worker_group.as_deref();
+    let (user, resolved) = match &config.worker_user {
+        Some(user) => (
+            user.as_str(),
+            resolve_credentials(Some(user), group).map_err(DaemonError::WorkerUser)?,
+        ),
+        None => match resolve_credentials(Some(DEFAULT_WORKER_USER), group) {
+            Ok(c) => (DEFAULT_WORKER_USER, c),
+            Err(why) => {
+                warn!(
+                    %why,
+                    "no user {DEFAULT_WORKER_USER}: workers run as nobody (install the package's sysusers.d or set runtime.worker_user)"
+                );
+                (
+                    "nobody",
+                    resolve_credentials(Some("nobody"), group).map_err(DaemonError::WorkerUser)?,
+                )
+            }
+        },
+    };
+    if resolved.is_some_and(|c| c.uid == 0) && !config.allow_root_workers {
+        return Err(DaemonError::WorkerUser(format!(
+            "{user} is root; set runtime.allow_root_workers = true to run workers as root"
+        )));
+    }
+    if let Some(c) = resolved {
+        info!(user, uid = c.uid, gid = c.gid, "workers run as");
+    }
+    Ok(resolved)
 }
 
 fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
@@ -84,6 +126,8 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
         images_dir: config.images_dir.clone(),
         logs_dir: config.logs_dir.clone(),
         cgroups,
+        worker_credentials: worker_credentials(config)?,
+        allow_root_workers: config.allow_root_workers,
     }))
 }
 

@@ -55,6 +55,8 @@ impl Server {
                 images_dir: dir.path().join("images"),
                 logs_dir: dir.path().join("logs"),
                 cgroups: None,
+                worker_credentials: None,
+                allow_root_workers: false,
             }));
             let supervisor = Arc::new(Supervisor::new(config, uuid::Uuid::new_v4(), pools, None));
             let listener = tokio::net::UnixListener::bind(&socket).unwrap();

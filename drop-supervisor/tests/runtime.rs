@@ -20,6 +20,8 @@ fn runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
             images_dir: dir.join("images"),
             logs_dir: dir.join("logs"),
             cgroups: None,
+            worker_credentials: None,
+            allow_root_workers: false,
         })
     };
     (rt, runtime)
@@ -217,4 +219,20 @@ fn a_failed_pool_recovers_when_its_flow_is_fixed() {
     let report = runtime.apply(fixed, Path::new("f.yaml")).unwrap();
     assert_eq!(report.restarted, ["f"]);
     assert_eq!(runtime.pool("f").unwrap().call(b"back").unwrap(), b"back");
+}
+
+#[test]
+fn a_root_flow_is_refused_unless_the_node_allows_root_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, runtime) = runtime(dir.path());
+    let flow = "name: r\nfunc:\n  - name: r\n    cmd: /bin/cat\n    user: root\n";
+    let err = runtime
+        .apply(flow, Path::new("r.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("user: root") && err.contains("runtime.allow_root_workers"),
+        "{err}"
+    );
+    assert!(runtime.pool("r").is_none());
 }

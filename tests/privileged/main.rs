@@ -14,6 +14,7 @@ mod netns;
 mod runtime;
 mod systemd;
 mod tune;
+mod workers;
 mod xdp;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -36,6 +37,7 @@ fn main() {
         images::TESTS,
         faults::TESTS,
         runtime::TESTS,
+        workers::TESTS,
         cluster::TESTS,
     ]
     .into_iter()

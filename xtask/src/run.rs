@@ -64,6 +64,17 @@ pub fn run() -> anyhow::Result<()> {
     let socket = dev.join("drop.sock");
     let config = dev.join("drop.toml");
     let cgroups = setup::is_root();
+    // Workers run as the package's `drop-fn` when this machine has it, else as `nobody`.
+    let worker_user = if Command::new("getent")
+        .args(["passwd", "drop-fn"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        "drop-fn"
+    } else {
+        "nobody"
+    };
     // Regenerated every run so it follows the checkout; the node id in state/ is kept.
     let text = format!(
         "# Development config written by `cargo xtask run`; regenerated on every run.\n\
@@ -71,7 +82,8 @@ pub fn run() -> anyhow::Result<()> {
          [control]\nsocket = \"{socket}\"\n\n\
          [tuning]\n# The host's real sysctls: `tune check` only reads; `tune apply` would write them.\n\
          sysctl_root = \"/proc/sys\"\n\n\
-         [runtime]\nimages_dir = \"{images}\"\nlogs_dir = \"{logs}\"\ncgroups = {cgroups}\n\n\
+         [runtime]\nimages_dir = \"{images}\"\nlogs_dir = \"{logs}\"\ncgroups = {cgroups}\n\
+         worker_user = \"{worker_user}\"\n\n\
          [gateway]\nlisten = \"127.0.0.1:8081\"\n\n\
          [log]\nlevel = \"info\"\n",
         state = state.display(),
@@ -82,7 +94,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
 
     println!();
-    println!("DROP (single node) starting; Ctrl-C stops it.");
+    println!("DROP (single node) starting; Ctrl-C stops it. Workers run as `{worker_user}`.");
     let daemon = Daemon(
         Command::new(bin.join("drop-supervisor"))
             .arg("--config")

@@ -28,7 +28,7 @@ use logs::PoolLog;
 use worker::dispatch::{Dispatcher, Job};
 use worker::image::ImageMount;
 use worker::pool::{Pool, PoolConfig, PoolStatus, RestartPolicy, WorkerCgroups};
-use worker::process::{self, Launch};
+use worker::process::{self, Credentials, Launch};
 
 use crate::error::ApiError;
 use crate::host::state;
@@ -152,6 +152,11 @@ pub struct RuntimeOptions {
     pub logs_dir: PathBuf,
     /// Pool cgroups; `None` runs workers without (development without root).
     pub cgroups: Option<Arc<dyn Cgroups>>,
+    /// Who workers of a pool without `user:` run as; `None`: as the daemon (which then is not
+    /// root and cannot switch).
+    pub worker_credentials: Option<Credentials>,
+    /// Whether a pool may run as root (uid 0, still without any capability).
+    pub allow_root_workers: bool,
 }
 
 #[derive(Debug)]
@@ -294,6 +299,36 @@ impl Runtime {
         self.apply_text(text, file, true)
     }
 
+    /// Who the workers of `spec` run as: its `user`/`group`, else the node's worker user (with
+    /// the flow's `group`, if any). Root only where the node allows it.
+    fn credentials(&self, spec: &PoolSpec) -> Result<Option<Credentials>, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::Invalid {
+            pool: spec.name.clone(),
+            reason,
+        };
+        let credentials = match (&spec.user, &self.opts.worker_credentials) {
+            (None, Some(default)) => match &spec.group {
+                Some(_) => process::resolve_credentials(None, spec.group.as_deref())
+                    .map_err(invalid)?
+                    .map(|c| Credentials {
+                        uid: default.uid,
+                        gid: c.gid,
+                    }),
+                None => Some(*default),
+            },
+            _ => process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref())
+                .map_err(invalid)?,
+        };
+        if credentials.is_some_and(|c| c.uid == 0) && !self.opts.allow_root_workers {
+            return Err(invalid(format!(
+                "user: {} would run the workers as root, which this node does not allow \
+                 (runtime.allow_root_workers in its config)",
+                spec.user.as_deref().unwrap_or("root")
+            )));
+        }
+        Ok(credentials)
+    }
+
     fn apply_text(
         &self,
         text: &str,
@@ -304,12 +339,7 @@ impl Runtime {
         let images = self.opts.images_dir.clone();
         flow::check_images(&flow, &|name: &str| images.join(name).is_dir())?;
         for spec in &flow.pools {
-            process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref()).map_err(
-                |reason| RuntimeError::Invalid {
-                    pool: spec.name.clone(),
-                    reason,
-                },
-            )?;
+            self.credentials(spec)?;
         }
         let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         {
@@ -529,11 +559,7 @@ impl Runtime {
                 group: spec.name.clone(),
             });
         }
-        let credentials = process::resolve_credentials(spec.user.as_deref(), spec.group.as_deref())
-            .map_err(|reason| RuntimeError::Invalid {
-                pool: spec.name.clone(),
-                reason,
-            })?;
+        let credentials = self.credentials(spec)?;
         let image = match &spec.image {
             Some(name) => {
                 let invalid = |e: &dyn std::error::Error| RuntimeError::Invalid {

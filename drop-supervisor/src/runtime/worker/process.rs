@@ -1,6 +1,7 @@
 //! Starting one worker process: argv (no shell), pipes for stdin/stdout, stderr to the pool's
 //! log, and — between fork and exec, before any user code runs — a session of its own, placement
-//! into the pool's cgroups, the configured group and user, and `no_new_privs`.
+//! into the pool's cgroups, the image view, the worker's user with exactly its one group, every
+//! capability gone (bounding, ambient, inheritable, permitted, effective) and `no_new_privs`.
 //!
 //! The order inside the child matters: the cgroup files belong to root, so the child writes
 //! itself into them before it drops to the worker's user. (std's `Command::uid` would drop
@@ -127,9 +128,9 @@ pub fn spawn(launch: &Launch, stderr: OwnedFd) -> Result<Started, SpawnError> {
     let credentials = launch.credentials;
     let image = launch.image.clone();
     // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
-    // (setsid, open, write, close, unshare, mount, mount_setattr, chdir, setgroups, setgid,
-    // setuid, prctl) on data prepared before the
-    // fork; it allocates nothing and takes no locks.
+    // (setsid, open, write, close, unshare, mount, mount_setattr, chdir, prctl, setgroups,
+    // setgid, setuid, capset) on data prepared before the fork; it allocates nothing and takes
+    // no locks.
     unsafe {
         cmd.pre_exec(move || child_setup(&procs, image.as_ref(), credentials));
     }
@@ -178,7 +179,35 @@ fn child_setup(
     if let Some(image) = image {
         image.enter()?;
     }
+    // The bounding set first, while CAP_SETPCAP is still ours: nothing the worker runs can
+    // regain a capability through a file capability or a setuid binary (`no_new_privs` below
+    // closes the latter too). The loop ends at the first number the kernel does not know.
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            match Error::last_os_error().raw_os_error() {
+                Some(libc::EINVAL) => break,
+                // Not privileged (a daemon run as a plain user): there is nothing to drop.
+                Some(libc::EPERM) => break,
+                _ => return Err(Error::last_os_error()),
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } < 0
+    {
+        return Err(Error::last_os_error());
+    }
     if let Some(c) = credentials {
+        // Exactly the worker's group: nothing inherited from the daemon's supplementary groups.
         let groups = [c.gid];
         // SAFETY: a one-element array that outlives the call.
         if unsafe { libc::setgroups(1, groups.as_ptr()) } < 0 {
@@ -189,10 +218,48 @@ fn child_setup(
             return Err(Error::last_os_error());
         }
     }
+    // Empty permitted, effective and inheritable sets: setuid to a non-root user clears the
+    // first two but not the inheritable one, and a root worker (where the node allows them)
+    // keeps uid 0 without any capability.
+    drop_all_capabilities()?;
     // No privilege gain through setuid binaries or file capabilities, for the worker and all it runs.
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
         return Err(Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `capset(2)` with every set empty (`capsh --drop=all`). Async-signal-safe.
+fn drop_all_capabilities() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // Version 3 takes two of these: capabilities 0–31 and 32–63.
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: both pointers are valid for the call and laid out as the kernel's
+    // `__user_cap_header_struct` and two `__user_cap_data_struct`s.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
