@@ -32,6 +32,10 @@ pub const TESTS: &[Test] = &[
         name: "image_tarball_import_runs_like_a_directory",
         run: tarball,
     },
+    Test {
+        name: "image_workdir_under_home_drop_tmp_size_and_a_missing_workdir_fails",
+        run: workdir,
+    },
 ];
 
 /// uid/gid of `nobody`: workers usually drop to an unprivileged user after entering the view.
@@ -215,6 +219,37 @@ fn view() -> anyhow::Result<Outcome> {
     );
     ensure!(before == mountinfo()?, "the host mount table changed");
     Ok(Outcome::Pass)
+}
+
+fn workdir() -> anyhow::Result<Outcome> {
+    let bundle = scratch_bundle()?;
+    std::fs::create_dir(bundle.path().join("sub"))?;
+    let img = match image_mount(bundle.path())? {
+        Ok(img) => img,
+        Err(skip) => return Ok(skip),
+    };
+    // A relative workdir is inside the bundle, an absolute one is taken as it is.
+    let out = shell(&img.clone().with_workdir(Path::new("sub"))?, "pwd")?;
+    ensure!(out == "/home/drop/sub\n", "relative workdir: {out:?}");
+    let out = shell(&img.clone().with_workdir(Path::new("/tmp"))?, "pwd")?;
+    ensure!(out == "/tmp\n", "absolute workdir: {out:?}");
+    // The private /tmp has the size asked for.
+    let out = shell(
+        &img.clone().with_tmp_size_mib(8),
+        "awk '$5 == \"/tmp\" { print $NF }' /proc/self/mountinfo",
+    )?;
+    ensure!(out.contains("size=8192k"), "/tmp options: {out:?}");
+    // A workdir the bundle does not have fails the spawn itself (before any user code runs).
+    let missing = img.with_workdir(Path::new("no-such-dir"))?;
+    let mut cmd = Command::new("/bin/true");
+    // SAFETY: enter() makes raw system calls only, on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || missing.enter());
+    }
+    match cmd.status() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Outcome::Pass),
+        other => bail!("a missing workdir should fail the spawn with ENOENT, got {other:?}"),
+    }
 }
 
 fn no_leak() -> anyhow::Result<Outcome> {

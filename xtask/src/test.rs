@@ -139,14 +139,16 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     }
 
     let unit = step("test: unit tests", || {
+        // --no-fail-fast: a failing test binary does not hide the ones after it.
         let (lines, ok) = run_capture(cargo().args([
             "test",
             "--locked",
+            "--no-fail-fast",
             "--workspace",
             "--exclude",
             "drop-tests",
         ]))?;
-        let (p, f, i) = libtest_counts(&lines);
+        let (p, f, _) = libtest_counts(&lines);
         tally.passed += p;
         tally.failed += f;
         tally.failures.extend(
@@ -155,13 +157,31 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
                 .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
                 .map(|name| format!("unit test {name}")),
         );
-        if i > 0 {
-            tally.skipped.push(format!(
-                "{i} unit test(s) ignored (each says why in its attribute)"
-            ));
+        // Each ignored test is a skip of its own. Strict mode accepts one only when its
+        // attribute says why it may not run (`#[ignore = "..."]`).
+        let mut unexplained = 0;
+        for (name, reason) in ignored_tests(&lines) {
+            match reason {
+                Some(reason) => tally
+                    .skipped
+                    .push(format!("unit test {name} ignored: {reason}")),
+                None => {
+                    unexplained += 1;
+                    let what = format!("unit test {name} is ignored without a reason");
+                    if strict {
+                        tally.failed += 1;
+                        tally.failures.push(what);
+                    } else {
+                        tally.skipped.push(what);
+                    }
+                }
+            }
         }
-        if !ok && f == 0 {
+        if !ok && f == 0 && unexplained == 0 {
             bail!("cargo test failed before running tests (build error?)");
+        }
+        if strict && unexplained > 0 {
+            return Err(TestsFailed(unexplained).into());
         }
         if f > 0 {
             return Err(TestsFailed(f).into());
@@ -245,6 +265,22 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `test NAME ... ignored[, REASON]` lines: every ignored test with its reason, if it has one.
+fn ignored_tests(lines: &[String]) -> Vec<(String, Option<String>)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let (name, outcome) = l.strip_prefix("test ")?.split_once(" ... ")?;
+            let rest = outcome.strip_prefix("ignored")?;
+            let reason = rest
+                .strip_prefix(", ")
+                .map(str::trim)
+                .filter(|r| !r.is_empty());
+            Some((name.to_string(), reason.map(str::to_string)))
+        })
+        .collect()
+}
+
 /// `N passed, N failed, N skipped` → the three numbers.
 fn parse_summary(line: &str) -> Option<(usize, usize, usize)> {
     let mut nums = line.split(", ").map(|part| {
@@ -267,6 +303,29 @@ mod tests {
             "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out".to_string(),
         ];
         assert_eq!(libtest_counts(&lines), (31, 2, 1));
+    }
+
+    #[test]
+    fn ignored_tests_are_listed_each_with_its_reason() {
+        let lines: Vec<String> = [
+            "test a::b ... ok",
+            "test slow_one ... ignored, needs a kernel with IPVS",
+            "test bare ... ignored",
+            "test c ... FAILED",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            ignored_tests(&lines),
+            vec![
+                (
+                    "slow_one".to_string(),
+                    Some("needs a kernel with IPVS".to_string())
+                ),
+                ("bare".to_string(), None),
+            ]
+        );
     }
 
     #[test]
