@@ -313,6 +313,10 @@ pub struct RawRuntime {
     pub worker_group: Option<String>,
     /// Whether a flow may ask for `user: root` (default false: such a flow is refused).
     pub allow_root_workers: Option<bool>,
+    /// Largest bundle one import may send, in MiB (default 512).
+    pub image_max_mb: Option<u64>,
+    /// All installed images together, in MiB (default 8192).
+    pub images_quota_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +386,10 @@ pub struct Config {
     pub worker_user: Option<String>,
     pub worker_group: Option<String>,
     pub allow_root_workers: bool,
+    /// Largest bundle one `image import` may send; more is refused (413) before it is stored.
+    pub image_max_bytes: u64,
+    /// Installed images together may not grow past this (413).
+    pub images_quota_bytes: u64,
     /// `None`: the gateway is off.
     pub gateway_listen: Option<SocketAddr>,
     pub gateway_token: Option<String>,
@@ -389,6 +397,8 @@ pub struct Config {
     /// `None`: a single node.
     pub cluster: Option<ClusterConfig>,
 }
+
+const MIB: u64 = 1024 * 1024;
 
 /// Who workers run as when neither the flow nor `runtime.worker_user` says (the package's
 /// sysusers.d creates it).
@@ -493,6 +503,12 @@ impl Config {
         let worker_user = raw.runtime.worker_user;
         let worker_group = raw.runtime.worker_group;
         let allow_root_workers = raw.runtime.allow_root_workers.unwrap_or(false);
+        let image_max_bytes = raw.runtime.image_max_mb.unwrap_or(512).saturating_mul(MIB);
+        let images_quota_bytes = raw
+            .runtime
+            .images_quota_mb
+            .unwrap_or(8192)
+            .saturating_mul(MIB);
 
         let gateway_limits = gateway_limits(&raw.gateway, &invalid)?;
         let listen = raw.gateway.listen.unwrap_or_else(|| DEFAULT_GATEWAY.into());
@@ -537,6 +553,8 @@ impl Config {
             worker_user,
             worker_group,
             allow_root_workers,
+            image_max_bytes,
+            images_quota_bytes,
             gateway_listen,
             gateway_token,
             gateway_limits,

@@ -16,6 +16,8 @@ const DROPCTL: &str = env!("CARGO_BIN_EXE_dropctl");
 struct Node {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The log of the daemon that `stop` ended.
+    last_stderr: Option<std::process::ChildStderr>,
 }
 
 impl Node {
@@ -33,7 +35,11 @@ impl Node {
             dir.path().display()
         );
         std::fs::write(dir.path().join("drop.toml"), config).unwrap();
-        Node { dir, child: None }
+        Node {
+            dir,
+            child: None,
+            last_stderr: None,
+        }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -74,7 +80,9 @@ impl Node {
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        child.wait().unwrap()
+        let status = child.wait().unwrap();
+        self.last_stderr = child.stderr.take();
+        status
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
@@ -523,4 +531,124 @@ fn an_envelope_pool_answers_any_method_with_what_its_function_sets() {
     assert_eq!(status, 404);
     let (status, _, body) = http_exchange(&gw, "POST", "/api/v1/echo", b"plain");
     assert_eq!((status, body.as_slice()), (200, &b"plain"[..]));
+}
+
+#[test]
+fn images_arrive_as_bytes_within_quotas_and_changes_are_logged_with_the_caller() {
+    let mut node = Node::new();
+    // Small limits: 1 MiB per import, 2 MiB in all.
+    let config = std::fs::read_to_string(node.path("drop.toml")).unwrap();
+    let config = config.replace(
+        "[runtime]\ncgroups = false\n",
+        "[runtime]\ncgroups = false\nimage_max_mb = 1\nimages_quota_mb = 2\n",
+    );
+    std::fs::write(node.path("drop.toml"), config).unwrap();
+    node.start();
+
+    // A folder and a tarball, read by dropctl (the caller), sent as bytes.
+    let bundle = node.path("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("run.sh"), "echo hi\n").unwrap();
+    let out = node.ctl(&["image", "import", "dir:1", bundle.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let tgz = node.path("b.tgz");
+    let st = Command::new("tar")
+        .args([
+            "-C",
+            bundle.to_str().unwrap(),
+            "-czf",
+            tgz.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = node.ctl(&["image", "import", "tgz:1", tgz.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let images = node.ctl_json(&["image", "ls"]);
+    let names: Vec<&str> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dir:1", "tgz:1"]);
+    assert_eq!(
+        std::fs::read_to_string(node.path("state/images/tgz:1/run.sh")).unwrap(),
+        "echo hi\n"
+    );
+
+    // A source the caller cannot name to the daemon: the old path API is gone.
+    let body = r#"{"name":"x:1","source":"/etc","replace":true}"#;
+    let gone = raw(
+        &node.socket(),
+        format!(
+            "POST /v1/images HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert!(gone.starts_with("HTTP/1.1 410 "), "{gone}");
+
+    // Over the per-import limit: refused before it is stored, nothing left behind.
+    let big = node.path("big");
+    std::fs::create_dir_all(&big).unwrap();
+    std::fs::write(big.join("blob"), vec![7u8; 1_200_000]).unwrap();
+    let out = node.ctl(&["image", "import", "big:1", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("image_max_mb"),
+        "{out:?}"
+    );
+    // Within the per-import limit but past the quota once a few are installed.
+    std::fs::write(big.join("blob"), vec![7u8; 900_000]).unwrap();
+    for i in 1..=2 {
+        let out = node.ctl(&[
+            "image",
+            "import",
+            &format!("mid:{i}"),
+            big.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "import {i}: {out:?}");
+    }
+    let out = node.ctl(&["image", "import", "mid:3", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("images_quota_mb"),
+        "{out:?}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(node.path("state/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Every change is in the log with the caller's uid and pid.
+    assert!(node.stop().success());
+    let mut log = String::new();
+    node.last_stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let uid = nix::unistd::getuid().as_raw();
+    let changes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control change"))
+        .collect();
+    assert!(
+        changes.iter().any(|l| l.contains("PUT")
+            && l.contains("/v1/images/dir:1")
+            && l.contains(&format!("uid={uid}"))
+            && l.contains("pid=")
+            && l.contains("status=200")),
+        "{log}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|l| l.contains("/v1/images/big:1") && l.contains("status=413")),
+        "{log}"
+    );
 }

@@ -719,6 +719,46 @@ fn print_apply(r: &ApplyReport) {
     );
 }
 
+/// The bundle as a tarball: a folder is packed by the system `tar` (as the caller), a tarball
+/// (`.tar`, `.tar.gz`, `.tgz`) is sent as it is.
+fn bundle_bytes(source: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind};
+    let meta = std::fs::metadata(source)
+        .map_err(|e| Error::new(e.kind(), format!("{}: {e}", source.display())))?;
+    if meta.is_dir() {
+        let out = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(source)
+            .args(["-cf", "-", "."])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| Error::new(e.kind(), format!("running tar: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::other(format!(
+                "tar could not pack {}: {}",
+                source.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        return Ok(out.stdout);
+    }
+    let name = source.to_string_lossy();
+    if [".tar", ".tar.gz", ".tgz"]
+        .iter()
+        .any(|s| name.ends_with(s))
+    {
+        return std::fs::read(source)
+            .map_err(|e| Error::new(e.kind(), format!("{}: {e}", source.display())));
+    }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "{}: neither a folder nor a .tar / .tar.gz / .tgz file",
+            source.display()
+        ),
+    ))
+}
+
 fn image(client: &Client, json: bool, cmd: &ImageCommand) -> Result<u8, ClientError> {
     let v: serde_json::Value = match cmd {
         ImageCommand::Import {
@@ -726,12 +766,10 @@ fn image(client: &Client, json: bool, cmd: &ImageCommand) -> Result<u8, ClientEr
             source,
             replace,
         } => {
-            // The daemon reads the source itself: give it an absolute path.
-            let abs = std::path::absolute(source).map_err(|e| io_error(client, e))?;
-            client.post(
-                "/v1/images",
-                &serde_json::json!({ "name": name, "source": abs, "replace": replace }),
-            )?
+            // dropctl reads the bundle with the caller's own rights and sends its bytes: the
+            // daemon never opens a path on anyone's behalf.
+            let bytes = bundle_bytes(source).map_err(|e| ClientError::Local(e.to_string()))?;
+            client.put_bytes(&format!("/v1/images/{name}?replace={replace}"), bytes)?
         }
         ImageCommand::Ls => client.get("/v1/images")?,
         ImageCommand::Rm { name } => client.delete(&format!("/v1/images/{name}"))?,

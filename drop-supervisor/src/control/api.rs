@@ -10,7 +10,8 @@
 //! - `GET /v1/pools`, `GET /v1/pools/<name>`, `POST /v1/pools/<name>/call` `{"payload"}`
 //! - `POST /v1/pools/<name>/cast` `{"payload", "all"}` — queue without waiting (202-like `{"queued": true}`)
 //! - `POST /v1/pools/<name>/scale` `{"min", "max"}` — resize at run time
-//! - `GET|POST /v1/images` `{"name", "source", "replace"}`, `DELETE /v1/images/<name>` — bundles
+//! - `GET /v1/images`, `PUT /v1/images/<name>[?replace=true]` with the bundle as a tarball
+//!   (`.tar` or gzip) as the body, `DELETE /v1/images/<name>` — bundles
 //! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
 //!
 //! Cluster mode only (409 `not_clustered` otherwise):
@@ -90,9 +91,12 @@ pub enum ApiRequest {
         max: u32,
     },
     ImageList,
+    /// A bundle a client sent, already received into the daemon's own upload file (the
+    /// server builds this after the body; `decode` never does).
     ImageImport {
         name: String,
-        source: String,
+        upload: PathBuf,
+        gzip: bool,
         replace: bool,
     },
     ImageRemove {
@@ -190,15 +194,6 @@ struct ScaleBody {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImageBody {
-    name: String,
-    source: String,
-    #[serde(default)]
-    replace: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct CastBody {
     payload: String,
     #[serde(default)]
@@ -257,15 +252,15 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         },
         "/v1/images" => match method {
             "GET" => Ok(ApiRequest::ImageList),
-            "POST" => {
-                let body: ImageBody = json_body(req)?;
-                Ok(ApiRequest::ImageImport {
-                    name: body.name,
-                    source: body.source,
-                    replace: body.replace,
-                })
-            }
-            _ => Err(method_not_allowed(req, "GET or POST")),
+            // The daemon never opens a path on a caller's behalf: the bundle's bytes come with
+            // the request (`PUT /v1/images/<name>`).
+            "POST" => Err(ApiError::new(
+                410,
+                "gone",
+                "the daemon no longer reads a path for its caller: send the bundle as a tarball \
+                 with PUT /v1/images/<name> (dropctl image import does)",
+            )),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/nodes" => match method {
             "GET" => Ok(ApiRequest::NodeList),
@@ -344,7 +339,7 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
             "DELETE" => Ok(ApiRequest::ImageRemove {
                 name: name.to_string(),
             }),
-            _ => Err(method_not_allowed(req, "DELETE")),
+            _ => Err(method_not_allowed(req, "PUT or DELETE")),
         },
         ["v1", "pools", name, "scale"] if !name.is_empty() => match method {
             "POST" => {

@@ -36,6 +36,10 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// Something on the caller's side, before anything was sent (a bundle that cannot be read
+    /// or packed with the caller's own rights).
+    #[error("{0}")]
+    Local(String),
     /// The daemon answered with an error.
     #[error("drop-supervisor: {0}")]
     Api(ApiError),
@@ -76,6 +80,15 @@ impl Client {
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).expect("JSON values serialise");
         self.request(Method::POST, path, Some(body))
+    }
+
+    /// `PUT path` with `body` as raw bytes (an image bundle as a tarball).
+    pub fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        self.request(Method::PUT, path, Some(body))
     }
 
     fn io(&self, source: io::Error) -> ClientError {
@@ -131,6 +144,11 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), ClientError> {
+        let content_type = if method == Method::PUT {
+            "application/x-tar"
+        } else {
+            "application/json"
+        };
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -139,7 +157,7 @@ impl Client {
             .header(CONNECTION, HeaderValue::from_static("close"));
         let request = match body {
             Some(body) => request
-                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
                 .body(Full::new(Bytes::from(body))),
             None => request.body(Full::new(Bytes::new())),
         }

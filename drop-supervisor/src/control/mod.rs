@@ -231,12 +231,13 @@ impl Supervisor {
             }
             ApiRequest::ImageImport {
                 name,
-                source,
+                upload,
+                gzip,
                 replace,
             } => {
                 let dir = self.config.images_dir.clone();
                 let report = tokio::task::spawn_blocking(move || {
-                    crate::runtime::images::import(&dir, &name, Path::new(&source), replace)
+                    crate::runtime::images::import_tarball(&dir, &name, &upload, gzip, replace)
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("image import task: {e}")))?

@@ -21,16 +21,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::StatusCode;
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Supervisor;
 use super::api::{self, ApiError};
@@ -161,11 +161,19 @@ struct Connection {
 
 impl Connection {
     async fn serve(self, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
+        // Who is asking (SO_PEERCRED): every change is logged with the caller's uid and pid.
+        let caller = stream
+            .peer_cred()
+            .map(|c| Caller {
+                uid: c.uid(),
+                pid: c.pid(),
+            })
+            .ok();
         let io = TokioIo::new(stream);
         let (supervisor, limits) = (self.supervisor, self.limits);
         let service = service_fn(move |req| {
             let supervisor = supervisor.clone();
-            async move { Ok::<_, Infallible>(answer(req, &supervisor, limits).await) }
+            async move { Ok::<_, Infallible>(answer(req, &supervisor, limits, caller).await) }
         });
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
@@ -182,12 +190,76 @@ impl Connection {
     }
 }
 
-/// Answers one request; never fails (every failure is a JSON answer).
+/// The process at the other end of a control connection.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    pid: Option<i32>,
+}
+
+/// Answers one request; never fails (every failure is a JSON answer). A request that changes
+/// something (any method but GET and HEAD) is logged with who asked and how it ended.
 async fn answer(
     req: hyper::Request<Incoming>,
     supervisor: &Supervisor,
     limits: Limits,
+    caller: Option<Caller>,
 ) -> hyper::Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = route(req, supervisor, limits).await;
+    if method != Method::GET && method != Method::HEAD {
+        let status = response.status().as_u16();
+        info!(
+            uid = caller.map(|c| c.uid),
+            pid = caller.and_then(|c| c.pid),
+            %method,
+            path,
+            status,
+            "control change"
+        );
+    }
+    response
+}
+
+async fn route(
+    req: hyper::Request<Incoming>,
+    supervisor: &Supervisor,
+    limits: Limits,
+) -> hyper::Response<Full<Bytes>> {
+    if req.method() == Method::PUT
+        && let Some(name) = req
+            .uri()
+            .path()
+            .strip_prefix("/v1/images/")
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_string)
+    {
+        let replace = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "replace=true" || p == "replace"));
+        let mut body = req.into_body();
+        return match import(&mut body, &name, replace, supervisor, limits).await {
+            Ok(resp) => json(200, resp.to_json(), false),
+            Err(e) => {
+                // The client may still be sending the bundle; read it away (bounded) so that
+                // it gets to read the refusal instead of a reset connection. Then close.
+                let bound = supervisor.config().image_max_bytes;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let mut seen: u64 = 0;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if seen > bound {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                json(e.status, e.to_json(), true)
+            }
+        };
+    }
     let (head, body) = req.into_parts();
     let body = match read_body(&head.headers, body, limits).await {
         Ok(body) => body,
@@ -216,6 +288,103 @@ async fn answer(
     };
     debug!(method = %req.method, path = %req.path, status, "control request");
     json(status, body, false)
+}
+
+/// Receives an image bundle into the daemon's own upload file — never more than the per-import
+/// limit, never past the total quota, within the request time — and hands it to the
+/// Supervisor to install.
+async fn import(
+    body: &mut Incoming,
+    name: &str,
+    replace: bool,
+    supervisor: &Supervisor,
+    limits: Limits,
+) -> Result<api::ApiResponse, ApiError> {
+    use crate::runtime::images;
+    use tokio::io::AsyncWriteExt as _;
+
+    let config = supervisor.config();
+    let (max, quota) = (config.image_max_bytes, config.images_quota_bytes);
+    let too_large = |what: String| ApiError::new(413, "payload_too_large", what);
+    let announced = body.size_hint().lower();
+    if announced > max {
+        return Err(too_large(format!(
+            "a bundle of {announced} bytes is larger than the import limit of {max} bytes \
+             (runtime.image_max_mb)"
+        )));
+    }
+    let dir = config.images_dir.clone();
+    let used = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || images::total_bytes(&dir))
+            .await
+            .map_err(|e| ApiError::internal(format!("images task: {e}")))?
+            .map_err(|e| ApiError::from(&e))?
+    };
+    if used.saturating_add(announced) > quota {
+        return Err(too_large(format!(
+            "installed images take {used} bytes; {announced} more would pass the quota of \
+             {quota} bytes (runtime.images_quota_mb)"
+        )));
+    }
+    let upload = images::upload_file(&dir, name).map_err(|e| ApiError::from(&e))?;
+    let io = |e: std::io::Error| ApiError::internal(format!("receiving the bundle: {e}"));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&upload.0)
+        .await
+        .map_err(io)?;
+    let mut received: u64 = 0;
+    let mut head = [0u8; 2];
+    let receive = async {
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| ApiError::new(400, "bad_request", format!("the body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if received < 2 {
+                for (i, b) in data.iter().take(2 - received as usize).enumerate() {
+                    head[received as usize + i] = *b;
+                }
+            }
+            received += data.len() as u64;
+            if received > max || used.saturating_add(received) > quota {
+                return Err(too_large(format!(
+                    "the bundle passed the import limit ({max} bytes) or the images quota \
+                     ({quota} bytes)"
+                )));
+            }
+            file.write_all(&data).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)
+    };
+    tokio::time::timeout(limits.request_timeout, receive)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                408,
+                "timeout",
+                format!(
+                    "the bundle did not arrive within {} s",
+                    limits.request_timeout.as_secs_f64()
+                ),
+            )
+        })??;
+    // gzip's magic number; anything else is handed to tar as a plain archive.
+    let gzip = head == [0x1f, 0x8b];
+    let result = supervisor
+        .handle(api::ApiRequest::ImageImport {
+            name: name.to_string(),
+            upload: upload.0.clone(),
+            gzip,
+            replace,
+        })
+        .await;
+    drop(upload);
+    result
 }
 
 /// The request body, at most `limits.max_body` bytes of it, within `limits.request_timeout`.

@@ -28,11 +28,15 @@ pub fn init(level: &str) -> LogTarget {
             .init();
         return LogTarget::Journald;
     }
+    // Colours only for a person at a terminal: a log piped to a file or a collector stays
+    // plain text that grep and parsers read.
+    use std::io::IsTerminal as _;
     tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .init();

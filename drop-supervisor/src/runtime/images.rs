@@ -161,28 +161,76 @@ pub fn import(
     let target = images_dir.join(name);
     let meta = std::fs::metadata(source).map_err(io("reading the image source", source))?;
 
-    let staging = Staging::create(images_dir, "import", name)?;
-    if meta.is_dir() {
-        copy_tree(source, &staging.0)?;
-        // The bundle root takes the source folder's mode (create_dir gave it the default).
-        let mode = meta.permissions().mode() & 0o7777;
-        std::fs::set_permissions(&staging.0, std::fs::Permissions::from_mode(mode))
-            .map_err(io("setting the mode of", &staging.0))?;
-    } else if let Some(gzip) = tarball_kind(source) {
-        unpack(source, gzip, &staging.0)?;
-    } else {
-        return Err(ImageError::UnknownSource(source.to_path_buf()));
+    if !meta.is_dir() {
+        return match tarball_kind(source) {
+            Some(gzip) => import_tarball(images_dir, name, source, gzip, replace),
+            None => Err(ImageError::UnknownSource(source.to_path_buf())),
+        };
     }
-    let (bytes, files) = measure(&staging.0)?;
+    let staging = Staging::create(images_dir, "import", name)?;
+    copy_tree(source, &staging.0)?;
+    // The bundle root takes the source folder's mode (create_dir gave it the default).
+    let mode = meta.permissions().mode() & 0o7777;
+    std::fs::set_permissions(&staging.0, std::fs::Permissions::from_mode(mode))
+        .map_err(io("setting the mode of", &staging.0))?;
+    finish(&staging, &target, name, replace)
+}
 
-    let replaced = install(&staging, &target, name, replace)?;
+/// Imports the tarball `tarball` (gzip-compressed when `gzip`) as image `name`: what the
+/// control API does with a bundle a client sent (the daemon's own upload file, never a path a
+/// client named).
+pub fn import_tarball(
+    images_dir: &Path,
+    name: &str,
+    tarball: &Path,
+    gzip: bool,
+    replace: bool,
+) -> Result<ImportReport, ImageError> {
+    validate_name(name)?;
+    std::fs::create_dir_all(images_dir).map_err(io("creating the images folder", images_dir))?;
+    let staging = Staging::create(images_dir, "import", name)?;
+    unpack(tarball, gzip, &staging.0)?;
+    finish(&staging, &images_dir.join(name), name, replace)
+}
+
+fn finish(
+    staging: &Staging,
+    target: &Path,
+    name: &str,
+    replace: bool,
+) -> Result<ImportReport, ImageError> {
+    let (bytes, files) = measure(&staging.0)?;
+    let replaced = install(staging, target, name, replace)?;
     Ok(ImportReport {
         name: name.to_owned(),
-        path: target,
+        path: target.to_path_buf(),
         bytes,
         files,
         replaced,
     })
+}
+
+/// Where an uploaded bundle is received: a hidden file next to the images (never listed),
+/// removed when the returned guard is dropped.
+pub fn upload_file(images_dir: &Path, name: &str) -> Result<Upload, ImageError> {
+    validate_name(name)?;
+    std::fs::create_dir_all(images_dir).map_err(io("creating the images folder", images_dir))?;
+    Ok(Upload(staging_path(images_dir, "upload", name)))
+}
+
+/// An upload file, deleted on drop.
+#[derive(Debug)]
+pub struct Upload(pub PathBuf);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Bytes of every installed image together (for the total quota).
+pub fn total_bytes(images_dir: &Path) -> Result<u64, ImageError> {
+    Ok(list(images_dir)?.iter().map(|i| i.bytes).sum())
 }
 
 /// The installed images, sorted by name. A missing images folder holds none.
