@@ -22,7 +22,7 @@ pub const TESTS: &[Test] = &[
         run: unit_verify_is_clean,
     },
     Test {
-        name: "systemd_daemon_as_unit_ready_and_status",
+        name: "systemd_daemon_unit_ready_status_and_sigkill_restart_without_orphans",
         run: daemon_as_unit_ready_and_status,
     },
 ];
@@ -458,6 +458,117 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
             "{socket_inside} is {sock_mode:o} group {}, expected 660 group drop ({gid})",
             sock.gid()
         );
+
+        // Workers of the unit: unprivileged, without capabilities even under the unit's
+        // bounding set. Then SIGKILL of the daemon: the unit's cgroup takes every worker with
+        // it, systemd restarts the daemon, and the persisted flow comes back.
+        fs::write(
+            test_dir.join("cat.yaml"),
+            "name: cat\nfunc:\n  - name: cat\n    cmd: /bin/cat\n    num: 3\n",
+        )?;
+        let ctl = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+            let mut all = vec!["--socket", socket_inside, "--json"];
+            all.extend(args);
+            let out = sandbox.run(path_str(&dropctl)?, all)?;
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+        ctl(&["flow", "apply", "/run/drop-test/cat.yaml"])?;
+        let worker_pids = |v: &serde_json::Value| -> Vec<u32> {
+            v["pids"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_u64())
+                        .map(|p| p as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let started = Instant::now();
+        let pids = loop {
+            let pids = worker_pids(&ctl(&["pool", "show", "cat"])?);
+            if pids.len() == 3 || started.elapsed() > Duration::from_secs(10) {
+                break pids;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        ensure!(pids.len() == 3, "pool cat has workers {pids:?}");
+        let host_workers = pids
+            .iter()
+            .map(|p| sandbox.host_pid(*p))
+            .collect::<anyhow::Result<Vec<i32>>>()?;
+        let worker_status = fs::read_to_string(format!("/proc/{}/status", host_workers[0]))?;
+        let field = |name: &str| {
+            worker_status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("?")
+                .to_string()
+        };
+        ensure!(
+            field("CapBnd:") == "0000000000000000" && field("CapEff:") == "0000000000000000",
+            "a worker of the unit keeps capabilities: CapBnd {} CapEff {}",
+            field("CapBnd:"),
+            field("CapEff:")
+        );
+        let passwd = fs::read_to_string(sandbox.host_path("/etc/passwd"))?;
+        let drop_fn = entry_id(&passwd, "drop-fn", 2).context("no user drop-fn in the sandbox")?;
+        ensure!(
+            field("Uid:")
+                .split_whitespace()
+                .all(|u| u == drop_fn.to_string()),
+            "a worker of the unit runs as uid {}, not drop-fn ({drop_fn})",
+            field("Uid:")
+        );
+        let killed = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(host_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let alive = |pids: &[i32]| {
+            pids.iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        };
+        while alive(&host_workers) {
+            ensure!(
+                killed.elapsed() < Duration::from_secs(10),
+                "workers {host_workers:?} outlived the SIGKILLed daemon by 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let workers_gone = killed.elapsed();
+        let mut restarted_pid = 0;
+        let mut back = Vec::new();
+        while killed.elapsed() < Duration::from_secs(20) {
+            let pid = handle.service.main_pid().await.unwrap_or(0);
+            if pid != 0 && pid != main_pid {
+                restarted_pid = pid;
+                if let Ok(v) = ctl(&["pool", "show", "cat"]) {
+                    back = worker_pids(&v);
+                    if back.len() == 3 {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(
+            restarted_pid != 0 && back.len() == 3,
+            "after SIGKILL: MainPID {restarted_pid}, pool cat workers {back:?}\n{}",
+            sandbox.unit_report(UNIT)
+        );
+        println!(
+            "  SIGKILL of the daemon: its 3 workers gone after {:.0} ms; restarted (MainPID \
+             {restarted_pid}) with the flow back ({:.1} s after the kill)",
+            workers_gone.as_secs_f64() * 1e3,
+            killed.elapsed().as_secs_f64()
+        );
+        ensure!(
+            workers_gone < Duration::from_secs(2),
+            "workers took {workers_gone:?} to go"
+        );
+        let main_pid = restarted_pid;
 
         // systemd may unload the unit as soon as it is inactive: its exit status is only seen
         // in the PropertiesChanged signals on the way.

@@ -187,8 +187,11 @@ fn child_setup(
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
             match Error::last_os_error().raw_os_error() {
                 Some(libc::EINVAL) => break,
-                // Not privileged (a daemon run as a plain user): there is nothing to drop.
-                Some(libc::EPERM) => break,
+                // A daemon run as a plain user has nothing to drop. A root daemon without
+                // CAP_SETPCAP (a unit that left it out) would start workers that keep the
+                // bounding set: refuse instead.
+                // SAFETY: geteuid has no preconditions.
+                Some(libc::EPERM) if unsafe { libc::geteuid() } != 0 => break,
                 _ => return Err(Error::last_os_error()),
             }
         }
