@@ -54,14 +54,15 @@ pub fn check(crate_dirs: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `src/lib.rs`, `src/main.rs`, `src/bin/*.rs`, `benches/*.rs`, `tests/*.rs` of a crate directory.
+/// `src/lib.rs`, `src/main.rs`, `src/bin/*.rs`, `benches/*.rs`, `tests/*.rs` (and the
+/// privileged and fuzz targets) of a crate directory.
 fn crate_roots(dir: &Path) -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = ["src/lib.rs", "src/main.rs"]
         .iter()
         .map(|p| dir.join(p))
         .filter(|p| p.is_file())
         .collect();
-    for sub in ["src/bin", "benches", "tests", "privileged"] {
+    for sub in ["src/bin", "benches", "tests", "privileged", "fuzz_targets"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
             let mut files: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))

@@ -7,10 +7,12 @@
 //! - `test`       set up, then fmt, clippy, unit tests and the privileged integration tests
 //! - `ci`         what CI runs: `test` with skips counted as failures
 //! - `layers`     fail on a module cycle inside any crate (also one of `test`'s lint steps)
+//! - `fuzz`       run the libFuzzer targets of `fuzz/` (`--secs N` each); `test` runs them briefly
 //! - `bench`      benchmarks (`bench runtime`, `bench cluster`); figures go to BENCHMARKS.md
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod layers;
 mod run;
 mod setup;
@@ -44,6 +46,9 @@ enum Verb {
     Ci,
     /// Fail on a cycle among sibling modules inside any crate of the workspace.
     Layers,
+    /// Fuzz the parsers (flow YAML, control API, gateway framing, worker protocol, peer
+    /// messages, state merge, tar members) for `--secs` each; a crash fails.
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP), `cluster`
     /// (membership convergence, crash detection, update spread).
     Bench(bench::BenchArgs),
@@ -62,6 +67,7 @@ fn main() {
         }),
         Verb::Bench(args) => bench::bench(args),
         Verb::Layers => layers::check(&workspace_crates()),
+        Verb::Fuzz(args) => fuzz::fuzz(args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -86,6 +92,7 @@ pub fn workspace_crates() -> Vec<PathBuf> {
         "drop-supervisor",
         "xtask",
         "tests",
+        "fuzz",
     ]
     .iter()
     .map(|c| root().join(c))

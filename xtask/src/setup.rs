@@ -155,15 +155,18 @@ fn nightly() -> anyhow::Result<String> {
     Ok(toolchain)
 }
 
-/// bpf-linker is built once per machine into a cache under CARGO_HOME.
-fn bpf_linker() -> anyhow::Result<PathBuf> {
-    let cargo_home = std::env::var_os("CARGO_HOME")
+/// Where tools built once per machine are kept: `$CARGO_HOME/drop-cache` (or `~/.cargo/...`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .context("neither CARGO_HOME nor HOME is set")?;
-    let root = cargo_home.join(format!(
-        "drop-cache/bpf-linker-{BPF_LINKER_VERSION}-llvm{LLVM_MAJOR}"
-    ));
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("drop-cache")
+}
+
+/// bpf-linker is built once per machine into the cache.
+fn bpf_linker() -> anyhow::Result<PathBuf> {
+    let root = cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm{LLVM_MAJOR}"));
     let bin = root.join("bin");
     let installed = Command::new(bin.join("bpf-linker"))
         .arg("--version")

@@ -21,6 +21,9 @@ pub struct TestArgs {
     pub filters: Vec<String>,
 }
 
+/// Seconds each fuzz target runs in `test` (the long runs are `cargo xtask fuzz`).
+const FUZZ_SECS: u64 = 5;
+
 /// Tests ran and some failed: already counted in the tally, so not counted again as a step.
 #[derive(Debug)]
 struct TestsFailed(usize);
@@ -111,13 +114,17 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     if !args.no_lint {
         let fmt = step("lint: cargo fmt --check", || {
             crate::run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
-            crate::run_cmd(
-                Command::new("rustup")
-                    .current_dir(root().join("drop-ebpf"))
-                    .args(["run", &tools.nightly, "cargo", "fmt", "--check"])
-                    .env_remove("RUSTUP_TOOLCHAIN")
-                    .env_remove("CARGO"),
-            )
+            // The two nightly workspaces: the XDP program and the fuzz targets.
+            for dir in ["drop-ebpf", "fuzz"] {
+                crate::run_cmd(
+                    Command::new("rustup")
+                        .current_dir(root().join(dir))
+                        .args(["run", &tools.nightly, "cargo", "fmt", "--check"])
+                        .env_remove("RUSTUP_TOOLCHAIN")
+                        .env_remove("CARGO"),
+                )?;
+            }
+            Ok(())
         });
         tally.check("fmt", fmt);
         let clippy = step("lint: cargo clippy -D warnings", || {
@@ -190,6 +197,30 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     });
     if let Err(e) = unit {
         tally.step_failed("unit tests", &e);
+    }
+
+    // Every fuzz target briefly on its seeds and what earlier runs found: a parser that
+    // panics on an input it has met before fails here.
+    let fuzzing = step("test: fuzz targets, 5 s each", || {
+        let runs = crate::fuzz::run(FUZZ_SECS, &[])?;
+        for r in &runs {
+            println!("    {}: {} executions", r.target, r.executions);
+        }
+        let crashed: Vec<String> = runs
+            .iter()
+            .filter_map(|r| Some(format!("fuzz target {}: {}", r.target, r.crash.as_ref()?)))
+            .collect();
+        tally.passed += runs.len() - crashed.len();
+        tally.failed += crashed.len();
+        let n = crashed.len();
+        tally.failures.extend(crashed);
+        if n > 0 {
+            return Err(TestsFailed(n).into());
+        }
+        Ok(())
+    });
+    if let Err(e) = fuzzing {
+        tally.step_failed("fuzz targets", &e);
     }
 
     let privileged = step("test: privileged integration tests", || {

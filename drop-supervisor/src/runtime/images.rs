@@ -433,6 +433,17 @@ fn tar(args: &[&str], gzip: bool, tarball: &Path) -> Result<String, ImageError> 
     })
 }
 
+/// Whether a tar member name stays inside the folder it is extracted into, whatever the folder:
+/// relative, and without a `..` component. (Links are checked after extraction.)
+pub fn member_is_safe(member: &str) -> bool {
+    !Path::new(member).components().any(|c| {
+        matches!(
+            c,
+            Component::RootDir | Component::ParentDir | Component::Prefix(_)
+        )
+    })
+}
+
 /// Lists the members (refusing absolute names and `..`), extracts into `into`, then checks
 /// that every member landed inside it and that nothing but folders, files and links came out.
 fn unpack(tarball: &Path, gzip: bool, into: &Path) -> Result<(), ImageError> {
@@ -442,16 +453,8 @@ fn unpack(tarball: &Path, gzip: bool, into: &Path) -> Result<(), ImageError> {
     };
     let listing = tar(&["-t"], gzip, tarball)?;
     let members: Vec<&str> = listing.lines().filter(|m| !m.is_empty()).collect();
-    for member in &members {
-        let path = Path::new(member);
-        if path.components().any(|c| {
-            matches!(
-                c,
-                Component::RootDir | Component::ParentDir | Component::Prefix(_)
-            )
-        }) {
-            return Err(unsafe_member(member));
-        }
+    if let Some(member) = members.iter().find(|m| !member_is_safe(m)) {
+        return Err(unsafe_member(member));
     }
     let into_arg = into
         .to_str()
