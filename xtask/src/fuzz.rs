@@ -61,8 +61,7 @@ fn cargo_fuzz() -> anyhow::Result<PathBuf> {
 }
 
 /// Builds every target, then runs `targets` for `secs` each.
-pub fn run(secs: u64, targets: &[String]) -> anyhow::Result<Vec<FuzzRun>> {
-    let tools = setup::setup()?;
+pub fn run(tools: &setup::Tools, secs: u64, targets: &[String]) -> anyhow::Result<Vec<FuzzRun>> {
     let bin_dir = step("fuzz: cargo-fuzz", cargo_fuzz)?;
     let path = format!(
         "{}:{}",
@@ -155,7 +154,8 @@ pub fn run(secs: u64, targets: &[String]) -> anyhow::Result<Vec<FuzzRun>> {
 
 /// The verb: runs, prints the table, fails on any crash.
 pub fn fuzz(args: FuzzArgs) -> anyhow::Result<()> {
-    let runs = run(args.secs, &args.targets)?;
+    let tools = setup::setup()?;
+    let runs = run(&tools, args.secs, &args.targets)?;
     println!();
     println!("| target | executions in {} s | result |", args.secs);
     println!("|---|---|---|");

@@ -202,10 +202,7 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     // Every fuzz target briefly on its seeds and what earlier runs found: a parser that
     // panics on an input it has met before fails here.
     let fuzzing = step("test: fuzz targets, 5 s each", || {
-        let runs = crate::fuzz::run(FUZZ_SECS, &[])?;
-        for r in &runs {
-            println!("    {}: {} executions", r.target, r.executions);
-        }
+        let runs = crate::fuzz::run(&tools, FUZZ_SECS, &[])?;
         let crashed: Vec<String> = runs
             .iter()
             .filter_map(|r| Some(format!("fuzz target {}: {}", r.target, r.crash.as_ref()?)))

@@ -363,16 +363,7 @@ async fn import(
     };
     tokio::time::timeout(limits.request_timeout, receive)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                408,
-                "timeout",
-                format!(
-                    "the bundle did not arrive within {} s",
-                    limits.request_timeout.as_secs_f64()
-                ),
-            )
-        })??;
+        .map_err(|_| late("the bundle", limits))??;
     // gzip's magic number; anything else is handed to tar as a plain archive.
     let gzip = head == [0x1f, 0x8b];
     let result = supervisor
@@ -385,6 +376,18 @@ async fn import(
         .await;
     drop(upload);
     result
+}
+
+/// 408: `what` did not arrive within the request time.
+fn late(what: &str, limits: Limits) -> ApiError {
+    ApiError::new(
+        408,
+        "timeout",
+        format!(
+            "{what} did not arrive within {} s",
+            limits.request_timeout.as_secs_f64()
+        ),
+    )
 }
 
 /// The request body, at most `limits.max_body` bytes of it, within `limits.request_timeout`.
@@ -421,16 +424,7 @@ async fn read_body(
         Limited::new(body, limits.max_body).collect(),
     )
     .await
-    .map_err(|_| {
-        ApiError::new(
-            408,
-            "timeout",
-            format!(
-                "no complete request body within {} s",
-                limits.request_timeout.as_secs_f64()
-            ),
-        )
-    })?;
+    .map_err(|_| late("the request body", limits))?;
     match collected {
         Ok(collected) => Ok(collected.to_bytes().to_vec()),
         Err(e) if e.is::<LengthLimitError>() => Err(too_large(announced)),
