@@ -406,3 +406,31 @@ fn metrics_need_the_token_when_one_is_set() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("echo"));
 }
+
+#[test]
+fn a_client_sending_a_refused_body_reads_its_413_not_a_reset() {
+    // The pool takes 64 KiB lines; each client sends 32 MiB at once and only then reads. The
+    // gateway refuses from the head, then reads the rest away before it closes, so the answer
+    // is not lost to a connection reset.
+    let daemon = Daemon::start("", "");
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(daemon.gateway).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req =
+            b"POST /api/v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 33554432\r\n\r\n".to_vec();
+        req.extend(std::iter::repeat_n(b'x', 32 << 20));
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || w.write_all(&req).is_ok());
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let wrote_all = writer.join().unwrap();
+        *statuses.entry(parse_status(&out).0).or_default() += 1;
+        assert!(
+            wrote_all,
+            "the gateway reset the connection while the body was sent"
+        );
+    }
+    eprintln!("refused 32 MiB bodies: {statuses:?}");
+    assert_eq!(statuses.get(&413), Some(&20), "{statuses:?}");
+}

@@ -60,6 +60,8 @@ const BATCH: usize = 32;
 const MAX_SHARDS: usize = 16;
 const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 const READ_CHUNK: usize = 16 * 1024;
+/// How long a refused client's remaining bytes are read away before its connection closes.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What the gateway does with a request. `before_blocking` must be called before anything
 /// that may block the calling thread.
@@ -136,6 +138,12 @@ struct ConnState {
     missed: bool,
     /// Close once `out` is sent.
     close_after: bool,
+    /// After the answer, read and discard what the client still sends (a refused body) instead
+    /// of closing at once: closing with unread bytes resets the connection, and the client
+    /// could lose the answer.
+    linger: bool,
+    /// Until when a refused client's bytes are discarded before the connection closes.
+    draining: Option<Instant>,
     closed: bool,
     /// Last time a request was read or an answer finished (for the idle timeout).
     last_active: Instant,
@@ -586,6 +594,8 @@ impl Shared {
                 busy: false,
                 missed: false,
                 close_after: false,
+                linger: false,
+                draining: None,
                 closed: false,
                 last_active: Instant::now(),
             }),
@@ -625,6 +635,29 @@ impl Shared {
         if !st.out.is_empty() {
             // The rest of an answer: send it, then serve what is buffered.
             self.after_output(&conn, st);
+            return true;
+        }
+        if st.draining.is_some() {
+            // A refused client still sending: discard until it is done (or the sweep ends it).
+            // At most 1 MiB per event, so one client cannot keep the leader busy; the rest on
+            // the next event (re-raised below, as no new edge may come).
+            for _ in 0..64 {
+                st.buf.clear();
+                match read_some(&conn.stream, &mut st.buf, READ_CHUNK) {
+                    Ok((false, true)) => {}
+                    Ok((false, false)) => {
+                        st.buf.clear();
+                        return true;
+                    }
+                    _ => {
+                        self.close(&conn, st);
+                        return true;
+                    }
+                }
+            }
+            st.buf.clear();
+            drop(st);
+            self.retrigger(&conn);
             return true;
         }
         // Read no further than the request being read can need: its head, then its head and
@@ -672,6 +705,7 @@ impl Shared {
                 // then close.
                 debug!(error = %err, "gateway request refused");
                 st.busy = true;
+                st.linger = true;
                 drop(st);
                 let out = http::encode_json_response(err.status, &err.to_json(), true);
                 self.responder(conn).respond(out, true);
@@ -770,6 +804,16 @@ impl Shared {
             return;
         }
         if st.close_after {
+            if st.linger && st.draining.is_none() {
+                // The answer is out; tell the client we are done and discard what it still
+                // sends for a moment, so that it reads the answer instead of a reset.
+                let _ = conn.stream.shutdown(Shutdown::Write);
+                st.draining = Some(Instant::now() + LINGER);
+                st.buf = Vec::new();
+                drop(st);
+                self.retrigger(conn);
+                return;
+            }
             return self.close(conn, st);
         }
         st.last_active = Instant::now();
@@ -821,6 +865,13 @@ impl Shared {
                 continue;
             };
             if st.busy || !st.out.is_empty() || st.closed {
+                continue;
+            }
+            if st.draining.is_some_and(|until| Instant::now() >= until) {
+                self.close(&conn, st);
+                continue;
+            }
+            if st.draining.is_some() {
                 continue;
             }
             let late = match (&st.pending, st.started) {
