@@ -652,3 +652,67 @@ fn images_arrive_as_bytes_within_quotas_and_changes_are_logged_with_the_caller()
         "{log}"
     );
 }
+
+#[test]
+fn a_missing_program_is_named_with_the_path_and_applying_again_retries_the_failed_pool() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut node = Node::new();
+    node.start();
+    // The pool's PATH is a folder the test controls (readable by the worker user).
+    let bin = node.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in [node.path(""), bin.clone()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let flow = node.path("tool.yaml");
+    std::fs::write(
+        &flow,
+        format!(
+            "name: tool\nfunc:\n  - name: tool\n    cmd: drop-test-tool\n    env:\n      PATH: {}\n    \
+             restart: {{backoff_initial_ms: 10, backoff_max_ms: 20, intensity: 2, period_ms: 60000}}\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let show = loop {
+        let show = node.ctl_json(&["pool", "show", "tool"]);
+        if show["phase"]["state"] == "failed" || Instant::now() > deadline {
+            break show;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reason = show["phase"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(show["phase"]["state"], "failed", "{show}");
+    assert!(
+        reason.contains("`drop-test-tool` was not found in the worker's PATH")
+            && reason.contains(&bin.display().to_string()),
+        "{reason}"
+    );
+
+    // Install the program, apply the same flow again: the failed pool is retried and says so.
+    let tool = bin.join("drop-test-tool");
+    std::fs::write(
+        &tool,
+        "#!/bin/sh\nwhile read l; do echo \"tool: $l\"; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("retried   tool (had failed; started again)"),
+        "{out:?}"
+    );
+    let out = node.ctl(&["call", "tool", "hi"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tool: hi\n",
+        "{out:?}"
+    );
+}

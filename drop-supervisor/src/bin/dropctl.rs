@@ -220,7 +220,17 @@ fn main() -> ExitCode {
     match run(&client, cli.json, &cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("dropctl: {e}");
+            // The whole chain: "talking to drop-supervisor at …: connection reset by peer".
+            let mut line = format!("dropctl: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !line.contains(&text) {
+                    line.push_str(&format!(": {text}"));
+                }
+                cause = c.source();
+            }
+            eprintln!("{line}");
             ExitCode::from(match e {
                 ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
                 _ => EXIT_FAILED,
@@ -367,9 +377,14 @@ fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientErro
                 );
             } else {
                 println!("flow {} applied", v["flow"].as_str().unwrap_or("?"));
-                for what in ["started", "restarted", "unchanged", "stopped"] {
+                for what in ["started", "restarted", "retried", "unchanged", "stopped"] {
                     for p in v[what].as_array().into_iter().flatten() {
-                        println!("  {what:<9} {}", p.as_str().unwrap_or("?"));
+                        let note = if what == "retried" {
+                            " (had failed; started again)"
+                        } else {
+                            ""
+                        };
+                        println!("  {what:<9} {}{note}", p.as_str().unwrap_or("?"));
                     }
                 }
             }

@@ -243,17 +243,10 @@ async fn route(
         return match import(&mut body, &name, replace, supervisor, limits).await {
             Ok(resp) => json(200, resp.to_json(), false),
             Err(e) => {
-                // The client may still be sending the bundle; read it away (bounded) so that
-                // it gets to read the refusal instead of a reset connection. Then close.
-                let bound = supervisor.config().image_max_bytes;
+                // The client may still be sending the bundle; read it away (for 2 s at most)
+                // so that it gets to read the refusal instead of a reset connection. Then close.
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    let mut seen: u64 = 0;
-                    while let Some(Ok(frame)) = body.frame().await {
-                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-                        if seen > bound {
-                            break;
-                        }
-                    }
+                    while let Some(Ok(_)) = body.frame().await {}
                 })
                 .await;
                 json(e.status, e.to_json(), true)

@@ -119,6 +119,9 @@ pub struct ApplyReport {
     pub started: Vec<String>,
     pub restarted: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Unchanged pools that had failed (too many restarts) and were started again.
+    #[serde(default)]
+    pub retried: Vec<String>,
     pub stopped: Vec<String>,
 }
 
@@ -398,6 +401,17 @@ impl Runtime {
         }
         for spec in &flow.pools {
             match pools.get(&spec.name) {
+                // Applying the same flow again is how an operator asks a failed pool (one that
+                // hit its restart intensity) to try again, e.g. after installing what it lacked.
+                Some(e)
+                    if e.spec == *spec
+                        && matches!(e.pool.status().phase, worker::pool::Phase::Failed(_)) =>
+                {
+                    if let Some(entry) = pools.remove(&spec.name) {
+                        self.stop_entry(entry);
+                    }
+                    report.retried.push(spec.name.clone());
+                }
                 Some(e) if e.spec == *spec => {
                     report.unchanged.push(spec.name.clone());
                     continue;

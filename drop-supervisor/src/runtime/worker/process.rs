@@ -26,12 +26,18 @@ pub enum SpawnError {
     Nul(String),
     #[error("cannot create a pipe")]
     Pipe(#[source] std::io::Error),
-    #[error("cannot start {program}")]
+    #[error("cannot start {program}: {source}")]
     Exec {
         program: String,
         #[source]
         source: std::io::Error,
     },
+    /// A bare program name that no directory of the worker's PATH holds.
+    #[error(
+        "`{program}` was not found in the worker's PATH ({path}): give its full path in `cmd`, \
+         install it, or set PATH in the pool's `env`"
+    )]
+    NotFound { program: String, path: String },
 }
 
 /// Who a worker runs as; resolved from names when the pool is created.
@@ -134,9 +140,18 @@ pub fn spawn(launch: &Launch, stderr: OwnedFd) -> Result<Started, SpawnError> {
     unsafe {
         cmd.pre_exec(move || child_setup(&procs, image.as_ref(), credentials));
     }
-    let child = cmd.spawn().map_err(|source| SpawnError::Exec {
-        program: program.clone(),
-        source,
+    let child = cmd.spawn().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound && !program.contains('/') {
+            SpawnError::NotFound {
+                program: program.clone(),
+                path: launch.env.get("PATH").cloned().unwrap_or_default(),
+            }
+        } else {
+            SpawnError::Exec {
+                program: program.clone(),
+                source,
+            }
+        }
     })?;
     let pid = child.id().unwrap_or(0);
     Ok(Started {
