@@ -716,3 +716,43 @@ fn a_missing_program_is_named_with_the_path_and_applying_again_retries_the_faile
         "{out:?}"
     );
 }
+
+#[test]
+fn a_worker_dying_before_its_first_reply_shows_its_stderr_and_pool_restart_retries() {
+    let mut node = Node::new();
+    node.start();
+    let flow = node.path("dies.yaml");
+    std::fs::write(
+        &flow,
+        "name: dies\nfunc:\n  - name: dies\n    cmd: [/bin/sh, -c, 'echo \"cannot open /etc/dies.conf\" >&2; exit 3']\n    \
+         restart: {backoff_initial_ms: 10, backoff_max_ms: 20, intensity: 2, period_ms: 60000}\n",
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let show = loop {
+        let show = node.ctl_json(&["pool", "show", "dies"]);
+        if show["phase"]["state"] == "failed" || Instant::now() > deadline {
+            break show;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(show["phase"]["state"], "failed", "{show}");
+    let tail = show["stderr_tail"].to_string();
+    assert!(tail.contains("cannot open /etc/dies.conf"), "{show}");
+
+    // `pool restart` starts even a failed pool again (it fails again here, on purpose).
+    let out = node.ctl(&["pool", "restart", "dies"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("pool dies restarted: running"),
+        "{out:?}"
+    );
+    let out = node.ctl(&["pool", "restart", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{out:?}"
+    );
+}

@@ -141,6 +141,8 @@ enum PoolCommand {
     Ls,
     /// Show one pool in detail.
     Show { name: String },
+    /// Stop a pool and start it again from its flow (also a `failed` one).
+    Restart { name: String },
     /// Change a pool's size at run time (in-flight requests are never dropped).
     Scale {
         name: String,
@@ -494,6 +496,20 @@ fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientErro
         PoolCommand::Show { name } => {
             let v: serde_json::Value = client.get(&format!("/v1/pools/{name}"))?;
             print_json(&v);
+            Ok(0)
+        }
+        PoolCommand::Restart { name } => {
+            let v: serde_json::Value =
+                client.post(&format!("/v1/pools/{name}/restart"), &serde_json::json!({}))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "pool {name} restarted: {} ({} workers)",
+                    v["phase"]["state"].as_str().unwrap_or("?"),
+                    v["workers"]
+                );
+            }
             Ok(0)
         }
         PoolCommand::Scale { name, min, max } => {

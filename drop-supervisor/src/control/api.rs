@@ -10,6 +10,7 @@
 //! - `GET /v1/pools`, `GET /v1/pools/<name>`, `POST /v1/pools/<name>/call` `{"payload"}`
 //! - `POST /v1/pools/<name>/cast` `{"payload", "all"}` — queue without waiting (202-like `{"queued": true}`)
 //! - `POST /v1/pools/<name>/scale` `{"min", "max"}` — resize at run time
+//! - `POST /v1/pools/<name>/restart` — stop and start it again (also a `failed` pool)
 //! - `GET /v1/images`, `PUT /v1/images/<name>[?replace=true]` with the bundle as a tarball
 //!   (`.tar` or gzip) as the body, `DELETE /v1/images/<name>` — bundles
 //! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
@@ -70,6 +71,9 @@ pub enum ApiRequest {
     NsLeave,
     PoolList,
     PoolShow {
+        name: String,
+    },
+    PoolRestart {
         name: String,
     },
     Call {
@@ -340,6 +344,12 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                 name: name.to_string(),
             }),
             _ => Err(method_not_allowed(req, "PUT or DELETE")),
+        },
+        ["v1", "pools", name, "restart"] if !name.is_empty() => match method {
+            "POST" => Ok(ApiRequest::PoolRestart {
+                name: name.to_string(),
+            }),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         ["v1", "pools", name, "scale"] if !name.is_empty() => match method {
             "POST" => {

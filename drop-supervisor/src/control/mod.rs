@@ -49,6 +49,9 @@ fn to_json<T: serde::Serialize>(v: &T) -> ApiResponse {
     ApiResponse::Json(serde_json::to_value(v).expect("runtime answers serialise"))
 }
 
+/// Lines of a pool's stderr that `pool show` includes.
+const STDERR_TAIL_LINES: usize = 5;
+
 /// Largest log chunk one `logs` request returns.
 const LOG_CHUNK: usize = 64 * 1024;
 
@@ -188,11 +191,32 @@ impl Supervisor {
             }
             ApiRequest::NsLeave => self.cluster()?.ns_leave().await.map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
-            ApiRequest::PoolShow { name } => self
-                .runtime
-                .pool_status(&name)
-                .map(|s| to_json(&s))
-                .map_err(|e| ApiError::from(&e)),
+            ApiRequest::PoolShow { name } => {
+                let status = self
+                    .runtime
+                    .pool_status(&name)
+                    .map_err(|e| ApiError::from(&e))?;
+                let mut v = serde_json::to_value(&status).expect("pool status serialises");
+                // What its workers last printed on stderr: why a worker that dies before its
+                // first reply died, right where the operator looks.
+                if let Ok(log) = self.runtime.pool_log(&name)
+                    && let Ok((bytes, _)) = log.tail(4096)
+                {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..];
+                    v["stderr_tail"] = serde_json::json!(tail);
+                }
+                Ok(ApiResponse::Json(v))
+            }
+            ApiRequest::PoolRestart { name } => {
+                self.blocking(move |rt| {
+                    rt.restart_pool(&name)
+                        .map(|s| to_json(&s))
+                        .map_err(|e| ApiError::from(&e))
+                })
+                .await
+            }
             ApiRequest::Call { pool, payload } => {
                 let forward = self.forward.clone();
                 self.blocking(move |rt| {

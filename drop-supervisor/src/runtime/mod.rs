@@ -731,6 +731,26 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::UnknownPool(name.to_string()))
     }
 
+    /// Stops a pool and starts it again from its flow's definition — also a `failed` one, so an
+    /// operator can retry after fixing what made it fail.
+    pub fn restart_pool(&self, name: &str) -> Result<PoolStatus, RuntimeError> {
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        let entry = pools
+            .remove(name)
+            .ok_or_else(|| RuntimeError::UnknownPool(name.to_string()))?;
+        let (flow, spec) = (entry.flow.clone(), entry.spec.clone());
+        self.stop_entry(entry);
+        let started = self.start_pool(&flow, &spec);
+        let result = started.map(|entry| {
+            let status = entry.pool.status();
+            pools.insert(name.to_string(), entry);
+            status
+        });
+        self.rewire(&pools);
+        info!(pool = %name, ok = result.is_ok(), "pool restarted on request");
+        result
+    }
+
     pub fn pool_log(&self, name: &str) -> Result<Arc<PoolLog>, RuntimeError> {
         let pools = self.pools.read().unwrap_or_else(|e| e.into_inner());
         pools
