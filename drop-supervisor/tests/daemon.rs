@@ -741,6 +741,23 @@ fn a_worker_dying_before_its_first_reply_shows_its_stderr_and_pool_restart_retri
     assert_eq!(show["phase"]["state"], "failed", "{show}");
     let tail = show["stderr_tail"].to_string();
     assert!(tail.contains("cannot open /etc/dies.conf"), "{show}");
+    // Without --json, sections a person reads.
+    let out = node.ctl(&["pool", "show", "dies"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "pool       dies",
+        "state      failed:",
+        "stderr",
+        "  cannot open /etc/dies.conf",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    let out = node.ctl(&["flow", "show", "dies"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("flow       dies") && text.contains("POOL") && text.contains("/bin/sh -c"),
+        "{text}"
+    );
 
     // `pool restart` starts even a failed pool again (it fails again here, on purpose).
     let out = node.ctl(&["pool", "restart", "dies"]);

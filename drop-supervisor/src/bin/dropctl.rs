@@ -8,6 +8,7 @@ use drop_supervisor::config::DEFAULT_SOCKET;
 use drop_supervisor::control::api::StatusInfo;
 use drop_supervisor::control::client::{Client, ClientError};
 use drop_supervisor::host::tune::{ApplyOutcome, ApplyReport, CheckReport, KeyState, Policy};
+use drop_supervisor::runtime::worker::pool::{Phase, PoolStatus};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -436,14 +437,35 @@ fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientErro
             if json {
                 print_json(&v);
             } else {
-                let mut summary = v.clone();
-                if let Some(o) = summary.as_object_mut() {
-                    o.remove("source");
-                }
+                println!("flow       {}", text(&v["name"]));
                 println!(
-                    "{}",
-                    serde_json::to_string_pretty(&summary).expect("JSON values serialise")
+                    "priority   {}{}",
+                    text(&v["priority"]),
+                    v["replicas"]
+                        .as_u64()
+                        .map_or(String::new(), |r| format!(" (replicas {r})"))
                 );
+                println!(
+                    "{:<20} {:<7} {:>4} {:>4} {:<16} COMMAND",
+                    "POOL", "MODE", "MIN", "MAX", "IMAGE"
+                );
+                for p in v["pools"].as_array().into_iter().flatten() {
+                    let argv: Vec<String> = p["argv"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(text)
+                        .collect();
+                    println!(
+                        "{:<20} {:<7} {:>4} {:>4} {:<16} {}",
+                        text(&p["name"]),
+                        text(&p["mode"]),
+                        text(&p["min"]),
+                        text(&p["max"]),
+                        text(&p["image"]),
+                        argv.join(" ")
+                    );
+                }
                 println!(
                     "--- source ---\n{}",
                     v["source"].as_str().unwrap_or_default()
@@ -452,6 +474,62 @@ fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientErro
             Ok(0)
         }
     }
+}
+
+/// `pool show` as sections a person reads: state, workers, queue, counters, latency, and
+/// what the workers last printed on stderr.
+fn print_pool(v: &serde_json::Value) -> Result<(), ClientError> {
+    let p: PoolStatus = serde_json::from_value(v.clone()).map_err(|e| bad(&e))?;
+    let s = &p.stats;
+    let state = match &p.phase {
+        Phase::Running => "running".to_string(),
+        Phase::Stopped => "stopped".to_string(),
+        Phase::Failed(why) => format!("failed: {why}"),
+    };
+    let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
+    println!("pool       {}", p.name);
+    println!("state      {state}");
+    println!(
+        "workers    {} (min {}, max {}; idle {}, busy {}, starting {})",
+        p.workers, p.min, p.max, p.idle, p.busy, p.starting
+    );
+    println!(
+        "pids       {}",
+        if pids.is_empty() {
+            "-".to_string()
+        } else {
+            pids.join(" ")
+        }
+    );
+    println!("queue      {} waiting", p.queue_depth);
+    println!(
+        "requests   ok {}, error {}, timeout {}, rejected {}, running {}",
+        s.ok, s.error, s.timeout, s.rejected, s.running
+    );
+    println!(
+        "workers    restarts {}, out of step {}, cache hits {}",
+        s.restarts, s.out_of_step, s.cache_hits
+    );
+    match (s.quantile_us(0.5), s.quantile_us(0.99)) {
+        (Some(p50), Some(p99)) => println!(
+            "latency    p50 <= {p50} us, p99 <= {p99} us over {} requests",
+            s.latency_count
+        ),
+        _ => println!("latency    - (no requests yet)"),
+    }
+    let tail: Vec<&str> = v["stderr_tail"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str())
+        .collect();
+    if !tail.is_empty() {
+        println!("stderr     (last lines; `dropctl logs {}` for all)", p.name);
+        for line in tail {
+            println!("  {line}");
+        }
+    }
+    Ok(())
 }
 
 fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientError> {
@@ -495,7 +573,11 @@ fn pool(client: &Client, json: bool, cmd: &PoolCommand) -> Result<u8, ClientErro
         }
         PoolCommand::Show { name } => {
             let v: serde_json::Value = client.get(&format!("/v1/pools/{name}"))?;
-            print_json(&v);
+            if json {
+                print_json(&v);
+            } else {
+                print_pool(&v)?;
+            }
             Ok(0)
         }
         PoolCommand::Restart { name } => {
