@@ -5,7 +5,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,8 @@ const TOKEN: &str = "0123456789abcdef-token";
 
 /// A daemon with one echo pool, its gateway on 127.0.0.1, and `gateway_extra` in `[gateway]`.
 struct Daemon {
-    dir: tempfile::TempDir,
+    /// Holds the daemon's state and config; removed when the daemon is.
+    _dir: tempfile::TempDir,
     child: Child,
     gateway: SocketAddr,
 }
@@ -72,7 +72,7 @@ impl Daemon {
             serde_json::from_slice(&ctl(&["--json", "status"])).unwrap();
         let gateway = status["gateway"].as_str().unwrap().parse().unwrap();
         Daemon {
-            dir,
+            _dir: dir,
             child,
             gateway,
         }
@@ -86,11 +86,6 @@ impl Daemon {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
-    }
-
-    #[allow(dead_code)]
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
 }
 
