@@ -106,6 +106,20 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `pool show` of `pool` once it is `failed` (or after 10 s, for the caller to assert on).
+    fn pool_when_failed(&self, pool: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let show = self.ctl_json(&["pool", "show", pool]);
+            if show["phase"]["state"] == "failed" || Instant::now() > deadline {
+                return show;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -676,14 +690,7 @@ fn a_missing_program_is_named_with_the_path_and_applying_again_retries_the_faile
     .unwrap();
     let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let show = loop {
-        let show = node.ctl_json(&["pool", "show", "tool"]);
-        if show["phase"]["state"] == "failed" || Instant::now() > deadline {
-            break show;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let show = node.pool_when_failed("tool");
     let reason = show["phase"]["reason"]
         .as_str()
         .unwrap_or_default()
@@ -730,14 +737,7 @@ fn a_worker_dying_before_its_first_reply_shows_its_stderr_and_pool_restart_retri
     .unwrap();
     let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let show = loop {
-        let show = node.ctl_json(&["pool", "show", "dies"]);
-        if show["phase"]["state"] == "failed" || Instant::now() > deadline {
-            break show;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let show = node.pool_when_failed("dies");
     assert_eq!(show["phase"]["state"], "failed", "{show}");
     let tail = show["stderr_tail"].to_string();
     assert!(tail.contains("cannot open /etc/dies.conf"), "{show}");
