@@ -1,20 +1,31 @@
-//! Every kernel-network side effect of DROP lives here. Today that is one thing: the XDP counter
-//! program `drop_count` (built from `drop-ebpf`, embedded at compile time), which counts the
-//! frames arriving on an interface per IPv4 destination and passes all of them.
+//! Every kernel-network side effect of DROP lives here. Today that is two things:
 //!
-//! [`XdpCounter`] loads it, attaches it to an interface (`ip link set dev IF xdp…` does the same
+//! - the XDP counter program `drop_count` (built from `drop-ebpf`, embedded at compile time),
+//!   which counts the frames arriving on an interface per IPv4 destination and passes all of
+//!   them;
+//! - the floating address ([`vip`]): the IP address DROP moves between nodes, added and removed
+//!   with DROP's mark, announced with gratuitous ARP or an unsolicited neighbour advertisement,
+//!   and watched for another holder ([`VipNet`], implemented by [`Netlink`]).
+//!
+//! [`XdpCounter`] loads the counter, attaches it to an interface (`ip link set dev IF xdp…` does the same
 //! by hand), reads its per-CPU maps, and runs it on a hand-made frame through
 //! `BPF_PROG_TEST_RUN` without any traffic.
 //!
 //! What this crate must never do: drop, redirect or rewrite traffic (the program only counts),
-//! touch interfaces it was not asked to, or leave a program attached after its [`XdpCounter`] is
-//! gone. Interface names resolve in the network namespace of the calling *thread*.
+//! touch interfaces it was not asked to, leave a program attached after its [`XdpCounter`] is
+//! gone, or remove an address that does not carry DROP's mark ([`ADDRESS_PROTO`]) unless asked
+//! to remove that very address. Interface names resolve in the network namespace of the calling
+//! *thread* (for [`Netlink`]: of the thread that created it).
 //!
-//! All kernel access goes through aya, so this crate has no `unsafe` of its own.
-#![forbid(unsafe_code)]
+//! Kernel access goes through aya, rtnetlink and socket2. The one `unsafe` block of this crate
+//! builds a `sockaddr_ll` for the packet sockets of [`vip`] (socket2 has no safe constructor
+//! for it); it is confined to one small function.
+#![deny(unsafe_code)]
 
 mod counter;
 mod report;
+pub mod vip;
 
 pub use counter::{TestRun, XdpCounter, XdpError, XdpMode, XdpVerdict};
 pub use report::{Count, Destination, Protocol, Stats};
+pub use vip::{ADDRESS_PROTO, Mac, NetError, Netlink, ParseMacError, Vip, VipNet};
