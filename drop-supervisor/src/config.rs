@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::cluster::ClusterConfig;
 use crate::cluster::membership::Timing;
 use crate::gateway::limits::Limits as GatewayLimits;
+use crate::vip::protocol::Params;
+use crate::vip::{Garp, VipSettings};
 
 /// Where the packaged daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/drop/drop.toml";
@@ -62,6 +64,33 @@ pub struct RawConfig {
     pub gateway: RawGateway,
     /// Present: the node joins a cluster. Absent: a single node, flows applied locally.
     pub cluster: Option<RawCluster>,
+    /// The floating IP of this node's namespace (cluster only).
+    pub vip: Option<RawVip>,
+}
+
+/// `[vip]`: how this node holds its namespace's floating IP.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVip {
+    /// `false`: this node never adds the address (default `true`).
+    pub enabled: Option<bool>,
+    /// Interface for the address (default: the one whose route reaches the other members).
+    pub interface: Option<String>,
+    /// UDP port of the floating-IP protocol, the same on every node (default: cluster port + 2).
+    pub port: Option<u16>,
+    /// Heartbeat interval (default: `20ms` with the `fast` profile, `100ms` with `lan`).
+    pub heartbeat: Option<String>,
+    /// Heartbeats a holder may miss before another member takes over (default: 6 / 10).
+    pub missed_heartbeats: Option<u32>,
+    /// Gratuitous announcements sent at once on takeover, on a conflict, after a partition
+    /// heals (default 5).
+    pub garp_burst: Option<u32>,
+    /// A second burst after takeover, or `off` (default `2s`).
+    pub garp_repeat_after: Option<String>,
+    /// One announcement this often while holding, or `off` (default `30s`).
+    pub garp_refresh: Option<String>,
+    /// At most one conflict burst this often (default `1s`).
+    pub garp_conflict_gap: Option<String>,
 }
 
 /// `[cluster]`: membership address, seeds, key, timing (memberlist's knob names).
@@ -117,6 +146,102 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "`{text}` needs a unit: `ms`, `s` or `m` (as in `500ms`)"
         )),
     }
+}
+
+/// Validates the `[vip]` section over the defaults of the cluster's profile.
+fn vip_from_raw(
+    raw: RawVip,
+    cluster: &ClusterConfig,
+    origin: &str,
+) -> Result<VipSettings, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key,
+        reason,
+    };
+    let mut params = if cluster.profile == "fast" {
+        Params::fast()
+    } else {
+        Params::lan()
+    };
+    let heartbeat = match &raw.heartbeat {
+        Some(t) => parse_duration(t).map_err(|r| invalid("vip.heartbeat", r))?,
+        None => params.heartbeat,
+    };
+    if !(Duration::from_millis(5)..=Duration::from_secs(10)).contains(&heartbeat) {
+        return Err(invalid(
+            "vip.heartbeat",
+            "must be between 5ms and 10s".into(),
+        ));
+    }
+    let missed = match raw.missed_heartbeats {
+        Some(n) if !(3..=100).contains(&n) => {
+            return Err(invalid(
+                "vip.missed_heartbeats",
+                "must be between 3 and 100 (the lease is two heartbeats shorter)".into(),
+            ));
+        }
+        Some(n) => n,
+        None => u32::try_from(params.dead_after.as_millis() / params.heartbeat.as_millis().max(1))
+            .unwrap_or(10),
+    };
+    params = Params::new(heartbeat, missed);
+    let off_or =
+        |key: &'static str, v: &Option<String>, default: Option<Duration>| match v.as_deref() {
+            None => Ok(default),
+            Some("off") => Ok(None),
+            Some(t) => {
+                let d = parse_duration(t).map_err(|r| invalid(key, format!("{r}, or `off`")))?;
+                if d.is_zero() {
+                    return Err(invalid(key, "must be greater than zero, or `off`".into()));
+                }
+                Ok(Some(d))
+            }
+        };
+    let defaults = Garp::default();
+    let burst = raw.garp_burst.unwrap_or(defaults.burst);
+    if !(1..=50).contains(&burst) {
+        return Err(invalid("vip.garp_burst", "must be between 1 and 50".into()));
+    }
+    let garp = Garp {
+        burst,
+        repeat_after: off_or(
+            "vip.garp_repeat_after",
+            &raw.garp_repeat_after,
+            defaults.repeat_after,
+        )?,
+        refresh: off_or("vip.garp_refresh", &raw.garp_refresh, defaults.refresh)?,
+        conflict_gap: match &raw.garp_conflict_gap {
+            Some(t) => parse_duration(t).map_err(|r| invalid("vip.garp_conflict_gap", r))?,
+            None => defaults.conflict_gap,
+        },
+    };
+    if let Some(i) = &raw.interface
+        && (i.is_empty() || i.len() > 15 || i.contains(['/', ' ']))
+    {
+        return Err(invalid(
+            "vip.interface",
+            format!("`{i}` is not an interface name (1 to 15 characters, no `/` or space)"),
+        ));
+    }
+    let port = match raw.port {
+        Some(0) => return Err(invalid("vip.port", "must not be 0".into())),
+        Some(p) => p,
+        None => cluster.bind.port().checked_add(2).ok_or_else(|| {
+            invalid(
+                "vip.port",
+                "the cluster port leaves no room for port + 2; set it".into(),
+            )
+        })?,
+    };
+    Ok(VipSettings {
+        enabled: raw.enabled.unwrap_or(true),
+        interface: raw.interface,
+        bind_ip: cluster.bind.ip(),
+        port,
+        params,
+        garp,
+    })
 }
 
 /// Validates the `[cluster]` section.
@@ -396,6 +521,8 @@ pub struct Config {
     pub gateway_limits: GatewayLimits,
     /// `None`: a single node.
     pub cluster: Option<ClusterConfig>,
+    /// `None`: a single node (the floating IP needs a cluster).
+    pub vip: Option<VipSettings>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -537,6 +664,16 @@ impl Config {
             .cluster
             .map(|c| cluster_from_raw(c, &origin))
             .transpose()?;
+        let vip = match (&cluster, raw.vip) {
+            (Some(c), v) => Some(vip_from_raw(v.unwrap_or_default(), c, &origin)?),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "vip",
+                    "the floating IP needs a `[cluster]` section".into(),
+                ));
+            }
+            (None, None) => None,
+        };
 
         Ok(Config {
             path,
@@ -559,6 +696,7 @@ impl Config {
             gateway_token,
             gateway_limits,
             cluster,
+            vip,
         })
     }
 }

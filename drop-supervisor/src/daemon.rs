@@ -52,6 +52,12 @@ pub enum DaemonError {
     ClusterKey { path: PathBuf, reason: String },
     #[error(transparent)]
     Cluster(#[from] crate::cluster::membership::MembershipError),
+    #[error("cannot start the floating-IP protocol on port {port}")]
+    Vip {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the peer transport on {addr}")]
     Peer {
         addr: std::net::SocketAddr,
@@ -159,6 +165,66 @@ async fn start_cluster(
     Ok(cluster)
 }
 
+/// Starts the floating-IP agent. A seam that does not work (no netlink) is logged and leaves the
+/// node without a floating IP rather than down.
+fn start_vip(
+    runtime: &Arc<Runtime>,
+    cc: &crate::cluster::ClusterConfig,
+    settings: &crate::vip::VipSettings,
+    node_id: uuid::Uuid,
+    node_name: &str,
+) -> Result<Option<Arc<crate::vip::VipService>>, DaemonError> {
+    let text =
+        std::fs::read_to_string(&cc.key_file).map_err(|source| DaemonError::ClusterKeyFile {
+            path: cc.key_file.clone(),
+            source,
+        })?;
+    let key =
+        crate::cluster::membership::parse_key(&text).map_err(|reason| DaemonError::ClusterKey {
+            path: cc.key_file.clone(),
+            reason,
+        })?;
+    let key = crate::vip::wire::VipKey::derive(key.as_ref());
+    // The seam runs its own small runtime: create it on a plain thread.
+    let net = std::thread::spawn(drop_net::Netlink::new).join();
+    let net = match net {
+        Ok(Ok(net)) => net,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "no netlink: this node will not hold a floating IP");
+            return Ok(None);
+        }
+        Err(_) => {
+            tracing::error!("the netlink set-up panicked: this node will not hold a floating IP");
+            return Ok(None);
+        }
+    };
+    let agent = crate::vip::agent::Agent::start(node_id, settings.clone(), key, Box::new(net))
+        .map_err(|source| DaemonError::Vip {
+            port: settings.port,
+            source,
+        })?;
+    info!(
+        port = settings.port,
+        heartbeat_ms = settings.params.heartbeat.as_millis() as u64,
+        dead_after_ms = settings.params.dead_after.as_millis() as u64,
+        "floating-IP protocol listening"
+    );
+    Ok(Some(Arc::new(crate::vip::VipService::new(
+        agent,
+        runtime.clone(),
+        settings.clone(),
+        node_name.to_string(),
+    ))))
+}
+
+/// Removes every address carrying DROP's mark from this network namespace (`drop-supervisor
+/// --release-vip`, the unit's `ExecStopPost=`): what a daemon that died holding the floating IP
+/// left behind. Returns the addresses removed.
+pub fn release_vip() -> Result<Vec<drop_net::Vip>, drop_net::NetError> {
+    let mut net = drop_net::Netlink::new()?;
+    crate::vip::agent::release_leftovers(&mut net)
+}
+
 /// Binds the control socket at `path`: creates the parent directory, replaces a stale socket
 /// left by a crash (but refuses when a live daemon answers on it), sets mode 0660 and, when the
 /// group exists, group `group`.
@@ -199,6 +265,20 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let (node_id, created) = state::load_or_create_node_id(&config.state_dir)?;
     if created {
         info!(%node_id, state_dir = %config.state_dir.display(), "created node identity");
+    }
+    if config.vip.as_ref().is_some_and(|v| v.enabled) {
+        // Before anything else: a floating IP an earlier run left (it was SIGKILLed or crashed
+        // while holding it, outside systemd's ExecStopPost=) must not answer while another node
+        // holds it. This node takes it again only through the protocol.
+        match std::thread::spawn(release_vip).join() {
+            Ok(Ok(gone)) => {
+                for v in gone {
+                    warn!(address = %v.addr, interface = %v.ifname, "removed a floating IP left by an earlier run");
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot look for floating IPs left by an earlier run"),
+            Err(_) => warn!("looking for floating IPs left by an earlier run panicked"),
+        }
     }
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -284,9 +364,24 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         peer_server = Some(server);
         cluster.spawn(runtime.clone(), key.clone());
     }
+    let vip = match (&cluster, &config.cluster, &config.vip) {
+        (Some(cluster), Some(cc), Some(settings)) if settings.enabled => {
+            let service = start_vip(&runtime, cc, settings, node_id, &config.node_name)?;
+            if let Some(service) = &service {
+                cluster.set_vip(service.clone());
+                let s = service.clone();
+                runtime.add_metrics(Box::new(move || s.metrics()));
+            }
+            service
+        }
+        _ => None,
+    };
     let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
     if let (Some(c), Some(f)) = (&cluster, forward) {
         supervisor = supervisor.with_cluster(c.clone(), f);
+    }
+    if let Some(v) = &vip {
+        supervisor = supervisor.with_vip(v.clone());
     }
     let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -334,6 +429,10 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let _ = notifier.notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    // The address goes first, with a resignation, so the next holder need not wait.
+    if let Some(v) = vip {
+        let _ = tokio::task::spawn_blocking(move || v.stop()).await;
+    }
     if let Some(c) = &cluster {
         c.stop().await;
     }

@@ -27,3 +27,4 @@ pub mod gateway;
 pub mod host;
 pub mod http;
 pub mod runtime;
+pub mod vip;

@@ -19,6 +19,10 @@ struct Args {
     /// Check the config file and exit: 0 when valid, 1 with the error otherwise.
     #[arg(long)]
     check_config: bool,
+    /// Remove every floating IP a daemon of this host added (addresses carrying DROP's mark) and
+    /// exit; for the unit's `ExecStopPost=`, after a crash or SIGKILL. Needs no config.
+    #[arg(long)]
+    release_vip: bool,
 }
 
 fn main() -> ExitCode {
@@ -36,6 +40,16 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args, started: Instant) -> anyhow::Result<()> {
+    if args.release_vip {
+        let gone = daemon::release_vip().context("releasing floating IPs")?;
+        for v in &gone {
+            println!("removed {}/{} from {}", v.addr, v.prefix, v.ifname);
+        }
+        if gone.is_empty() {
+            println!("no floating IP to remove");
+        }
+        return Ok(());
+    }
     let config = Config::load(args.config.as_deref())?;
     if args.check_config {
         println!(

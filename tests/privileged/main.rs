@@ -14,6 +14,8 @@ mod netns;
 mod runtime;
 mod systemd;
 mod tune;
+mod vip;
+mod vipnet;
 mod workers;
 mod xdp;
 
@@ -30,6 +32,7 @@ fn main() {
     let strict = std::env::var("DROP_TEST_STRICT").is_ok_and(|v| v == "1");
     let all = [
         netns::TESTS,
+        vipnet::TESTS,
         xdp::TESTS,
         systemd::TESTS,
         tune::TESTS,
@@ -39,6 +42,7 @@ fn main() {
         runtime::TESTS,
         workers::TESTS,
         cluster::TESTS,
+        vip::TESTS,
     ]
     .into_iter()
     .flatten();

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use drop_tests::netns::check;
 use drop_tests::systemd::{self, SandboxOptions, SystemdSandbox, UnitHandle, wait_job};
 use drop_tests::{Outcome, Test, paths, unique_name};
 use zbus::Variant;
@@ -170,8 +171,9 @@ fn unit_verify_is_clean() -> anyhow::Result<Outcome> {
         "{UNIT} has no single `{SHIPPED_EXEC}`"
     );
     let unit_file = tmp.path().join(UNIT);
-    let exec = format!("ExecStart={} ", daemon.display());
-    fs::write(&unit_file, text.replace(SHIPPED_EXEC, &exec))?;
+    // ExecStart= and ExecStopPost= (the floating-IP release) name the same binary.
+    let exec = format!("{} ", daemon.display());
+    fs::write(&unit_file, text.replace("/usr/bin/drop-supervisor ", &exec))?;
     // verify writes /run/systemd/systemd-units-load: give it a private, empty /run.
     let in_private_run = |args: &[&str]| -> anyhow::Result<std::process::Output> {
         let script = "mount -t tmpfs -o mode=755 drop-verify /run && exec \"$@\"";
@@ -356,14 +358,19 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
             "# written by tests/privileged/systemd.rs\n\
              [Service]\n\
              ExecStart=\n\
-             ExecStart={} --config /run/drop-test/drop.toml\n\
+             ExecStart={daemon} --config /run/drop-test/drop.toml\n\
+             ExecStopPost=\n\
+             ExecStopPost=-{daemon} --release-vip\n\
+             # addresses the test adds (as a daemon holding a floating IP would) stay in a\n\
+             # network namespace of the unit's own\n\
+             PrivateNetwork=yes\n\
              # the test config's stand-in for /proc/sys (ProtectSystem=strict: /run is read-only)\n\
              ReadWritePaths=/run/drop-test\n\
              # keep /run/drop on stop: a socket gone after stop is then the daemon's own doing\n\
              RuntimeDirectoryPreserve=yes\n\
              # a checkout under /tmp stays visible despite PrivateTmp=yes\n\
              {bind_tmp}",
-            daemon.display()
+            daemon = daemon.display()
         ),
     )?;
     sandbox.daemon_reload()?;
@@ -521,6 +528,43 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
             "a worker of the unit runs as uid {}, not drop-fn ({drop_fn})",
             field("Uid:")
         );
+        // A floating IP as a daemon holding one leaves it (marked as DROP's) and one that is not
+        // DROP's, in the unit's network namespace; the namespace stays open here so it can be
+        // read after the kill.
+        let unit_netns = fs::File::open(format!("/proc/{host_pid}/ns/net"))?;
+        let marked = drop_net::Vip {
+            ifname: "lo".into(),
+            addr: "10.201.0.250".parse()?,
+            prefix: 32,
+        };
+        let foreign = drop_net::Vip {
+            ifname: "lo".into(),
+            addr: "10.201.0.251".parse()?,
+            prefix: 32,
+        };
+        let in_unit_netns =
+            |f: &(dyn Fn(&mut drop_net::Netlink) -> anyhow::Result<bool> + Sync)| {
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| -> anyhow::Result<bool> {
+                            nix::sched::setns(&unit_netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                            let mut net = drop_net::Netlink::new()?;
+                            f(&mut net)
+                        })
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+                })
+            };
+        in_unit_netns(&|net| Ok(drop_net::VipNet::add(net, &marked)?))?;
+        check(Command::new("nsenter").args([
+            &format!("--net=/proc/{host_pid}/ns/net"),
+            "ip",
+            "addr",
+            "add",
+            "10.201.0.251/32",
+            "dev",
+            "lo",
+        ]))?;
         let killed = Instant::now();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(host_pid),
@@ -568,6 +612,17 @@ fn daemon_as_unit_ready_and_status() -> anyhow::Result<Outcome> {
             workers_gone < Duration::from_secs(2),
             "workers took {workers_gone:?} to go"
         );
+        // ExecStopPost= ran `drop-supervisor --release-vip` in the unit's namespace before the
+        // restart: DROP's address is gone, the other one is untouched.
+        let marked_left = in_unit_netns(&|net| Ok(drop_net::VipNet::present(net, &marked)?))?;
+        let foreign_left = in_unit_netns(&|net| Ok(drop_net::VipNet::present(net, &foreign)?))?;
+        ensure!(
+            !marked_left && foreign_left,
+            "after SIGKILL: DROP's address present {marked_left} (want false), the other \
+             present {foreign_left} (want true)\n{}",
+            sandbox.unit_report(UNIT)
+        );
+        println!("  ExecStopPost= removed the floating IP the SIGKILLed daemon left, and only it");
         let main_pid = restarted_pid;
 
         // systemd may unload the unit as soon as it is inactive: its exit status is only seen

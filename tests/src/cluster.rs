@@ -61,6 +61,8 @@ pub struct ClusterSpec {
     pub cluster: bool,
     /// Find peers by multicast discovery only: no seeds at all.
     pub multicast: bool,
+    /// TOML appended to every node's config (e.g. a `[vip]` section).
+    pub extra_config: String,
 }
 
 /// The multicast group and port the fixture's nodes announce themselves on.
@@ -75,6 +77,7 @@ impl ClusterSpec {
             seeds_from_hosts_file: Vec::new(),
             cluster: true,
             multicast: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -401,6 +404,7 @@ impl ClusterFixture {
                 }
             }
         }
+        text.push_str(&self.spec.extra_config);
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         Ok(Daemon {
             log: dir.join("daemon.log"),

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod netns;
 pub mod paths;
 pub mod systemd;
+pub mod vip;
 
 /// What a privileged test concluded when it did not fail.
 #[derive(Debug)]

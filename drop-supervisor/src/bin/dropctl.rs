@@ -63,6 +63,9 @@ enum Command {
     /// Namespaces: named groups of nodes with a leader, a VIP and their flows.
     #[command(subcommand)]
     Ns(NsCommand),
+    /// Floating IPs: who holds each namespace's address, and its health check.
+    #[command(subcommand)]
+    Vip(VipCommand),
     /// Cluster set-up helpers that need no daemon.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -105,6 +108,41 @@ enum NsCommand {
     Leave,
     /// Remove a namespace and its flows everywhere.
     Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum VipCommand {
+    /// Every namespace's floating IP: address, holder, its MAC.
+    Ls,
+    /// One namespace's floating IP: holder, MAC, since when, and this node's GARPs sent,
+    /// conflicts seen and health.
+    Show { namespace: String },
+    /// Set the namespace's health check: a node whose check fails neither takes nor keeps the
+    /// address. One of --pool, --command (or --none to remove the check).
+    Check {
+        namespace: String,
+        /// A pool of this node must be running (with --payload: must answer a call with it).
+        #[arg(long, conflicts_with_all = ["command", "none"])]
+        pool: Option<String>,
+        #[arg(long, requires = "pool")]
+        payload: Option<String>,
+        /// A program with its arguments (split like a shell would, no shell run) that must exit 0.
+        #[arg(long, conflicts_with = "none")]
+        command: Option<String>,
+        /// Remove the check: every member is healthy.
+        #[arg(long)]
+        none: bool,
+        /// Successes in a row that make an unhealthy node healthy.
+        #[arg(long, default_value_t = 2)]
+        rise: u32,
+        /// Failures in a row that make a healthy node unhealthy.
+        #[arg(long, default_value_t = 2)]
+        fall: u32,
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +332,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
             Ok(0)
         }
         Command::Ns(cmd) => namespace(client, json, cmd),
+        Command::Vip(cmd) => vip(client, json, cmd),
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
@@ -725,6 +764,138 @@ fn namespace(client: &Client, json: bool, cmd: &NsCommand) -> Result<u8, ClientE
         }
         NsCommand::Leave => println!("left namespace {}", text(&v["left"])),
         NsCommand::Rm { name } => println!("namespace {name} removed"),
+    }
+    Ok(0)
+}
+
+fn vip(client: &Client, json: bool, cmd: &VipCommand) -> Result<u8, ClientError> {
+    let v: serde_json::Value = match cmd {
+        VipCommand::Ls => client.get("/v1/vip")?,
+        VipCommand::Show { namespace } => client.get(&format!("/v1/vip/{namespace}"))?,
+        VipCommand::Check {
+            namespace,
+            pool,
+            payload,
+            command,
+            none,
+            rise,
+            fall,
+            interval_ms,
+            timeout_ms,
+        } => {
+            let path = format!("/v1/namespaces/{namespace}/health");
+            if *none {
+                client.delete(&path)?
+            } else {
+                let mut body = serde_json::json!({
+                    "rise": rise, "fall": fall, "interval_ms": interval_ms, "timeout_ms": timeout_ms,
+                });
+                if let Some(p) = pool {
+                    body["pool"] = p.clone().into();
+                    if let Some(pl) = payload {
+                        body["payload"] = pl.clone().into();
+                    }
+                } else if let Some(c) = command {
+                    let argv = shell_words::split(c).map_err(|e| ClientError::BadResponse {
+                        status: 0,
+                        detail: format!("--command: {e}"),
+                    })?;
+                    body["command"] = argv.into();
+                } else {
+                    eprintln!("dropctl: give --pool, --command or --none");
+                    return Ok(2);
+                }
+                let raw = serde_json::to_vec(&body).expect("JSON values serialise");
+                client.put_bytes(&path, raw)?
+            }
+        }
+    };
+    if json {
+        print_json(&v);
+        return Ok(0);
+    }
+    match cmd {
+        VipCommand::Ls => {
+            println!(
+                "{:<16} {:<18} {:<14} {:<18} HEALTH CHECK",
+                "NAMESPACE", "ADDRESS", "HOLDER", "MAC"
+            );
+            for n in v.as_array().into_iter().flatten() {
+                let check = if n["health_check"].is_null() {
+                    "-"
+                } else {
+                    "yes"
+                };
+                println!(
+                    "{:<16} {:<18} {:<14} {:<18} {check}",
+                    text(&n["namespace"]),
+                    text(&n["address"]),
+                    text(&n["holder"]),
+                    text(&n["holder_mac"]),
+                );
+            }
+        }
+        VipCommand::Show { .. } => {
+            println!("namespace   {}", text(&v["namespace"]));
+            println!("address     {}", text(&v["address"]));
+            println!(
+                "holder      {}  mac {}",
+                text(&v["holder"]),
+                text(&v["holder_mac"])
+            );
+            let me = &v["this_node"];
+            if me.is_null() {
+                println!("(this node is not a member: no local counters)");
+            } else {
+                println!(
+                    "since       {} (Unix ms, as this node saw it)",
+                    text(&me["since_unix_ms"])
+                );
+                println!("interface   {}", text(&me["interface"]));
+                println!(
+                    "this node   {}  term {}",
+                    text(&me["role"]),
+                    text(&me["term"])
+                );
+                println!(
+                    "garps sent  {}  conflicts seen {} (last from {})",
+                    text(&me["garps_sent"]),
+                    text(&me["conflicts_seen"]),
+                    text(&me["last_conflict_mac"])
+                );
+                let h = &me["health"];
+                println!(
+                    "health      {}  check: {}{}",
+                    if h["healthy"] == true {
+                        "healthy"
+                    } else {
+                        "UNHEALTHY"
+                    },
+                    text(&h["check"]),
+                    h["detail"]
+                        .as_str()
+                        .map(|d| format!("  ({d})"))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "moves seen  {}  last release: {}",
+                    text(&me["moves"]),
+                    text(&me["last_release"])
+                );
+                if let Some(e) = me["error"].as_str() {
+                    println!("error       {e}");
+                }
+            }
+        }
+        VipCommand::Check { namespace, .. } => {
+            if v["health"].is_null() {
+                println!(
+                    "namespace {namespace}: no health check; every member may hold the address"
+                );
+            } else {
+                println!("namespace {namespace}: health check {}", v["health"]);
+            }
+        }
     }
     Ok(0)
 }

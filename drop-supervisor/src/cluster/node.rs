@@ -108,6 +108,9 @@ pub struct NodeView {
 pub struct NsView {
     pub name: String,
     pub vip: Option<String>,
+    /// The floating IP's health check, as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Value>,
     pub members: Vec<NsMember>,
     pub leader: Option<String>,
     pub leader_id: Option<String>,
@@ -220,6 +223,8 @@ struct Inner {
     members: AtomicUsize,
     snapshot: RwLock<Arc<Snapshot>>,
     registry: Arc<RwLock<Registry>>,
+    /// The floating IP, once the daemon attached it.
+    vip: RwLock<Option<Arc<dyn super::VipHook>>>,
 }
 
 /// Gossip and reliable messages: a batch of entries.
@@ -461,6 +466,7 @@ impl Cluster {
             members: AtomicUsize::new(1),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             registry: Arc::new(RwLock::new(Registry::default())),
+            vip: RwLock::new(None),
         });
         let membership = Membership::start(
             MembershipOptions {
@@ -495,6 +501,28 @@ impl Cluster {
             multicast: opts.config.multicast,
             stop,
         })
+    }
+
+    /// Attaches the floating IP: from the next pass on it follows this node's namespace, and
+    /// the holder of the namespace's address is its leader.
+    pub fn set_vip(&self, hook: Arc<dyn super::VipHook>) {
+        *self.inner.vip.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+        self.inner.changed.notify_one();
+    }
+
+    /// The floating IP's status on this node (its namespace), if attached.
+    pub fn vip_status(&self) -> Option<Value> {
+        self.inner
+            .vip
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|h| h.status())
+    }
+
+    /// Wakes the reconcile loop (the floating IP's holder changed).
+    pub fn nudge(&self) {
+        self.inner.changed.notify_one();
     }
 
     /// The forwarding table the gateway reads.
@@ -860,6 +888,7 @@ impl Cluster {
         NsView {
             name: name.to_string(),
             vip,
+            health: None,
             members,
             leader: None,
             leader_id: None,
@@ -867,6 +896,41 @@ impl Cluster {
             flows: Vec::new(),
             history: Vec::new(),
         }
+    }
+
+    /// Sets (or with `None` removes) the namespace's floating-IP health check. The caller has
+    /// validated `health`.
+    pub async fn ns_set_health(
+        &self,
+        name: &str,
+        health: Option<Value>,
+    ) -> Result<NsView, ApiError> {
+        let Some(mut entry) = self.get(&format!("ns/{name}")) else {
+            return Err(unknown_ns(name));
+        };
+        if entry.get("vip").and_then(Value::as_str).is_none() {
+            return Err(ApiError::new(
+                409,
+                "no_vip",
+                format!(
+                    "namespace {name} has no floating IP; a health check decides only who holds it"
+                ),
+            ));
+        }
+        if let Some(obj) = entry.as_object_mut() {
+            match health {
+                Some(h) => {
+                    obj.insert("health".into(), h);
+                }
+                None => {
+                    obj.remove("health");
+                }
+            }
+        }
+        self.write(format!("ns/{name}"), Some(entry)).await;
+        info!(namespace = name, "namespace health check set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.namespace(name)
     }
 
     /// Moves this node into `name` (out of any other); pools of flows in both stay up.
@@ -1018,6 +1082,8 @@ struct Known {
 
 /// What one pass decided under the lock.
 struct Plan {
+    /// This node's namespace for the floating IP.
+    vip: Option<super::VipInput>,
     /// This node's share: flow name → (source, file).
     my_flows: BTreeMap<String, (String, String)>,
     /// `done`/`dall` subscriptions declared in this node's namespace.
@@ -1039,7 +1105,11 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         })
         .collect();
 
-    let plan = plan(inner, &mut inner.lock(), &known);
+    let mut plan = plan(inner, &mut inner.lock(), &known);
+    let hook = inner.vip.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(hook) = hook {
+        hook.update(plan.vip.take());
+    }
     if plan.meta_changed
         && let Err(e) = membership.update_meta().await
     {
@@ -1092,6 +1162,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut plan = Plan {
+        vip: None,
         my_flows: BTreeMap::new(),
         routes: Vec::new(),
         meta_changed: false,
@@ -1118,14 +1189,56 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
             .collect();
         let previous = sh.leaders.get(ns).copied().flatten();
         let quorum = leader::has_quorum(&members, &up);
-        let elected = leader::elect(&View {
+        let mut elected = leader::elect(&View {
             members: &members,
             alive: &up,
             claims: &claims,
             previous,
         });
+        let ns_entry = sh.map.get(&format!("ns/{ns}")).cloned();
+        let vip = ns_entry
+            .as_ref()
+            .and_then(|v| v.get("vip"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        // In this node's namespace, the holder of the floating IP leads: the address and the
+        // leader-only work stay together, and the VIP's fast path moves both.
+        if mine && vip.is_some() && quorum {
+            let hook = inner.vip.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(holder) = hook.and_then(|h| h.holder(ns))
+                && members.contains(&holder)
+            {
+                elected = Some(holder);
+            }
+        }
         if previous != elected || !sh.leaders.contains_key(ns) {
             record_leader_change(sh, known, ns, previous, elected, quorum);
+        }
+        if mine && let Some(vip) = &vip {
+            plan.vip = Some(super::VipInput {
+                ns: ns.clone(),
+                vip: vip.clone(),
+                members: members
+                    .iter()
+                    .filter_map(|id| {
+                        let ip = known
+                            .iter()
+                            .find(|k| k.id == Some(*id))
+                            .map(|k| k.member.addr.ip())
+                            .or_else(|| {
+                                sh.map
+                                    .get(&format!("reg/{id}"))
+                                    .and_then(|r| r.get("addr"))
+                                    .and_then(Value::as_str)
+                                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                                    .map(|a| a.ip())
+                            })?;
+                        Some((*id, node_name(&sh.map, known, *id), ip))
+                    })
+                    .collect(),
+                leader: elected,
+                health: ns_entry.as_ref().and_then(|v| v.get("health")).cloned(),
+            });
         }
         // This node's own election is subject to its lease.
         let mut acting = elected;
@@ -1174,12 +1287,8 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
         };
         plan.namespaces.push(NsView {
             name: ns.clone(),
-            vip: sh
-                .map
-                .get(&format!("ns/{ns}"))
-                .and_then(|v| v.get("vip"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            vip: vip.clone(),
+            health: ns_entry.as_ref().and_then(|v| v.get("health")).cloned(),
             members: members
                 .iter()
                 .map(|id| NsMember {

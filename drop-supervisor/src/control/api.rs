@@ -19,6 +19,10 @@
 //! - `GET /v1/nodes` — every member: state (alive/suspect/dead/left), namespace, leader, version
 //! - `GET|POST /v1/namespaces` `{"name", "vip", "nodes"}`, `GET|DELETE /v1/namespaces/<name>`
 //! - `POST /v1/namespaces/<name>/join` — move this node there; `POST /v1/leave` — leave it
+//! - `PUT|DELETE /v1/namespaces/<name>/health` with `{"pool"|"command"|"unit", "rise", "fall",
+//!   "interval_ms", "timeout_ms", "payload"}` — the floating IP's health check
+//! - `GET /v1/vip`, `GET /v1/vip/<namespace>` — floating IPs: address, holder, MAC, since, GARPs
+//!   sent, conflicts seen, health (the counters are this node's)
 //! - `POST /v1/flows` takes an optional `"ns"`; `DELETE /v1/flows/<name>[?ns=NAME]`: in cluster
 //!   mode flows go to the replicated state and every member runs its share
 
@@ -69,6 +73,15 @@ pub enum ApiRequest {
         name: String,
     },
     NsLeave,
+    /// Sets (`Some`) or removes the namespace's floating-IP health check.
+    NsHealth {
+        name: String,
+        health: Option<serde_json::Value>,
+    },
+    VipList,
+    VipShow {
+        ns: String,
+    },
     PoolList,
     PoolShow {
         name: String,
@@ -290,6 +303,10 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
             "GET" => Ok(ApiRequest::PoolList),
             _ => Err(method_not_allowed(req, "GET")),
         },
+        "/v1/vip" => match method {
+            "GET" => Ok(ApiRequest::VipList),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
         path => decode_named(req, method, path),
     }
 }
@@ -316,6 +333,24 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                 name: name.to_string(),
             }),
             _ => Err(method_not_allowed(req, "GET or DELETE")),
+        },
+        ["v1", "namespaces", name, "health"] if !name.is_empty() => match method {
+            "PUT" => {
+                let body: serde_json::Value = json_body(req)?;
+                Ok(ApiRequest::NsHealth {
+                    name: name.to_string(),
+                    health: Some(body),
+                })
+            }
+            "DELETE" => Ok(ApiRequest::NsHealth {
+                name: name.to_string(),
+                health: None,
+            }),
+            _ => Err(method_not_allowed(req, "PUT or DELETE")),
+        },
+        ["v1", "vip", ns] if !ns.is_empty() => match method {
+            "GET" => Ok(ApiRequest::VipShow { ns: ns.to_string() }),
+            _ => Err(method_not_allowed(req, "GET")),
         },
         ["v1", "namespaces", name, "join"] if !name.is_empty() => match method {
             "POST" => Ok(ApiRequest::NsJoin {

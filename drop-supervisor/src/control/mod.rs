@@ -35,6 +35,8 @@ pub struct Supervisor {
     cluster: Option<Arc<Cluster>>,
     /// Calls for pools that run on other nodes.
     forward: Option<Arc<dyn Forward>>,
+    /// The floating IP of this node's namespace, when the cluster has one.
+    vip: Option<Arc<crate::vip::VipService>>,
 }
 
 fn not_clustered() -> ApiError {
@@ -72,6 +74,7 @@ impl Supervisor {
             gateway,
             cluster: None,
             forward: None,
+            vip: None,
         }
     }
 
@@ -80,6 +83,53 @@ impl Supervisor {
         self.cluster = Some(cluster);
         self.forward = Some(forward);
         self
+    }
+
+    /// Attaches the floating IP (for `vip ls|show` and `ns show`).
+    pub fn with_vip(mut self, vip: Arc<crate::vip::VipService>) -> Supervisor {
+        self.vip = Some(vip);
+        self
+    }
+
+    /// Every namespace with a floating IP, or one: address, holder and its MAC (from the
+    /// holder's node metadata), and this node's own counters when it is a member.
+    fn vips(&self, only: Option<&str>) -> Result<Vec<serde_json::Value>, ApiError> {
+        let cluster = self.cluster()?;
+        let local = self.vip.as_ref().and_then(|v| v.status());
+        let nodes = cluster.nodes();
+        let mut out = Vec::new();
+        let namespaces = match only {
+            Some(n) => vec![cluster.namespace(n)?],
+            None => cluster.namespaces(),
+        };
+        for ns in namespaces {
+            let Some(address) = ns.vip.clone() else {
+                if only.is_some() {
+                    return Err(ApiError::new(
+                        404,
+                        "no_vip",
+                        format!("namespace {} has no floating IP", ns.name),
+                    ));
+                }
+                continue;
+            };
+            let mine = local.as_ref().filter(|s| s.namespace == ns.name);
+            let holder = mine.map_or(ns.leader.clone(), |s| s.holder.clone());
+            let holder_mac = mine.and_then(|s| s.holder_mac.clone()).or_else(|| {
+                let h = holder.as_ref()?;
+                nodes.iter().find(|n| &n.name == h)?.mac.clone()
+            });
+            out.push(serde_json::json!({
+                "namespace": ns.name,
+                "address": address,
+                "holder": holder,
+                "holder_mac": holder_mac,
+                "quorum": ns.quorum,
+                "health_check": ns.health,
+                "this_node": mine,
+            }));
+        }
+        Ok(out)
     }
 
     fn cluster(&self) -> Result<&Arc<Cluster>, ApiError> {
@@ -175,7 +225,34 @@ impl Supervisor {
             }
             ApiRequest::NodeList => Ok(to_json(&self.cluster()?.nodes())),
             ApiRequest::NsList => Ok(to_json(&self.cluster()?.namespaces())),
-            ApiRequest::NsShow { name } => self.cluster()?.namespace(&name).map(|v| to_json(&v)),
+            ApiRequest::NsShow { name } => {
+                let view = self.cluster()?.namespace(&name)?;
+                let mut v = serde_json::to_value(&view).expect("namespace views serialise");
+                let local = self.vip.as_ref().and_then(|v| v.status());
+                if let Some(s) = local.filter(|s| s.namespace == name) {
+                    v["vip_status"] = serde_json::to_value(s).expect("vip status serialises");
+                }
+                Ok(ApiResponse::Json(v))
+            }
+            ApiRequest::NsHealth { name, health } => {
+                if let Some(h) = &health {
+                    let spec: crate::vip::health::HealthSpec = serde_json::from_value(h.clone())
+                        .map_err(|e| ApiError::invalid_body(format!("health check: {e}")))?;
+                    spec.validate()
+                        .map_err(|e| ApiError::invalid_body(format!("health check: {e}")))?;
+                }
+                self.cluster()?
+                    .ns_set_health(&name, health)
+                    .await
+                    .map(|v| to_json(&v))
+            }
+            ApiRequest::VipList => Ok(ApiResponse::Json(serde_json::Value::Array(
+                self.vips(None)?,
+            ))),
+            ApiRequest::VipShow { ns } => {
+                let mut list = self.vips(Some(&ns))?;
+                Ok(ApiResponse::Json(list.pop().unwrap_or_default()))
+            }
             ApiRequest::NsCreate { name, vip, nodes } => self
                 .cluster()?
                 .ns_create(&name, vip, &nodes)

@@ -162,7 +162,6 @@ pub struct RuntimeOptions {
     pub allow_root_workers: bool,
 }
 
-#[derive(Debug)]
 pub struct Runtime {
     opts: RuntimeOptions,
     handle: tokio::runtime::Handle,
@@ -173,6 +172,20 @@ pub struct Runtime {
     remote: Arc<OnceLock<Arc<dyn Forward>>>,
     /// `done`/`dall` subscriptions of pools that run on other nodes: (source pool, route).
     remote_routes: Mutex<Vec<RemoteRoute>>,
+    /// Further Prometheus text for `/metrics` (the floating IP's series).
+    extra_metrics: RwLock<Vec<ExtraMetrics>>,
+}
+
+/// A source of Prometheus text appended to the pools' series.
+pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("opts", &self.opts)
+            .field("flows", &self.flows)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A cluster-wide subscription (`done` / `dall`) declared by a pool of the namespace, wherever
@@ -207,7 +220,16 @@ impl PoolLookup for Runtime {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(metrics::render(&self.pool_statuses()))
+        let mut text = metrics::render(&self.pool_statuses());
+        for source in self
+            .extra_metrics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            text.push_str(&source());
+        }
+        Some(text)
     }
 
     fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
@@ -243,7 +265,16 @@ impl Runtime {
             dispatcher: Dispatcher::new(DISPATCH_THREADS, DISPATCH_QUEUE),
             remote: Arc::default(),
             remote_routes: Mutex::new(Vec::new()),
+            extra_metrics: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Appends `source`'s text to every `/metrics` answer.
+    pub fn add_metrics(&self, source: ExtraMetrics) {
+        self.extra_metrics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(source);
     }
 
     /// Kills and removes pool cgroups left by an earlier instance, then applies every persisted

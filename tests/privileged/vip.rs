@@ -1,0 +1,559 @@
+//! The floating IP on real parts: five `drop-supervisor`s in network namespaces on a bridge, a
+//! sixth namespace as the client, a UDP and a TCP echo on every node that answers from the
+//! address it was reached on. Holders are read from the kernel (`ip addr`, netlink), never from
+//! the daemons' own reports; the client's neighbour table shows the gratuitous ARP.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use drop_tests::cluster::{ClusterFixture, ClusterSpec, poll, wait_for, wait_until};
+use drop_tests::netns::check;
+use drop_tests::vip::{EchoServers, Sampler, holds, neigh_mac, tcp_ask, udp_ask};
+use drop_tests::{Outcome, Test, paths, require_command, require_root};
+
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "vip_failover_on_sigkill_link_cut_and_both_with_garp",
+        run: failover_kill_link_both,
+    },
+    Test {
+        name: "vip_partition_2_3_holder_in_minority_never_two_holders",
+        run: partition_2_3,
+    },
+    Test {
+        name: "vip_health_check_moves_it_and_recovery_does_not_move_it_back",
+        run: health_moves,
+    },
+    Test {
+        name: "vip_restart_stop_and_leave_leave_no_address",
+        run: no_address_left,
+    },
+];
+
+const NS: &str = "v";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 200);
+const NODES: usize = 5;
+/// The host without a daemon that asks through the VIP.
+const CLIENT: usize = NODES;
+/// A holder appears, or moves after a failure.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The client's neighbour entry follows a move (GARP) within this, with no traffic of its own.
+const GARP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to keep watching that nothing moves back.
+const SETTLE: Duration = Duration::from_secs(2);
+
+fn preconditions() -> Option<Outcome> {
+    require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("nsenter"))
+}
+
+fn require_binaries() -> anyhow::Result<()> {
+    for bin in ["drop-supervisor", "dropctl"] {
+        let path = paths::bin(bin);
+        ensure!(
+            path.is_file(),
+            "{} not found: build it first (cargo build -p drop-supervisor --bins)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Five nodes and a client, all alive, namespace `v` with the VIP over all five, one holder.
+/// Returns the fixture and the holder's index.
+fn setup(extra_config: &str) -> anyhow::Result<(ClusterFixture, usize)> {
+    require_binaries()?;
+    let fx = ClusterFixture::start(ClusterSpec {
+        spare_hosts: 1,
+        extra_config: extra_config.to_string(),
+        ..ClusterSpec::new(NODES)
+    })?;
+    let names: Vec<String> = (0..NODES).map(|i| fx.node(i).name().to_string()).collect();
+    wait_until(
+        Duration::from_secs(20),
+        "node 0 seeing all five nodes alive",
+        || {
+            let v = fx.node(0).dropctl(&["node", "ls"])?;
+            let alive = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["state"] == "alive")
+                .count();
+            Ok(alive == NODES)
+        },
+    )?;
+    fx.node(0).dropctl(&[
+        "ns",
+        "create",
+        NS,
+        "--vip",
+        &VIP.to_string(),
+        "--nodes",
+        &names.join(","),
+    ])?;
+    let holder = wait_holder(&fx, &(0..NODES).collect::<Vec<_>>(), None)?;
+    Ok((fx, holder))
+}
+
+/// Indices of the hosts (of `among`) whose `eth0` has the VIP now.
+fn holders(fx: &ClusterFixture, among: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for &i in among {
+        if holds(fx.bridge().host(i).netns(), VIP)? {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until exactly one of `among` holds the VIP (other than `not`), and every running
+/// member's `vip show` names it; returns it.
+fn wait_holder(fx: &ClusterFixture, among: &[usize], not: Option<usize>) -> anyhow::Result<usize> {
+    let h = poll(
+        MOVE_TIMEOUT,
+        Duration::from_millis(10),
+        "exactly one holder of the VIP",
+        || match holders(fx, among)?[..] {
+            [h] if Some(h) != not => Ok(h),
+            ref other => bail!("holders now: {other:?}"),
+        },
+    )?
+    .value;
+    let name = fx.node(h).name().to_string();
+    wait_until(
+        Duration::from_secs(5),
+        "every running member naming the holder",
+        || {
+            for i in among.iter().copied().filter(|i| fx.node(*i).is_running()) {
+                let v = fx.node(i).dropctl(&["vip", "show", NS])?;
+                if v["holder"] != name.as_str() {
+                    bail!(
+                        "{} says holder {}, the kernel says {name}",
+                        fx.node(i).name(),
+                        v["holder"]
+                    );
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    Ok(h)
+}
+
+fn mac_of(fx: &ClusterFixture, i: usize) -> String {
+    fx.bridge().host(i).mac().to_string()
+}
+
+/// The client asks over UDP and TCP; both answers must come from `expect` (and UDP from the VIP).
+fn client_reaches(fx: &ClusterFixture, expect: usize) -> anyhow::Result<()> {
+    let client = fx.bridge().host(CLIENT).netns();
+    let name = fx.node(expect).name();
+    let (who, from) = wait_for(
+        Duration::from_secs(5),
+        "a UDP answer through the VIP",
+        || udp_ask(client, VIP, Duration::from_millis(200))?.context("no UDP answer"),
+    )?;
+    ensure!(who == name, "UDP answered by {who}, expected {name}");
+    ensure!(
+        from.ip() == IpAddr::V4(VIP),
+        "UDP answer came from {from}, not the VIP"
+    );
+    let who = wait_for(
+        Duration::from_secs(5),
+        "a TCP answer through the VIP",
+        || tcp_ask(client, VIP, Duration::from_millis(300))?.context("no TCP answer"),
+    )?;
+    ensure!(who == name, "TCP answered by {who}, expected {name}");
+    Ok(())
+}
+
+/// After a move to `to`, the client's neighbour entry for the VIP shows `to`'s MAC within
+/// [`GARP_TIMEOUT`], while the client sends nothing (only the gratuitous ARP can do that).
+fn neighbour_follows(fx: &ClusterFixture, to: usize) -> anyhow::Result<Duration> {
+    let client = fx.bridge().host(CLIENT).netns();
+    let want = mac_of(fx, to);
+    let p = poll(
+        GARP_TIMEOUT,
+        Duration::from_millis(10),
+        "the client's neighbour entry to follow",
+        || match neigh_mac(client, IpAddr::V4(VIP))? {
+            Some(m) if m == want => Ok(()),
+            other => bail!("neighbour entry {other:?}, want {want}"),
+        },
+    )?;
+    Ok(p.ok_at.elapsed())
+}
+
+/// `drop-supervisor --release-vip` inside host `i`: what the unit's `ExecStopPost=` runs after
+/// the daemon died (tested under systemd in systemd.rs).
+fn exec_stop_post(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
+    let out = check(
+        fx.bridge()
+            .host(i)
+            .netns()
+            .command(paths::bin("drop-supervisor").to_str().context("path")?)
+            .arg("--release-vip"),
+    )?;
+    Ok(out.trim().to_string())
+}
+
+fn link(fx: &ClusterFixture, i: usize, up: bool) -> anyhow::Result<()> {
+    fx.bridge()
+        .host(i)
+        .netns()
+        .ip(&["link", "set", "eth0", if up { "up" } else { "down" }])?;
+    Ok(())
+}
+
+fn run(
+    extra_config: &str,
+    body: impl FnOnce(&ClusterFixture, usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let (fx, holder) = setup(extra_config)?;
+    let all: Vec<(&drop_tests::netns::Netns, String)> = (0..NODES)
+        .map(|i| (fx.bridge().host(i).netns(), fx.node(i).name().to_string()))
+        .collect();
+    let _echo = EchoServers::start(&all, VIP)?;
+    match body(&fx, holder) {
+        Ok(()) => Ok(Outcome::Pass),
+        Err(e) => {
+            println!("  daemon logs (last 30 lines each):\n{}", fx.log_tails(30));
+            Err(e)
+        }
+    }
+}
+
+fn failover_kill_link_both() -> anyhow::Result<Outcome> {
+    run("", |fx, first| {
+        let all: Vec<usize> = (0..NODES).collect();
+        client_reaches(fx, first)?;
+        let show = fx.node(first).dropctl(&["vip", "show", NS])?;
+        ensure!(show["holder_mac"] == mac_of(fx, first), "vip show: {show}");
+        ensure!(
+            show["this_node"]["garps_sent"].as_u64().unwrap_or(0) >= 5,
+            "the holder sent a burst: {show}"
+        );
+
+        // 1. SIGKILL of the holder's daemon (its address removed as ExecStopPost= would).
+        let killed_at = Instant::now();
+        fx.node(first).sigkill()?;
+        let released = exec_stop_post(fx, first)?;
+        ensure!(
+            released.contains("removed"),
+            "--release-vip printed {released:?}"
+        );
+        let second = wait_holder(fx, &all, Some(first))?;
+        let moved = killed_at.elapsed();
+        let garp = neighbour_follows(fx, second)?;
+        client_reaches(fx, second)?;
+        println!(
+            "  sigkill: {} -> {} held after {:.0} ms; client's neighbour entry followed",
+            fx.node(first).name(),
+            fx.node(second).name(),
+            moved.as_secs_f64() * 1e3
+        );
+        let _ = garp;
+        fx.node(first).restart()?;
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![second],
+            "a restarted node takes nothing back"
+        );
+
+        // 2. The holder's link cut: it must let go by itself (lease), another takes over.
+        let cut_at = Instant::now();
+        link(fx, second, false)?;
+        let others: Vec<usize> = all.iter().copied().filter(|i| *i != second).collect();
+        let third = wait_holder(fx, &others, None)?;
+        let moved = cut_at.elapsed();
+        wait_until(
+            Duration::from_secs(2),
+            "the cut-off holder releasing",
+            || Ok(!holds(fx.bridge().host(second).netns(), VIP)?),
+        )?;
+        neighbour_follows(fx, third)?;
+        client_reaches(fx, third)?;
+        println!(
+            "  link cut: {} -> {} held after {:.0} ms",
+            fx.node(second).name(),
+            fx.node(third).name(),
+            moved.as_secs_f64() * 1e3
+        );
+        link(fx, second, true)?;
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![third],
+            "the link coming back moves nothing"
+        );
+
+        // 3. Both: link cut and daemon killed.
+        let both_at = Instant::now();
+        link(fx, third, false)?;
+        fx.node(third).sigkill()?;
+        exec_stop_post(fx, third)?;
+        let rest: Vec<usize> = all.iter().copied().filter(|i| *i != third).collect();
+        let fourth = wait_holder(fx, &rest, None)?;
+        let moved = both_at.elapsed();
+        neighbour_follows(fx, fourth)?;
+        client_reaches(fx, fourth)?;
+        println!(
+            "  link cut + sigkill: {} -> {} held after {:.0} ms",
+            fx.node(third).name(),
+            fx.node(fourth).name(),
+            moved.as_secs_f64() * 1e3
+        );
+        link(fx, third, true)?;
+        fx.node(third).restart()?;
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![fourth],
+            "exactly one holder at the end"
+        );
+        Ok(())
+    })
+}
+
+fn partition_2_3() -> anyhow::Result<Outcome> {
+    run("", |fx, holder| {
+        let all: Vec<usize> = (0..NODES).collect();
+        client_reaches(fx, holder)?;
+        let buddy = (holder + 1) % NODES;
+        let minority = [holder, buddy];
+        let majority: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| !minority.contains(i))
+            .collect();
+        let hosts: Vec<&drop_tests::netns::Netns> =
+            (0..NODES).map(|i| fx.bridge().host(i).netns()).collect();
+        let sampler = Sampler::start(&hosts, VIP, Duration::from_millis(20))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let cut_at = Instant::now();
+        fx.partition(&minority)?;
+        let new = wait_holder(fx, &majority, None)?;
+        println!(
+            "  partition {:?} | {majority:?}: {} holds after {:.0} ms",
+            minority,
+            fx.node(new).name(),
+            cut_at.elapsed().as_secs_f64() * 1e3
+        );
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![new],
+            "the minority's holder let go"
+        );
+        client_reaches(fx, new)?;
+        fx.heal()?;
+        std::thread::sleep(SETTLE * 2);
+        ensure!(
+            holders(fx, &all)? == vec![new],
+            "after healing exactly one holder, the majority's"
+        );
+        // The healed side is told again: the client's entry points at the holder.
+        neighbour_follows(fx, new)?;
+        client_reaches(fx, new)?;
+        let (overlap, at) = sampler.largest_overlap();
+        let ticks = sampler.holders().len();
+        drop(sampler);
+        println!(
+            "  {ticks} samples every 20 ms on all five nodes: largest overlap of two holders {} ms{}",
+            overlap.as_millis(),
+            at.map(|k| format!(" (from sample {k})"))
+                .unwrap_or_default()
+        );
+        ensure!(overlap.is_zero(), "two holders at once for {overlap:?}");
+        ensure!(ticks > 100, "the sampler took only {ticks} samples");
+        Ok(())
+    })
+}
+
+fn health_moves() -> anyhow::Result<Outcome> {
+    run("", |fx, first| {
+        let all: Vec<usize> = (0..NODES).collect();
+        // The client has a neighbour entry for the VIP (the announcement updates it).
+        client_reaches(fx, first)?;
+        // Each node is unhealthy while `<dir>/<its name>.down` exists.
+        let dir = tempfile::Builder::new().prefix("dvip").tempdir()?;
+        let script = format!("test ! -e {}/$DROP_NODE.down", dir.path().display());
+        let command = format!("sh -c '{script}'");
+        fx.node(0).dropctl(&[
+            "vip",
+            "check",
+            NS,
+            "--command",
+            &command,
+            "--rise",
+            "2",
+            "--fall",
+            "2",
+            "--interval-ms",
+            "100",
+        ])?;
+        wait_until(
+            Duration::from_secs(5),
+            "every member healthy with the check",
+            || {
+                for i in 0..NODES {
+                    let v = fx.node(i).dropctl(&["vip", "show", NS])?;
+                    let h = &v["this_node"]["health"];
+                    if h["healthy"] != true || h["check"].is_null() {
+                        bail!("{}: {h}", fx.node(i).name());
+                    }
+                }
+                Ok(true)
+            },
+        )?;
+        ensure!(
+            holders(fx, &all)? == vec![first],
+            "setting a passing check moves nothing"
+        );
+        let down = dir.path().join(format!("{}.down", fx.node(first).name()));
+        std::fs::write(&down, "")?;
+        let failed_at = Instant::now();
+        let second = wait_holder(fx, &all, Some(first))?;
+        println!(
+            "  check failing on {}: {} holds after {:.0} ms (fall 2 × 100 ms)",
+            fx.node(first).name(),
+            fx.node(second).name(),
+            failed_at.elapsed().as_secs_f64() * 1e3
+        );
+        neighbour_follows(fx, second)?;
+        client_reaches(fx, second)?;
+        let v = fx.node(first).dropctl(&["vip", "show", NS])?;
+        ensure!(
+            v["this_node"]["health"]["healthy"] == false,
+            "vip show on the failing node: {v}"
+        );
+        let ns = fx.node(first).dropctl(&["ns", "show", NS])?;
+        ensure!(
+            ns["leader"] == fx.node(second).name(),
+            "the namespace leader follows the VIP: {}",
+            ns["leader"]
+        );
+        // Recovering: healthy again, and nothing moves back.
+        std::fs::remove_file(&down)?;
+        wait_until(Duration::from_secs(5), "the node healthy again", || {
+            let v = fx.node(first).dropctl(&["vip", "show", NS])?;
+            Ok(v["this_node"]["health"]["healthy"] == true)
+        })?;
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![second],
+            "recovery does not move the VIP back"
+        );
+        // No healthy node at all: nobody holds it.
+        for i in 0..NODES {
+            std::fs::write(dir.path().join(format!("{}.down", fx.node(i).name())), "")?;
+        }
+        wait_until(
+            Duration::from_secs(5),
+            "no holder while no node is healthy",
+            || Ok(holders(fx, &all)?.is_empty()),
+        )?;
+        // Checks removed: a holder again.
+        fx.node(0).dropctl(&["vip", "check", NS, "--none"])?;
+        wait_holder(fx, &all, None)?;
+        Ok(())
+    })
+}
+
+fn no_address_left() -> anyhow::Result<Outcome> {
+    run("", |fx, first| {
+        let all: Vec<usize> = (0..NODES).collect();
+        // SIGKILL without ExecStopPost=: the dead daemon's address stays until it starts again,
+        // and the restarted daemon removes it before anything else.
+        fx.node(first).sigkill()?;
+        ensure!(
+            holds(fx.bridge().host(first).netns(), VIP)?,
+            "a SIGKILLed holder cannot release"
+        );
+        let others: Vec<usize> = all.iter().copied().filter(|i| *i != first).collect();
+        let second = wait_holder(fx, &others, None)?;
+        fx.node(first).restart()?;
+        ensure!(
+            !holds(fx.bridge().host(first).netns(), VIP)?,
+            "the restarted daemon removed the leftover address by the time it is ready"
+        );
+        std::thread::sleep(SETTLE);
+        ensure!(
+            holders(fx, &all)? == vec![second],
+            "one holder after the restart"
+        );
+
+        // SIGTERM of the holder: the address is gone when it has exited; the next takes it
+        // without waiting for the holder to be declared dead (it resigned).
+        fx.node(second).stop()?;
+        let stopped_at = Instant::now();
+        ensure!(
+            !holds(fx.bridge().host(second).netns(), VIP)?,
+            "SIGTERM released the address"
+        );
+        let rest: Vec<usize> = all.iter().copied().filter(|i| *i != second).collect();
+        let third = wait_holder(fx, &rest, None)?;
+        println!(
+            "  SIGTERM of {}: {} holds {:.0} ms after the exit",
+            fx.node(second).name(),
+            fx.node(third).name(),
+            stopped_at.elapsed().as_secs_f64() * 1e3
+        );
+        fx.node(second).restart()?;
+
+        // The holder leaves the namespace: it removes the address, another takes it.
+        fx.node(third).dropctl(&["ns", "leave"])?;
+        let members: Vec<usize> = all.iter().copied().filter(|i| *i != third).collect();
+        let fourth = wait_holder(fx, &members, None)?;
+        wait_until(
+            Duration::from_secs(5),
+            "the node that left holding nothing",
+            || Ok(!holds(fx.bridge().host(third).netns(), VIP)?),
+        )?;
+        ensure!(
+            holders(fx, &all)? == vec![fourth],
+            "one holder after a member left"
+        );
+
+        // Every daemon stopped: no address anywhere.
+        for i in 0..NODES {
+            if fx.node(i).is_running() {
+                fx.node(i).stop()?;
+            }
+        }
+        let left = holders(fx, &all)?;
+        ensure!(
+            left.is_empty(),
+            "addresses left after every daemon stopped: {left:?}"
+        );
+        let marked: BTreeSet<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| {
+                Command::new("ip")
+                    .args([
+                        "-n",
+                        fx.bridge().host(*i).netns().name(),
+                        "-4",
+                        "addr",
+                        "show",
+                        "dev",
+                        "eth0",
+                    ])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains(&VIP.to_string()))
+                    .unwrap_or(true)
+            })
+            .collect();
+        ensure!(
+            marked.is_empty(),
+            "`ip addr` still shows the VIP on {marked:?}"
+        );
+        Ok(())
+    })
+}
