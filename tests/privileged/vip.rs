@@ -202,6 +202,20 @@ fn exec_stop_post(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
     Ok(out.trim().to_string())
 }
 
+/// `GET /metrics` from node `i`'s gateway (from inside its namespace).
+fn metrics_of(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = fx.node(i).gateway();
+    fx.bridge().host(i).netns().run(|| -> anyhow::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })?
+}
+
 fn link(fx: &ClusterFixture, i: usize, up: bool) -> anyhow::Result<()> {
     fx.bridge()
         .host(i)
@@ -240,6 +254,18 @@ fn failover_kill_link_both() -> anyhow::Result<Outcome> {
         ensure!(
             show["this_node"]["garps_sent"].as_u64().unwrap_or(0) >= 5,
             "the holder sent a burst: {show}"
+        );
+        let ns = fx.node(first).dropctl(&["ns", "show", NS])?;
+        ensure!(
+            ns["vip_status"]["role"] == "holder" && ns["leader"] == fx.node(first).name(),
+            "ns show on the holder: {ns}"
+        );
+        let metrics = metrics_of(fx, first)?;
+        let series = format!("drop_vip_holder{{namespace=\"{NS}\",address=\"{VIP}/32\"}} 1");
+        ensure!(metrics.contains(&series), "no `{series}` in /metrics:\n{metrics}");
+        ensure!(
+            metrics.contains("drop_vip_garps_sent_total{"),
+            "no GARP counter in /metrics"
         );
 
         // 1. SIGKILL of the holder's daemon (its address removed as ExecStopPost= would).

@@ -63,6 +63,8 @@ pub struct ClusterSpec {
     pub multicast: bool,
     /// TOML appended to every node's config (e.g. a `[vip]` section).
     pub extra_config: String,
+    /// `[cluster] profile` (default [`PROFILE`]).
+    pub profile: String,
 }
 
 /// The multicast group and port the fixture's nodes announce themselves on.
@@ -78,6 +80,7 @@ impl ClusterSpec {
             cluster: true,
             multicast: false,
             extra_config: String::new(),
+            profile: PROFILE.to_string(),
         }
     }
 }
@@ -384,7 +387,7 @@ impl ClusterFixture {
                 "[cluster]\nbind = {}\nkey_file = {}\nprofile = {}",
                 q(&cluster_addr(h).to_string()),
                 q(&key_file.display().to_string()),
-                q(PROFILE)
+                q(&self.spec.profile)
             )?;
             if self.spec.multicast {
                 writeln!(text, "multicast = {}", q(MULTICAST_GROUP))?;

@@ -19,10 +19,11 @@ use anyhow::{Context as _, bail};
 use crate::{cargo, output, root, run_cmd, step};
 
 mod cluster;
+mod failover;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `runtime` or `cluster`.
+    /// What to benchmark: `runtime`, `cluster` or `failover`.
     pub what: String,
     /// runtime: workers in every mode.
     #[arg(long, default_value_t = 2)]
@@ -48,6 +49,12 @@ pub struct BenchArgs {
     /// cluster: overrides of `fast` knobs, as for `--lan`.
     #[arg(long)]
     pub fast: Option<String>,
+    /// failover: trials per system, setting and kind of failure.
+    #[arg(long, default_value_t = 10)]
+    pub trials: usize,
+    /// failover: `drop` or `keepalived` alone (default: both, side by side).
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// Runs `measure` `runs` times and keeps the run with the median requests/s.
@@ -87,11 +94,16 @@ impl Drop for Server {
 
 /// Builds the bench target `name` of drop-supervisor (release) and returns its executable.
 fn bench_binary(name: &str) -> anyhow::Result<PathBuf> {
+    bench_binary_of("drop-supervisor", name)
+}
+
+/// Builds the bench target `name` of `package` (release) and returns its executable.
+fn bench_binary_of(package: &str, name: &str) -> anyhow::Result<PathBuf> {
     let out = output(cargo().args([
         "bench",
         "--locked",
         "-p",
-        "drop-supervisor",
+        package,
         "--bench",
         name,
         "--no-run",
@@ -249,7 +261,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     match a.what.as_str() {
         "runtime" => runtime(a),
         "cluster" => cluster::cluster(&a),
-        other => bail!("unknown benchmark {other:?}; known: runtime, cluster"),
+        "failover" => failover::failover(&a),
+        other => bail!("unknown benchmark {other:?}; known: runtime, cluster, failover"),
     }
 }
 

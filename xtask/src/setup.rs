@@ -58,7 +58,12 @@ pub fn is_root() -> bool {
 }
 
 fn apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs whichever of `packages` is missing (apt-get, as root); idempotent.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -67,7 +72,7 @@ fn apt() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("    all {} packages present", APT_PACKAGES.len());
+        println!("    all {} packages present", packages.len());
         return Ok(());
     }
     if !is_root() {

@@ -107,7 +107,7 @@ impl Supervisor {
                 if only.is_some() {
                     return Err(ApiError::new(
                         404,
-                        "no_vip",
+                        "unknown_vip",
                         format!("namespace {} has no floating IP", ns.name),
                     ));
                 }

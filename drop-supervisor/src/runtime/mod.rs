@@ -269,6 +269,12 @@ impl Runtime {
         }
     }
 
+    /// Who workers of a pool without `user:` run as (`None`: as the daemon); health-check
+    /// commands run as them too.
+    pub fn worker_credentials(&self) -> Option<Credentials> {
+        self.opts.worker_credentials
+    }
+
     /// Appends `source`'s text to every `/metrics` answer.
     pub fn add_metrics(&self, source: ExtraMetrics) {
         self.extra_metrics

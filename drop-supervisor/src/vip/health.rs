@@ -22,8 +22,8 @@ pub struct HealthSpec {
     /// With `pool`: call it with this body; any answer that is not an error passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
-    /// A program and its arguments (no shell), run as the daemon's user, with `DROP_NODE`,
-    /// `DROP_NAMESPACE` and `DROP_VIP` in its environment.
+    /// A program and its arguments (no shell), started like a worker (the node's worker user,
+    /// no capabilities), with `DROP_NODE`, `DROP_NAMESPACE` and `DROP_VIP` in its environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,27 +200,54 @@ pub async fn run_once(
         return Ok(());
     }
     if let Some(argv) = &spec.command {
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run `{}`: {e}", argv[0]))?;
-        return match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(format!("`{}` {status}", argv.join(" "))),
-            Ok(Err(e)) => Err(format!("waiting for `{}`: {e}", argv[0])),
-            Err(_) => {
-                let _ = child.kill().await;
-                Err(format!("`{}` did not finish within {timeout:?}", argv[0]))
-            }
-        };
+        return run_command(argv, timeout, runtime, env).await;
     }
     Err("no check configured".into())
+}
+
+/// Starts a check command exactly like a worker without an image: as the node's worker user,
+/// in a session of its own, every capability dropped, `no_new_privs`, a clean environment
+/// (PATH, LANG and `env`); its output goes nowhere. A command that outlives `timeout` is killed
+/// with its whole process group.
+async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+    runtime: &Runtime,
+    env: &[(&str, String)],
+) -> Result<(), String> {
+    use crate::runtime::worker::process;
+    let mut vars = process::environment("-", 0, &std::collections::BTreeMap::new());
+    vars.remove("DROP_POOL");
+    vars.remove("DROP_WORKER");
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_string(), v.clone())));
+    let launch = process::Launch {
+        argv: argv.to_vec(),
+        env: vars,
+        cwd: Some("/".into()),
+        credentials: runtime.worker_credentials(),
+        cgroup_procs: Vec::new(),
+        image: None,
+    };
+    let devnull = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
+    let started = process::spawn(&launch, devnull.into()).map_err(|e| e.to_string())?;
+    let pid = started.pid;
+    let mut child = started.child;
+    // Nothing to say to it, nothing to read from it.
+    drop(started.stdin);
+    drop(started.stdout);
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("`{}` {status}", argv.join(" "))),
+        Ok(Err(e)) => Err(format!("waiting for `{}`: {e}", argv[0])),
+        Err(_) => {
+            process::kill_group(pid);
+            let _ = child.wait().await;
+            Err(format!("`{}` did not finish within {timeout:?}", argv[0]))
+        }
+    }
 }
 
 #[cfg(test)]
