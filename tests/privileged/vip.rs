@@ -206,14 +206,17 @@ fn exec_stop_post(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
 fn metrics_of(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let addr = fx.node(i).gateway();
-    fx.bridge().host(i).netns().run(|| -> anyhow::Result<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })?
+    fx.bridge()
+        .host(i)
+        .netns()
+        .run(|| -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })?
 }
 
 fn link(fx: &ClusterFixture, i: usize, up: bool) -> anyhow::Result<()> {
@@ -262,7 +265,10 @@ fn failover_kill_link_both() -> anyhow::Result<Outcome> {
         );
         let metrics = metrics_of(fx, first)?;
         let series = format!("drop_vip_holder{{namespace=\"{NS}\",address=\"{VIP}/32\"}} 1");
-        ensure!(metrics.contains(&series), "no `{series}` in /metrics:\n{metrics}");
+        ensure!(
+            metrics.contains(&series),
+            "no `{series}` in /metrics:\n{metrics}"
+        );
         ensure!(
             metrics.contains("drop_vip_garps_sent_total{"),
             "no GARP counter in /metrics"
@@ -408,6 +414,11 @@ fn health_moves() -> anyhow::Result<Outcome> {
         client_reaches(fx, first)?;
         // Each node is unhealthy while `<dir>/<its name>.down` exists.
         let dir = tempfile::Builder::new().prefix("dvip").tempdir()?;
+        // The check runs as the worker user: it must be able to look inside.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let script = format!("test ! -e {}/$DROP_NODE.down", dir.path().display());
         let command = format!("sh -c '{script}'");
         fx.node(0).dropctl(&[

@@ -242,7 +242,12 @@ impl Worker {
             self.follow_plan(now, plan);
             let wait = if let Some(cur) = &mut self.current {
                 let net_ok = cur.net_fault_until.is_none_or(|t| now >= t);
-                let ok = healthy.unwrap_or(check.is_none()) && net_ok;
+                // A check with no result yet: a holder keeps the address until the first
+                // result (adding a check must not move it), the others do not stand.
+                let ok = match healthy {
+                    Some(h) => h,
+                    None => check.is_none() || cur.machine.is_holder(),
+                } && net_ok;
                 if ok != cur.machine.healthy() {
                     if !ok {
                         warn!(namespace = %cur.plan.ns, detail = ?detail, "this node is unhealthy for the floating IP");

@@ -163,12 +163,9 @@ impl VipService {
             return;
         };
         info!(namespace = %ns, check = %spec.describe(), "floating IP health check");
-        // No result yet: unhealthy until the first check passes.
-        self.agent.set_health(
-            Some(spec.describe()),
-            Some(false),
-            Some("not checked yet".into()),
-        );
+        // No result yet: nobody stands on it, a holder keeps the address until the first one.
+        self.agent
+            .set_health(Some(spec.describe()), None, Some("not checked yet".into()));
         let agent_inputs = self.agent.health_sink();
         let runtime = self.runtime.clone();
         let s = spec.clone();
