@@ -302,6 +302,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             let options = GatewayOptions {
                 token: config.gateway_token.clone(),
                 peer_key: None,
+                peer_self: None,
                 node_name: Some(config.node_name.clone()),
                 limits: config.gateway_limits.clone(),
             };
@@ -348,6 +349,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         let options = GatewayOptions {
             token: None,
             peer_key: Some(key.clone()),
+            peer_self: Some(cc.peer.to_string()),
             node_name: Some(config.node_name.clone()),
             limits: GatewayLimits {
                 max_connections_per_client: limits.max_connections,

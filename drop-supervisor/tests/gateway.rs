@@ -509,3 +509,97 @@ fn connections_past_the_cap_get_503_busy() {
         assert_eq!(read_response(first, &mut Vec::new()).1, b"in");
     }
 }
+
+/// Sends `header` and `body` as `POST /peer` and reads the answer.
+fn post_sealed(fx: &Fixture, header: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = fx.connect();
+    let mut req = format!(
+        "POST /peer HTTP/1.1\r\nHost: x\r\nX-Drop-Peer: {header}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut buf = Vec::new();
+    let (status, body, _) = read_response(&mut s, &mut buf);
+    (status, body)
+}
+
+#[test]
+fn the_peer_listener_takes_sealed_calls_once_and_nothing_else() {
+    use drop_supervisor::cluster::peer::PeerKey;
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const OTHER: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    for kind in KINDS {
+        let key = PeerKey::derive(KEY).unwrap();
+        // The listener's own key is a clone: the caller below is a different process in life,
+        // here it is a second derivation (another sender id, the same keys).
+        let options = GatewayOptions {
+            peer_key: Some(PeerKey::derive(KEY).unwrap()),
+            peer_self: Some("10.0.0.2:7947".into()),
+            ..GatewayOptions::default()
+        };
+        let fx = Fixture::with_options(kind, vec![config("echo", &[ECHO], 1)], options);
+        let me: std::net::SocketAddr = "10.0.0.2:7947".parse().unwrap();
+
+        // A sealed call: 200 outside, the echo inside, readable only with the key.
+        let req = key.seal(me, "POST", "/api/v1/echo", b"secret payload");
+        assert!(!req.body.windows(6).any(|w| w == b"secret"));
+        let (status, body) = post_sealed(&fx, &req.header, &req.body);
+        assert_eq!(status, 200, "{kind:?}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            !body.windows(6).any(|w| w == b"secret"),
+            "the reply is sealed"
+        );
+        let reply = req.reply.open(&body).unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_slice()),
+            (200, &b"secret payload"[..])
+        );
+
+        // Captured and played again: refused.
+        let (status, body) = post_sealed(&fx, &req.header, &req.body);
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (401, "unauthorized_peer"),
+            "{kind:?}"
+        );
+
+        // A flipped byte: refused (and the genuine request still goes through after it).
+        let req = key.seal(me, "POST", "/api/v1/echo", b"x");
+        let mut flipped = req.body.clone();
+        flipped[3] ^= 0x20;
+        let (status, body) = post_sealed(&fx, &req.header, &flipped);
+        assert_eq!((status, code(&body).as_str()), (401, "unauthorized_peer"));
+        assert_eq!(post_sealed(&fx, &req.header, &req.body).0, 200);
+
+        // Another cluster key, another recipient, or no seal at all: refused.
+        let other = PeerKey::derive(OTHER)
+            .unwrap()
+            .seal(me, "POST", "/api/v1/echo", b"x");
+        assert_eq!(post_sealed(&fx, &other.header, &other.body).0, 401);
+        let elsewhere = key.seal(
+            "10.0.0.3:7947".parse().unwrap(),
+            "POST",
+            "/api/v1/echo",
+            b"x",
+        );
+        assert_eq!(post_sealed(&fx, &elsewhere.header, &elsewhere.body).0, 401);
+        let mut s = fx.connect();
+        s.write_all(b"POST /api/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            .unwrap();
+        let mut buf = Vec::new();
+        let (status, body, _) = read_response(&mut s, &mut buf);
+        assert_eq!((status, code(&body).as_str()), (401, "unauthorized_peer"));
+
+        // Errors travel sealed too: an unknown pool is 404 inside a sealed 200.
+        let req = key.seal(me, "POST", "/api/v1/nope", b"x");
+        let (status, body) = post_sealed(&fx, &req.header, &req.body);
+        assert_eq!(status, 200);
+        let reply = req.reply.open(&body).unwrap();
+        assert_eq!(
+            (reply.status, code(&reply.body).as_str()),
+            (404, "unknown_pool")
+        );
+    }
+}

@@ -23,7 +23,7 @@ mod failover;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `runtime`, `cluster` or `failover`.
+    /// What to benchmark: `runtime`, `cluster`, `failover` or `peer`.
     pub what: String,
     /// runtime: workers in every mode.
     #[arg(long, default_value_t = 2)]
@@ -262,8 +262,24 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "runtime" => runtime(a),
         "cluster" => cluster::cluster(&a),
         "failover" => failover::failover(&a),
-        other => bail!("unknown benchmark {other:?}; known: runtime, cluster, failover"),
+        "peer" => peer(),
+        other => bail!("unknown benchmark {other:?}; known: runtime, cluster, failover, peer"),
     }
+}
+
+/// `cargo xtask bench peer`: the sealed peer transport's crypto per call
+/// (drop-supervisor/benches/peer.rs), printed as a markdown table.
+fn peer() -> anyhow::Result<()> {
+    let bin = step("build: peer bench", || bench_binary("peer"))?;
+    let out = step("bench: peer (sealed call vs HMAC signature)", || {
+        output(Command::new(&bin).arg("--ms").arg("1000"))
+    })?;
+    let md = format!("Command: `cargo xtask bench peer`\n\n{out}");
+    println!("\n{md}");
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("peer.md"), md)?;
+    Ok(())
 }
 
 fn runtime(a: BenchArgs) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ pub mod membership;
 pub mod node;
 pub mod peer;
 pub mod placement;
+pub mod seal;
 pub mod state;
 
 use std::net::SocketAddr;

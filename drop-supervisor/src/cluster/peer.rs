@@ -38,9 +38,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The signing key, derived from the cluster key so the gossip key is never used twice.
+/// The peer key, derived from the cluster key so the gossip key is never used twice: it signs
+/// multicast announcements, and its [`seal`](super::seal) sender and opener carry every
+/// node-to-node call (clones share them: one sender id and one set of replay windows per
+/// process).
 #[derive(Clone)]
-pub struct PeerKey([u8; 32]);
+pub struct PeerKey {
+    key: [u8; 32],
+    sealer: Arc<super::seal::Sealer>,
+    opener: Arc<super::seal::Opener>,
+}
 
 impl std::fmt::Debug for PeerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,7 +61,34 @@ impl PeerKey {
         let key = super::membership::parse_key(cluster_key)?;
         let mut mac = HmacSha256::new_from_slice(key.as_ref()).expect("HMAC takes any key length");
         mac.update(b"drop peer transport v1");
-        Ok(PeerKey(mac.finalize().into_bytes().into()))
+        let key: [u8; 32] = mac.finalize().into_bytes().into();
+        Ok(PeerKey {
+            key,
+            sealer: Arc::new(super::seal::Sealer::new(&key)),
+            opener: Arc::new(super::seal::Opener::new(&key)),
+        })
+    }
+
+    /// Seals a call for the node whose peer address is `to`.
+    pub fn seal(
+        &self,
+        to: SocketAddr,
+        method: &str,
+        target: &str,
+        body: &[u8],
+    ) -> super::seal::SealedRequest {
+        self.sealer
+            .seal(to, method, target, body, physical_now_ms())
+    }
+
+    /// Opens a call addressed to `me`.
+    pub fn open(
+        &self,
+        header: Option<&str>,
+        body: &[u8],
+        me: &str,
+    ) -> Result<super::seal::Opened, super::seal::SealError> {
+        self.opener.open(header, body, me, physical_now_ms())
     }
 
     pub fn from_file(path: &Path) -> Result<PeerKey, String> {
@@ -63,7 +97,7 @@ impl PeerKey {
     }
 
     fn mac(&self, ts_ms: u64, method: &str, path: &str, body: &[u8]) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(ts_ms.to_string().as_bytes());
         mac.update(b"\n");
         mac.update(method.as_bytes());
@@ -104,6 +138,22 @@ impl PeerKey {
         self.mac(ts, method, path, body)
             .verify_slice(&tag)
             .map_err(|_| "wrong peer signature (different cluster key?)")
+    }
+}
+
+/// A peer's answer to a sealed request: a sealed `200` opens into the real status and body; a
+/// plain `401` (the peer could not open the request) is passed on as it is.
+fn open_answer(
+    reply: &super::seal::ReplyOpener,
+    r: http::Response,
+) -> Result<(u16, Vec<u8>), super::seal::SealError> {
+    if r.status == 200 {
+        let opened = reply.open(&r.body)?;
+        Ok((opened.status, opened.body))
+    } else if r.status == 401 {
+        Ok((r.status, r.body))
+    } else {
+        Err(super::seal::SealError::Open)
     }
 }
 
@@ -190,14 +240,15 @@ impl Forwarder {
             .spawn(move || {
                 for c in rx {
                     let path = format!("/api/v1/{}?cast{}", c.pool, if c.all { "=all" } else { "" });
-                    let sig = sender_key.sign(physical_now_ms(), "POST", &path, &c.body);
+                    let sealed = sender_key.seal(c.addr, "POST", &path, &c.body);
                     let sent = TcpStream::connect_timeout(&c.addr, CONNECT_TIMEOUT).and_then(|mut s| {
                         s.set_read_timeout(Some(CONNECT_TIMEOUT * 5))?;
-                        http::roundtrip_with(&mut s, "POST", &path, Some(&c.body), &[(HEADER, &sig)])
+                        http::roundtrip_with(&mut s, "POST", super::seal::PATH, Some(&sealed.body), &[(HEADER, &sealed.header)])
                     });
-                    match sent {
-                        Ok(r) if r.status == 202 => {}
-                        Ok(r) => tracing::warn!(node = %c.node, pool = %c.pool, status = r.status, "peer refused a cast"),
+                    match sent.map(|r| open_answer(&sealed.reply, r)) {
+                        Ok(Ok((202, _))) => {}
+                        Ok(Ok((status, _))) => tracing::warn!(node = %c.node, pool = %c.pool, status, "peer refused a cast"),
+                        Ok(Err(e)) => tracing::warn!(node = %c.node, pool = %c.pool, error = %e, "peer answer to a cast refused"),
                         Err(e) => tracing::warn!(node = %c.node, pool = %c.pool, error = %e, "cast to a peer failed"),
                     }
                 }
@@ -247,9 +298,15 @@ impl Forwarder {
                 .insert(id, clone);
         }
         let path = format!("/api/v1/{pool}");
-        let sig = self.key.sign(physical_now_ms(), "POST", &path, body);
-        let result =
-            http::roundtrip_with(&mut stream, "POST", &path, Some(body), &[(HEADER, &sig)]);
+        let sealed = self.key.seal(addr, "POST", &path, body);
+        let result = http::roundtrip_with(
+            &mut stream,
+            "POST",
+            super::seal::PATH,
+            Some(&sealed.body),
+            &[(HEADER, &sealed.header)],
+        )
+        .map(|r| open_answer(&sealed.reply, r));
         {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = map.get_mut(node) {
@@ -260,8 +317,16 @@ impl Forwarder {
             }
         }
         match result {
-            Ok(r) if r.status == 200 => Ok(r.body),
-            Ok(r) => {
+            Ok(Err(e)) => Err(Some(ApiError::new(
+                502,
+                "peer_unauthenticated",
+                format!(
+                    "node {name} ({addr}) answered the call of {pool} with something that does not open: {e}"
+                ),
+            ))),
+            Ok(Ok((200, body))) => Ok(body),
+            Ok(Ok((status, body))) => {
+                let r = http::Response { status, body };
                 let (code, message) = serde_json::from_slice::<crate::error::ErrorBody>(&r.body)
                     .map(|b| (b.error.code, b.error.message))
                     .unwrap_or_else(|_| {
@@ -429,6 +494,6 @@ mod tests {
     fn the_peer_key_is_not_the_gossip_key() {
         let k = key(K1);
         let raw = super::super::membership::parse_key(K1).unwrap();
-        assert_ne!(&k.0[..], raw.as_ref());
+        assert_ne!(&k.key[..], raw.as_ref());
     }
 }

@@ -60,8 +60,12 @@ const PREFIX: &str = "/api/v1/";
 pub struct GatewayOptions {
     /// `Authorization: Bearer <token>` required when set.
     pub token: Option<String>,
-    /// Set: this is the peer listener; requests must be signed with this key.
+    /// Set: this is the peer listener; requests must be sealed with this key
+    /// (`cluster::seal`), and answers are sealed.
     pub peer_key: Option<PeerKey>,
+    /// This node's peer address as the others know it (`cluster.peer`): a sealed request
+    /// names its recipient, and one for another node does not open here.
+    pub peer_self: Option<String>,
     /// How `?every` answers name this node's own instance (default `local`).
     pub node_name: Option<String>,
     /// What one client and all of them may take (connections, deadlines, body bytes).
@@ -290,22 +294,65 @@ fn encode(answer: &Answer, close: bool) -> Vec<u8> {
 /// `before_blocking` is called before anything here that may block (a call forwarded to
 /// another node, `?every`).
 fn route(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
-    let forward = ctx.forward.get().map(|f| &**f);
     // Who may ask comes first, for every path: with a token set, `/metrics` needs it too.
     if let Some(key) = &ctx.options.peer_key {
-        let target = match &req.query {
-            Some(q) => format!("{}?{q}", req.path),
-            None => req.path.clone(),
+        let me = ctx.options.peer_self.as_deref().unwrap_or_default();
+        let opened = match key.open(req.peer_auth.as_deref(), &req.body, me) {
+            Ok(o) if req.method == "POST" && req.path == crate::cluster::seal::PATH => o,
+            Ok(_) => {
+                return error(ApiError::new(
+                    401,
+                    "unauthorized_peer",
+                    "sealed requests go to POST /peer",
+                ));
+            }
+            Err(why) => return error(ApiError::new(401, "unauthorized_peer", why.to_string())),
         };
-        if let Err(why) = key.verify(
-            req.peer_auth.as_deref(),
-            &req.method,
-            &target,
-            &req.body,
-            crate::cluster::state::physical_now_ms(),
-        ) {
-            return error(ApiError::new(401, "unauthorized_peer", why));
-        }
+        let (path, query) = match opened.target.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (opened.target.clone(), None),
+        };
+        let inner = Request {
+            method: opened.method,
+            path,
+            query,
+            body: opened.body,
+            close: req.close,
+            authorization: None,
+            peer_auth: None,
+            head: Vec::new(),
+        };
+        let reply = Arc::new(opened.reply);
+        return match route_call(inner, ctx, before_blocking) {
+            Routed::Done(answer) => Routed::Done(seal_answer(&reply, &answer)),
+            Routed::Submit {
+                pool,
+                payload,
+                finish,
+            } => Routed::Submit {
+                pool,
+                payload,
+                finish: Box::new(move |result| seal_answer(&reply, &finish(result))),
+            },
+        };
+    }
+    route_call(req, ctx, before_blocking)
+}
+
+/// The answer to a sealed request, sealed: `200` outside, the real status inside.
+fn seal_answer(reply: &crate::cluster::seal::ReplySealer, answer: &Answer) -> Answer {
+    Answer::new(
+        200,
+        "application/octet-stream",
+        reply.seal(answer.status, &answer.content_type, &answer.body),
+    )
+}
+
+/// [`route`] once the caller is known to be allowed.
+fn route_call(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
+    let forward = ctx.forward.get().map(|f| &**f);
+    if ctx.options.peer_key.is_some() {
+        // Opened above.
     } else if let Some(token) = &ctx.options.token {
         let given = req
             .authorization
