@@ -90,6 +90,7 @@ impl Cx<'_> {
             column: at.column,
             key: key.to_owned(),
             kind,
+            more: Vec::new(),
         }
     }
 
@@ -125,25 +126,45 @@ impl<'n> Fields<'n> {
         allowed: Option<&'static [&'static str]>,
         expected: &'static str,
     ) -> Result<Self> {
+        let (fields, errors) = Self::read_all(cx, node, path, allowed, expected)?;
+        match FlowError::combine(errors) {
+            Some(e) => Err(e),
+            None => Ok(fields),
+        }
+    }
+
+    /// Like [`Fields::read`], but a key that is unknown, repeated or not a string is left out
+    /// and reported beside the fields, so the caller can go on and find more problems. `Err`
+    /// only when `node` is not a mapping at all.
+    fn read_all(
+        cx: &Cx<'_>,
+        node: &'n Node,
+        path: &str,
+        allowed: Option<&'static [&'static str]>,
+        expected: &'static str,
+    ) -> Result<(Self, Vec<FlowError>)> {
         let Value::Map(map) = &node.value else {
             return Err(wrong_type(cx, node, path, expected));
         };
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut entries = Vec::with_capacity(map.len());
+        let mut errors = Vec::new();
         for (k, v) in map {
             let Value::Scalar(key) = &k.value else {
-                return Err(wrong_type(cx, k, path, "a key that is a string"));
+                errors.push(wrong_type(cx, k, path, "a key that is a string"));
+                continue;
             };
             let name = key.text.as_str();
             let key_path = join(path, name);
             if let Some(&first_line) = seen.get(name) {
-                return Err(cx.err(k.at, &key_path, FlowErrorKind::DuplicateKey { first_line }));
+                errors.push(cx.err(k.at, &key_path, FlowErrorKind::DuplicateKey { first_line }));
+                continue;
             }
             if let Some(expected) = allowed
                 && !expected.contains(&name)
             {
                 let suggestion = closest(name, expected);
-                return Err(cx.err(
+                errors.push(cx.err(
                     k.at,
                     &key_path,
                     FlowErrorKind::UnknownKey {
@@ -151,15 +172,19 @@ impl<'n> Fields<'n> {
                         expected,
                     },
                 ));
+                continue;
             }
             seen.insert(name, k.at.line);
             entries.push((name, k, v));
         }
-        Ok(Self {
-            path: path.to_owned(),
-            at: node.at,
-            entries,
-        })
+        Ok((
+            Self {
+                path: path.to_owned(),
+                at: node.at,
+                entries,
+            },
+            errors,
+        ))
     }
 
     /// The value of `key`; `None` when absent or null.
@@ -312,6 +337,9 @@ fn boolean(cx: &Cx<'_>, node: &Node, path: &str) -> Result<bool> {
 }
 
 /// Parses and validates a whole flow file.
+/// Decodes a whole flow file, reporting every problem it can find at once: each top-level key,
+/// each pool (its unknown keys and its first wrong value), duplicate pool names. Problems that
+/// depend on each other (inside one pool's settings) stop at the first.
 pub(super) fn flow(text: &str, file: &Path) -> Result<Flow> {
     let cx = Cx { file };
     let root = match yaml::load(text) {
@@ -321,48 +349,80 @@ pub(super) fn flow(text: &str, file: &Path) -> Result<Flow> {
         }
         Err(e) => return Err(cx.err(e.at, "", e.kind)),
     };
-    let f = Fields::read(
+    let (f, mut errors) = Fields::read_all(
         &cx,
         &root,
         "",
         Some(FLOW_KEYS),
         "a mapping (a flow has `name` and `func`)",
     )?;
-
-    let name_node = f.require(&cx, "name")?;
-    let name = string(&cx, name_node, "name")?;
-    check_name(&cx, name_node, "name", name)?;
-
-    let priority = f.opt_uint(&cx, "priority", 0, 1)?.unwrap_or(0);
-    let replicas = f.opt_uint(&cx, "replicas", 1, u64::from(u32::MAX))?;
-    if let (Some(_), 1) = (replicas, priority) {
-        let node = f.get("replicas").unwrap_or(&root);
-        return Err(cx.conflict(
-            node,
-            "replicas",
-            "`replicas` places the flow on that many nodes, `priority: 1` on the leader only: \
-             give one or the other"
-                .into(),
-        ));
-    }
-
-    let Some(func) = f.get("func") else {
-        return Err(cx.err(root.at, "func", FlowErrorKind::NoPools));
+    let keep = |r: Result<()>, errors: &mut Vec<FlowError>| {
+        if let Err(e) = r {
+            errors.push(e);
+        }
     };
-    let Value::Seq(items) = &func.value else {
-        return Err(wrong_type(&cx, func, "func", "a list of pools"));
-    };
-    if items.is_empty() {
-        return Err(cx.err(func.at, "func", FlowErrorKind::NoPools));
-    }
 
-    let mut pools = Vec::with_capacity(items.len());
+    let mut name = "";
+    keep(
+        (|| {
+            let name_node = f.require(&cx, "name")?;
+            name = string(&cx, name_node, "name")?;
+            check_name(&cx, name_node, "name", name)
+        })(),
+        &mut errors,
+    );
+
+    let mut priority = 0;
+    let mut replicas = None;
+    keep(
+        (|| {
+            priority = f.opt_uint(&cx, "priority", 0, 1)?.unwrap_or(0);
+            replicas = f.opt_uint(&cx, "replicas", 1, u64::from(u32::MAX))?;
+            if let (Some(_), 1) = (replicas, priority) {
+                let node = f.get("replicas").unwrap_or(&root);
+                return Err(cx.conflict(
+                    node,
+                    "replicas",
+                    "`replicas` places the flow on that many nodes, `priority: 1` on the leader \
+                     only: give one or the other"
+                        .into(),
+                ));
+            }
+            Ok(())
+        })(),
+        &mut errors,
+    );
+
+    let mut pools = Vec::new();
+    let items: &[Node] = match f.get("func") {
+        None => {
+            errors.push(cx.err(root.at, "func", FlowErrorKind::NoPools));
+            &[]
+        }
+        Some(func) => match &func.value {
+            Value::Seq(items) if items.is_empty() => {
+                errors.push(cx.err(func.at, "func", FlowErrorKind::NoPools));
+                &[]
+            }
+            Value::Seq(items) => items,
+            _ => {
+                errors.push(wrong_type(&cx, func, "func", "a list of pools"));
+                &[]
+            }
+        },
+    };
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("func[{i}]");
-        let (pool, name_at) = pool(&cx, item, &path)?;
+        let (pool, name_at) = match pool(&cx, item, &path) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         if let Some(&first_line) = seen.get(&pool.name) {
-            return Err(cx.err(
+            errors.push(cx.err(
                 name_at,
                 &join(&path, "name"),
                 FlowErrorKind::DuplicatePool {
@@ -370,9 +430,25 @@ pub(super) fn flow(text: &str, file: &Path) -> Result<Flow> {
                     first_line,
                 },
             ));
+            continue;
         }
         seen.insert(pool.name.clone(), name_at.line);
         pools.push(pool);
+    }
+    // In the order of the file, as an editor shows them.
+    let mut flat: Vec<FlowError> = FlowError::combine(errors)
+        .map(|e| {
+            let mut all = vec![FlowError {
+                more: Vec::new(),
+                ..e.clone()
+            }];
+            all.extend(e.more);
+            all
+        })
+        .unwrap_or_default();
+    flat.sort_by_key(|e| (e.line, e.column));
+    if let Some(e) = FlowError::combine(flat) {
+        return Err(e);
     }
 
     Ok(Flow {
@@ -386,14 +462,28 @@ pub(super) fn flow(text: &str, file: &Path) -> Result<Flow> {
 
 /// One entry of `func`; also returns where its name is written (for duplicate names).
 fn pool(cx: &Cx<'_>, node: &Node, path: &str) -> Result<(PoolSpec, Pos)> {
-    let f = Fields::read(
+    let (f, key_errors) = Fields::read_all(
         cx,
         node,
         path,
         Some(POOL_KEYS),
         "a mapping of pool settings",
     )?;
+    // Unknown keys first, then the first wrong value among the known ones.
+    let decoded = pool_settings(cx, &f, node);
+    let mut errors = key_errors;
+    match decoded {
+        Ok(p) if errors.is_empty() => Ok(p),
+        Ok(_) => Err(FlowError::combine(errors).expect("not empty")),
+        Err(e) => {
+            errors.push(e);
+            Err(FlowError::combine(errors).expect("not empty"))
+        }
+    }
+}
 
+/// The known settings of one pool.
+fn pool_settings(cx: &Cx<'_>, f: &Fields<'_>, node: &Node) -> Result<(PoolSpec, Pos)> {
     let name_node = f.require(cx, "name")?;
     let name = string(cx, name_node, &f.path("name"))?;
     check_name(cx, name_node, &f.path("name"), name)?;

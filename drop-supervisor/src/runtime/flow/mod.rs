@@ -272,9 +272,9 @@ impl Default for RestartSpec {
 
 /// A flow file problem, positioned. Displays as `{file}:{line}:{column}: {key}: {message}`;
 /// the key is left out for document-level problems (empty `key`), the column when it is not
-/// known (0, see [`check_images`]).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}{kind}", Prefix(self))]
+/// known (0, see [`check_images`]). When the file has several problems, the first is this one
+/// and the others are in `more`, each on a line of its own in the display.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowError {
     pub file: PathBuf,
     /// 1-based.
@@ -284,6 +284,42 @@ pub struct FlowError {
     /// Key path such as `func[0].num`; empty for document-level problems.
     pub key: String,
     pub kind: FlowErrorKind,
+    /// Further problems of the same file, in the order they were found.
+    pub more: Vec<FlowError>,
+}
+
+impl fmt::Display for FlowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", Prefix(self), self.kind)?;
+        for e in &self.more {
+            write!(f, "\n{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FlowError {}
+
+impl FlowError {
+    /// Every problem, this one first.
+    pub fn all(&self) -> impl Iterator<Item = &FlowError> {
+        std::iter::once(self).chain(self.more.iter())
+    }
+
+    /// One error carrying all of `errors` (the first with the others in `more`); `None` for
+    /// none.
+    pub fn combine(errors: Vec<FlowError>) -> Option<FlowError> {
+        let mut flat = Vec::new();
+        for mut e in errors {
+            let more = std::mem::take(&mut e.more);
+            flat.push(e);
+            flat.extend(more);
+        }
+        let mut it = flat.into_iter();
+        let mut first = it.next()?;
+        first.more = it.collect();
+        Some(first)
+    }
 }
 
 /// `file:line:column: key: ` in front of the message.
@@ -380,6 +416,7 @@ pub fn check_images(flow: &Flow, image_exists: &dyn Fn(&str) -> bool) -> Result<
                 column: 0,
                 key: format!("func[{i}].image"),
                 kind: FlowErrorKind::UnknownImage(image.clone()),
+                more: Vec::new(),
             });
         }
     }

@@ -1090,6 +1090,7 @@ fn error_display_format() {
         column: 5,
         key: "func[0].num".into(),
         kind: FlowErrorKind::Missing("cmd"),
+        more: Vec::new(),
     };
     assert_eq!(
         e.to_string(),
@@ -1253,4 +1254,37 @@ fn summary_json_lists_pools_without_env_values() {
         "regex:^(warn|error):"
     );
     assert!(!json.to_string().contains("8080"));
+}
+
+#[test]
+fn every_problem_of_a_flow_is_reported_at_once_in_file_order() {
+    // A pool with a problem is left out whole, so the second `a` is no duplicate here.
+    let text = "name: Bad Name\ncolour: red\nfunc:\n  - name: a\n    cmd: ./a\n    num: 0\n  - name: b\n    cmd: ./b\n    numm: 2\n    timeout_ms: x\n  - name: a\n    cmd: ./c\n";
+    let e = match parse_flow(text, Path::new(FILE)) {
+        Ok(_) => panic!("parsed a flow with five problems"),
+        Err(e) => e,
+    };
+    let lines: Vec<String> = e.all().map(ToString::to_string).collect();
+    let message = e.to_string();
+    assert_eq!(lines.len(), 5, "{message}");
+    // Each names file:line:column: key.
+    let wanted = [
+        (1, 7, "name"),
+        (2, 1, "colour"),
+        (6, 10, "func[0].num"),
+        (9, 5, "func[1].numm"),
+        (10, 5, "func[1].timeout_ms"),
+    ];
+    let found: Vec<(usize, usize, &str)> = e
+        .all()
+        .map(|e| (e.line, e.column, e.key.as_str()))
+        .collect();
+    assert_eq!(found, wanted, "{message}");
+    for (line, (l, c, k)) in lines.iter().zip(wanted) {
+        assert!(
+            line.starts_with(&format!("{FILE}:{l}:{c}: {k}: ")),
+            "{line}"
+        );
+    }
+    assert_eq!(message.lines().count(), 5);
 }
