@@ -521,7 +521,7 @@ fn pool_settings(cx: &Cx<'_>, f: &Fields<'_>, node: &Node) -> Result<(PoolSpec, 
         Some(n) => boolean(cx, n, &f.path("shell"))?,
         None => false,
     };
-    let argv = command(cx, &f, shell)?;
+    let argv = command(cx, f, shell)?;
 
     let image = match f.opt_string(cx, "image")? {
         Some((image, value)) => {
@@ -531,7 +531,7 @@ fn pool_settings(cx: &Cx<'_>, f: &Fields<'_>, node: &Node) -> Result<(PoolSpec, 
         None => None,
     };
 
-    let (min, max) = workers(cx, &f)?;
+    let (min, max) = workers(cx, f)?;
 
     let stream_refuses = |key: &str, what: &str| -> Result<()> {
         match f.get(key) {
@@ -593,8 +593,8 @@ fn pool_settings(cx: &Cx<'_>, f: &Fields<'_>, node: &Node) -> Result<(PoolSpec, 
         Some(n) => env(cx, n, &f.path("env"))?,
         None => BTreeMap::new(),
     };
-    let user = account(cx, &f, "user")?;
-    let group = account(cx, &f, "group")?;
+    let user = account(cx, f, "user")?;
+    let group = account(cx, f, "group")?;
     let cwd = match f.opt_string(cx, "cwd")? {
         Some((cwd, n)) => {
             if !cwd.starts_with('/') || cwd.contains('\0') {
