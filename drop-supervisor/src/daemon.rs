@@ -217,6 +217,52 @@ fn start_vip(
     ))))
 }
 
+/// The node, cluster and floating-IP part of the status page (`/ui/state`; the runtime adds
+/// the pools), and the recent events: leader changes and floating-IP moves this node saw.
+fn ui_state(
+    name: &str,
+    node_id: uuid::Uuid,
+    started: Instant,
+    cluster: Option<&crate::cluster::node::Cluster>,
+    vip: Option<&crate::vip::VipService>,
+) -> serde_json::Value {
+    let vip_status = vip.and_then(crate::vip::VipService::status);
+    let mut events: Vec<(u64, String)> = Vec::new();
+    let cluster_json = cluster.map(|c| {
+        let namespaces = c.namespaces();
+        for ns in &namespaces {
+            for h in &ns.history {
+                let text = match (&h.from, &h.to) {
+                    (_, Some(to)) => format!("leader of {}: {to}", ns.name),
+                    (Some(from), None) => format!("{} has no leader (was {from})", ns.name),
+                    (None, None) => continue,
+                };
+                events.push((h.at_unix_ms, text));
+            }
+        }
+        serde_json::json!({ "nodes": c.nodes(), "namespaces": namespaces })
+    });
+    if let Some(s) = &vip_status {
+        events.extend(s.events.iter().map(|e| (e.at_unix_ms, e.text.clone())));
+    }
+    events.sort_by_key(|e| std::cmp::Reverse(e.0));
+    events.truncate(30);
+    serde_json::json!({
+        "node": {
+            "name": name,
+            "id": node_id.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": started.elapsed().as_secs(),
+        },
+        "cluster": cluster_json,
+        "vip": vip_status,
+        "events": events
+            .into_iter()
+            .map(|(at, text)| serde_json::json!({ "at_unix_ms": at, "text": text }))
+            .collect::<Vec<_>>(),
+    })
+}
+
 /// Removes every address carrying DROP's mark from this network namespace (`drop-supervisor
 /// --release-vip`, the unit's `ExecStopPost=`): what a daemon that died holding the floating IP
 /// left behind. Returns the addresses removed.
@@ -378,6 +424,13 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         }
         _ => None,
     };
+    {
+        let name = config.node_name.clone();
+        let (cluster, vip) = (cluster.clone(), vip.clone());
+        runtime.set_ui_source(Box::new(move || {
+            ui_state(&name, node_id, started, cluster.as_deref(), vip.as_deref())
+        }));
+    }
     let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
     if let (Some(c), Some(f)) = (&cluster, forward) {
         supervisor = supervisor.with_cluster(c.clone(), f);

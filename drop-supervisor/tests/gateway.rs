@@ -603,3 +603,56 @@ fn the_peer_listener_takes_sealed_calls_once_and_nothing_else() {
         );
     }
 }
+
+#[test]
+fn the_status_page_and_its_state_ship_in_the_binary_and_honour_the_token() {
+    for kind in KINDS {
+        let options = GatewayOptions {
+            token: Some("s3cret-token-0123".into()),
+            ..GatewayOptions::default()
+        };
+        let fx = Fixture::with_options(kind, vec![config("echo", &[ECHO], 1)], options);
+        let get = |path: &str, auth: Option<&str>| -> (u16, Vec<u8>, String) {
+            let mut s = fx.connect();
+            let auth = auth
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).unwrap();
+            let text = String::from_utf8_lossy(&raw).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+            (status, body.as_bytes().to_vec(), head.to_string())
+        };
+        // Without the token: 401, and a browser is asked for it.
+        let (status, _, head) = get("/ui/", None);
+        assert_eq!(status, 401, "{kind:?}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{head}"
+        );
+        // The token as a bearer or as the basic-auth password (any user): the page.
+        let basic = "Basic b3BlcmF0b3I6czNjcmV0LXRva2VuLTAxMjM="; // operator:s3cret-token-0123
+        for auth in ["Bearer s3cret-token-0123", basic] {
+            let (status, body, head) = get("/ui/", Some(auth));
+            assert_eq!(status, 200, "{kind:?} {auth}");
+            assert!(head.contains("text/html"), "{head}");
+            assert!(body.starts_with(b"<!doctype html>"));
+        }
+        let (status, _, _) = get("/ui/", Some("Basic b3BlcmF0b3I6d3Jvbmc=")); // operator:wrong
+        assert_eq!(status, 401);
+        // The page fetches nothing but its state (no CDN, no other origin).
+        let page = String::from_utf8_lossy(drop_supervisor::gateway::UI_PAGE).to_string();
+        assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("src="));
+        // The state comes from the runtime (this fixture's lookup has none: 404); the real
+        // daemon's is read in tests/privileged/ui.rs and vip.rs.
+        let (status, _, _) = get("/ui/state", Some(basic));
+        assert_eq!(status, 404);
+    }
+}

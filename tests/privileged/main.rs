@@ -14,6 +14,7 @@ mod netns;
 mod runtime;
 mod systemd;
 mod tune;
+mod ui;
 mod vip;
 mod vipnet;
 mod workers;
@@ -43,6 +44,7 @@ fn main() {
         workers::TESTS,
         cluster::TESTS,
         vip::TESTS,
+        ui::TESTS,
     ]
     .into_iter()
     .flatten();

@@ -204,6 +204,11 @@ fn exec_stop_post(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
 
 /// `GET /metrics` from node `i`'s gateway (from inside its namespace).
 fn metrics_of(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
+    http_get(fx, i, "/metrics")
+}
+
+/// `GET path` from node `i`'s gateway (from inside its namespace): the whole answer.
+fn http_get(fx: &ClusterFixture, i: usize, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let addr = fx.node(i).gateway();
     fx.bridge()
@@ -212,7 +217,10 @@ fn metrics_of(fx: &ClusterFixture, i: usize) -> anyhow::Result<String> {
         .run(|| -> anyhow::Result<String> {
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
             let mut text = String::new();
             s.read_to_string(&mut text)?;
             Ok(text)
@@ -272,6 +280,17 @@ fn failover_kill_link_both() -> anyhow::Result<Outcome> {
         ensure!(
             metrics.contains("drop_vip_garps_sent_total{"),
             "no GARP counter in /metrics"
+        );
+        // The status page's data: the namespace, its leader and this node holding the VIP.
+        let page = http_get(fx, first, "/ui/state")?;
+        let state: serde_json::Value =
+            serde_json::from_str(page.split_once("\r\n\r\n").map_or("", |(_, b)| b))
+                .with_context(|| format!("/ui/state: {page}"))?;
+        ensure!(
+            state["vip"]["role"] == "holder"
+                && state["cluster"]["namespaces"][0]["name"] == NS
+                && state["cluster"]["nodes"].as_array().map_or(0, Vec::len) == NODES,
+            "/ui/state on the holder: {state}"
         );
 
         // 1. SIGKILL of the holder's daemon (its address removed as ExecStopPost= would).

@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "wrk",
+    // The status page is tested in a real headless browser (tests/privileged/ui.rs).
+    "chromium",
+    "chromium-driver",
 ];
 
 /// The nightly that builds drop-ebpf: its commit date and LLVM major. bpf-linker must be built

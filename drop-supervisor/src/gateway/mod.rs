@@ -56,6 +56,38 @@ use server::{Responder, Serve, Server};
 
 const PREFIX: &str = "/api/v1/";
 
+/// The status page: one self-contained file (HTML, CSS, JavaScript), no fetches but
+/// `/ui/state`.
+pub const UI_PAGE: &[u8] = include_bytes!("ui.html");
+
+/// Standard base64 (with or without padding); `None` if it is not.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= value(*c)? << (18 - 6 * i);
+        }
+        let b = acc.to_be_bytes();
+        out.extend_from_slice(&b[1..chunk.len()]);
+    }
+    Some(out)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct GatewayOptions {
     /// `Authorization: Bearer <token>` required when set.
@@ -351,19 +383,62 @@ fn seal_answer(reply: &crate::cluster::seal::ReplySealer, answer: &Answer) -> An
 /// [`route`] once the caller is known to be allowed.
 fn route_call(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Routed {
     let forward = ctx.forward.get().map(|f| &**f);
+    let ui = req.path == "/ui" || req.path.starts_with("/ui/");
     if ctx.options.peer_key.is_some() {
         // Opened above.
     } else if let Some(token) = &ctx.options.token {
-        let given = req
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return error(ApiError::new(
+        let auth = req.authorization.as_deref();
+        let bearer = auth.and_then(|a| a.strip_prefix("Bearer "));
+        // A browser cannot send a bearer token to a page: the status page also takes the
+        // token as the password of HTTP basic authentication (any user name).
+        let basic = auth
+            .filter(|_| ui)
+            .and_then(|a| a.strip_prefix("Basic "))
+            .and_then(|b| decode_base64(b.trim()))
+            .and_then(|pair| {
+                let colon = pair.iter().position(|c| *c == b':')?;
+                Some(pair[colon + 1..].to_vec())
+            });
+        let ok = bearer.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+            || basic.is_some_and(|p| constant_time_eq(&p, token.as_bytes()));
+        if !ok {
+            let mut answer = Answer::error(&ApiError::new(
                 401,
                 "unauthorized",
                 "missing or wrong bearer token",
             ));
+            if ui {
+                answer.headers.push((
+                    "WWW-Authenticate".into(),
+                    "Basic realm=\"DROP status (the gateway token is the password)\"".into(),
+                ));
+            }
+            return Routed::Done(answer);
+        }
+    }
+    if ui && req.method == "GET" && ctx.options.peer_key.is_none() {
+        match req.path.as_str() {
+            "/ui" | "/ui/" => {
+                let mut answer = Answer::new(200, "text/html; charset=utf-8", UI_PAGE.to_vec());
+                answer
+                    .headers
+                    .push(("Cache-Control".into(), "no-store".into()));
+                return Routed::Done(answer);
+            }
+            "/ui/state" => {
+                if let Some(state) = ctx.lookup.ui_state() {
+                    let mut answer = Answer::new(
+                        200,
+                        "application/json",
+                        serde_json::to_vec(&state).unwrap_or_default(),
+                    );
+                    answer
+                        .headers
+                        .push(("Cache-Control".into(), "no-store".into()));
+                    return Routed::Done(answer);
+                }
+            }
+            _ => {}
         }
     }
     if req.path == "/metrics"
@@ -563,6 +638,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn base64_decodes_with_and_without_padding_and_refuses_junk() {
+        assert_eq!(decode_base64("dXNlcjpzM2NyZXQ=").unwrap(), b"user:s3cret");
+        assert_eq!(decode_base64("dXNlcjpzM2NyZXQ").unwrap(), b"user:s3cret");
+        assert_eq!(decode_base64("Zm9vYmFy").unwrap(), b"foobar");
+        assert_eq!(decode_base64("").unwrap(), b"");
+        assert!(decode_base64("Zm9v!").is_none());
+        assert!(decode_base64("Z").is_none());
+    }
+
     use super::*;
 
     #[test]

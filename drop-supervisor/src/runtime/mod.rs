@@ -40,6 +40,10 @@ pub trait PoolLookup: Send + Sync {
     fn metrics(&self) -> Option<String> {
         None
     }
+    /// What the status page (`GET /ui/state`) shows; `None` when this server has none.
+    fn ui_state(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Queues `payload` for one worker of the pool (`all`: every worker) without waiting;
     /// `None` when the pool is not here.
     fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
@@ -174,7 +178,12 @@ pub struct Runtime {
     remote_routes: Mutex<Vec<RemoteRoute>>,
     /// Further Prometheus text for `/metrics` (the floating IP's series).
     extra_metrics: RwLock<Vec<ExtraMetrics>>,
+    /// The node and cluster part of the status page (set by the daemon).
+    ui_source: RwLock<Option<UiSource>>,
 }
+
+/// The node and cluster part of the status page: a JSON object merged into `/ui/state`.
+pub type UiSource = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// A source of Prometheus text appended to the pools' series.
 pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
@@ -232,6 +241,49 @@ impl PoolLookup for Runtime {
         Some(text)
     }
 
+    fn ui_state(&self) -> Option<serde_json::Value> {
+        let pools: Vec<serde_json::Value> = self
+            .pool_statuses()
+            .into_iter()
+            .map(|p| {
+                let phase = match &p.phase {
+                    worker::pool::Phase::Running => "running".to_string(),
+                    worker::pool::Phase::Failed(why) => format!("failed: {why}"),
+                    worker::pool::Phase::Stopped => "stopped".to_string(),
+                };
+                serde_json::json!({
+                    "name": p.name,
+                    "phase": phase,
+                    "workers": p.workers,
+                    "idle": p.idle,
+                    "busy": p.busy,
+                    "starting": p.starting,
+                    "queue": p.queue_depth,
+                    "min": p.min,
+                    "max": p.max,
+                    "ok": p.stats.ok,
+                    "error": p.stats.error,
+                    "timeout": p.stats.timeout,
+                    "rejected": p.stats.rejected,
+                    "restarts": p.stats.restarts,
+                    "p50_us": p.stats.quantile_us(0.5),
+                    "p99_us": p.stats.quantile_us(0.99),
+                })
+            })
+            .collect();
+        let mut state = self
+            .ui_source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|f| f())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let Some(obj) = state.as_object_mut() {
+            obj.insert("pools".into(), serde_json::Value::Array(pools));
+        }
+        Some(state)
+    }
+
     fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
         self.pool(name)?;
         Some(Runtime::cast(self, name, payload, all).map_err(|e| ApiError::from(&e)))
@@ -266,7 +318,13 @@ impl Runtime {
             remote: Arc::default(),
             remote_routes: Mutex::new(Vec::new()),
             extra_metrics: RwLock::new(Vec::new()),
+            ui_source: RwLock::new(None),
         }
+    }
+
+    /// Sets what the status page shows besides the pools (node, cluster, floating IP).
+    pub fn set_ui_source(&self, source: UiSource) {
+        *self.ui_source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// Who workers of a pool without `user:` run as (`None`: as the daemon); health-check

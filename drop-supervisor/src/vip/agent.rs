@@ -52,6 +52,29 @@ pub struct VipStatus {
     pub heard: Vec<String>,
     /// The last error of the network seam, if any.
     pub error: Option<String>,
+    /// Holder changes and releases this node saw, newest last (at most [`EVENTS`]).
+    #[serde(default)]
+    pub events: Vec<VipEvent>,
+}
+
+/// One thing that happened to the floating IP, for the status page.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct VipEvent {
+    pub at_unix_ms: u64,
+    pub text: String,
+}
+
+/// Events kept per node.
+pub const EVENTS: usize = 20;
+
+fn push_event(status: &mut VipStatus, text: String) {
+    status.events.push(VipEvent {
+        at_unix_ms: physical_now_ms(),
+        text,
+    });
+    if status.events.len() > EVENTS {
+        status.events.remove(0);
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
@@ -563,6 +586,8 @@ impl Worker {
             cur.held = false;
             cur.garp_due.clear();
             cur.status.last_release = Some(why.as_str().to_string());
+            let text = format!("floating IP {} released here ({})", vip.addr, why.as_str());
+            push_event(&mut cur.status, text);
         }
     }
 
@@ -646,8 +671,19 @@ impl Worker {
                 }
                 let name = cur.plan.name_of(h);
                 info!(namespace = %cur.plan.ns, holder = %name, term = cur.machine.term(), "floating IP holder");
+                let text = format!(
+                    "floating IP {} of {} held by {name}",
+                    cur.plan.addr, cur.plan.ns
+                );
+                push_event(&mut cur.status, text);
             } else if let Some(was) = cur.last_holder {
-                info!(namespace = %cur.plan.ns, previous = %cur.plan.name_of(was), "floating IP has no holder");
+                let was = cur.plan.name_of(was);
+                info!(namespace = %cur.plan.ns, previous = %was, "floating IP has no holder");
+                let text = format!(
+                    "floating IP {} of {} has no holder (was {was})",
+                    cur.plan.addr, cur.plan.ns
+                );
+                push_event(&mut cur.status, text);
             }
             cur.last_holder = holder;
         }
