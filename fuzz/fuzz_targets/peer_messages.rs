@@ -28,15 +28,29 @@ fuzz_target!(|data: &[u8]| {
     // Sealed requests: arbitrary header and body never open under a key the input cannot know.
     let base = [7u8; 32];
     let opener = Opener::new(&base);
-    assert!(opener.open(Some(&header), body, "10.0.0.2:7947", now).is_err());
+    assert!(
+        opener
+            .open(Some(&header), body, "10.0.0.2:7947", now)
+            .is_err()
+    );
     // A real request with the input as its body opens once, and its reply opens only as sent.
     let sealer = Sealer::new(&base);
-    let req = sealer.seal("10.0.0.2:7947".parse().unwrap(), "POST", "/api/v1/p", body, now);
+    let req = sealer.seal(
+        "10.0.0.2:7947".parse().unwrap(),
+        "POST",
+        "/api/v1/p",
+        body,
+        now,
+    );
     let opened = opener
         .open(Some(&req.header), &req.body, "10.0.0.2:7947", now)
         .expect("a real request opens");
     assert_eq!(opened.body, body);
-    assert!(opener.open(Some(&req.header), &req.body, "10.0.0.2:7947", now).is_err());
+    assert!(
+        opener
+            .open(Some(&req.header), &req.body, "10.0.0.2:7947", now)
+            .is_err()
+    );
     let reply = opened.reply.seal(200, "text/plain", data);
     assert_eq!(req.reply.open(&reply).expect("its reply opens").body, data);
     assert!(req.reply.open(body).is_err() || body == reply.as_slice());

@@ -31,6 +31,10 @@ pub const TESTS: &[Test] = &[
         name: "vip_restart_stop_and_leave_leave_no_address",
         run: no_address_left,
     },
+    Test {
+        name: "vip_ipv6_address_moves_with_an_unsolicited_neighbour_advertisement",
+        run: ipv6_moves,
+    },
 ];
 
 const NS: &str = "v";
@@ -612,4 +616,153 @@ fn no_address_left() -> anyhow::Result<Outcome> {
         );
         Ok(())
     })
+}
+
+const VIP6: &str = "fd00:201::200";
+
+/// Whether `addr`/128 is on host `i`'s eth0.
+fn holds6(fx: &ClusterFixture, i: usize) -> anyhow::Result<bool> {
+    let v = fx
+        .bridge()
+        .host(i)
+        .netns()
+        .ip_json(&["-6", "addr", "show", "dev", "eth0"])?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|i| {
+            i.get("addr_info")
+                .and_then(|a| a.as_array())
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|a| a.get("local").and_then(|l| l.as_str()) == Some(VIP6)))
+}
+
+fn holders6(fx: &ClusterFixture) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for i in 0..NODES {
+        if holds6(fx, i)? {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+/// The same floating IP as an IPv6 address: added with NODAD, announced with an unsolicited
+/// neighbour advertisement; the client's neighbour entry follows a move without its own traffic.
+fn ipv6_moves() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions().or_else(|| require_command("ping")) {
+        return Ok(skip);
+    }
+    require_binaries()?;
+    let fx = ClusterFixture::start(ClusterSpec {
+        spare_hosts: 1,
+        ..ClusterSpec::new(NODES)
+    })?;
+    let fx = &fx;
+    let result = (|| -> anyhow::Result<()> {
+        for i in 0..=NODES {
+            fx.bridge().host(i).netns().ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:201::{}/64", 10 + i),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        let names: Vec<String> = (0..NODES).map(|i| fx.node(i).name().to_string()).collect();
+        wait_until(Duration::from_secs(20), "all five alive", || {
+            let v = fx.node(0).dropctl(&["node", "ls"])?;
+            Ok(v.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["state"] == "alive")
+                .count()
+                == NODES)
+        })?;
+        fx.node(0).dropctl(&[
+            "ns",
+            "create",
+            NS,
+            "--vip",
+            VIP6,
+            "--nodes",
+            &names.join(","),
+        ])?;
+        let first = poll(
+            MOVE_TIMEOUT,
+            Duration::from_millis(10),
+            "one IPv6 holder",
+            || match holders6(fx)?[..] {
+                [h] => Ok(h),
+                ref other => bail!("holders {other:?}"),
+            },
+        )?
+        .value;
+        let client = fx.bridge().host(CLIENT).netns();
+        ensure!(
+            client
+                .command("ping")
+                .args(["-6", "-c", "1", "-W", "2", VIP6])
+                .stdout(std::process::Stdio::null())
+                .status()?
+                .success(),
+            "the client cannot reach the IPv6 VIP on {}",
+            fx.node(first).name()
+        );
+        let v6: IpAddr = VIP6.parse()?;
+        ensure!(
+            neigh_mac(client, v6)?.as_deref() == Some(mac_of(fx, first).as_str()),
+            "the client's entry is not the holder's MAC"
+        );
+        fx.node(first).sigkill()?;
+        exec_stop_post(fx, first)?;
+        let second = poll(
+            MOVE_TIMEOUT,
+            Duration::from_millis(10),
+            "a new IPv6 holder",
+            || match holders6(fx)?[..] {
+                [h] if h != first => Ok(h),
+                ref other => bail!("holders {other:?}"),
+            },
+        )?
+        .value;
+        let want = mac_of(fx, second);
+        let check_started = Instant::now();
+        let followed = poll(
+            GARP_TIMEOUT,
+            Duration::from_millis(10),
+            "the IPv6 neighbour entry to follow",
+            || match neigh_mac(client, v6)? {
+                Some(m) if m == want => Ok(()),
+                other => bail!("entry {other:?}, want {want}"),
+            },
+        )?;
+        ensure!(
+            client
+                .command("ping")
+                .args(["-6", "-c", "1", "-W", "2", VIP6])
+                .stdout(std::process::Stdio::null())
+                .status()?
+                .success(),
+            "the client cannot reach the IPv6 VIP after the move"
+        );
+        println!(
+            "  IPv6 VIP {VIP6}: {} -> {}, the client's neighbour entry followed (NA) {:.0} ms after the check began",
+            fx.node(first).name(),
+            fx.node(second).name(),
+            (followed.ok_at - check_started).as_secs_f64() * 1e3
+        );
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(Outcome::Pass),
+        Err(e) => {
+            println!("  daemon logs (last 30 lines each):\n{}", fx.log_tails(30));
+            Err(e)
+        }
+    }
 }
