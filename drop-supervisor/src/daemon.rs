@@ -115,7 +115,10 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
     let cgroups = if config.cgroups {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(DaemonError::ProcSelfCgroup)?;
-        let cg = crate::runtime::cgroup::detect(
+        // On v2 this also enables the controllers for the pools' subtree (and moves the daemon
+        // into its own leaf when it is not in the root): without it no pool group could be
+        // made (found by the v2 guest of `cargo xtask test --vm`).
+        let cg = crate::runtime::cgroup::setup(
             Path::new("/sys/fs/cgroup"),
             &own,
             &config.cgroup_subtree,

@@ -1,8 +1,8 @@
 //! Pool cgroups on this hybrid cgroup v1 host, as root: limits land in the real files, a worker is
 //! in its group in every hierarchy before exec, limits bite, `kill_all` leaves no orphans (also
 //! double-forked ones), and a restarted supervisor finds and removes what a crashed one left.
-//! Each test owns a unique subtree, removed on every exit path; v2 is covered by unit tests
-//! against a fixture tree (no cgroup2 with controllers can be had on this host).
+//! Each test owns a unique subtree, removed on every exit path. v2 has its own tests
+//! (`cgroups_v2.rs`), run on a real v2 kernel in the qemu guest of `cargo xtask test`.
 
 use std::ffi::{CStr, CString};
 use std::io::Read as _;
@@ -88,7 +88,7 @@ fn real_dir(controller: &str, rest: &str) -> anyhow::Result<PathBuf> {
         .join(path.trim_start_matches('/')))
 }
 
-fn read(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read(path: &Path) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(path)
         .with_context(|| format!("reading {}", path.display()))?
         .trim()
@@ -157,7 +157,7 @@ impl Scope {
         };
         if cg.version() != CgroupVersion::V1 {
             return Ok(Err(Outcome::Skip(
-                "not a cgroup v1 host (v2 is covered by the fixture unit tests)".into(),
+                "not a cgroup v1 host (v2: tests/privileged/cgroups_v2.rs, in the guest of `cargo xtask test`)".into(),
             )));
         }
         Ok(Ok(Scope {
@@ -250,7 +250,7 @@ fn attach_self(path: &CStr) -> std::io::Result<()> {
     Ok(())
 }
 
-fn spawn_attached(paths: &[PathBuf], cmd: &mut Command) -> anyhow::Result<Child> {
+pub(crate) fn spawn_attached(paths: &[PathBuf], cmd: &mut Command) -> anyhow::Result<Child> {
     let procs = paths
         .iter()
         .map(|p| CString::new(p.as_os_str().as_bytes()))
@@ -265,7 +265,7 @@ fn spawn_attached(paths: &[PathBuf], cmd: &mut Command) -> anyhow::Result<Child>
 
 /// A process is gone when /proc has no entry for it, or only a zombie (it runs no code and is
 /// out of every cgroup; its parent has not reaped it yet).
-fn is_dead(pid: i32) -> bool {
+pub(crate) fn is_dead(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => stat

@@ -105,8 +105,20 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Where the pools of subtree `name` are: under the v1 pids hierarchy, or on a v2 host under
+/// this process's own cgroup (the daemon it starts inherits it).
 fn pids_subtree(name: &str) -> anyhow::Result<PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup2 line in /proc/self/cgroup")?;
+        return Ok(PathBuf::from(format!(
+            "/sys/fs/cgroup{}/{name}",
+            path.trim_end_matches('/')
+        )));
+    }
     let path = own
         .lines()
         .find_map(|l| {
@@ -127,9 +139,12 @@ fn sigkill_mid_load() -> anyhow::Result<Outcome> {
     if let Some(skip) = require_root() {
         return Ok(skip);
     }
-    if !Path::new("/sys/fs/cgroup/pids").is_dir() {
+    if !Path::new("/sys/fs/cgroup/pids").is_dir()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
+    {
         return Ok(Outcome::Skip(
-            "no cgroup v1 pids hierarchy (this test reads it)".into(),
+            "neither a cgroup v1 pids hierarchy nor cgroup v2 (this test reads the pool groups)"
+                .into(),
         ));
     }
     let dir = tempfile::tempdir()?;
@@ -295,7 +310,7 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
     let subtree = unique_name("dropwk");
     let _cleanup = drop_tests::CgroupSubtreeGuard(subtree.clone());
     let cg: Arc<dyn drop_supervisor::runtime::cgroup::Cgroups> = Arc::from(
-        drop_supervisor::runtime::cgroup::detect(Path::new("/sys/fs/cgroup"), &own, &subtree)?,
+        drop_supervisor::runtime::cgroup::setup(Path::new("/sys/fs/cgroup"), &own, &subtree)?,
     );
     let dir = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -318,15 +333,22 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
         runtime.apply(flow, Path::new("esc.yaml"))?;
         let pool = runtime.pool("esc").context("pool esc")?;
         ensure!(pool.call(b"spawn")? == b"spawned", "spawn");
-        std::thread::sleep(Duration::from_millis(100));
-        let escaped: Vec<i32> = cg
-            .pids("esc")?
-            .into_iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.starts_with("sleep"))
-            })
-            .collect();
+        // The grandchild execs `sleep` soon after the answer (slower in the TCG guest).
+        let until = Instant::now() + Duration::from_secs(5);
+        let escaped: Vec<i32> = loop {
+            let found: Vec<i32> = cg
+                .pids("esc")?
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c.starts_with("sleep"))
+                })
+                .collect();
+            if !found.is_empty() || Instant::now() > until {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         ensure!(
             escaped.len() == 1,
             "expected one escaped sleep in the pool's cgroup, found {escaped:?}"

@@ -4,9 +4,11 @@
 //! missing (never a silent pass), or an error. The last line is `N passed, N failed, N skipped`,
 //! which `cargo xtask test` reads. With `DROP_TEST_STRICT=1` (CI) a skip counts as a failure.
 //!
-//! Usage: `privileged [FILTER...]` runs the tests whose name contains any FILTER.
+//! Usage: `privileged [FILTER...] [--exclude=SUBSTRING...]` runs the tests whose name contains
+//! any FILTER (all without one) and none of the excluded substrings.
 
 mod cgroups;
+mod cgroups_v2;
 mod cluster;
 mod faults;
 mod images;
@@ -30,6 +32,10 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
+    let excluded: Vec<String> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.strip_prefix("--exclude=").map(str::to_string))
+        .collect();
     let strict = std::env::var("DROP_TEST_STRICT").is_ok_and(|v| v == "1");
     let all = [
         netns::TESTS,
@@ -38,6 +44,7 @@ fn main() {
         systemd::TESTS,
         tune::TESTS,
         cgroups::TESTS,
+        cgroups_v2::TESTS,
         images::TESTS,
         faults::TESTS,
         runtime::TESTS,
@@ -50,6 +57,7 @@ fn main() {
     .flatten();
     let selected: Vec<&Test> = all
         .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f.as_str())))
+        .filter(|t| !excluded.iter().any(|x| t.name.contains(x.as_str())))
         .collect();
 
     let (mut passed, mut failed, mut skipped) = (0usize, 0usize, Vec::new());

@@ -17,6 +17,7 @@ mod layers;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -17,6 +17,13 @@ pub struct TestArgs {
     /// Leave out fmt and clippy.
     #[arg(long)]
     pub no_lint: bool,
+    /// Only the cgroup v2 guest: the privileged tests of cgroups, images, workers and faults in
+    /// a qemu guest with Debian's stock kernel (`cargo xtask test` runs it after the host's).
+    #[arg(long, conflicts_with = "no_vm")]
+    pub vm: bool,
+    /// Leave out the cgroup v2 guest (also left out when FILTERs are given).
+    #[arg(long)]
+    pub no_vm: bool,
     /// Only privileged tests whose name contains one of these (unit tests still run).
     pub filters: Vec<String>,
 }
@@ -109,6 +116,10 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     let strict = args.strict || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let tools = setup::setup()?;
     let mut tally = Tally::default();
+    if args.vm {
+        guest(&mut tally, strict);
+        return tally.finish();
+    }
 
     ebpf::build(&tools)?;
     if !args.no_lint {
@@ -238,6 +249,7 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             "--",
         ])
         .args(&args.filters)
+        .arg(crate::vm::HOST_EXCLUDE)
         .env("DROP_BIN_DIR", root().join("target/debug"))
         .env("DROP_XDP_OBJ", ebpf::object_path());
         if strict {
@@ -273,24 +285,80 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     if let Err(e) = privileged {
         tally.step_failed("privileged tests", &e);
     }
+    if !args.no_vm && args.filters.is_empty() {
+        guest(&mut tally, strict);
+    }
+    tally.finish()
+}
 
-    println!();
-    for s in &tally.skipped {
-        println!("skipped: {s}");
-    }
-    for f in &tally.failures {
-        println!("failed: {f}");
-    }
-    println!(
-        "{} passed, {} failed, {} skipped",
-        tally.passed,
-        tally.failed,
-        tally.skipped.len()
+/// The cgroup v2 guest's run, counted like the host's privileged tests (names prefixed `v2:`).
+fn guest(tally: &mut Tally, strict: bool) {
+    let run = step(
+        "test: privileged tests in the cgroup v2 guest (qemu)",
+        || {
+            if !setup::is_root() {
+                bail!("the cgroup v2 guest needs root (qemu with the host's file system, cgroups)");
+            }
+            crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
+            let lines = crate::vm::run(strict)?;
+            for l in lines
+                .iter()
+                .filter(|l| l.starts_with("PASS ") || l.starts_with("FAIL "))
+            {
+                println!("    v2: {l}");
+            }
+            let Some((p, f, _)) = lines.iter().rev().find_map(|l| parse_summary(l)) else {
+                bail!(
+                    "the guest's test binary printed no summary line: {}",
+                    lines.join("\n")
+                );
+            };
+            tally.passed += p;
+            tally.failed += f;
+            tally.skipped.extend(
+                lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("skipped: "))
+                    .map(|s| format!("v2: {s}")),
+            );
+            tally.failures.extend(
+                lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("FAIL "))
+                    .map(|s| format!("v2: {s}")),
+            );
+            if f > 0 {
+                return Err(TestsFailed(f).into());
+            }
+            Ok(())
+        },
     );
-    if tally.failed > 0 {
-        bail!("{} failed", tally.failed);
+    if let Err(e) = run {
+        tally.step_failed("cgroup v2 guest", &e);
     }
-    Ok(())
+}
+
+impl Tally {
+    /// Prints the skips, the failures and the summary line; an error when anything failed.
+    fn finish(&self) -> anyhow::Result<()> {
+        println!();
+        for s in &self.skipped {
+            println!("skipped: {s}");
+        }
+        for f in &self.failures {
+            println!("failed: {f}");
+        }
+        println!(
+            "{} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed,
+            self.skipped.len()
+        );
+        if self.failed > 0 {
+            bail!("{} failed", self.failed);
+        }
+        Ok(())
+    }
 }
 
 /// `test NAME ... ignored[, REASON]` lines: every ignored test with its reason, if it has one.

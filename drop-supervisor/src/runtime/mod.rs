@@ -523,7 +523,7 @@ impl Runtime {
                 Ok(entry) => {
                     pools.insert(spec.name.clone(), entry);
                 }
-                Err(e) => warn!(pool = %spec.name, error = %format!("{e:#}"), "cannot start pool"),
+                Err(e) => warn!(pool = %spec.name, error = %error_chain(&e), "cannot start pool"),
             }
         }
         self.rewire(&pools);

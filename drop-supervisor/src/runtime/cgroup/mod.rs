@@ -165,6 +165,21 @@ pub fn detect(
     })
 }
 
+/// [`detect`], and on v2 [`prepare_v2`] (controllers enabled for the subtree, the caller moved
+/// into a leaf of its own when it is not in the root): what a daemon and a test that starts
+/// pools call, so pool groups can take their limits on either version.
+pub fn setup(
+    cgroup_root: &Path,
+    proc_self_cgroup: &str,
+    subtree: &str,
+) -> Result<Box<dyn Cgroups>, CgroupError> {
+    let cg = detect(cgroup_root, proc_self_cgroup, subtree)?;
+    if cg.version() == CgroupVersion::V2 {
+        prepare_v2(cgroup_root, proc_self_cgroup, subtree)?;
+    }
+    Ok(cg)
+}
+
 /// One line of `/proc/<pid>/cgroup`: `hierarchy-id:controller,list:/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcCgroupEntry {
