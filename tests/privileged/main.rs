@@ -14,6 +14,7 @@ mod faults;
 mod images;
 mod netns;
 mod runtime;
+mod services;
 mod systemd;
 mod tune;
 mod ui;
@@ -42,6 +43,7 @@ fn main() {
         vipnet::TESTS,
         xdp::TESTS,
         systemd::TESTS,
+        services::TESTS,
         tune::TESTS,
         cgroups::TESTS,
         cgroups_v2::TESTS,

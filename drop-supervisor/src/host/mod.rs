@@ -6,4 +6,5 @@
 pub mod logging;
 pub mod notify;
 pub mod state;
+pub mod systemd;
 pub mod tune;
