@@ -140,22 +140,28 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
     }))
 }
 
+/// The cluster key from `cluster.key_file`.
+fn cluster_key(
+    cc: &crate::cluster::ClusterConfig,
+) -> Result<memberlist::proto::SecretKey, DaemonError> {
+    let text =
+        std::fs::read_to_string(&cc.key_file).map_err(|source| DaemonError::ClusterKeyFile {
+            path: cc.key_file.clone(),
+            source,
+        })?;
+    crate::cluster::membership::parse_key(&text).map_err(|reason| DaemonError::ClusterKey {
+        path: cc.key_file.clone(),
+        reason,
+    })
+}
+
 async fn start_cluster(
     config: &Config,
     cc: &crate::cluster::ClusterConfig,
     node_id: uuid::Uuid,
     gateway: Option<std::net::SocketAddr>,
 ) -> Result<crate::cluster::node::Cluster, DaemonError> {
-    let text =
-        std::fs::read_to_string(&cc.key_file).map_err(|source| DaemonError::ClusterKeyFile {
-            path: cc.key_file.clone(),
-            source,
-        })?;
-    let key =
-        crate::cluster::membership::parse_key(&text).map_err(|reason| DaemonError::ClusterKey {
-            path: cc.key_file.clone(),
-            reason,
-        })?;
+    let key = cluster_key(cc)?;
     let cluster = crate::cluster::node::Cluster::start(crate::cluster::node::ClusterOptions {
         node_id: node_id.into(),
         name: config.node_name.clone(),
@@ -177,16 +183,7 @@ fn start_vip(
     node_id: uuid::Uuid,
     node_name: &str,
 ) -> Result<Option<Arc<crate::vip::VipService>>, DaemonError> {
-    let text =
-        std::fs::read_to_string(&cc.key_file).map_err(|source| DaemonError::ClusterKeyFile {
-            path: cc.key_file.clone(),
-            source,
-        })?;
-    let key =
-        crate::cluster::membership::parse_key(&text).map_err(|reason| DaemonError::ClusterKey {
-            path: cc.key_file.clone(),
-            reason,
-        })?;
+    let key = cluster_key(cc)?;
     let key = crate::vip::wire::VipKey::derive(key.as_ref());
     // The seam runs its own small runtime: create it on a plain thread.
     let net = std::thread::spawn(drop_net::Netlink::new).join();

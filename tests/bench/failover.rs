@@ -195,6 +195,37 @@ fn wait_serving(bridge: &Bridge, prober: &Prober, names: &[String]) -> anyhow::R
     Ok(h)
 }
 
+/// Waits for the first answer after `failed_at` from a host other than `failed` and prints the
+/// trial under `label`.
+fn measure(
+    prober: &Prober,
+    failed_at: Instant,
+    failed: &str,
+    label: &str,
+) -> anyhow::Result<Trial> {
+    let (at, who) = poll(
+        TRIAL_TIMEOUT,
+        Duration::from_millis(5),
+        "an answer from another host",
+        || prober.first_other(failed_at, failed).context("none yet"),
+    )?
+    .value;
+    let trial = Trial {
+        took: at - failed_at,
+        stalled: prober.stalled_between(failed_at, at),
+    };
+    eprintln!(
+        "  {label}: {failed} -> {who} in {} ms{}",
+        ms(trial.took),
+        if trial.stalled {
+            " (prober stalled)"
+        } else {
+            ""
+        }
+    );
+    Ok(trial)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -319,28 +350,12 @@ fn drop_trials(fx: &ClusterFixture, profile: &str, trials: usize) -> anyhow::Res
                         .ip(&["link", "set", "eth0", "down"])?;
                 }
             }
-            let (at, who) = poll(
-                TRIAL_TIMEOUT,
-                Duration::from_millis(5),
-                "an answer from another host",
-                || prober.first_other(failed_at, &names[h]).context("none yet"),
-            )?
-            .value;
-            let trial = Trial {
-                took: at - failed_at,
-                stalled: prober.stalled_between(failed_at, at),
-            };
-            eprintln!(
-                "  DROP {profile} {} #{t}: {} -> {who} in {} ms{}",
-                failure.name(),
-                names[h],
-                ms(trial.took),
-                if trial.stalled {
-                    " (prober stalled)"
-                } else {
-                    ""
-                }
-            );
+            let trial = measure(
+                &prober,
+                failed_at,
+                &names[h],
+                &format!("DROP {profile} {} #{t}", failure.name()),
+            )?;
             row.trials.push(trial);
             match failure {
                 Failure::Kill => fx.node(h).restart()?,
@@ -462,28 +477,12 @@ fn keepalived_rows(advert: &str, trials: usize) -> anyhow::Result<Vec<Row>> {
                         .ip(&["link", "set", "eth0", "down"])?;
                 }
             }
-            let (at, who) = poll(
-                TRIAL_TIMEOUT,
-                Duration::from_millis(5),
-                "an answer from another host",
-                || prober.first_other(failed_at, &names[h]).context("none yet"),
-            )?
-            .value;
-            let trial = Trial {
-                took: at - failed_at,
-                stalled: prober.stalled_between(failed_at, at),
-            };
-            eprintln!(
-                "  keepalived {advert} {} #{t}: {} -> {who} in {} ms{}",
-                failure.name(),
-                names[h],
-                ms(trial.took),
-                if trial.stalled {
-                    " (prober stalled)"
-                } else {
-                    ""
-                }
-            );
+            let trial = measure(
+                &prober,
+                failed_at,
+                &names[h],
+                &format!("keepalived {advert} {} #{t}", failure.name()),
+            )?;
             row.trials.push(trial);
             match failure {
                 Failure::Kill => {

@@ -182,21 +182,7 @@ impl Scope {
 
     /// Waits (bounded) for the spawned child `pid` to exit and returns its status.
     fn wait_child(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let child = self
-            .children
-            .iter_mut()
-            .find(|c| c.id() == pid)
-            .context("not our child")?;
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if start.elapsed() > timeout {
-                bail!("child {pid} still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_child(&mut self.children, pid, timeout)
     }
 
     /// Cleanup with errors reported, then proof that no directory of the subtree is left.
@@ -236,6 +222,28 @@ impl Drop for Scope {
                 eprintln!("cleanup: cannot remove {}: {e}", dir.display());
             }
         }
+    }
+}
+
+/// Waits (bounded) for the child `pid` among `children` to exit and returns its status.
+pub(crate) fn wait_child(
+    children: &mut [Child],
+    pid: u32,
+    timeout: Duration,
+) -> anyhow::Result<ExitStatus> {
+    let child = children
+        .iter_mut()
+        .find(|c| c.id() == pid)
+        .context("not our child")?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if start.elapsed() > timeout {
+            bail!("child {pid} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use drop_supervisor::runtime::cgroup::{self, CGROUP_ROOT, CgroupVersion, Cgroups, Limits};
 use drop_tests::{Outcome, Test, require_root, unique_name};
 
-use crate::cgroups::{is_dead, read, spawn_attached};
+use crate::cgroups::{is_dead, read, spawn_attached, wait_child};
 
 pub const TESTS: &[Test] = &[
     Test {
@@ -103,21 +103,7 @@ impl Scope {
         pid: u32,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        let child = self
-            .children
-            .iter_mut()
-            .find(|c| c.id() == pid)
-            .context("not our child")?;
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if start.elapsed() > timeout {
-                bail!("child {pid} still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_child(&mut self.children, pid, timeout)
     }
 
     /// Cleanup with errors reported, then proof that nothing of the subtree is left.
