@@ -10,6 +10,8 @@
 //! types implement `aya::Pod`.
 #![no_std]
 
+pub mod maglev;
+
 use core::net::Ipv4Addr;
 
 /// Name of the XDP program in the object (the `#[xdp]` function in `drop-ebpf`).
