@@ -276,15 +276,7 @@ fn drop_rows(profile: &str, trials: usize) -> anyhow::Result<Vec<Row>> {
 
 fn drop_trials(fx: &ClusterFixture, profile: &str, trials: usize) -> anyhow::Result<Vec<Row>> {
     let names: Vec<String> = (0..NODES).map(|i| fx.node(i).name().to_string()).collect();
-    wait_until(Duration::from_secs(30), "all five alive", || {
-        let v = fx.node(0).dropctl(&["node", "ls"])?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|n| n["state"] == "alive")
-            .count()
-            == NODES)
-    })?;
+    fx.wait_all_alive(Duration::from_secs(30))?;
     fx.node(0).dropctl(&[
         "ns",
         "create",

@@ -77,20 +77,7 @@ fn setup(extra_config: &str) -> anyhow::Result<(ClusterFixture, usize)> {
         ..ClusterSpec::new(NODES)
     })?;
     let names: Vec<String> = (0..NODES).map(|i| fx.node(i).name().to_string()).collect();
-    wait_until(
-        Duration::from_secs(20),
-        "node 0 seeing all five nodes alive",
-        || {
-            let v = fx.node(0).dropctl(&["node", "ls"])?;
-            let alive = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| n["state"] == "alive")
-                .count();
-            Ok(alive == NODES)
-        },
-    )?;
+    fx.wait_all_alive(Duration::from_secs(20))?;
     fx.node(0).dropctl(&[
         "ns",
         "create",
@@ -674,15 +661,7 @@ fn ipv6_moves() -> anyhow::Result<Outcome> {
             ])?;
         }
         let names: Vec<String> = (0..NODES).map(|i| fx.node(i).name().to_string()).collect();
-        wait_until(Duration::from_secs(20), "all five alive", || {
-            let v = fx.node(0).dropctl(&["node", "ls"])?;
-            Ok(v.as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| n["state"] == "alive")
-                .count()
-                == NODES)
-        })?;
+        fx.wait_all_alive(Duration::from_secs(20))?;
         fx.node(0).dropctl(&[
             "ns",
             "create",

@@ -499,6 +499,25 @@ impl ClusterFixture {
         Ok(())
     }
 
+    /// Waits until node 0 sees every node of the fixture alive (`dropctl node ls`).
+    pub fn wait_all_alive(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let n = self.daemons.len();
+        wait_until(
+            timeout,
+            &format!("node 0 seeing all {n} nodes alive"),
+            || {
+                let v = self.node(0).dropctl(&["node", "ls"])?;
+                let alive = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["state"] == "alive")
+                    .count();
+                Ok(alive == n)
+            },
+        )
+    }
+
     /// Undoes every [`Self::partition`]: all hub ports back on `br0`.
     pub fn heal(&self) -> anyhow::Result<()> {
         let hub = self.bridge.hub();

@@ -23,7 +23,7 @@ use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
 use zbus::fdo::{PropertiesChangedStream, PropertiesProxy};
 use zbus::proxy::CacheProperties;
-use zbus::{OwnedObjectPath, OwnedVariant, Variant, proxy};
+use zbus::{OwnedObjectPath, OwnedVariant};
 
 use crate::Outcome;
 
@@ -470,67 +470,9 @@ fn tail(path: &Path, lines: usize) -> String {
     out
 }
 
-/// `org.freedesktop.systemd1.Manager`, the calls the tests use.
-#[proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-pub trait Manager {
-    /// Asks systemd to emit JobRemoved and PropertiesChanged to this client.
-    fn subscribe(&self) -> zbus::Result<()>;
-    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn start_transient_unit(
-        &self,
-        name: &str,
-        mode: &str,
-        properties: &[(&str, Variant<'_>)],
-        aux: &[(&str, &[(&str, Variant<'_>)])],
-    ) -> zbus::Result<OwnedObjectPath>;
-    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: OwnedObjectPath,
-        unit: String,
-        result: String,
-    ) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
-}
-
-/// `org.freedesktop.systemd1.Unit`, the properties the tests read.
-#[proxy(
-    interface = "org.freedesktop.systemd1.Unit",
-    default_service = "org.freedesktop.systemd1"
-)]
-pub trait Unit {
-    #[zbus(property)]
-    fn active_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn sub_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn load_state(&self) -> zbus::Result<String>;
-}
-
-/// `org.freedesktop.systemd1.Service`, the properties the tests read.
-#[proxy(
-    interface = "org.freedesktop.systemd1.Service",
-    default_service = "org.freedesktop.systemd1"
-)]
-pub trait Service {
-    #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn control_group(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn memory_max(&self) -> zbus::Result<u64>;
-    #[zbus(property, name = "WatchdogUSec")]
-    fn watchdog_usec(&self) -> zbus::Result<u64>;
-}
+// The systemd proxies are the daemon's own (`host::systemd`), so tests and product speak the
+// same D-Bus API.
+pub use drop_supervisor::host::systemd::{JobRemovedStream, ManagerProxy, ServiceProxy, UnitProxy};
 
 /// Proxies for one loaded unit; properties are read fresh every time (no cache).
 #[derive(Debug)]

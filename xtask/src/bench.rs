@@ -271,14 +271,34 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
 /// (drop-supervisor/benches/peer.rs), printed as a markdown table.
 fn peer() -> anyhow::Result<()> {
     let bin = step("build: peer bench", || bench_binary("peer"))?;
-    let out = step("bench: peer (sealed call vs HMAC signature)", || {
-        output(Command::new(&bin).arg("--ms").arg("1000"))
+    report(
+        "peer",
+        "bench: peer (sealed call vs HMAC signature)",
+        Command::new(&bin).arg("--ms").arg("1000"),
+        "cargo xtask bench peer",
+    )
+}
+
+/// Runs a bench binary (progress on stderr, a markdown report on stdout), prints the report
+/// under the command that made it and writes it to `target/bench/<name>.md` for BENCHMARKS.md.
+fn report(name: &str, what: &str, cmd: &mut Command, command: &str) -> anyhow::Result<()> {
+    let out = step(what, || {
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} exited with {}", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })?;
-    let md = format!("Command: `cargo xtask bench peer`\n\n{out}");
+    let md = format!("Command: `{command}`\n\n{out}");
     println!("\n{md}");
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("peer.md"), md)?;
+    let path = dir.join(format!("{name}.md"));
+    std::fs::write(&path, md)?;
+    println!("(written to {})", path.display());
     Ok(())
 }
 

@@ -98,12 +98,14 @@ pub trait Systemd: Send + Sync {
     ) -> impl Future<Output = Result<impl Stream<Item = UnitState> + Send + Unpin, SystemdError>> + Send;
 }
 
+/// `org.freedesktop.systemd1.Manager`: the calls DROP (and its test harness) make.
 #[proxy(
     interface = "org.freedesktop.systemd1.Manager",
     default_service = "org.freedesktop.systemd1",
     default_path = "/org/freedesktop/systemd1"
 )]
-trait Manager {
+pub trait Manager {
+    /// Asks systemd to emit JobRemoved and PropertiesChanged to this client.
     fn subscribe(&self) -> zbus::Result<()>;
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
@@ -114,6 +116,7 @@ trait Manager {
         properties: &[(&str, Value<'_>)],
         aux: &[(&str, &[(&str, Value<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(
@@ -123,19 +126,38 @@ trait Manager {
         unit: String,
         result: String,
     ) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
 }
 
+/// `org.freedesktop.systemd1.Unit`: a unit's states.
 #[proxy(
     interface = "org.freedesktop.systemd1.Unit",
     default_service = "org.freedesktop.systemd1"
 )]
-trait Unit {
+pub trait Unit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+}
+
+/// `org.freedesktop.systemd1.Service`: what a service unit runs and its limits.
+#[proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+pub trait Service {
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn control_group(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn memory_max(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "WatchdogUSec")]
+    fn watchdog_usec(&self) -> zbus::Result<u64>;
 }
 
 /// systemd over a D-Bus connection (the system bus in production).

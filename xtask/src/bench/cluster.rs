@@ -3,12 +3,10 @@
 //! of a state update, with the `lan` and `fast` timing profiles. The bench prints its progress on
 //! stderr and a markdown report on stdout, written to target/bench/cluster.md for BENCHMARKS.md.
 
-use std::process::{Command, Stdio};
-
-use anyhow::{Context as _, bail};
+use std::process::Command;
 
 use super::{BenchArgs, bench_binary};
-use crate::{root, step};
+use crate::step;
 
 pub fn cluster(a: &BenchArgs) -> anyhow::Result<()> {
     let bin = step("build: cluster bench", || bench_binary("cluster"))?;
@@ -28,26 +26,10 @@ pub fn cluster(a: &BenchArgs) -> anyhow::Result<()> {
         args.extend(["--fast", fast]);
     }
     let command = format!("cargo xtask bench cluster {}", args.join(" "));
-    let report = step(
+    super::report(
+        "cluster",
         "bench: cluster (converge, crash detection, update spread)",
-        || {
-            let out = Command::new(&bin)
-                .args(&args)
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("cannot start {}", bin.display()))?;
-            if !out.status.success() {
-                bail!("{} exited with {}", bin.display(), out.status);
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        },
-    )?;
-    let md = format!("Command: `{command}`\n\n{report}");
-    println!("\n{md}");
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("cluster.md");
-    std::fs::write(&path, md)?;
-    println!("(written to {})", path.display());
-    Ok(())
+        Command::new(&bin).args(&args),
+        &command,
+    )
 }

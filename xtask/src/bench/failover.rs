@@ -4,9 +4,9 @@
 //! package) when missing, builds the release binaries, prints a markdown report and writes it
 //! to target/bench/failover.md for BENCHMARKS.md.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::{BenchArgs, bench_binary_of};
 use crate::{cargo, root, run_cmd, setup, step};
@@ -37,27 +37,12 @@ pub fn failover(a: &BenchArgs) -> anyhow::Result<()> {
         args.extend(["--only", only.as_str()]);
     }
     let command = format!("cargo xtask bench failover {}", args.join(" "));
-    let report = step(
+    super::report(
+        "failover",
         "bench: failover (DROP fast/lan, keepalived 0.1 s/1 s)",
-        || {
-            let out = Command::new(&bin)
-                .args(&args)
-                .env("DROP_BIN_DIR", root().join("target/release"))
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("cannot start {}", bin.display()))?;
-            if !out.status.success() {
-                bail!("{} exited with {}", bin.display(), out.status);
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        },
-    )?;
-    let md = format!("Command: `{command}`\n\n{report}");
-    println!("\n{md}");
-    let dir = root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("failover.md");
-    std::fs::write(&path, md)?;
-    println!("(written to {})", path.display());
-    Ok(())
+        Command::new(&bin)
+            .args(&args)
+            .env("DROP_BIN_DIR", root().join("target/release")),
+        &command,
+    )
 }
