@@ -468,6 +468,16 @@ impl Cluster {
             registry: Arc::new(RwLock::new(Registry::default())),
             vip: RwLock::new(None),
         });
+        // The API answers from the persisted state at once: a restarted node lists its
+        // namespaces and flows before its first pass (which waits on starting pools) ends.
+        {
+            let mut sh = inner.lock();
+            let namespaces = plan(&inner, &mut sh, &[]).namespaces;
+            *inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+                nodes: Vec::new(),
+                namespaces,
+            });
+        }
         let membership = Membership::start(
             MembershipOptions {
                 id: opts.node_id.to_string(),
@@ -1106,6 +1116,14 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
         .collect();
 
     let mut plan = plan(inner, &mut inner.lock(), &known);
+    // Namespaces and placement are known now; the pools of this node's share may take a while.
+    {
+        let mut snap = inner.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        *snap = Arc::new(Snapshot {
+            nodes: snap.nodes.clone(),
+            namespaces: plan.namespaces.clone(),
+        });
+    }
     let hook = inner.vip.read().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(hook) = hook {
         hook.update(plan.vip.take());
