@@ -66,6 +66,34 @@ pub struct RawConfig {
     pub cluster: Option<RawCluster>,
     /// The floating IP of this node's namespace (cluster only).
     pub vip: Option<RawVip>,
+    /// systemd services of this node's namespace (cluster only).
+    pub services: Option<RawServices>,
+}
+
+/// `[services]`: how this node reaches its systemd for services.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServices {
+    /// `false`: this node runs no service instances (default `true`).
+    pub enabled: Option<bool>,
+    /// D-Bus address of systemd's bus (default: the system bus).
+    pub bus: Option<String>,
+    /// Where installed units' templates are written (default `/run/systemd/system`).
+    pub unit_dir: Option<PathBuf>,
+    /// The journal `service logs` reads (default: the system journal).
+    pub journal_dir: Option<PathBuf>,
+    /// Failures of one service on a node before its instances go elsewhere (default 3).
+    pub max_failures: Option<u32>,
+}
+
+/// The validated `[services]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicesConfig {
+    /// `None`: the system bus.
+    pub bus: Option<String>,
+    pub unit_dir: PathBuf,
+    pub journal_dir: Option<PathBuf>,
+    pub max_failures: u32,
 }
 
 /// `[vip]`: how this node holds its namespace's floating IP.
@@ -523,6 +551,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `None`: a single node (the floating IP needs a cluster).
     pub vip: Option<VipSettings>,
+    /// `None`: a single node, or `[services] enabled = false`.
+    pub services: Option<ServicesConfig>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -674,6 +704,52 @@ impl Config {
             }
             (None, None) => None,
         };
+        let services = match (&cluster, raw.services) {
+            (Some(_), s) => {
+                let s = s.unwrap_or_default();
+                if s.enabled == Some(false) {
+                    None
+                } else {
+                    let unit_dir = s
+                        .unit_dir
+                        .unwrap_or_else(|| PathBuf::from("/run/systemd/system"));
+                    require_absolute(&unit_dir).map_err(|r| invalid("services.unit_dir", r))?;
+                    if let Some(j) = &s.journal_dir {
+                        require_absolute(j).map_err(|r| invalid("services.journal_dir", r))?;
+                    }
+                    if let Some(b) = &s.bus
+                        && !b.contains(':')
+                    {
+                        return Err(invalid(
+                            "services.bus",
+                            format!(
+                                "{b:?} is not a D-Bus address (like unix:path=/run/dbus/system_bus_socket)"
+                            ),
+                        ));
+                    }
+                    let max_failures = s.max_failures.unwrap_or(3);
+                    if max_failures == 0 {
+                        return Err(invalid(
+                            "services.max_failures",
+                            "must be at least 1".into(),
+                        ));
+                    }
+                    Some(ServicesConfig {
+                        bus: s.bus,
+                        unit_dir,
+                        journal_dir: s.journal_dir,
+                        max_failures,
+                    })
+                }
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "services",
+                    "services need a `[cluster]` section".into(),
+                ));
+            }
+            (None, None) => None,
+        };
 
         Ok(Config {
             path,
@@ -697,6 +773,7 @@ impl Config {
             gateway_limits,
             cluster,
             vip,
+            services,
         })
     }
 }

@@ -176,6 +176,39 @@ async fn start_cluster(
 
 /// Starts the floating-IP agent. A seam that does not work (no netlink) is logged and leaves the
 /// node without a floating IP rather than down.
+/// The services agent on this node's systemd (the system bus, or the configured one).
+fn start_services(
+    sc: &crate::config::ServicesConfig,
+    changed: Arc<tokio::sync::Notify>,
+) -> Arc<crate::services::agent::Agent> {
+    use crate::host::systemd::{SystemdBus, SystemdError};
+    let bus = sc.bus.clone();
+    let connect = move || {
+        let bus = bus.clone();
+        async move {
+            match bus {
+                None => SystemdBus::system().await,
+                Some(addr) => {
+                    let conn = zbus::connection::Builder::address(addr.as_str())
+                        .build()
+                        .await
+                        .map_err(SystemdError::Bus)?;
+                    Ok(SystemdBus::with_connection(conn))
+                }
+            }
+        }
+    };
+    info!(bus = sc.bus.as_deref().unwrap_or("system"), unit_dir = %sc.unit_dir.display(), "services agent started");
+    Arc::new(crate::services::agent::Agent::start(
+        connect,
+        crate::services::agent::AgentConfig {
+            unit_dir: sc.unit_dir.clone(),
+            max_failures: sc.max_failures,
+        },
+        changed,
+    ))
+}
+
 fn start_vip(
     runtime: &Arc<Runtime>,
     cc: &crate::cluster::ClusterConfig,
@@ -410,6 +443,9 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         })?;
         info!(addr = %server.local_addr(), "peer transport listening");
         peer_server = Some(server);
+        if let Some(sc) = &config.services {
+            cluster.set_services(start_services(sc, cluster.notifier()), sc.max_failures);
+        }
         cluster.spawn(runtime.clone(), key.clone());
     }
     let vip = match (&cluster, &config.cluster, &config.vip) {

@@ -27,4 +27,5 @@ pub mod gateway;
 pub mod host;
 pub mod http;
 pub mod runtime;
+pub mod services;
 pub mod vip;

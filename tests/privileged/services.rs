@@ -1,16 +1,32 @@
-//! The systemd seam (`host::systemd::SystemdBus`) against a real systemd: the throw-away one of
-//! `tests/systemd-sandbox`, over its own D-Bus bus. Jobs end through `JobRemoved`, state changes
-//! arrive through `PropertiesChanged`; nothing polls.
+//! Services on real systemds.
+//!
+//! - The systemd seam (`host::systemd::SystemdBus`) against a real systemd: the throw-away one
+//!   of `tests/systemd-sandbox`, over its own D-Bus bus. Jobs end through `JobRemoved`, state
+//!   changes arrive through `PropertiesChanged`; nothing polls.
+//! - Services across five nodes, each a supervisor in its network namespace with its own
+//!   sandboxed systemd: counts and spread, node loss and heal (make-before-break, sampled),
+//!   supervisor crash and adoption, failures moving an instance, logs, removal.
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use drop_supervisor::host::systemd::{Systemd, SystemdBus, SystemdError, TransientSpec};
+use drop_tests::cluster::wait_for;
+use drop_tests::services::ServiceCluster;
 use drop_tests::systemd::{SystemdSandbox, UnitHandle};
-use drop_tests::{Outcome, Test, unique_name};
+use drop_tests::{Outcome, Test, paths, require_command, unique_name};
 use futures_util::StreamExt as _;
 
 pub const TESTS: &[Test] = &[
+    Test {
+        name: "services_count_spread_node_loss_and_heal_never_below_count",
+        run: loss_and_heal,
+    },
+    Test {
+        name: "services_supervisor_crash_adopts_failures_move_logs_and_rm_cleans",
+        run: adopt_fail_rm,
+    },
     Test {
         name: "systemd_seam_starts_stops_and_watches_an_installed_unit",
         run: installed_unit,
@@ -144,5 +160,395 @@ fn transient_unit() -> anyhow::Result<Outcome> {
         let after = sd.state(&spec.unit).await?;
         ensure!(after.active == "inactive", "after stop: {after:?}");
         Ok(Outcome::Pass)
+    })
+}
+
+// ---- services across five nodes ----------------------------------------------------------
+
+const NS: &str = "t";
+/// Installed-unit service and its count.
+const WEB: &str = "web";
+const WEB_COUNT: usize = 3;
+/// Inline (transient) service and its count.
+const WORK: &str = "work";
+const WORK_COUNT: usize = 7;
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn services_preconditions() -> anyhow::Result<Option<Outcome>> {
+    if let Some(skip) = SystemdSandbox::unavailable()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("nsenter"))
+    {
+        return Ok(Some(skip));
+    }
+    for bin in ["drop-supervisor", "dropctl"] {
+        let path = paths::bin(bin);
+        ensure!(
+            path.is_file(),
+            "{} not found: build it first (cargo build -p drop-supervisor --bins)",
+            path.display()
+        );
+    }
+    Ok(None)
+}
+
+/// Runs `body`; on failure prints every daemon's log tail first.
+fn logged(
+    sc: &ServiceCluster,
+    body: impl FnOnce(&ServiceCluster) -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    match body(sc) {
+        Ok(()) => Ok(Outcome::Pass),
+        Err(e) => {
+            println!(
+                "  daemon logs (last 30 lines each):\n{}",
+                sc.fx.log_tails(30)
+            );
+            Err(e)
+        }
+    }
+}
+
+/// All five alive everywhere, then namespace `t` of all five.
+fn namespace(sc: &ServiceCluster) -> anyhow::Result<()> {
+    let names: Vec<String> = (0..5).map(|i| sc.fx.node(i).name().to_string()).collect();
+    wait_for(CONVERGE, "all 5 nodes alive everywhere", || {
+        for (i, name) in names.iter().enumerate() {
+            let v = sc.dropctl(i, &["node", "ls"])?;
+            let alive = v
+                .as_array()
+                .context("node ls")?
+                .iter()
+                .filter(|n| n["state"] == "alive")
+                .count();
+            ensure!(alive == 5, "{name} sees {alive} alive");
+        }
+        Ok(())
+    })?;
+    sc.dropctl(0, &["ns", "create", NS, "--nodes", &names.join(",")])?;
+    wait_for(CONVERGE, "a leader of t with quorum on every node", || {
+        for i in 0..5 {
+            let v = sc.dropctl(i, &["ns", "show", NS])?;
+            ensure!(v["leader"].is_string() && v["quorum"] == true, "{v}");
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `web` (installed unit, 3) and `work` (inline, 7), set through node 0.
+fn set_services(sc: &ServiceCluster) -> anyhow::Result<()> {
+    let unit = sc.fx.node(0).dir().join("web.service");
+    std::fs::write(
+        &unit,
+        "[Unit]\nDescription=a web server stand-in\n\n[Service]\nExecStart=/bin/sleep 100000\n",
+    )?;
+    let unit = unit.to_str().context("utf-8")?;
+    let set = sc.dropctl(0, &["service", "set", WEB, "--count", "3", "--unit", unit])?;
+    ensure!(set["count"] == 3, "{set}");
+    sc.dropctl(
+        0,
+        &[
+            "service",
+            "set",
+            WORK,
+            "--count",
+            "7",
+            "--memory",
+            "64M",
+            "--env",
+            "MODE=test",
+            "--exec",
+            "/bin/sh",
+            "-c",
+            "echo work MODE=$MODE instance $DROP_INSTANCE; exec sleep 100000",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Waits until `nodes` run exactly the counts, spread (no node above ceil(count/nodes)).
+fn wait_counts(sc: &ServiceCluster, nodes: &[usize], what: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    wait_for(CONVERGE, what, || {
+        for (svc, count) in [(WEB, WEB_COUNT), (WORK, WORK_COUNT)] {
+            let spread = sc.spread(nodes, svc)?;
+            let total: usize = spread.iter().sum();
+            ensure!(
+                total == count,
+                "{svc}: {total} active ({spread:?}), want {count}"
+            );
+            let bound = count.div_ceil(nodes.len());
+            ensure!(
+                spread.iter().all(|n| *n <= bound),
+                "{svc} not spread: {spread:?} (at most {bound} per node)"
+            );
+        }
+        Ok(())
+    })?;
+    Ok(started.elapsed())
+}
+
+fn loss_and_heal() -> anyhow::Result<Outcome> {
+    if let Some(skip) = services_preconditions()? {
+        return Ok(skip);
+    }
+    let sc = ServiceCluster::start(5, "fast", "")?;
+    logged(&sc, |sc| {
+        namespace(sc)?;
+        set_services(sc)?;
+        let all: Vec<usize> = (0..5).collect();
+        let t = wait_counts(sc, &all, "web 3 and work 7 active, spread over 5 systemds")?;
+        let ls = sc.dropctl(0, &["service", "ls"])?;
+        let active: Vec<(String, u64)> = ls
+            .as_array()
+            .context("service ls")?
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or("").to_string(),
+                    s["active"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        ensure!(
+            active == [(WEB.to_string(), 3), (WORK.to_string(), 7)],
+            "service ls: {active:?}"
+        );
+        println!(
+            "  web 3 (installed unit) and work 7 (transient) active after {:.2} s: web {:?}, work {:?}",
+            t.as_secs_f64(),
+            sc.spread(&all, WEB)?,
+            sc.spread(&all, WORK)?
+        );
+        // The node that goes: one (not n0, through which we ask) running a web instance.
+        let victim = (1..5)
+            .find(|&i| sc.active(i).is_ok_and(|a| a.contains_key(WEB)))
+            .context("no node besides n0 runs web")?;
+        let vname = sc.fx.node(victim).name().to_string();
+        let had = sc.active(victim)?;
+        let rest: Vec<usize> = all.iter().copied().filter(|&i| i != victim).collect();
+
+        let sampler = sc.sampler(Duration::from_millis(25));
+        let killed_at = sampler.now();
+        sc.fx.node(victim).sigkill()?;
+        sc.fx.partition(&[victim])?;
+        let moved = wait_counts(sc, &rest, "the lost node's share active on the other 4")?;
+        let replaced_at = sampler.now();
+        // Cut off, the lost node's instances keep running in its systemd.
+        let still = sc.active(victim)?;
+        ensure!(still == had, "{vname}'s systemd ran {had:?}, now {still:?}");
+        println!(
+            "  {vname} (supervisor SIGKILLed, link cut) ran {:?}: active again on the other 4 after {:.2} s; its own kept running",
+            had.iter()
+                .map(|(k, v)| (k.as_str(), v.len()))
+                .collect::<Vec<_>>(),
+            moved.as_secs_f64()
+        );
+
+        sc.fx.heal()?;
+        sc.fx.node(victim).restart()?;
+        let healed_at = sampler.now();
+        wait_for(CONVERGE, "the surplus on the returned node stopped", || {
+            let a = sc.active(victim)?;
+            ensure!(
+                a.values().all(BTreeSet::is_empty),
+                "{vname} still runs {a:?}"
+            );
+            for (svc, count) in [(WEB, WEB_COUNT), (WORK, WORK_COUNT)] {
+                let total: usize = sc.spread(&all, svc)?.iter().sum();
+                ensure!(total == count, "{svc}: {total} active in all");
+            }
+            Ok(())
+        })?;
+        let settled_at = sampler.now();
+        std::thread::sleep(Duration::from_millis(200));
+        let samples = sampler.finish()?;
+        let after: Vec<_> = samples.iter().filter(|s| s.at >= replaced_at).collect();
+        ensure!(
+            after.len() > 5,
+            "only {} samples after the re-placement",
+            after.len()
+        );
+        let min_web = after.iter().map(|s| s.total(WEB)).min().unwrap_or(0);
+        let min_work = after.iter().map(|s| s.total(WORK)).min().unwrap_or(0);
+        let max_web = after.iter().map(|s| s.total(WEB)).max().unwrap_or(0);
+        let max_work = after.iter().map(|s| s.total(WORK)).max().unwrap_or(0);
+        println!(
+            "  heal: {} samples from re-placement to settled ({:.2} s after the heal); active web min {min_web}/{WEB_COUNT} max {max_web}, work min {min_work}/{WORK_COUNT} max {max_work}",
+            after.len(),
+            (settled_at - healed_at).as_secs_f64()
+        );
+        ensure!(
+            min_web >= WEB_COUNT && min_work >= WORK_COUNT,
+            "the total of active instances dropped below the count during the heal: web {min_web}, work {min_work}"
+        );
+        // Before the loss the counts held too (the sampler started then).
+        let before: Vec<_> = samples.iter().filter(|s| s.at < killed_at).collect();
+        for s in before {
+            ensure!(
+                s.total(WEB) == WEB_COUNT && s.total(WORK) == WORK_COUNT,
+                "before the loss: {s:?}"
+            );
+        }
+        // Sticky: the instances stayed where they were re-placed.
+        wait_counts(sc, &all, "the final placement")?;
+        Ok(())
+    })
+}
+
+fn adopt_fail_rm() -> anyhow::Result<Outcome> {
+    if let Some(skip) = services_preconditions()? {
+        return Ok(skip);
+    }
+    let sc = ServiceCluster::start(5, "fast", "")?;
+    logged(&sc, |sc| {
+        namespace(sc)?;
+        set_services(sc)?;
+        let all: Vec<usize> = (0..5).collect();
+        wait_counts(sc, &all, "web 3 and work 7 active")?;
+
+        // Supervisor crash: its units are systemd's and stay; the restarted daemon adopts them.
+        let node = (1..5)
+            .find(|&i| sc.active(i).is_ok_and(|a| a.contains_key(WORK)))
+            .context("no node besides n0 runs work")?;
+        let name = sc.fx.node(node).name().to_string();
+        let units: Vec<String> = sc
+            .active(node)?
+            .iter()
+            .flat_map(|(svc, idx)| {
+                idx.iter()
+                    .map(move |i| drop_supervisor::services::spec::unit_name(NS, svc, *i))
+            })
+            .collect();
+        let pids: Vec<u32> = units
+            .iter()
+            .map(|u| sc.main_pid(node, u))
+            .collect::<anyhow::Result<_>>()?;
+        sc.fx.node(node).sigkill()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let during: Vec<u32> = units
+            .iter()
+            .map(|u| sc.main_pid(node, u))
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            during == pids,
+            "units changed while the supervisor was down: {pids:?} → {during:?}"
+        );
+        sc.fx.node(node).restart()?;
+        // Give it time to act on everything it knows, then check nothing was started twice.
+        wait_for(
+            CONVERGE,
+            "the restarted node's report back in service ls",
+            || {
+                let v = sc.dropctl(node, &["service", "show", WORK])?;
+                ensure!(v["active"] == WORK_COUNT, "{v}");
+                Ok(())
+            },
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        let after: Vec<u32> = units
+            .iter()
+            .map(|u| sc.main_pid(node, u))
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            after == pids,
+            "{name}'s units were restarted: {pids:?} → {after:?}"
+        );
+        for (svc, count) in [(WEB, WEB_COUNT), (WORK, WORK_COUNT)] {
+            let total: usize = sc.spread(&all, svc)?.iter().sum();
+            ensure!(
+                total == count,
+                "{svc}: {total} active after the restart (duplicates?)"
+            );
+        }
+        println!(
+            "  {name}'s supervisor SIGKILLed and restarted: its {} units kept their processes, no duplicate anywhere",
+            units.len()
+        );
+
+        // Logs: the instances on node 0 wrote to its systemd's journal.
+        let logs = wait_for(CONVERGE, "n0's work instances in its journal", || {
+            let logs = sc.dropctl(0, &["service", "logs", WORK, "--lines", "50"])?;
+            let here = logs["instances_here"]
+                .as_array()
+                .context("instances_here")?
+                .len();
+            let lines: Vec<&str> = logs["lines"]
+                .as_array()
+                .context("lines")?
+                .iter()
+                .filter_map(|l| l.as_str())
+                .filter(|l| l.contains("work MODE=test instance"))
+                .collect();
+            ensure!(here > 0 && lines.len() >= here, "{logs}");
+            Ok(logs)
+        })?;
+        println!(
+            "  service logs on n0: {} lines from instances {}, others on {}",
+            logs["lines"].as_array().map_or(0, Vec::len),
+            logs["instances_here"],
+            logs["elsewhere"]
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>().join(","))
+                .unwrap_or_default()
+        );
+
+        // A unit that keeps failing goes elsewhere after max_failures (3).
+        sc.dropctl(
+            0,
+            &[
+                "service",
+                "set",
+                "flaky",
+                "--count",
+                "1",
+                "--restart",
+                "always",
+                "--exec",
+                "/bin/false",
+            ],
+        )?;
+        let moved = wait_for(CONVERGE, "flaky failed on two nodes", || {
+            let v = sc.dropctl(0, &["service", "show", "flaky"])?;
+            let f = v["failures"].as_object().cloned().unwrap_or_default();
+            let over: Vec<&String> = f
+                .iter()
+                .filter(|(_, n)| n.as_u64().unwrap_or(0) >= 3)
+                .map(|(k, _)| k)
+                .collect();
+            ensure!(over.len() >= 2, "failures {f:?}");
+            Ok(f)
+        })?;
+        println!("  flaky (always exits 1) moved on after 3 failures: failures per node {moved:?}");
+
+        // rm: nothing left in any systemd, no template left in any unit folder.
+        for svc in [WEB, WORK, "flaky"] {
+            sc.dropctl(0, &["service", "rm", svc])?;
+        }
+        wait_for(CONVERGE, "no unit of ours left in any systemd", || {
+            for i in 0..5 {
+                let left = sc.loaded(i)?;
+                ensure!(
+                    left.is_empty(),
+                    "{} still has {left:?}",
+                    sc.fx.node(i).name()
+                );
+                let templates: Vec<_> = std::fs::read_dir(sc.sds[i].unit_dir())?
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("drop-svc."))
+                    .map(|e| e.file_name())
+                    .collect();
+                ensure!(templates.is_empty(), "templates left: {templates:?}");
+            }
+            Ok(())
+        })?;
+        let ls = sc.dropctl(0, &["service", "ls"])?;
+        ensure!(
+            ls.as_array().is_some_and(Vec::is_empty),
+            "service ls after rm: {ls}"
+        );
+        println!("  service rm: no unit and no template left in the 5 systemds");
+        Ok(())
     })
 }

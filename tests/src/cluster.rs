@@ -65,6 +65,8 @@ pub struct ClusterSpec {
     pub extra_config: String,
     /// `[cluster] profile` (default [`PROFILE`]).
     pub profile: String,
+    /// TOML appended to one node's config, by host index (e.g. its own `[services] bus`).
+    pub node_config: Vec<String>,
 }
 
 /// The multicast group and port the fixture's nodes announce themselves on.
@@ -81,6 +83,7 @@ impl ClusterSpec {
             multicast: false,
             extra_config: String::new(),
             profile: PROFILE.to_string(),
+            node_config: Vec::new(),
         }
     }
 }
@@ -408,6 +411,10 @@ impl ClusterFixture {
             }
         }
         text.push_str(&self.spec.extra_config);
+        if let Some(own) = self.spec.node_config.get(host) {
+            text.push('\n');
+            text.push_str(own);
+        }
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         Ok(Daemon {
             log: dir.join("daemon.log"),

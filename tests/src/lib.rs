@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod netns;
 pub mod paths;
+pub mod services;
 pub mod systemd;
 pub mod vip;
 

@@ -66,6 +66,9 @@ enum Command {
     /// Floating IPs: who holds each namespace's address, and its health check.
     #[command(subcommand)]
     Vip(VipCommand),
+    /// systemd services kept at their count across the namespace.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Cluster set-up helpers that need no daemon.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -108,6 +111,70 @@ enum NsCommand {
     Leave,
     /// Remove a namespace and its flows everywhere.
     Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Declare a service (or change it): COUNT instances of an installed unit file (--unit)
+    /// or of a command run as a transient unit (--exec, the rest of the line).
+    Set {
+        name: String,
+        #[arg(long)]
+        count: u32,
+        /// An installed unit file; its text is replicated and written on each node that runs it.
+        #[arg(long, value_name = "FILE", conflicts_with = "exec")]
+        unit: Option<PathBuf>,
+        /// Memory limit of each instance (64M, 1G, bytes).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit of each instance, in cores (0.5 = half a core).
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Most tasks (processes and threads) of each instance.
+        #[arg(long)]
+        tasks: Option<u64>,
+        /// The user the command runs as.
+        #[arg(long)]
+        user: Option<String>,
+        /// K=V, repeatable.
+        #[arg(long, value_name = "K=V")]
+        env: Vec<String>,
+        /// systemd's Restart= (default on-failure).
+        #[arg(long)]
+        restart: Option<String>,
+        #[arg(long)]
+        ns: Option<String>,
+        /// The command and its arguments: everything after --exec (so it comes last).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
+        exec: Option<Vec<String>>,
+    },
+    /// Services of the namespace: count, active instances, where they run.
+    Ls {
+        #[arg(long)]
+        ns: Option<String>,
+    },
+    /// One service: every instance with its node, state, since when and restarts.
+    Show {
+        name: String,
+        #[arg(long)]
+        ns: Option<String>,
+    },
+    /// Remove a service: every instance stops.
+    Rm {
+        name: String,
+        #[arg(long)]
+        ns: Option<String>,
+    },
+    /// What the instances on this node wrote to the journal (-f: keep following).
+    Logs {
+        name: String,
+        #[arg(long)]
+        ns: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +400,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
         }
         Command::Ns(cmd) => namespace(client, json, cmd),
         Command::Vip(cmd) => vip(client, json, cmd),
+        Command::Service(cmd) => service(client, json, cmd),
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
@@ -766,6 +834,189 @@ fn namespace(client: &Client, json: bool, cmd: &NsCommand) -> Result<u8, ClientE
         NsCommand::Rm { name } => println!("namespace {name} removed"),
     }
     Ok(0)
+}
+
+fn ns_query(ns: &Option<String>) -> String {
+    ns.as_ref().map(|n| format!("?ns={n}")).unwrap_or_default()
+}
+
+fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, ClientError> {
+    let v: serde_json::Value = match cmd {
+        ServiceCommand::Set {
+            name,
+            count,
+            unit,
+            memory,
+            cpu,
+            tasks,
+            user,
+            env,
+            restart,
+            ns,
+            exec,
+        } => {
+            let unit = match unit {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::Local(format!("cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+            let mut vars = std::collections::BTreeMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| ClientError::Local(format!("--env {kv:?}: expected K=V")))?;
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let body = drop_supervisor::services::spec::ServiceRequest {
+                count: *count,
+                unit,
+                exec: exec.clone(),
+                memory: memory.clone(),
+                cpu: *cpu,
+                tasks: *tasks,
+                user: user.clone(),
+                env: vars,
+                restart: restart.clone(),
+                ns: ns.clone(),
+            };
+            client.put(
+                &format!("/v1/services/{name}"),
+                &serde_json::to_value(&body).map_err(|e| bad(&e))?,
+            )?
+        }
+        ServiceCommand::Ls { ns } => client.get(&format!("/v1/services{}", ns_query(ns)))?,
+        ServiceCommand::Show { name, ns } => {
+            client.get(&format!("/v1/services/{name}{}", ns_query(ns)))?
+        }
+        ServiceCommand::Rm { name, ns } => {
+            client.delete(&format!("/v1/services/{name}{}", ns_query(ns)))?
+        }
+        ServiceCommand::Logs {
+            name,
+            ns,
+            lines,
+            follow,
+        } => return service_logs(client, json, name, ns, *lines, *follow),
+    };
+    if json {
+        print_json(&v);
+        return Ok(0);
+    }
+    match cmd {
+        ServiceCommand::Ls { .. } => {
+            println!(
+                "{:<20} {:<6} {:>6} {:>6}  NODES",
+                "SERVICE", "KIND", "COUNT", "ACTIVE"
+            );
+            for s in v.as_array().into_iter().flatten() {
+                let mut nodes: Vec<String> = s["instances"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| i["surplus"] != true)
+                    .map(|i| text(&i["node"]))
+                    .collect();
+                nodes.sort();
+                nodes.dedup();
+                println!(
+                    "{:<20} {:<6} {:>6} {:>6}  {}",
+                    text(&s["name"]),
+                    text(&s["kind"]),
+                    text(&s["count"]),
+                    text(&s["active"]),
+                    nodes.join(",")
+                );
+            }
+        }
+        ServiceCommand::Show { .. } => {
+            println!(
+                "service {}/{}  {}  count {}  active {}",
+                text(&v["namespace"]),
+                text(&v["name"]),
+                text(&v["kind"]),
+                text(&v["count"]),
+                text(&v["active"])
+            );
+            println!(
+                "{:>5}  {:<16} {:<12} {:<14} {:>8}",
+                "#", "NODE", "STATE", "SUB", "RESTARTS"
+            );
+            for i in v["instances"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>5}  {:<16} {:<12} {:<14} {:>8}{}",
+                    text(&i["index"]),
+                    text(&i["node"]),
+                    text(&i["active"]),
+                    text(&i["sub"]),
+                    text(&i["restarts"]),
+                    if i["surplus"] == true {
+                        "  (surplus, stops once its replacement is active)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(f) = v["failures"].as_object().filter(|f| !f.is_empty()) {
+                let list: Vec<String> = f.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+                println!("failures  {}", list.join(", "));
+            }
+        }
+        _ => print_json(&v),
+    }
+    Ok(0)
+}
+
+fn service_logs(
+    client: &Client,
+    json: bool,
+    name: &str,
+    ns: &Option<String>,
+    lines: u32,
+    follow: bool,
+) -> Result<u8, ClientError> {
+    let mut q = format!("lines={lines}");
+    if let Some(n) = ns {
+        q.push_str(&format!("&ns={n}"));
+    }
+    let mut seen: Option<String> = None;
+    loop {
+        let v: serde_json::Value = client.get(&format!("/v1/services/{name}/logs?{q}"))?;
+        if json && !follow {
+            print_json(&v);
+            return Ok(0);
+        }
+        let all: Vec<String> = v["lines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        // Print only what follows the last line printed.
+        let start = seen
+            .as_ref()
+            .and_then(|last| all.iter().rposition(|l| l == last).map(|i| i + 1))
+            .unwrap_or(0);
+        for l in &all[start..] {
+            println!("{l}");
+        }
+        if seen.is_none()
+            && let Some(e) = v["elsewhere"].as_object().filter(|e| !e.is_empty())
+        {
+            let list: Vec<String> = e.keys().cloned().collect();
+            eprintln!(
+                "(instances on {} write to those nodes' journals)",
+                list.join(", ")
+            );
+        }
+        if let Some(l) = all.last() {
+            seen = Some(l.clone());
+        }
+        if !follow {
+            return Ok(0);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 fn vip(client: &Client, json: bool, cmd: &VipCommand) -> Result<u8, ClientError> {

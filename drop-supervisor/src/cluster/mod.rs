@@ -10,6 +10,7 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod seal;
+pub mod services;
 pub mod state;
 
 use std::net::SocketAddr;

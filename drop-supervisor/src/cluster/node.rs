@@ -116,6 +116,9 @@ pub struct NsView {
     pub leader_id: Option<String>,
     pub quorum: bool,
     pub flows: Vec<FlowPlacement>,
+    /// Services stored for the namespace, with their instances.
+    #[serde(default)]
+    pub services: Vec<super::services::ServiceView>,
     /// Leadership changes this node saw (newest last).
     pub history: Vec<LeaderChange>,
 }
@@ -222,6 +225,8 @@ struct Inner {
     lease_window: Duration,
     members: AtomicUsize,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// This node's services agent and how many failures move an instance elsewhere.
+    services: RwLock<Option<(Arc<crate::services::agent::Agent>, u32)>>,
     registry: Arc<RwLock<Registry>>,
     /// The floating IP, once the daemon attached it.
     vip: RwLock<Option<Arc<dyn super::VipHook>>>,
@@ -465,6 +470,7 @@ impl Cluster {
             lease_window: lease_window(&opts.config.timing),
             members: AtomicUsize::new(1),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            services: RwLock::new(None),
             registry: Arc::new(RwLock::new(Registry::default())),
             vip: RwLock::new(None),
         });
@@ -518,6 +524,22 @@ impl Cluster {
     pub fn set_vip(&self, hook: Arc<dyn super::VipHook>) {
         *self.inner.vip.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
         self.inner.changed.notify_one();
+    }
+
+    /// Attaches the services agent: from the next pass on it runs this node's share of the
+    /// namespace's services, and the leader places instances (elsewhere after `max_failures`).
+    pub fn set_services(&self, agent: Arc<crate::services::agent::Agent>, max_failures: u32) {
+        *self
+            .inner
+            .services
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some((agent, max_failures));
+        self.inner.changed.notify_one();
+    }
+
+    /// What wakes the reconcile loop (for agents whose reports feed the registry entry).
+    pub fn notifier(&self) -> Arc<Notify> {
+        self.inner.changed.clone()
     }
 
     /// The floating IP's status on this node (its namespace), if attached.
@@ -732,43 +754,54 @@ impl Cluster {
     }
 
     async fn write_many(&self, writes: Vec<(String, Option<Value>)>) {
-        let mut batch = Vec::new();
-        {
-            let mut sh = self.inner.lock();
-            for (key, value) in writes {
-                let version = sh.clock.now(physical_now_ms());
-                match value {
-                    Some(v) => sh.map.set(key.clone(), v, version),
-                    None => sh.map.delete(key.clone(), version),
-                };
-                sh.gossip(&key);
-                if let Some(entry) = sh.map.entry(&key).cloned() {
-                    batch.push((key, entry));
-                }
-            }
-            self.inner.save(&sh.map);
-        }
-        self.inner.changed.notify_one();
-        // Also straight to every member over TCP: a write reaches everyone at once, whatever
-        // its size; gossip and push/pull repair whatever this misses.
-        let msg = encode(&batch);
-        let me = self.membership.advertise();
-        for m in self.membership.members().await {
-            if m.state.is_up() && m.addr != me {
-                let (ms, msg) = (self.membership.clone(), msg.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = ms.send_reliable(m.addr, msg).await {
-                        tracing::debug!(to = %m.addr, error = %e, "direct state send failed; gossip will repair");
-                    }
-                });
-            }
-        }
+        write_and_push(&self.inner, &self.membership, writes).await;
     }
 
     fn get(&self, key: &str) -> Option<Value> {
         self.inner.lock().map.get(key).cloned()
     }
+}
 
+/// Writes keys to the state (gossiped and saved) and sends them straight to every member.
+async fn write_and_push(
+    inner: &Arc<Inner>,
+    membership: &Arc<Membership>,
+    writes: Vec<(String, Option<Value>)>,
+) {
+    let mut batch = Vec::new();
+    {
+        let mut sh = inner.lock();
+        for (key, value) in writes {
+            let version = sh.clock.now(physical_now_ms());
+            match value {
+                Some(v) => sh.map.set(key.clone(), v, version),
+                None => sh.map.delete(key.clone(), version),
+            };
+            sh.gossip(&key);
+            if let Some(entry) = sh.map.entry(&key).cloned() {
+                batch.push((key, entry));
+            }
+        }
+        inner.save(&sh.map);
+    }
+    inner.changed.notify_one();
+    // Also straight to every member over TCP: a write reaches everyone at once, whatever
+    // its size; gossip and push/pull repair whatever this misses.
+    let msg = encode(&batch);
+    let me = membership.advertise();
+    for m in membership.members().await {
+        if m.state.is_up() && m.addr != me {
+            let (ms, msg) = (membership.clone(), msg.clone());
+            tokio::spawn(async move {
+                if let Err(e) = ms.send_reliable(m.addr, msg).await {
+                    tracing::debug!(to = %m.addr, error = %e, "direct state send failed; gossip will repair");
+                }
+            });
+        }
+    }
+}
+
+impl Cluster {
     fn namespace_of(&self, id: NodeId) -> Option<String> {
         self.get(&format!("nsm/{id}"))
             .and_then(|v| v.as_str().map(str::to_string))
@@ -904,6 +937,7 @@ impl Cluster {
             leader_id: None,
             quorum: false,
             flows: Vec::new(),
+            services: Vec::new(),
             history: Vec::new(),
         }
     }
@@ -980,8 +1014,10 @@ impl Cluster {
                     writes.push((k.to_string(), None));
                 }
             }
-            for (k, _) in sh.map.iter_prefix(&format!("flow/{name}/")) {
-                writes.push((k.to_string(), None));
+            for prefix in ["flow", "svc", "svca"] {
+                for (k, _) in sh.map.iter_prefix(&format!("{prefix}/{name}/")) {
+                    writes.push((k.to_string(), None));
+                }
             }
         }
         let n = writes.len();
@@ -1039,6 +1075,71 @@ impl Cluster {
         Ok(self.namespace(&ns).map(|v| v.flows).unwrap_or_default())
     }
 
+    /// Stores a service for a namespace (default: this node's); the leader places it.
+    pub async fn service_set(
+        &self,
+        name: &str,
+        request: crate::services::spec::ServiceRequest,
+    ) -> Result<Value, ApiError> {
+        let ns = self.target_ns(request.ns.clone())?;
+        let spec = request
+            .into_spec(name)
+            .map_err(|e| ApiError::new(400, "invalid_service", e.to_string()))?;
+        if let Some(text) = spec.template_text(&ns) {
+            let name = spec.name.clone();
+            tokio::task::spawn_blocking(move || super::services::verify_unit(&name, &text))
+                .await
+                .map_err(|e| ApiError::internal(format!("unit check task: {e}")))?
+                .map_err(|e| ApiError::new(400, "invalid_service", e))?;
+        }
+        let key = super::services::spec_key(&ns, name);
+        let value = serde_json::to_value(&spec)
+            .map_err(|e| ApiError::internal(format!("service spec: {e}")))?;
+        let changed = self.get(&key).as_ref() != Some(&value);
+        if changed {
+            self.write(key, Some(value)).await;
+            info!(service = name, namespace = %ns, count = spec.count, "service stored in the cluster state");
+        }
+        Ok(json!({
+            "service": name,
+            "namespace": ns,
+            "count": spec.count,
+            "digest": spec.digest(),
+            "changed": changed,
+        }))
+    }
+
+    pub async fn service_remove(&self, name: &str, ns: Option<String>) -> Result<Value, ApiError> {
+        let ns = self.target_ns(ns)?;
+        let key = super::services::spec_key(&ns, name);
+        if self.get(&key).is_none() {
+            return Err(unknown_service(name, &ns));
+        }
+        self.write(key, None).await;
+        info!(service = name, namespace = %ns, "service removed; its instances stop");
+        Ok(json!({ "removed": name, "namespace": ns }))
+    }
+
+    pub fn service_list(
+        &self,
+        ns: Option<String>,
+    ) -> Result<Vec<super::services::ServiceView>, ApiError> {
+        let ns = self.target_ns(ns)?;
+        Ok(self.namespace(&ns).map(|v| v.services).unwrap_or_default())
+    }
+
+    pub fn service_show(
+        &self,
+        name: &str,
+        ns: Option<String>,
+    ) -> Result<super::services::ServiceView, ApiError> {
+        let ns = self.target_ns(ns.clone())?;
+        self.service_list(Some(ns.clone()))?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| unknown_service(name, &ns))
+    }
+
     fn target_ns(&self, ns: Option<String>) -> Result<String, ApiError> {
         let ns = match ns.or_else(|| self.my_namespace()) {
             Some(ns) => ns,
@@ -1055,6 +1156,14 @@ impl Cluster {
         }
         Ok(ns)
     }
+}
+
+fn unknown_service(name: &str, ns: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "unknown_service",
+        format!("no service named {name:?} in namespace {ns}"),
+    )
 }
 
 fn unknown_ns(name: &str) -> ApiError {
@@ -1100,10 +1209,14 @@ struct Plan {
     routes: Vec<RemoteRoute>,
     meta_changed: bool,
     namespaces: Vec<NsView>,
+    /// Assignment writes of the services this node leads.
+    svc_writes: Vec<(String, Option<Value>)>,
+    /// This node's share of services (`None`: no agent attached).
+    svc_input: Option<crate::services::agent::ServicesInput>,
 }
 
 /// One pass: membership + state → leaders, this node's claim, its flows, the registry.
-async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Runtime>) {
+async fn reconcile(inner: &Arc<Inner>, membership: &Arc<Membership>, runtime: &Arc<Runtime>) {
     let members = membership.members().await;
     inner.members.store(members.len(), Ordering::Relaxed);
     let known: Vec<Known> = members
@@ -1127,6 +1240,20 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Membership, runtime: &Arc<Ru
     let hook = inner.vip.read().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(hook) = hook {
         hook.update(plan.vip.take());
+    }
+    if !plan.svc_writes.is_empty() {
+        let writes = std::mem::take(&mut plan.svc_writes);
+        info!(keys = writes.len(), "services placed");
+        write_and_push(inner, membership, writes).await;
+    }
+    let agent = inner
+        .services
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|(a, _)| a.clone());
+    if let (Some(agent), Some(input)) = (agent, plan.svc_input.take()) {
+        agent.update(input);
     }
     if plan.meta_changed
         && let Err(e) = membership.update_meta().await
@@ -1185,7 +1312,25 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
         routes: Vec::new(),
         meta_changed: false,
         namespaces: Vec::new(),
+        svc_writes: Vec::new(),
+        svc_input: None,
     };
+    let services = inner
+        .services
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|(_, max)| *max);
+    if services.is_some() {
+        plan.svc_input = Some(crate::services::agent::ServicesInput {
+            ready: true,
+            ..Default::default()
+        });
+    }
+    let capacity: BTreeMap<NodeId, u32> = known
+        .iter()
+        .filter_map(|k| Some((k.id?, k.meta.as_ref().map_or(100, |m| m.capacity))))
+        .collect();
     let mut my_lead = None;
     for ns in &ns_names {
         let mine = my_ns.as_deref() == Some(ns.as_str());
@@ -1297,6 +1442,27 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
             }
         }
         let name_of = |id: &NodeId| node_name(&sh.map, known, *id);
+        let name_of_id = |id: NodeId| node_name(&sh.map, known, id);
+        let svc = super::services::pass(
+            &sh.map,
+            &super::services::PassInput {
+                ns,
+                me: inner.me,
+                members: &members,
+                up: &up,
+                capacity: &capacity,
+                leading: mine && acting == Some(inner.me) && services.is_some(),
+                mine,
+                max_failures: services.unwrap_or(3),
+                name_of: &name_of_id,
+            },
+        );
+        plan.svc_writes.extend(svc.writes);
+        if mine && let Some(input) = plan.svc_input.as_mut() {
+            input.desired.extend(svc.input.desired);
+            input.specs.extend(svc.input.specs);
+            input.active_elsewhere.extend(svc.input.active_elsewhere);
+        }
         let state_of = |id: &NodeId| {
             known
                 .iter()
@@ -1331,6 +1497,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
                         .unwrap_or_default(),
                 })
                 .collect(),
+            services: svc.views,
             history: sh.history.get(ns).cloned().unwrap_or_default(),
         });
     }
@@ -1533,13 +1700,28 @@ fn write_registry_entry(
 ) {
     let mut sh = inner.lock();
     let key = format!("reg/{}", inner.me);
-    let value = json!({
+    let mut value = json!({
         "name": sh.meta.name,
         "peer": sh.meta.peer.to_string(),
         "addr": addr.to_string(),
         "pools": pools,
         "failed": failed.iter().map(|(k, (_, e))| (k.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
     });
+    if let Some((agent, _)) = inner
+        .services
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        // Until the agent has heard from systemd, the last report stands (see `Agent`).
+        let report = match agent.report() {
+            Some(r) => Some(super::services::report_value(&r)),
+            None => sh.map.get(&key).and_then(|v| v.get("services")).cloned(),
+        };
+        if let Some(r) = report {
+            value["services"] = r;
+        }
+    }
     sh.failed = failed;
     if sh.map.get(&key) == Some(&value) {
         return;

@@ -23,6 +23,9 @@
 //!   "interval_ms", "timeout_ms", "payload"}` — the floating IP's health check
 //! - `GET /v1/vip`, `GET /v1/vip/<namespace>` — floating IPs: address, holder, MAC, since, GARPs
 //!   sent, conflicts seen, health (the counters are this node's)
+//! - `GET /v1/services[?ns=]`, `GET|PUT|DELETE /v1/services/<name>[?ns=]` (PUT body: `count`
+//!   and `unit` (text) or `exec` (argv) with `memory`, `cpu`, `tasks`, `user`, `env`, `restart`,
+//!   `ns`), `GET /v1/services/<name>/logs[?lines=N]` — services kept at their count
 //! - `POST /v1/flows` takes an optional `"ns"`; `DELETE /v1/flows/<name>[?ns=NAME]`: in cluster
 //!   mode flows go to the replicated state and every member runs its share
 
@@ -34,7 +37,7 @@ pub use crate::error::{ApiError, ErrorBody, ErrorDetail};
 use crate::host::tune::{ApplyReport, CheckReport};
 use crate::http::Request;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ApiRequest {
     Status,
     TuneCheck {
@@ -118,6 +121,26 @@ pub enum ApiRequest {
     },
     ImageRemove {
         name: String,
+    },
+    ServiceList {
+        ns: Option<String>,
+    },
+    ServiceSet {
+        name: String,
+        request: crate::services::spec::ServiceRequest,
+    },
+    ServiceShow {
+        name: String,
+        ns: Option<String>,
+    },
+    ServiceRemove {
+        name: String,
+        ns: Option<String>,
+    },
+    ServiceLogs {
+        name: String,
+        ns: Option<String>,
+        lines: u32,
     },
 }
 
@@ -307,6 +330,12 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
             "GET" => Ok(ApiRequest::VipList),
             _ => Err(method_not_allowed(req, "GET")),
         },
+        "/v1/services" => match method {
+            "GET" => Ok(ApiRequest::ServiceList {
+                ns: query_params(req, &["ns"])?.remove("ns"),
+            }),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
         path => decode_named(req, method, path),
     }
 }
@@ -347,6 +376,45 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
                 health: None,
             }),
             _ => Err(method_not_allowed(req, "PUT or DELETE")),
+        },
+        ["v1", "services", name] if !name.is_empty() => {
+            let ns = query_params(req, &["ns"])?.remove("ns");
+            match method {
+                "GET" => Ok(ApiRequest::ServiceShow {
+                    name: name.to_string(),
+                    ns,
+                }),
+                "PUT" => Ok(ApiRequest::ServiceSet {
+                    name: name.to_string(),
+                    request: json_body(req)?,
+                }),
+                "DELETE" => Ok(ApiRequest::ServiceRemove {
+                    name: name.to_string(),
+                    ns,
+                }),
+                _ => Err(method_not_allowed(req, "GET, PUT or DELETE")),
+            }
+        }
+        ["v1", "services", name, "logs"] if !name.is_empty() => match method {
+            "GET" => {
+                let mut q = query_params(req, &["ns", "lines"])?;
+                let lines = match q.get("lines") {
+                    None => 100,
+                    Some(n) => n
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=10_000).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::invalid_body(format!("lines={n}: a number from 1 to 10000"))
+                        })?,
+                };
+                Ok(ApiRequest::ServiceLogs {
+                    name: name.to_string(),
+                    ns: q.remove("ns"),
+                    lines,
+                })
+            }
+            _ => Err(method_not_allowed(req, "GET")),
         },
         ["v1", "vip", ns] if !ns.is_empty() => match method {
             "GET" => Ok(ApiRequest::VipShow { ns: ns.to_string() }),
@@ -449,6 +517,38 @@ fn decode_named(req: &Request, method: &str, path: &str) -> Result<ApiRequest, A
 }
 
 /// `only=a,b&x=y` → `["a", "b"]` for `name = "only"`. Other parameters are refused.
+/// `k=v` pairs of the query, each named in `allowed`; another name is a 400.
+fn query_params(
+    req: &Request,
+    allowed: &[&str],
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in req
+        .query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some((k, v)) if allowed.contains(&k) && !v.is_empty() => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!(
+                        "unknown query parameter {pair:?} (known: {})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn query_list(query: Option<&str>, name: &str) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
     for pair in query

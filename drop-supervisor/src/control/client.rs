@@ -82,6 +82,15 @@ impl Client {
         self.request(Method::POST, path, Some(body))
     }
 
+    pub fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).expect("JSON values serialise");
+        self.request(Method::PUT, path, Some(body))
+    }
+
     /// `PUT path` with `body` as raw bytes (an image bundle as a tarball).
     pub fn put_bytes<T: DeserializeOwned>(
         &self,

@@ -267,6 +267,52 @@ impl Supervisor {
                 self.cluster()?.ns_join(&name).await.map(|v| to_json(&v))
             }
             ApiRequest::NsLeave => self.cluster()?.ns_leave().await.map(ApiResponse::Json),
+            ApiRequest::ServiceList { ns } => Ok(to_json(&self.cluster()?.service_list(ns)?)),
+            ApiRequest::ServiceShow { name, ns } => {
+                Ok(to_json(&self.cluster()?.service_show(&name, ns)?))
+            }
+            ApiRequest::ServiceSet { name, request } => self
+                .cluster()?
+                .service_set(&name, request)
+                .await
+                .map(ApiResponse::Json),
+            ApiRequest::ServiceRemove { name, ns } => self
+                .cluster()?
+                .service_remove(&name, ns)
+                .await
+                .map(ApiResponse::Json),
+            ApiRequest::ServiceLogs { name, ns, lines } => {
+                let view = self.cluster()?.service_show(&name, ns)?;
+                let journal = self
+                    .config
+                    .services
+                    .as_ref()
+                    .and_then(|s| s.journal_dir.clone());
+                let me = self.cluster()?.name().to_string();
+                let mut here = Vec::new();
+                let mut elsewhere: std::collections::BTreeMap<String, Vec<u32>> =
+                    std::collections::BTreeMap::new();
+                for i in &view.instances {
+                    match &i.node {
+                        Some(n) if *n == me => here.push(i.index),
+                        Some(n) => elsewhere.entry(n.clone()).or_default().push(i.index),
+                        None => {}
+                    }
+                }
+                tokio::task::spawn_blocking(move || {
+                    crate::services::logs::read(
+                        &view.namespace,
+                        &view.name,
+                        &here,
+                        &elsewhere,
+                        journal.as_deref(),
+                        lines,
+                    )
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("logs task: {e}")))?
+                .map(ApiResponse::Json)
+            }
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => {
                 let status = self

@@ -60,6 +60,18 @@ impl UnitState {
     }
 }
 
+/// A listed unit: its state and what a node reports of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnitInfo {
+    #[serde(flatten)]
+    pub state: UnitState,
+    pub description: String,
+    /// When the unit last changed its active state (ms since the epoch; 0 unknown).
+    pub since_ms: u64,
+    /// How often systemd restarted it (`NRestarts`).
+    pub restarts: u32,
+}
+
 /// A command run as a transient service unit (`systemd-run` style).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TransientSpec {
@@ -91,6 +103,21 @@ pub trait Systemd: Send + Sync {
     ) -> impl Future<Output = Result<(), SystemdError>> + Send;
     /// The unit's state; a unit systemd does not know is `not-found`/`inactive`.
     fn state(&self, unit: &str) -> impl Future<Output = Result<UnitState, SystemdError>> + Send;
+    /// Loaded units whose names start with `prefix`, with what a node reports of them.
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<UnitInfo>, SystemdError>> + Send;
+    /// Forgets a failed unit's failure (a failed transient unit is unloaded by it).
+    fn reset_failed(&self, unit: &str) -> impl Future<Output = Result<(), SystemdError>> + Send;
+    /// `daemon-reload`: returns once systemd has read the unit files again.
+    fn reload(&self) -> impl Future<Output = Result<(), SystemdError>> + Send;
+    /// One item each time a unit whose name starts with `prefix` changes a property (the
+    /// caller reads the new state with [`Systemd::list`]).
+    fn changes(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<impl Stream<Item = ()> + Send + Unpin + 'static, SystemdError>> + Send;
     /// Every later change of `unit`'s state, as systemd signals it.
     fn watch(
         &self,
@@ -117,6 +144,27 @@ pub trait Manager {
         aux: &[(&str, &[(&str, Value<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<()>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(
@@ -142,6 +190,8 @@ pub trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state_change_timestamp(&self) -> zbus::Result<u64>;
 }
 
 /// `org.freedesktop.systemd1.Service`: what a service unit runs and its limits.
@@ -156,6 +206,8 @@ pub trait Service {
     fn control_group(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn memory_max(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "NRestarts")]
+    fn n_restarts(&self) -> zbus::Result<u32>;
     #[zbus(property, name = "WatchdogUSec")]
     fn watchdog_usec(&self) -> zbus::Result<u64>;
 }
@@ -362,6 +414,90 @@ impl Systemd for SystemdBus {
         Self::read_state(unit, &proxy).await
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<UnitInfo>, SystemdError> {
+        let manager = self.manager().await?;
+        let pattern = format!("{prefix}*");
+        let units = manager
+            .list_units_by_patterns(&[], &[pattern.as_str()])
+            .await
+            .map_err(|e| refused("list", prefix, e))?;
+        let mut out = Vec::with_capacity(units.len());
+        for (name, description, load, active, sub, _, path, ..) in units {
+            // Read one by one: a unit may vanish between the list and the read.
+            let unit = self.unit(path.clone()).await?;
+            let since_us = unit.state_change_timestamp().await.unwrap_or(0);
+            let restarts = match ServiceProxy::builder(&self.conn)
+                .path(path)
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await
+            {
+                Ok(p) => p.n_restarts().await.unwrap_or(0),
+                Err(_) => 0,
+            };
+            out.push(UnitInfo {
+                state: UnitState {
+                    unit: name,
+                    load,
+                    active,
+                    sub,
+                },
+                description,
+                since_ms: since_us / 1000,
+                restarts,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn reset_failed(&self, unit: &str) -> Result<(), SystemdError> {
+        let manager = self.manager().await?;
+        match manager.reset_failed_unit(unit).await {
+            Ok(()) => Ok(()),
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(refused("reset-failed", unit, e)),
+        }
+    }
+
+    async fn reload(&self) -> Result<(), SystemdError> {
+        let manager = self.manager().await?;
+        manager
+            .reload()
+            .await
+            .map_err(|e| refused("daemon-reload", "the manager", e))
+    }
+
+    async fn changes(
+        &self,
+        prefix: &str,
+    ) -> Result<impl Stream<Item = ()> + Send + Unpin + 'static, SystemdError> {
+        // Subscribed first, so that systemd sends PropertiesChanged to this client at all.
+        self.manager().await?;
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.DBus.Properties")
+            .member("PropertiesChanged")
+            .path_namespace("/org/freedesktop/systemd1/unit")
+            .build()
+            .map_err(SystemdError::Bus)?;
+        let stream = zbus::MessageStream::for_match_rule(rule, &self.conn, None)
+            .await
+            .map_err(SystemdError::Bus)?;
+        let wanted = format!("/org/freedesktop/systemd1/unit/{}", escape_path(prefix));
+        Ok(Box::pin(stream.filter_map(move |msg| {
+            let hit = msg.ok().is_some_and(|m| {
+                m.header()
+                    .path()
+                    .is_some_and(|p| p.as_str().starts_with(&wanted))
+            });
+            std::future::ready(hit.then_some(()))
+        })))
+    }
+
     async fn watch(
         &self,
         unit: &str,
@@ -428,9 +564,30 @@ impl Systemd for SystemdBus {
     }
 }
 
+/// A unit name as systemd spells it in object paths: every byte outside `[A-Za-z0-9]` is
+/// `_xx` (hex), a leading digit too.
+pub fn escape_path(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() * 2);
+    for (i, b) in name.bytes().enumerate() {
+        if b.is_ascii_alphabetic() || (b.is_ascii_digit() && i > 0) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_paths_escape_like_systemd() {
+        assert_eq!(escape_path("drop-svc.t"), "drop_2dsvc_2et");
+        assert_eq!(escape_path("a@1.service"), "a_401_2eservice");
+        assert_eq!(escape_path("1a"), "_31a");
+    }
 
     fn spec() -> TransientSpec {
         TransientSpec {

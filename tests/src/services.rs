@@ -1,0 +1,244 @@
+//! Services on real parts: a [`ClusterFixture`] whose every node has its own throw-away systemd
+//! ([`SystemdSandbox`]), reached by its supervisor over that systemd's bus, and a way to read
+//! (and sample over time) which service instances are active in each of them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use drop_supervisor::host::systemd::{Systemd, SystemdBus};
+
+use crate::cluster::{ClusterFixture, ClusterSpec};
+use crate::systemd::SystemdSandbox;
+
+/// What a node's systemd runs of DROP's services: service name → active instance indexes.
+pub type Active = BTreeMap<String, BTreeSet<u32>>;
+
+/// Five (or `n`) nodes, each with its systemd. Dropping it stops the daemons first, then the
+/// systemds (with whatever units are left in them), then removes everything.
+pub struct ServiceCluster {
+    // Field order is drop order: daemons before their systemds.
+    pub fx: ClusterFixture,
+    pub sds: Vec<SystemdSandbox>,
+    rt: tokio::runtime::Runtime,
+    buses: Vec<SystemdBus>,
+}
+
+impl std::fmt::Debug for ServiceCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceCluster")
+            .field("nodes", &self.sds.len())
+            .finish()
+    }
+}
+
+impl ServiceCluster {
+    /// Starts `n` systemds (in parallel), then the cluster with `[services]` pointing each
+    /// node at its own one.
+    pub fn start(n: usize, profile: &str, extra_config: &str) -> anyhow::Result<ServiceCluster> {
+        let started = Instant::now();
+        let handles: Vec<JoinHandle<anyhow::Result<SystemdSandbox>>> = (0..n)
+            .map(|_| std::thread::spawn(SystemdSandbox::start))
+            .collect();
+        let mut sds = Vec::with_capacity(n);
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(sd)) => sds.push(sd),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(_) => {
+                    first_err = first_err.or(Some(anyhow::anyhow!("sandbox thread panicked")))
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e.context("starting the systemds"));
+        }
+        println!(
+            "  {n} systemds running after {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let node_config = sds
+            .iter()
+            .map(|sd| {
+                format!(
+                    "[services]\nbus = {:?}\nunit_dir = {:?}\njournal_dir = {:?}\n",
+                    sd.bus_address(),
+                    sd.unit_dir().display().to_string(),
+                    sd.host_path("/run/log/journal").display().to_string(),
+                )
+            })
+            .collect();
+        let fx = ClusterFixture::start(ClusterSpec {
+            profile: profile.to_string(),
+            extra_config: extra_config.to_string(),
+            node_config,
+            ..ClusterSpec::new(n)
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let buses = rt.block_on(async {
+            let mut v = Vec::new();
+            for sd in &sds {
+                v.push(SystemdBus::with_connection(sd.connect().await?));
+            }
+            anyhow::Ok(v)
+        })?;
+        Ok(ServiceCluster { fx, sds, rt, buses })
+    }
+
+    /// What node `i`'s systemd runs now.
+    pub fn active(&self, i: usize) -> anyhow::Result<Active> {
+        self.rt.block_on(active_on(&self.buses[i]))
+    }
+
+    /// Every unit of ours node `i`'s systemd has loaded, whatever its state.
+    pub fn loaded(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let list = self
+            .rt
+            .block_on(self.buses[i].list(drop_supervisor::services::spec::UNIT_PREFIX))?;
+        Ok(list.into_iter().map(|u| u.state.unit).collect())
+    }
+
+    /// `MainPID` of an active unit on node `i`.
+    pub fn main_pid(&self, i: usize, unit: &str) -> anyhow::Result<u32> {
+        self.rt.block_on(async {
+            let conn = self.sds[i].connect().await?;
+            let m = crate::systemd::manager(&conn).await?;
+            let h = crate::systemd::UnitHandle::new(&conn, m.get_unit(unit).await?).await?;
+            Ok(h.service.main_pid().await?)
+        })
+    }
+
+    /// Active instances of `service` per node, over `nodes`.
+    pub fn spread(&self, nodes: &[usize], service: &str) -> anyhow::Result<Vec<usize>> {
+        nodes
+            .iter()
+            .map(|&i| Ok(self.active(i)?.get(service).map_or(0, BTreeSet::len)))
+            .collect()
+    }
+
+    /// A thread that reads every node's systemd every `every` and keeps the totals.
+    pub fn sampler(&self, every: Duration) -> Sampler {
+        Sampler::start(
+            self.sds.iter().map(SystemdSandbox::bus_address).collect(),
+            every,
+        )
+    }
+
+    /// `dropctl service …` on node `i`.
+    pub fn dropctl(&self, i: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        self.fx.node(i).dropctl(args)
+    }
+}
+
+async fn active_on(bus: &SystemdBus) -> anyhow::Result<Active> {
+    let mut out = Active::new();
+    for u in bus
+        .list(drop_supervisor::services::spec::UNIT_PREFIX)
+        .await?
+    {
+        if u.state.active != "active" {
+            continue;
+        }
+        if let Some((_, name, index)) = drop_supervisor::services::spec::parse_unit(&u.state.unit) {
+            out.entry(name).or_default().insert(index);
+        }
+    }
+    Ok(out)
+}
+
+/// One reading of every node: when, and per node what is active.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: Duration,
+    pub nodes: Vec<Active>,
+}
+
+impl Sample {
+    /// Active instances of `service` over all nodes (surplus copies included).
+    pub fn total(&self, service: &str) -> usize {
+        self.nodes
+            .iter()
+            .map(|a| a.get(service).map_or(0, BTreeSet::len))
+            .sum()
+    }
+}
+
+/// See [`ServiceCluster::sampler`].
+#[derive(Debug)]
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<Vec<Sample>>>>,
+    started: Instant,
+}
+
+impl Sampler {
+    fn start(addresses: Vec<String>, every: Duration) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut buses = Vec::new();
+                for a in &addresses {
+                    let conn = zbus::connection::Builder::address(a.as_str())
+                        .build()
+                        .await
+                        .with_context(|| format!("connecting to {a}"))?;
+                    buses.push(SystemdBus::with_connection(conn));
+                }
+                let mut samples = Vec::new();
+                while !flag.load(Ordering::Relaxed) {
+                    let at = started.elapsed();
+                    let mut nodes = Vec::with_capacity(buses.len());
+                    for b in &buses {
+                        nodes.push(active_on(b).await?);
+                    }
+                    samples.push(Sample { at, nodes });
+                    tokio::time::sleep(every).await;
+                }
+                anyhow::Ok(samples)
+            })
+        });
+        Sampler {
+            stop,
+            thread: Some(thread),
+            started,
+        }
+    }
+
+    /// Time since the sampler started (the samples' clock).
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops and returns every sample.
+    pub fn finish(mut self) -> anyhow::Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self
+            .thread
+            .take()
+            .context("finished twice")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sampler panicked"))??;
+        ensure!(!samples.is_empty(), "no sample taken");
+        Ok(samples)
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
