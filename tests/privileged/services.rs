@@ -209,33 +209,6 @@ fn logged(
     }
 }
 
-/// All five alive everywhere, then namespace `t` of all five.
-fn namespace(sc: &ServiceCluster) -> anyhow::Result<()> {
-    let names: Vec<String> = (0..5).map(|i| sc.fx.node(i).name().to_string()).collect();
-    wait_for(CONVERGE, "all 5 nodes alive everywhere", || {
-        for (i, name) in names.iter().enumerate() {
-            let v = sc.dropctl(i, &["node", "ls"])?;
-            let alive = v
-                .as_array()
-                .context("node ls")?
-                .iter()
-                .filter(|n| n["state"] == "alive")
-                .count();
-            ensure!(alive == 5, "{name} sees {alive} alive");
-        }
-        Ok(())
-    })?;
-    sc.dropctl(0, &["ns", "create", NS, "--nodes", &names.join(",")])?;
-    wait_for(CONVERGE, "a leader of t with quorum on every node", || {
-        for i in 0..5 {
-            let v = sc.dropctl(i, &["ns", "show", NS])?;
-            ensure!(v["leader"].is_string() && v["quorum"] == true, "{v}");
-        }
-        Ok(())
-    })?;
-    Ok(())
-}
-
 /// `web` (installed unit, 3) and `work` (inline, 7), set through node 0.
 fn set_services(sc: &ServiceCluster) -> anyhow::Result<()> {
     let unit = sc.fx.node(0).dir().join("web.service");
@@ -295,7 +268,7 @@ fn loss_and_heal() -> anyhow::Result<Outcome> {
     }
     let sc = ServiceCluster::start(5, "fast", "")?;
     logged(&sc, |sc| {
-        namespace(sc)?;
+        sc.create_namespace(NS, CONVERGE)?;
         set_services(sc)?;
         let all: Vec<usize> = (0..5).collect();
         let t = wait_counts(sc, &all, "web 3 and work 7 active, spread over 5 systemds")?;
@@ -403,7 +376,7 @@ fn adopt_fail_rm() -> anyhow::Result<Outcome> {
     }
     let sc = ServiceCluster::start(5, "fast", "")?;
     logged(&sc, |sc| {
-        namespace(sc)?;
+        sc.create_namespace(NS, CONVERGE)?;
         set_services(sc)?;
         let all: Vec<usize> = (0..5).collect();
         wait_counts(sc, &all, "web 3 and work 7 active")?;

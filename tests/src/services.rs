@@ -130,6 +130,54 @@ impl ServiceCluster {
         )
     }
 
+    /// Waits until every node sees all alive, then creates namespace `ns` of all of them
+    /// (through node 0) and waits until every node sees its leader with quorum.
+    pub fn create_namespace(&self, ns: &str, timeout: Duration) -> anyhow::Result<()> {
+        let n = self.sds.len();
+        self.wait_all_alive(timeout)?;
+        let names: Vec<String> = (0..n).map(|i| self.fx.node(i).name().to_string()).collect();
+        self.dropctl(0, &["ns", "create", ns, "--nodes", &names.join(",")])?;
+        self.wait_quorum(ns, timeout)
+    }
+
+    /// Every node lists all nodes alive.
+    pub fn wait_all_alive(&self, timeout: Duration) -> anyhow::Result<()> {
+        let n = self.sds.len();
+        crate::cluster::wait_for(timeout, "every node alive everywhere", || {
+            for i in 0..n {
+                let v = self.dropctl(i, &["node", "ls"])?;
+                let alive = v
+                    .as_array()
+                    .context("node ls")?
+                    .iter()
+                    .filter(|m| m["state"] == "alive")
+                    .count();
+                ensure!(
+                    alive == n,
+                    "{} sees {alive} of {n} alive",
+                    self.fx.node(i).name()
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// Every node sees a leader of `ns` with quorum.
+    pub fn wait_quorum(&self, ns: &str, timeout: Duration) -> anyhow::Result<()> {
+        crate::cluster::wait_for(timeout, "a leader with quorum on every node", || {
+            for i in 0..self.sds.len() {
+                let v = self.dropctl(i, &["ns", "show", ns])?;
+                ensure!(v["leader"].is_string() && v["quorum"] == true, "{v}");
+            }
+            Ok(())
+        })
+    }
+
+    /// Active instances of `service` over `nodes`, read as fast as the buses answer.
+    pub fn total(&self, nodes: &[usize], service: &str) -> anyhow::Result<usize> {
+        Ok(self.spread(nodes, service)?.iter().sum())
+    }
+
     /// `dropctl service …` on node `i`.
     pub fn dropctl(&self, i: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         self.fx.node(i).dropctl(args)

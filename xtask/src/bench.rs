@@ -20,10 +20,11 @@ use crate::{cargo, output, root, run_cmd, step};
 
 mod cluster;
 mod failover;
+mod services;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `runtime`, `cluster`, `failover` or `peer`.
+    /// What to benchmark: `runtime`, `cluster`, `failover`, `peer` or `services`.
     pub what: String,
     /// runtime: workers in every mode.
     #[arg(long, default_value_t = 2)]
@@ -49,7 +50,7 @@ pub struct BenchArgs {
     /// cluster: overrides of `fast` knobs, as for `--lan`.
     #[arg(long)]
     pub fast: Option<String>,
-    /// failover: trials per system, setting and kind of failure.
+    /// failover, services: trials per system, setting and kind of failure.
     #[arg(long, default_value_t = 10)]
     pub trials: usize,
     /// failover: `drop` or `keepalived` alone (default: both, side by side).
@@ -262,8 +263,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "runtime" => runtime(a),
         "cluster" => cluster::cluster(&a),
         "failover" => failover::failover(&a),
+        "services" => services::services(&a),
         "peer" => peer(),
-        other => bail!("unknown benchmark {other:?}; known: runtime, cluster, failover, peer"),
+        other => {
+            bail!("unknown benchmark {other:?}; known: runtime, cluster, failover, peer, services")
+        }
     }
 }
 

@@ -519,7 +519,7 @@ async fn with_timeout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::systemd::UnitState;
+    use crate::host::systemd::{TransientSpec, UnitState};
 
     fn svc(name: &str, count: u32) -> ServiceSpec {
         ServiceSpec {
@@ -651,6 +651,168 @@ mod tests {
         ));
         let many = BTreeMap::from([("t/web".to_string(), 3)]);
         assert!(decide(&inp, &failed, &many, 3).is_empty());
+    }
+
+    /// systemd in memory: units, the jobs asked of it, reloads.
+    #[derive(Default)]
+    struct FakeSystemd {
+        units: Mutex<BTreeMap<String, UnitInfo>>,
+        jobs: Mutex<Vec<String>>,
+        reloads: Mutex<u32>,
+        unit_dir: PathBuf,
+    }
+
+    impl FakeSystemd {
+        fn run(&self, unit: &str, description: String) {
+            self.units.lock().unwrap().insert(
+                unit.to_string(),
+                UnitInfo {
+                    state: UnitState {
+                        unit: unit.to_string(),
+                        load: "loaded".into(),
+                        active: "active".into(),
+                        sub: "running".into(),
+                    },
+                    description,
+                    since_ms: 1,
+                    restarts: 0,
+                },
+            );
+        }
+        fn jobs(&self) -> Vec<String> {
+            std::mem::take(&mut *self.jobs.lock().unwrap())
+        }
+    }
+
+    impl Systemd for FakeSystemd {
+        async fn start(&self, unit: &str) -> Result<(), SystemdError> {
+            self.jobs.lock().unwrap().push(format!("start {unit}"));
+            // An installed instance needs its template on disk, as systemd would.
+            let (head, _) = unit.rsplit_once('@').unwrap();
+            let template = self.unit_dir.join(format!("{head}@.service"));
+            let text = std::fs::read_to_string(&template).map_err(|_| SystemdError::Refused {
+                op: "start",
+                unit: unit.into(),
+                message: "no template".into(),
+            })?;
+            let description = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("Description="))
+                .last()
+                .unwrap_or("")
+                .to_string();
+            self.run(unit, description);
+            Ok(())
+        }
+        async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
+            self.jobs.lock().unwrap().push(format!("stop {unit}"));
+            self.units.lock().unwrap().remove(unit);
+            Ok(())
+        }
+        async fn start_transient(&self, spec: &TransientSpec) -> Result<(), SystemdError> {
+            self.jobs
+                .lock()
+                .unwrap()
+                .push(format!("transient {}", spec.unit));
+            self.run(&spec.unit, spec.description.clone().unwrap_or_default());
+            Ok(())
+        }
+        async fn state(&self, unit: &str) -> Result<UnitState, SystemdError> {
+            Ok(self.units.lock().unwrap()[unit].state.clone())
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<UnitInfo>, SystemdError> {
+            Ok(self
+                .units
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|u| u.state.unit.starts_with(prefix))
+                .cloned()
+                .collect())
+        }
+        async fn reset_failed(&self, _unit: &str) -> Result<(), SystemdError> {
+            Ok(())
+        }
+        async fn reload(&self) -> Result<(), SystemdError> {
+            *self.reloads.lock().unwrap() += 1;
+            Ok(())
+        }
+        async fn changes(
+            &self,
+            _prefix: &str,
+        ) -> Result<impl futures_util::Stream<Item = ()> + Send + Unpin + 'static, SystemdError>
+        {
+            Ok(futures_util::stream::pending())
+        }
+        async fn watch(
+            &self,
+            _unit: &str,
+        ) -> Result<impl futures_util::Stream<Item = UnitState> + Send + Unpin, SystemdError>
+        {
+            Ok(futures_util::stream::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_adopts_starts_writes_templates_and_stops_surplus_only_when_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = FakeSystemd {
+            unit_dir: dir.path().to_path_buf(),
+            ..FakeSystemd::default()
+        };
+        let config = AgentConfig {
+            unit_dir: dir.path().to_path_buf(),
+            max_failures: 3,
+        };
+        let web = ServiceSpec {
+            name: "web".into(),
+            count: 1,
+            run: Run::Unit {
+                text: "[Service]\nExecStart=/bin/sleep 9\n".into(),
+            },
+        };
+        let work = svc("work", 3);
+        // Left running by a daemon that crashed: work@1.
+        sd.run(&work.unit("t", 1), work.description("t"));
+        let mut node = NodeState::default();
+        let inp = input(&[(&web, 0), (&work, 1), (&work, 2)], &[&web, &work]);
+        let report = node.pass(&sd, &config, &inp).await.unwrap();
+        let mut jobs = sd.jobs();
+        jobs.sort();
+        assert_eq!(
+            jobs,
+            vec![
+                format!("start {}", web.unit("t", 0)),
+                format!("transient {}", work.unit("t", 2)),
+            ],
+            "work@1 is adopted, not started again"
+        );
+        assert_eq!(*sd.reloads.lock().unwrap(), 1);
+        assert!(dir.path().join("drop-svc.t.web@.service").is_file());
+        assert_eq!(report.instances["t/work"].len(), 2);
+        assert!(report.instances["t/web"][&0].active == "active");
+
+        // A second pass with nothing new does nothing.
+        node.pass(&sd, &config, &inp).await.unwrap();
+        assert!(sd.jobs().is_empty());
+        assert_eq!(*sd.reloads.lock().unwrap(), 1);
+
+        // work@1 placed elsewhere: kept while its replacement is not active, then stopped.
+        let mut moved = input(&[(&web, 0), (&work, 2)], &[&web, &work]);
+        moved.active_elsewhere.insert("t/work".into(), 2);
+        let report = node.pass(&sd, &config, &moved).await.unwrap();
+        assert!(sd.jobs().is_empty());
+        assert!(report.instances["t/work"][&1].surplus);
+        moved.active_elsewhere.insert("t/work".into(), 3);
+        node.pass(&sd, &config, &moved).await.unwrap();
+        assert_eq!(sd.jobs(), vec![format!("stop {}", work.unit("t", 1))]);
+
+        // web removed: its instance stops and its template goes, with a reload.
+        let gone = input(&[(&work, 2)], &[&work]);
+        node.pass(&sd, &config, &gone).await.unwrap();
+        assert_eq!(sd.jobs(), vec![format!("stop {}", web.unit("t", 0))]);
+        assert!(!dir.path().join("drop-svc.t.web@.service").exists());
+        assert_eq!(*sd.reloads.lock().unwrap(), 2);
     }
 
     #[test]
