@@ -445,6 +445,10 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         peer_server = Some(server);
         if let Some(sc) = &config.services {
             cluster.set_services(start_services(sc, cluster.notifier()), sc.max_failures);
+            let (c, journal) = (cluster.clone(), sc.journal_dir.clone());
+            runtime.set_peer_source(Box::new(move |path, query| {
+                control::peer_request(&c, journal.as_deref(), path, query)
+            }));
         }
         cluster.spawn(runtime.clone(), key.clone());
     }

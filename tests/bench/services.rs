@@ -145,13 +145,17 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut trials = 10usize;
     let mut runs = 3usize;
+    let mut loss = true;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--trials" => trials = it.next().context("--trials N")?.parse()?,
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--no-loss" => loss = false,
             "--bench" => {}
-            other => bail!("unknown argument {other:?}; usage: services [--trials N] [--runs N]"),
+            other => bail!(
+                "unknown argument {other:?}; usage: services [--trials N] [--runs N] [--no-loss]"
+            ),
         }
     }
     if let Some(skip) = SystemdSandbox::unavailable() {
@@ -160,10 +164,15 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut out = String::new();
     let mut rows = Vec::new();
-    for (profile, target) in [
-        ("fast", Duration::from_secs(2)),
-        ("lan", Duration::from_secs(5)),
-    ] {
+    let profiles: &[(&str, Duration)] = if loss {
+        &[
+            ("fast", Duration::from_secs(2)),
+            ("lan", Duration::from_secs(5)),
+        ]
+    } else {
+        &[]
+    };
+    for &(profile, target) in profiles {
         eprintln!("node loss, profile {profile}");
         rows.push((profile, target, node_loss(profile, trials)?));
     }

@@ -440,31 +440,37 @@ fn adopt_fail_rm() -> anyhow::Result<Outcome> {
             units.len()
         );
 
-        // Logs: the instances on node 0 wrote to its systemd's journal.
-        let logs = wait_for(CONVERGE, "n0's work instances in its journal", || {
-            let logs = sc.dropctl(0, &["service", "logs", WORK, "--lines", "50"])?;
-            let here = logs["instances_here"]
-                .as_array()
-                .context("instances_here")?
-                .len();
-            let lines: Vec<&str> = logs["lines"]
-                .as_array()
-                .context("lines")?
-                .iter()
-                .filter_map(|l| l.as_str())
-                .filter(|l| l.contains("work MODE=test instance"))
-                .collect();
-            ensure!(here > 0 && lines.len() >= here, "{logs}");
-            Ok(logs)
-        })?;
+        // Logs: every instance's first line, from the five journals, asked through n0.
+        let logs = wait_for(
+            CONVERGE,
+            "every work instance's line in the merged logs",
+            || {
+                let logs = sc.dropctl(0, &["service", "logs", WORK, "--lines", "200"])?;
+                let instances: BTreeSet<String> = logs["lines"]
+                    .as_array()
+                    .context("lines")?
+                    .iter()
+                    .filter_map(|l| l.as_str())
+                    .filter_map(|l| l.split("work MODE=test instance ").nth(1))
+                    .map(str::to_string)
+                    .collect();
+                ensure!(
+                    instances.len() == WORK_COUNT,
+                    "instances seen {instances:?}: {logs}"
+                );
+                ensure!(
+                    logs["unreachable"]
+                        .as_object()
+                        .is_some_and(|u| u.is_empty()),
+                    "{logs}"
+                );
+                Ok(logs)
+            },
+        )?;
         println!(
-            "  service logs on n0: {} lines from instances {}, others on {}",
+            "  service logs through n0: {} lines naming all {WORK_COUNT} instances, per node {}",
             logs["lines"].as_array().map_or(0, Vec::len),
-            logs["instances_here"],
-            logs["elsewhere"]
-                .as_object()
-                .map(|o| o.keys().cloned().collect::<Vec<_>>().join(","))
-                .unwrap_or_default()
+            logs["nodes"]
         );
 
         // A unit that keeps failing goes elsewhere after max_failures (3).

@@ -165,7 +165,7 @@ enum ServiceCommand {
         #[arg(long)]
         ns: Option<String>,
     },
-    /// What the instances on this node wrote to the journal (-f: keep following).
+    /// What the instances wrote to their nodes' journals, merged by time (-f: keep following).
     Logs {
         name: String,
         #[arg(long)]
@@ -1001,13 +1001,11 @@ fn service_logs(
             println!("{l}");
         }
         if seen.is_none()
-            && let Some(e) = v["elsewhere"].as_object().filter(|e| !e.is_empty())
+            && let Some(e) = v["unreachable"].as_object().filter(|e| !e.is_empty())
         {
-            let list: Vec<String> = e.keys().cloned().collect();
-            eprintln!(
-                "(instances on {} write to those nodes' journals)",
-                list.join(", ")
-            );
+            for (node, why) in e {
+                eprintln!("(no lines from {node}: {})", text(why));
+            }
         }
         if let Some(l) = all.last() {
             seen = Some(l.clone());

@@ -285,6 +285,38 @@ impl Forwarder {
         pool: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, Option<ApiError>> {
+        self.sealed(
+            node,
+            name,
+            addr,
+            ("POST", &format!("/api/v1/{pool}"), pool),
+            body,
+        )
+    }
+
+    /// A sealed `GET path` to one node's peer listener (`/peer/…` requests its daemon serves,
+    /// such as another node's service logs); the node is named in errors.
+    pub fn request(&self, name: &str, addr: SocketAddr, path: &str) -> Result<Vec<u8>, ApiError> {
+        self.sealed(name, name, addr, ("GET", path, path), b"")
+            .map_err(|e| {
+                e.unwrap_or_else(|| {
+                    ApiError::new(
+                        503,
+                        "peer_unreachable",
+                        format!("cannot connect to {name} ({addr})"),
+                    )
+                })
+            })
+    }
+
+    fn sealed(
+        &self,
+        node: &str,
+        name: &str,
+        addr: SocketAddr,
+        (method, path, pool): (&str, &str, &str),
+        body: &[u8],
+    ) -> Result<Vec<u8>, Option<ApiError>> {
         let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|_| None)?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(CALL_TIMEOUT));
@@ -297,8 +329,7 @@ impl Forwarder {
                 .or_default()
                 .insert(id, clone);
         }
-        let path = format!("/api/v1/{pool}");
-        let sealed = self.key.seal(addr, "POST", &path, body);
+        let sealed = self.key.seal(addr, method, path, body);
         let result = http::roundtrip_with(
             &mut stream,
             "POST",

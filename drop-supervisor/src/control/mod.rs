@@ -35,6 +35,8 @@ pub struct Supervisor {
     cluster: Option<Arc<Cluster>>,
     /// Calls for pools that run on other nodes.
     forward: Option<Arc<dyn Forward>>,
+    /// Sealed requests to other nodes (their service logs).
+    peers: Option<Arc<crate::cluster::peer::Forwarder>>,
     /// The floating IP of this node's namespace, when the cluster has one.
     vip: Option<Arc<crate::vip::VipService>>,
 }
@@ -74,14 +76,20 @@ impl Supervisor {
             gateway,
             cluster: None,
             forward: None,
+            peers: None,
             vip: None,
         }
     }
 
     /// Puts the node in cluster mode: flows go to the replicated state.
-    pub fn with_cluster(mut self, cluster: Arc<Cluster>, forward: Arc<dyn Forward>) -> Supervisor {
+    pub fn with_cluster(
+        mut self,
+        cluster: Arc<Cluster>,
+        forward: Arc<crate::cluster::peer::Forwarder>,
+    ) -> Supervisor {
         self.cluster = Some(cluster);
-        self.forward = Some(forward);
+        self.forward = Some(forward.clone());
+        self.peers = Some(forward);
         self
     }
 
@@ -149,6 +157,97 @@ impl Supervisor {
         tokio::task::spawn_blocking(move || f(&rt))
             .await
             .map_err(|e| ApiError::internal(format!("runtime task: {e}")))?
+    }
+
+    /// `service logs`: this node's instances from its journal, the others' through the peer
+    /// transport (each node reads its own journal), merged by time and cut to `lines`.
+    async fn service_logs(
+        &self,
+        name: &str,
+        ns: Option<String>,
+        lines: u32,
+    ) -> Result<serde_json::Value, ApiError> {
+        let cluster = self.cluster()?.clone();
+        let view = cluster.service_show(name, ns)?;
+        let me = cluster.name().to_string();
+        let journal = self
+            .config
+            .services
+            .as_ref()
+            .and_then(|s| s.journal_dir.clone());
+        let mut remote: Vec<(String, std::net::SocketAddr)> = Vec::new();
+        let nodes = cluster.nodes();
+        let mut unreachable = serde_json::Map::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for node in view.instances.iter().filter_map(|i| i.node.clone()) {
+            if node == me || !seen.insert(node.clone()) {
+                continue;
+            }
+            match nodes.iter().find(|n| n.name == node).and_then(|n| n.peer) {
+                Some(addr) => remote.push((node, addr)),
+                None => {
+                    unreachable.insert(node, "no peer address known".into());
+                }
+            }
+        }
+        let peers = self.peers.clone();
+        let query = format!(
+            "/peer/service-logs?ns={}&name={}&lines={lines}",
+            view.namespace, view.name
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut all: Vec<(String, String)> = Vec::new();
+            let mut counts = serde_json::Map::new();
+            let local = local_service_logs(&cluster, journal.as_deref(), &view, lines)?;
+            let mut take = |node: &str, v: &serde_json::Value| {
+                let got: Vec<String> = v["lines"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l.as_str().map(str::to_string))
+                    .collect();
+                counts.insert(node.to_string(), got.len().into());
+                all.extend(got.into_iter().map(|l| (node.to_string(), l)));
+            };
+            take(&me, &local);
+            for (node, addr) in remote {
+                let answer = peers
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("no peer transport"))
+                    .and_then(|p| p.request(&node, addr, &query))
+                    .and_then(|body| {
+                        serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
+                            ApiError::new(502, "peer_error", format!("{node} answered: {e}"))
+                        })
+                    });
+                match answer {
+                    Ok(v) => take(&node, &v),
+                    Err(e) => {
+                        unreachable.insert(node, e.message.clone().into());
+                    }
+                }
+            }
+            // short-iso lines start with their time: a stable sort merges the nodes in order.
+            all.sort_by(|a, b| {
+                let ta = a.1.split(' ').next().unwrap_or("");
+                let tb = b.1.split(' ').next().unwrap_or("");
+                ta.cmp(tb)
+            });
+            let skip = all.len().saturating_sub(lines as usize);
+            let merged: Vec<String> = all[skip..]
+                .iter()
+                .map(|(node, l)| format!("{node}: {l}"))
+                .collect();
+            Ok(serde_json::json!({
+                "service": view.name,
+                "namespace": view.namespace,
+                "lines": merged,
+                "nodes": counts,
+                "unreachable": unreachable,
+            }))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("logs task: {e}")))?
     }
 
     pub fn config(&self) -> &Config {
@@ -281,38 +380,10 @@ impl Supervisor {
                 .service_remove(&name, ns)
                 .await
                 .map(ApiResponse::Json),
-            ApiRequest::ServiceLogs { name, ns, lines } => {
-                let view = self.cluster()?.service_show(&name, ns)?;
-                let journal = self
-                    .config
-                    .services
-                    .as_ref()
-                    .and_then(|s| s.journal_dir.clone());
-                let me = self.cluster()?.name().to_string();
-                let mut here = Vec::new();
-                let mut elsewhere: std::collections::BTreeMap<String, Vec<u32>> =
-                    std::collections::BTreeMap::new();
-                for i in &view.instances {
-                    match &i.node {
-                        Some(n) if *n == me => here.push(i.index),
-                        Some(n) => elsewhere.entry(n.clone()).or_default().push(i.index),
-                        None => {}
-                    }
-                }
-                tokio::task::spawn_blocking(move || {
-                    crate::services::logs::read(
-                        &view.namespace,
-                        &view.name,
-                        &here,
-                        &elsewhere,
-                        journal.as_deref(),
-                        lines,
-                    )
-                })
+            ApiRequest::ServiceLogs { name, ns, lines } => self
+                .service_logs(&name, ns, lines)
                 .await
-                .map_err(|e| ApiError::internal(format!("logs task: {e}")))?
-                .map(ApiResponse::Json)
-            }
+                .map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => {
                 let status = self
@@ -458,4 +529,65 @@ impl Supervisor {
             )),
         }
     }
+}
+
+/// The journal lines of `view`'s instances that run on this node.
+pub fn local_service_logs(
+    cluster: &Cluster,
+    journal: Option<&Path>,
+    view: &crate::cluster::services::ServiceView,
+    lines: u32,
+) -> Result<serde_json::Value, ApiError> {
+    let me = cluster.name();
+    let here: Vec<u32> = view
+        .instances
+        .iter()
+        .filter(|i| i.node.as_deref() == Some(me))
+        .map(|i| i.index)
+        .collect();
+    crate::services::logs::read(&view.namespace, &view.name, &here, journal, lines)
+}
+
+/// The peer listener's `/peer/…` requests: `GET /peer/service-logs?ns=&name=&lines=`.
+pub fn peer_request(
+    cluster: &Cluster,
+    journal: Option<&Path>,
+    path: &str,
+    query: Option<&str>,
+) -> Result<serde_json::Value, ApiError> {
+    if path != "/peer/service-logs" {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            format!("{path} is not served here"),
+        ));
+    }
+    let mut ns = None;
+    let mut name = None;
+    let mut lines = 100;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("ns", v)) => ns = Some(v.to_string()),
+            Some(("name", v)) => name = Some(v.to_string()),
+            Some(("lines", v)) => {
+                lines = v
+                    .parse()
+                    .map_err(|_| ApiError::invalid_body(format!("lines={v}")))?;
+            }
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!("unknown query parameter {pair:?}"),
+                ));
+            }
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::invalid_body("name= is missing"))?;
+    let view = cluster.service_show(&name, ns)?;
+    local_service_logs(cluster, journal, &view, lines)
 }

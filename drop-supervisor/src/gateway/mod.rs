@@ -416,6 +416,25 @@ fn route_call(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Rou
             return Routed::Done(answer);
         }
     }
+    // Requests about this node from another (sealed, so only through the peer listener).
+    if ctx.options.peer_key.is_some() && req.path.starts_with("/peer/") {
+        before_blocking();
+        return Routed::Done(
+            match ctx.lookup.peer_request(&req.path, req.query.as_deref()) {
+                Some(Ok(v)) => Answer::new(
+                    200,
+                    "application/json",
+                    serde_json::to_vec(&v).unwrap_or_default(),
+                ),
+                Some(Err(e)) => Answer::error(&e),
+                None => Answer::error(&ApiError::new(
+                    404,
+                    "not_found",
+                    format!("{} is not served here", req.path),
+                )),
+            },
+        );
+    }
     if ui && req.method == "GET" && ctx.options.peer_key.is_none() {
         match req.path.as_str() {
             "/ui" | "/ui/" => {

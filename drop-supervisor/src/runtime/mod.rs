@@ -44,6 +44,15 @@ pub trait PoolLookup: Send + Sync {
     fn ui_state(&self) -> Option<serde_json::Value> {
         None
     }
+    /// A sealed `/peer/…` request other than a pool call; `None`: nothing answers it here.
+    fn peer_request(
+        &self,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<Result<serde_json::Value, ApiError>> {
+        let _ = (path, query);
+        None
+    }
     /// Queues `payload` for one worker of the pool (`all`: every worker) without waiting;
     /// `None` when the pool is not here.
     fn cast(&self, name: &str, payload: &[u8], all: bool) -> Option<Result<(), ApiError>> {
@@ -180,10 +189,16 @@ pub struct Runtime {
     extra_metrics: RwLock<Vec<ExtraMetrics>>,
     /// The node and cluster part of the status page (set by the daemon).
     ui_source: RwLock<Option<UiSource>>,
+    peer_source: RwLock<Option<PeerSource>>,
 }
 
 /// The node and cluster part of the status page: a JSON object merged into `/ui/state`.
 pub type UiSource = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the daemon answers to a sealed `/peer/…` request from another node (path, query):
+/// requests about this node that are not pool calls (another node's `service logs`).
+pub type PeerSource =
+    Box<dyn Fn(&str, Option<&str>) -> Result<serde_json::Value, ApiError> + Send + Sync>;
 
 /// A source of Prometheus text appended to the pools' series.
 pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
@@ -239,6 +254,15 @@ impl PoolLookup for Runtime {
             text.push_str(&source());
         }
         Some(text)
+    }
+
+    fn peer_request(
+        &self,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<Result<serde_json::Value, ApiError>> {
+        let source = self.peer_source.read().unwrap_or_else(|e| e.into_inner());
+        source.as_ref().map(|f| f(path, query))
     }
 
     fn ui_state(&self) -> Option<serde_json::Value> {
@@ -319,12 +343,18 @@ impl Runtime {
             remote_routes: Mutex::new(Vec::new()),
             extra_metrics: RwLock::new(Vec::new()),
             ui_source: RwLock::new(None),
+            peer_source: RwLock::new(None),
         }
     }
 
     /// Sets what the status page shows besides the pools (node, cluster, floating IP).
     pub fn set_ui_source(&self, source: UiSource) {
         *self.ui_source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// Sets what answers `/peer/…` requests on the peer listener.
+    pub fn set_peer_source(&self, source: PeerSource) {
+        *self.peer_source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// Who workers of a pool without `user:` run as (`None`: as the daemon); health-check

@@ -265,6 +265,17 @@ async fn run<S, F, Fut>(
                 continue;
             }
         };
+        // Drained on a task of its own, always: a full signal queue would hold up the bus
+        // connection (and so the replies to the agent's own jobs). A burst is one wake-up.
+        let touched = Arc::new(Notify::new());
+        let t = touched.clone();
+        let (ended, mut closed) = tokio::sync::oneshot::channel::<()>();
+        let drain = tokio::spawn(async move {
+            while changes.next().await.is_some() {
+                t.notify_one();
+            }
+            drop(ended);
+        });
         let mut node = NodeState::default();
         info!("services: connected to systemd");
         loop {
@@ -277,17 +288,15 @@ async fn run<S, F, Fut>(
                 }
             }
             tokio::select! {
-                r = input.changed() => if r.is_err() { return },
-                c = changes.next() => if c.is_none() { break },
+                r = input.changed() => if r.is_err() { drain.abort(); return },
+                () = touched.notified() => {}
+                _ = &mut closed => break,
                 () = tokio::time::sleep(RESYNC) => {}
             }
             // Let a burst of signals (a job touches several properties) settle into one pass.
             tokio::time::sleep(Duration::from_millis(10)).await;
-            while futures_util::FutureExt::now_or_never(changes.next())
-                .flatten()
-                .is_some()
-            {}
         }
+        drain.abort();
     }
 }
 

@@ -1,6 +1,5 @@
 //! `service logs`: what the instances on this node wrote, from journald.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -9,14 +8,11 @@ use serde_json::{Value, json};
 use super::spec::unit_name;
 use crate::error::ApiError;
 
-/// The last `lines` journal lines of the instances `here` of `ns/name`, oldest first, each
-/// prefixed with its unit; `elsewhere` (node → instances) is named in the answer so that the
-/// operator knows where the rest runs.
+/// The last `lines` journal lines of the instances `here` of `ns/name`, oldest first.
 pub fn read(
     ns: &str,
     name: &str,
     here: &[u32],
-    elsewhere: &BTreeMap<String, Vec<u32>>,
     journal: Option<&Path>,
     lines: u32,
 ) -> Result<Value, ApiError> {
@@ -58,6 +54,5 @@ pub fn read(
         "namespace": ns,
         "instances_here": here,
         "lines": out,
-        "elsewhere": elsewhere,
     }))
 }
