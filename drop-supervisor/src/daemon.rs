@@ -215,6 +215,7 @@ fn start_vip(
     settings: &crate::vip::VipSettings,
     node_id: uuid::Uuid,
     node_name: &str,
+    services: Option<&crate::config::ServicesConfig>,
 ) -> Result<Option<Arc<crate::vip::VipService>>, DaemonError> {
     let key = cluster_key(cc)?;
     let key = crate::vip::wire::VipKey::derive(key.as_ref());
@@ -247,6 +248,7 @@ fn start_vip(
         runtime.clone(),
         settings.clone(),
         node_name.to_string(),
+        services.map(|sc| Arc::new(crate::services::probe::UnitProbe::new(sc.bus.clone()))),
     ))))
 }
 
@@ -454,7 +456,14 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
     let vip = match (&cluster, &config.cluster, &config.vip) {
         (Some(cluster), Some(cc), Some(settings)) if settings.enabled => {
-            let service = start_vip(&runtime, cc, settings, node_id, &config.node_name)?;
+            let service = start_vip(
+                &runtime,
+                cc,
+                settings,
+                node_id,
+                &config.node_name,
+                config.services.as_ref(),
+            )?;
             if let Some(service) = &service {
                 cluster.set_vip(service.clone());
                 let s = service.clone();

@@ -28,6 +28,10 @@ pub const TESTS: &[Test] = &[
         run: adopt_fail_rm,
     },
     Test {
+        name: "services_vip_unit_health_check_follows_the_unit",
+        run: vip_unit_check,
+    },
+    Test {
         name: "systemd_seam_starts_stops_and_watches_an_installed_unit",
         run: installed_unit,
     },
@@ -528,6 +532,88 @@ fn adopt_fail_rm() -> anyhow::Result<Outcome> {
             "service ls after rm: {ls}"
         );
         println!("  service rm: no unit and no template left in the 5 systemds");
+        Ok(())
+    })
+}
+
+/// The floating IP's `unit` health check: the address stays on a node whose unit is active and
+/// leaves it when the unit stops there.
+fn vip_unit_check() -> anyhow::Result<Outcome> {
+    if let Some(skip) = services_preconditions()? {
+        return Ok(skip);
+    }
+    const VIP: &str = "10.201.0.100";
+    const GUARD: &str = "drop-guard.service";
+    let sc = ServiceCluster::start(3, "fast", "[vip]\n")?;
+    logged(&sc, |sc| {
+        for sd in &sc.sds {
+            std::fs::write(
+                sd.unit_dir().join(GUARD),
+                "[Service]\nExecStart=/bin/sleep 100000\n",
+            )?;
+            sd.daemon_reload()?;
+            sd.run("systemctl", ["start", GUARD])?;
+        }
+        sc.create_namespace_with(NS, Some(VIP), CONVERGE)?;
+        let refused = sc
+            .fx
+            .node(0)
+            .dropctl_output(&["vip", "check", NS, "--unit", "guard"])?;
+        ensure!(
+            !refused.status.success()
+                && String::from_utf8_lossy(&refused.stderr).contains("not a unit name"),
+            "a bad unit name was not refused: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        sc.dropctl(
+            0,
+            &[
+                "vip",
+                "check",
+                NS,
+                "--unit",
+                GUARD,
+                "--rise",
+                "1",
+                "--fall",
+                "1",
+                "--interval-ms",
+                "100",
+            ],
+        )?;
+        let vip: std::net::Ipv4Addr = VIP.parse()?;
+        let holder = |sc: &ServiceCluster| -> anyhow::Result<usize> {
+            let v = sc.dropctl(0, &["vip", "show", NS])?;
+            let name = v["holder"].as_str().context("no holder")?.to_string();
+            let i = (0..3)
+                .find(|&i| sc.fx.node(i).name() == name)
+                .context("holder is not a node")?;
+            ensure!(
+                drop_tests::vip::holds(sc.fx.node(i).host().netns(), vip)?,
+                "{name} is named holder but has no address"
+            );
+            ensure!(
+                v["health_check"].is_object() || v["health_check"].is_string(),
+                "{v}"
+            );
+            Ok(i)
+        };
+        let first = wait_for(CONVERGE, "a holder with the address", || holder(sc))?;
+        let stopped = Instant::now();
+        sc.sds[first].run("systemctl", ["stop", GUARD])?;
+        let next = wait_for(CONVERGE, "the address on a node whose unit runs", || {
+            let i = holder(sc)?;
+            ensure!(i != first, "still on n{first}");
+            ensure!(
+                !drop_tests::vip::holds(sc.fx.node(first).host().netns(), vip)?,
+                "n{first} still has the address"
+            );
+            Ok(i)
+        })?;
+        println!(
+            "  {GUARD} stopped on n{first}: the address moved to n{next} after {:.2} s",
+            stopped.elapsed().as_secs_f64()
+        );
         Ok(())
     })
 }

@@ -133,10 +133,25 @@ impl ServiceCluster {
     /// Waits until every node sees all alive, then creates namespace `ns` of all of them
     /// (through node 0) and waits until every node sees its leader with quorum.
     pub fn create_namespace(&self, ns: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.create_namespace_with(ns, None, timeout)
+    }
+
+    /// [`Self::create_namespace`] with a floating IP.
+    pub fn create_namespace_with(
+        &self,
+        ns: &str,
+        vip: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let n = self.sds.len();
         self.wait_all_alive(timeout)?;
         let names: Vec<String> = (0..n).map(|i| self.fx.node(i).name().to_string()).collect();
-        self.dropctl(0, &["ns", "create", ns, "--nodes", &names.join(",")])?;
+        let nodes = names.join(",");
+        let mut args = vec!["ns", "create", ns, "--nodes", &nodes];
+        if let Some(v) = vip {
+            args.extend(["--vip", v]);
+        }
+        self.dropctl(0, &args)?;
         self.wait_quorum(ns, timeout)
     }
 

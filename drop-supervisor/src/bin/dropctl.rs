@@ -185,7 +185,7 @@ enum VipCommand {
     /// conflicts seen and health.
     Show { namespace: String },
     /// Set the namespace's health check: a node whose check fails neither takes nor keeps the
-    /// address. One of --pool, --command (or --none to remove the check).
+    /// address. One of --pool, --command, --unit (or --none to remove the check).
     Check {
         namespace: String,
         /// A pool of this node must be running (with --payload: must answer a call with it).
@@ -194,8 +194,12 @@ enum VipCommand {
         #[arg(long, requires = "pool")]
         payload: Option<String>,
         /// A program with its arguments (split like a shell would, no shell run) that must exit 0.
-        #[arg(long, conflicts_with = "none")]
+        #[arg(long, conflicts_with_all = ["none", "unit"])]
         command: Option<String>,
+        /// A systemd unit of this node (e.g. haproxy.service, or a service instance) that must
+        /// be active.
+        #[arg(long, conflicts_with_all = ["none", "pool"])]
+        unit: Option<String>,
         /// Remove the check: every member is healthy.
         #[arg(long)]
         none: bool,
@@ -1026,6 +1030,7 @@ fn vip(client: &Client, json: bool, cmd: &VipCommand) -> Result<u8, ClientError>
             pool,
             payload,
             command,
+            unit,
             none,
             rise,
             fall,
@@ -1050,8 +1055,10 @@ fn vip(client: &Client, json: bool, cmd: &VipCommand) -> Result<u8, ClientError>
                         detail: format!("--command: {e}"),
                     })?;
                     body["command"] = argv.into();
+                } else if let Some(u) = unit {
+                    body["unit"] = u.clone().into();
                 } else {
-                    eprintln!("dropctl: give --pool, --command or --none");
+                    eprintln!("dropctl: give --pool, --command, --unit or --none");
                     return Ok(2);
                 }
                 let raw = serde_json::to_vec(&body).expect("JSON values serialise");

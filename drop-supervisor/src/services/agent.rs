@@ -707,7 +707,7 @@ mod tests {
             let description = text
                 .lines()
                 .filter_map(|l| l.strip_prefix("Description="))
-                .last()
+                .next_back()
                 .unwrap_or("")
                 .to_string();
             self.run(unit, description);

@@ -11,4 +11,5 @@
 pub mod agent;
 pub mod logs;
 pub mod placement;
+pub mod probe;
 pub mod spec;

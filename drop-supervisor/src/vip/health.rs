@@ -2,7 +2,7 @@
 //!
 //! The check is part of the namespace (replicated: every member runs the same one) and is one
 //! of: a pool of this node is running (and, with a `payload`, answers a call with it); a command
-//! exits 0 within the timeout; a systemd unit is active (refused until services land). A node
+//! exits 0 within the timeout; a systemd unit of this node is active (over D-Bus). A node
 //! turns unhealthy after `fall` failures in a row and healthy again after `rise` successes in a
 //! row; the first result after start decides at once, so a node never holds the address before
 //! its first check passed.
@@ -71,11 +71,15 @@ impl HealthSpec {
         if self.command.as_ref().is_some_and(Vec::is_empty) {
             return Err("`command` needs a program".into());
         }
-        if self.unit.is_some() {
-            return Err(
-                "`unit` checks come with systemd services, which this version does not run yet"
-                    .into(),
-            );
+        if let Some(u) = &self.unit {
+            let kinds = [
+                ".service", ".socket", ".target", ".mount", ".timer", ".path", ".scope",
+            ];
+            if u.contains('/') || !kinds.iter().any(|k| u.len() > k.len() && u.ends_with(k)) {
+                return Err(format!(
+                    "`unit` {u:?} is not a unit name (like haproxy.service)"
+                ));
+            }
         }
         if !(1..=100).contains(&self.rise) || !(1..=100).contains(&self.fall) {
             return Err("`rise` and `fall` are between 1 and 100".into());
@@ -174,6 +178,7 @@ pub async fn run_once(
     spec: &HealthSpec,
     runtime: &Runtime,
     env: &[(&str, String)],
+    units: Option<&crate::services::probe::UnitProbe>,
 ) -> Result<(), String> {
     let timeout = spec.timeout();
     if let Some(pool) = &spec.pool {
@@ -201,6 +206,14 @@ pub async fn run_once(
     }
     if let Some(argv) = &spec.command {
         return run_command(argv, timeout, runtime, env).await;
+    }
+    if let Some(unit) = &spec.unit {
+        let probe =
+            units.ok_or("this node does not talk to systemd (`[services] enabled = false`)")?;
+        return match tokio::time::timeout(timeout, probe.check(unit)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("systemd did not answer within {timeout:?}")),
+        };
     }
     Err("no check configured".into())
 }
@@ -275,11 +288,13 @@ mod tests {
                 .contains("exactly one")
         );
         assert!(spec(r#"{"command":[]}"#).unwrap_err().contains("program"));
+        assert!(spec(r#"{"unit":"haproxy.service"}"#).is_ok());
         assert!(
-            spec(r#"{"unit":"x.service"}"#)
+            spec(r#"{"unit":"haproxy"}"#)
                 .unwrap_err()
-                .contains("services")
+                .contains("not a unit name")
         );
+        assert!(spec(r#"{"unit":"a/b.service"}"#).is_err());
         assert!(
             spec(r#"{"pool":"a","rise":0}"#)
                 .unwrap_err()

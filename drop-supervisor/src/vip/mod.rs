@@ -113,6 +113,8 @@ pub struct VipService {
     health: Mutex<Option<HealthTask>>,
     settings: VipSettings,
     node_name: String,
+    /// This node's systemd for `unit` health checks (`None`: services are off here).
+    units: Option<Arc<crate::services::probe::UnitProbe>>,
 }
 
 impl std::fmt::Debug for VipService {
@@ -127,6 +129,7 @@ impl VipService {
         runtime: Arc<Runtime>,
         settings: VipSettings,
         node_name: String,
+        units: Option<Arc<crate::services::probe::UnitProbe>>,
     ) -> VipService {
         VipService {
             agent,
@@ -134,6 +137,7 @@ impl VipService {
             health: Mutex::new(None),
             settings,
             node_name,
+            units,
         }
     }
 
@@ -168,6 +172,7 @@ impl VipService {
             .set_health(Some(spec.describe()), None, Some("not checked yet".into()));
         let agent_inputs = self.agent.health_sink();
         let runtime = self.runtime.clone();
+        let units = self.units.clone();
         let s = spec.clone();
         let ns = ns.to_string();
         let env = [
@@ -181,7 +186,7 @@ impl VipService {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let result = health::run_once(&s, &runtime, &env).await;
+                let result = health::run_once(&s, &runtime, &env, units.as_deref()).await;
                 let ok = result.is_ok();
                 if let Some(now) = verdict.record(ok) {
                     match &result {
