@@ -58,7 +58,7 @@ fn node_loss(profile: &str, trials: usize) -> anyhow::Result<Vec<Duration>> {
         let on = wait_for(SETTLE, "exactly one instance active", || {
             let spread = sc.spread(&all, "one")?;
             ensure!(spread.iter().sum::<usize>() == 1, "{spread:?}");
-            Ok(spread.iter().position(|n| *n == 1).context("where")?)
+            spread.iter().position(|n| *n == 1).context("where")
         })?;
         let rest: Vec<usize> = all.iter().copied().filter(|&i| i != on).collect();
         let killed = Instant::now();
