@@ -57,7 +57,7 @@ impl ServiceCluster {
         if let Some(e) = first_err {
             return Err(e.context("starting the systemds"));
         }
-        println!(
+        eprintln!(
             "  {n} systemds running after {:.2} s",
             started.elapsed().as_secs_f64()
         );
