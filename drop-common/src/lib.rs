@@ -10,6 +10,7 @@
 //! types implement `aya::Pod`.
 #![no_std]
 
+pub mod lb;
 pub mod maglev;
 
 use core::net::Ipv4Addr;

@@ -1,19 +1,32 @@
-//! DROP's XDP program `drop_count`: counts every frame per IPv4 destination (address, port,
-//! protocol) and in a few global slots, and passes every frame, malformed ones included.
+//! DROP's XDP programs, in one object:
 //!
-//! It never drops, redirects or rewrites anything: a failure to count must not cost a packet.
-//! The map layout and the parsing rules live in `drop-common` (host-tested there); this file only
-//! supplies bounds-checked access to the frame and the map updates.
+//! - `drop_count` counts every frame per IPv4 destination (address, port, protocol) and in a
+//!   few global slots, and passes every frame, malformed ones included. It never drops,
+//!   redirects or rewrites anything: a failure to count must not cost a packet.
+//! - `drop_lb` is the L4 balancer (DESIGN §7; the rules are in `drop_common::lb`): frames to a
+//!   VIP:port go to a backend chosen by the connection table or the VIP's Maglev ring and leave
+//!   again with `XDP_TX` (MAC rewrite, or IPIP); everything else passes untouched.
+//!
+//! The map layouts and the parsing rules live in `drop-common` (host-tested there); this file
+//! only supplies bounds-checked access to the frame and the map updates.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
+    helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
-use drop_common::{Class, DstCount, DstKey, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat, classify};
+use drop_common::lb::{
+    self, Backend, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS,
+    NO_BACKEND, RING_SIZE, Traffic, VIP_IPIP, VipKey, VipMeta, VipStats,
+};
+use drop_common::{
+    Class, DstCount, DstKey, ETH_HLEN, ETH_P_IP, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat,
+    classify,
+};
 
 /// `drop_common::DESTINATIONS_MAP`: per-CPU frames and bytes per destination.
 #[map(name = "DROP_DSTS")]
@@ -23,6 +36,172 @@ static DESTINATIONS: PerCpuHashMap<DstKey, DstCount> =
 /// `drop_common::STATS_MAP`: per-CPU global counters, indexed by `drop_common::Stat`.
 #[map(name = "DROP_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+#[map(name = "DROP_LB_VIPS")]
+static LB_VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "DROP_LB_RINGS")]
+static LB_RINGS: Array<u32> = Array::with_max_entries(MAX_RINGS * RING_SIZE, 0);
+
+#[map(name = "DROP_LB_BACKS")]
+static LB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "DROP_LB_FLOWS")]
+static LB_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "DROP_LB_VSTAT")]
+static LB_VSTATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "DROP_LB_BSTAT")]
+static LB_BSTATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "DROP_LB_STATS")]
+static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LB_STAT_SLOTS, 0);
+
+#[xdp]
+pub fn drop_lb(ctx: XdpContext) -> u32 {
+    balance(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, ()> {
+    lb_bump(LbStat::Frames);
+    let flow = match lb::parse(&Packet(ctx)) {
+        Ok(f) => f,
+        Err(pass) => {
+            lb_bump(pass.stat());
+            return Ok(xdp_action::XDP_PASS);
+        }
+    };
+    // SAFETY: the value is copied out at once; no reference outlives this statement.
+    let Some(meta) = (unsafe { LB_VIPS.get(&flow.vip()) }).copied() else {
+        lb_bump(LbStat::NotVip);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let vstats = LB_VSTATS.get_ptr_mut(meta.index);
+    // The connection table first: an established flow stays with its backend while that
+    // backend is present (drained or not).
+    // SAFETY: copied out at once.
+    let known = (unsafe { LB_FLOWS.get(&flow) }).copied();
+    let mut slot = NO_BACKEND;
+    let mut backend = None;
+    if let Some(s) = known
+        && let Some(b) = LB_BACKENDS.get(s)
+        && b.serves(meta.index)
+    {
+        slot = s;
+        backend = Some(*b);
+        if let Some(v) = vstats {
+            // SAFETY: this CPU's slot; only this CPU writes it.
+            unsafe { (*v).conn_hits += 1 };
+        }
+    }
+    if backend.is_none() {
+        let index = meta.ring.wrapping_mul(RING_SIZE).wrapping_add(flow.ring_slot());
+        let s = LB_RINGS.get(index).copied().unwrap_or(NO_BACKEND);
+        let b = if s == NO_BACKEND { None } else { LB_BACKENDS.get(s).copied() };
+        match b {
+            Some(b) if b.serves(meta.index) => {
+                slot = s;
+                backend = Some(b);
+                // The LRU evicts the oldest flow when full; a failed insert only costs
+                // stickiness across a table change.
+                let _ = LB_FLOWS.insert(&flow, &s, 0);
+                if let Some(v) = vstats {
+                    // SAFETY: as above.
+                    unsafe { (*v).new_flows += 1 };
+                }
+            }
+            _ => {
+                if let Some(v) = vstats {
+                    // SAFETY: as above.
+                    unsafe { (*v).no_backend += 1 };
+                }
+                lb_bump(LbStat::NoBackend);
+                return Ok(xdp_action::XDP_DROP);
+            }
+        }
+    }
+    let Some(backend) = backend else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if let Some(v) = vstats {
+        // SAFETY: as above.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += len;
+        }
+    }
+    if let Some(t) = LB_BSTATS.get_ptr_mut(slot) {
+        // SAFETY: as above.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += len;
+        }
+    }
+    let sent = if meta.flags & VIP_IPIP != 0 {
+        encapsulate(ctx, &backend, &meta)
+    } else {
+        rewrite_macs(ctx, &backend)
+    };
+    if sent.is_err() {
+        lb_bump(LbStat::NoBackend);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    lb_bump(LbStat::Forwarded);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Direct server return on the same segment: the frame goes to the backend's MAC, from the
+/// MAC it was sent to (this interface's).
+#[inline(always)]
+fn rewrite_macs(ctx: &XdpContext, backend: &Backend) -> Result<(), ()> {
+    let eth = ptr_at_mut::<[u8; 12]>(ctx, 0).ok_or(())?;
+    // SAFETY: `ptr_at_mut` checked the 12 bytes are inside the frame.
+    unsafe {
+        let mut macs = *eth;
+        let old_dst = [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]];
+        macs[..6].copy_from_slice(&backend.mac);
+        macs[6..].copy_from_slice(&old_dst);
+        *eth = macs;
+    }
+    Ok(())
+}
+
+/// IPIP to a routed backend: 20 bytes more at the front, a new Ethernet header to the next hop
+/// (`backend.mac`) and an outer IPv4 header from the VIP's `ipip_src` to the backend.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, backend: &Backend, meta: &VipMeta) -> Result<(), ()> {
+    let head = ptr_at::<[u8; 18]>(ctx, 0).ok_or(())?;
+    // SAFETY: checked by `ptr_at`: Ethernet header and the first 4 bytes of IPv4.
+    let head = unsafe { *head };
+    let old_dst = [head[0], head[1], head[2], head[3], head[4], head[5]];
+    let tos = head[15];
+    let inner_len = u16::from_be_bytes([head[16], head[17]]);
+    // SAFETY: a plain helper call on this program's context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -20) } != 0 {
+        return Err(());
+    }
+    let out = ptr_at_mut::<[u8; 34]>(ctx, 0).ok_or(())?;
+    let ip = lb::ipip_header(meta.ipip_src, backend.addr, tos, inner_len);
+    let mut h = [0u8; 34];
+    h[..6].copy_from_slice(&backend.mac);
+    h[6..12].copy_from_slice(&old_dst);
+    h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    h[ETH_HLEN..].copy_from_slice(&ip);
+    // SAFETY: `ptr_at_mut` checked the 34 bytes are inside the (grown) frame.
+    unsafe { *out = h };
+    Ok(())
+}
+
+#[inline(always)]
+fn lb_bump(stat: LbStat) {
+    if let Some(slot) = LB_STATS.get_ptr_mut(stat.index()) {
+        // SAFETY: this CPU's copy; only this CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
 
 #[xdp]
 pub fn drop_count(ctx: XdpContext) -> u32 {
@@ -99,7 +278,13 @@ impl Frame for Packet<'_> {
     }
 }
 
-/// The one bounds check of the program: a pointer to a `T` at `offset`, if it ends within
+/// [`ptr_at`], writable.
+#[inline(always)]
+fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
+}
+
+/// The one bounds check of the programs: a pointer to a `T` at `offset`, if it ends within
 /// `data_end`. Every packet access goes through here, so the verifier sees the same check.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {

@@ -14,7 +14,8 @@ use crate::report::{Count, Destination, Stats};
 
 /// The object built by `cargo xtask build-ebpf`, or an empty slice when it was not built (see
 /// build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drop-xdp.o"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drop-xdp.o"));
 
 /// Errors of the XDP counter. Each message names only this layer's step; the kernel's or aya's
 /// reason is the `source()`.
@@ -54,6 +55,10 @@ pub enum XdpError {
     },
     #[error("test frame of {len} bytes is shorter than an Ethernet header ({ETH_HLEN} bytes)")]
     FrameTooShort { len: usize },
+    #[error("no free {what} slot in the balancer's maps")]
+    Full { what: &'static str },
+    #[error("filling the Maglev ring: {0}")]
+    Maglev(String),
 }
 
 /// How the program is attached (`ip link set dev IF xdpgeneric|xdpdrv|xdp`).
@@ -69,7 +74,7 @@ pub enum XdpMode {
 }
 
 impl XdpMode {
-    fn to_aya(self) -> aya::programs::XdpMode {
+    pub(crate) fn to_aya(self) -> aya::programs::XdpMode {
         match self {
             XdpMode::Generic => aya::programs::XdpMode::Skb,
             XdpMode::Native => aya::programs::XdpMode::Driver,

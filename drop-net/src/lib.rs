@@ -22,10 +22,12 @@
 //! for it); it is confined to one small function.
 #![deny(unsafe_code)]
 
+mod balancer;
 mod counter;
 mod report;
 pub mod vip;
 
+pub use balancer::{Balancer, Forwarding, LbBackend, LbCounters, LbRun, LbVip};
 pub use counter::{TestRun, XdpCounter, XdpError, XdpMode, XdpVerdict};
 pub use report::{Count, Destination, Protocol, Stats};
 pub use vip::{ADDRESS_PROTO, Mac, NetError, Netlink, ParseMacError, Vip, VipNet};

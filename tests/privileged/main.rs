@@ -12,6 +12,7 @@ mod cgroups_v2;
 mod cluster;
 mod faults;
 mod images;
+mod lb;
 mod netns;
 mod runtime;
 mod services;
@@ -42,6 +43,7 @@ fn main() {
         netns::TESTS,
         vipnet::TESTS,
         xdp::TESTS,
+        lb::TESTS,
         systemd::TESTS,
         services::TESTS,
         tune::TESTS,

@@ -1,0 +1,463 @@
+//! The L4 balancer's shared half (DESIGN §7): map layout, the pure packet rules the XDP program
+//! `drop_lb` follows, and the header helpers, so that both are unit-tested on the host.
+//!
+//! Data path, per frame:
+//! 1. [`parse`]: untagged Ethernet, IPv4 without options, not a fragment, TCP or UDP with its
+//!    ports in the frame — anything else passes to the kernel untouched ([`Pass`]).
+//! 2. The VIP map ([`VIPS_MAP`], key [`VipKey`]): no entry → pass.
+//! 3. The connection table ([`FLOWS_MAP`], LRU, [`FlowKey`] → backend slot) first; a slot whose
+//!    backend is gone or now serves another VIP ([`Backend::serves`] false) counts as a miss.
+//! 4. Miss: the VIP's current Maglev ring ([`RINGS_MAP`], ring `VipMeta::ring`, entry
+//!    `flow_hash % RING_SIZE`) names the backend; [`NO_BACKEND`] drops with a counter. The
+//!    choice is recorded in the connection table.
+//! 5. Forward with `XDP_TX`: rewrite the destination MAC to the backend's (backends on the same
+//!    segment hold the VIP on `lo`; direct server return) or, for a VIP with
+//!    [`VIP_IPIP`], prepend an outer IPv4 header ([`ipip_header`]) to the backend (routed
+//!    backends). Checksums of the inner packet are never read nor changed.
+//!
+//! A whole new ring is written into the VIP's spare ring slot and then `VipMeta::ring` is
+//! switched in one map update: no packet sees half a table. Draining (weight 0) leaves the
+//! backend out of the ring but present, so its established flows stay.
+
+use crate::{ETH_HLEN, ETH_P_IP, Frame, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Name of the balancer's XDP program in the object.
+pub const LB_PROGRAM: &str = "drop_lb";
+/// Slots of one Maglev ring (prime, as Katran's).
+pub const RING_SIZE: u32 = 65_537;
+/// VIP:port:proto entries the balancer serves.
+pub const MAX_VIPS: u32 = 16;
+/// Rings: two per VIP (current and spare).
+pub const MAX_RINGS: u32 = MAX_VIPS * 2;
+/// Backend slots.
+pub const MAX_BACKENDS: u32 = 256;
+/// Connection-table entries (LRU).
+pub const MAX_FLOWS: u32 = 65_536;
+/// A ring entry that names no backend (the VIP has none): the frame is dropped and counted.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// `VipMeta::flags`: forward by IPIP encapsulation instead of a MAC rewrite.
+pub const VIP_IPIP: u32 = 1;
+/// `Backend::flags`: the slot holds a backend.
+pub const BACKEND_PRESENT: u32 = 1;
+/// IP protocol number of IPv4-in-IPv4.
+pub const IPPROTO_IPIP: u8 = 4;
+/// TTL of the outer header.
+pub const IPIP_TTL: u8 = 64;
+
+/// `VipKey` → [`VipMeta`].
+pub const VIPS_MAP: &str = "DROP_LB_VIPS";
+/// Array of `MAX_RINGS * RING_SIZE` backend slots (`u32`).
+pub const RINGS_MAP: &str = "DROP_LB_RINGS";
+/// Array of `MAX_BACKENDS` [`Backend`]s.
+pub const BACKENDS_MAP: &str = "DROP_LB_BACKS";
+/// LRU hash `FlowKey` → backend slot (`u32`).
+pub const FLOWS_MAP: &str = "DROP_LB_FLOWS";
+/// Per-CPU array of `MAX_VIPS` [`VipStats`].
+pub const VIP_STATS_MAP: &str = "DROP_LB_VSTAT";
+/// Per-CPU array of `MAX_BACKENDS` [`Traffic`].
+pub const BACKEND_STATS_MAP: &str = "DROP_LB_BSTAT";
+/// Per-CPU array of [`LB_STAT_SLOTS`] `u64`, indexed by [`LbStat`].
+pub const LB_STATS_MAP: &str = "DROP_LB_STATS";
+/// Slots of [`LB_STATS_MAP`].
+pub const LB_STAT_SLOTS: u32 = 8;
+
+/// Global counters of the balancer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbStat {
+    Frames = 0,
+    /// Passed: not IPv4 (ARP, IPv6, VLAN-tagged).
+    NotIpv4 = 1,
+    /// Passed: too short to read what the rules need.
+    Truncated = 2,
+    /// Passed: IPv4 with options.
+    Options = 3,
+    /// Passed: a fragment.
+    Fragment = 4,
+    /// Passed: neither TCP nor UDP, or no VIP of that address/port/protocol.
+    NotVip = 5,
+    /// Forwarded with `XDP_TX`.
+    Forwarded = 6,
+    /// Dropped: the VIP has no backend (or a ring or backend slot could not be read).
+    NoBackend = 7,
+}
+
+impl LbStat {
+    pub const ALL: [LbStat; LB_STAT_SLOTS as usize] = [
+        LbStat::Frames,
+        LbStat::NotIpv4,
+        LbStat::Truncated,
+        LbStat::Options,
+        LbStat::Fragment,
+        LbStat::NotVip,
+        LbStat::Forwarded,
+        LbStat::NoBackend,
+    ];
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A VIP as the program looks it up: the frame's destination address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// As the bytes appear in the packet.
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the program knows of a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// The ring in use (`0..MAX_RINGS`).
+    pub ring: u32,
+    /// The VIP's slot of [`VIP_STATS_MAP`].
+    pub index: u32,
+    /// [`VIP_IPIP`] or 0.
+    pub flags: u32,
+    /// Source address of the outer header (IPIP).
+    pub ipip_src: [u8; 4],
+}
+
+/// A backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Its address (the outer destination with IPIP).
+    pub addr: [u8; 4],
+    /// Its MAC on this segment, or the next hop's for a routed (IPIP) backend.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// [`BACKEND_PRESENT`] or 0.
+    pub flags: u32,
+    /// The `VipMeta::index` of the VIP this slot belongs to: slots are per VIP, so taking a
+    /// backend out of one VIP moves that VIP's flows even if another VIP still uses it.
+    pub vip: u32,
+}
+
+impl Backend {
+    pub const fn present(&self) -> bool {
+        self.flags & BACKEND_PRESENT != 0
+    }
+
+    /// Present and serving the VIP of stats slot `vip`.
+    pub const fn serves(&self, vip: u32) -> bool {
+        self.present() && self.vip == vip
+    }
+}
+
+/// A flow: the connection table's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn vip(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// [`crate::maglev::flow_hash`] of the flow.
+    pub const fn hash(&self) -> u32 {
+        crate::maglev::flow_hash(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+
+    /// Its slot in a ring.
+    pub const fn ring_slot(&self) -> u32 {
+        self.hash() % RING_SIZE
+    }
+}
+
+/// Packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Per-VIP counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Frames that found their flow in the connection table.
+    pub conn_hits: u64,
+    /// Flows placed by the ring (and recorded).
+    pub new_flows: u64,
+    /// Frames dropped for want of a backend.
+    pub no_backend: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `repr(C)`, integer and byte-array fields only, explicit padding: every bit
+    // pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::VipStats {}
+}
+
+/// Why a frame is not balanced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    NotIpv4,
+    Truncated,
+    Options,
+    Fragment,
+    /// Neither TCP nor UDP.
+    NotTcpUdp,
+}
+
+impl Pass {
+    pub const fn stat(self) -> LbStat {
+        match self {
+            Pass::NotIpv4 => LbStat::NotIpv4,
+            Pass::Truncated => LbStat::Truncated,
+            Pass::Options => LbStat::Options,
+            Pass::Fragment => LbStat::Fragment,
+            Pass::NotTcpUdp => LbStat::NotVip,
+        }
+    }
+}
+
+/// The frame's flow, or why it passes. The rules are in the module docs.
+#[inline(always)]
+pub fn parse<F: Frame + ?Sized>(frame: &F) -> Result<FlowKey, Pass> {
+    let Some(ethertype) = frame.bytes::<2>(12) else {
+        return Err(Pass::Truncated);
+    };
+    if u16::from_be_bytes(ethertype) != ETH_P_IP {
+        return Err(Pass::NotIpv4);
+    }
+    let Some(ip) = frame.bytes::<20>(ETH_HLEN) else {
+        return Err(Pass::Truncated);
+    };
+    if ip[0] >> 4 != 4 {
+        return Err(Pass::NotIpv4);
+    }
+    match ip[0] & 0x0f {
+        5 => {}
+        0..=4 => return Err(Pass::Truncated),
+        _ => return Err(Pass::Options),
+    }
+    // More-fragments set, or an offset: a fragment (only the first carries ports).
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(Pass::Fragment);
+    }
+    let proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Pass::NotTcpUdp);
+    }
+    let Some(ports) = frame.bytes::<4>(ETH_HLEN + 20) else {
+        return Err(Pass::Truncated);
+    };
+    Ok(FlowKey {
+        src: [ip[12], ip[13], ip[14], ip[15]],
+        dst: [ip[16], ip[17], ip[18], ip[19]],
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto,
+        _pad: [0; 3],
+    })
+}
+
+/// The Internet checksum of an IPv4 header (its checksum field taken as zero).
+#[inline(always)]
+pub fn ipv4_checksum(header: &[u8; 20]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        if i != 10 {
+            sum += u32::from(u16::from_be_bytes([header[i], header[i + 1]]));
+        }
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The outer IPv4 header for IPIP: `inner_len` bytes of inner packet from `src` to `dst`,
+/// TOS copied from the inner header, DF clear, id 0, TTL [`IPIP_TTL`], checksum filled.
+#[inline(always)]
+pub fn ipip_header(src: [u8; 4], dst: [u8; 4], tos: u8, inner_len: u16) -> [u8; 20] {
+    let total = inner_len.wrapping_add(20).to_be_bytes();
+    let mut h = [
+        0x45,
+        tos,
+        total[0],
+        total[1],
+        0,
+        0,
+        0,
+        0,
+        IPIP_TTL,
+        IPPROTO_IPIP,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+    ];
+    let c = ipv4_checksum(&h).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+
+    fn frame(ethertype: u16, ver_ihl: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        let mut ip = [0u8; 20];
+        ip[0] = ver_ihl;
+        ip[6..8].copy_from_slice(&frag.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 100]);
+        f.extend_from_slice(&ip);
+        if ver_ihl & 0x0f > 5 {
+            f.extend(core::iter::repeat_n(
+                1u8,
+                usize::from(ver_ihl & 0x0f) * 4 - 20,
+            ));
+        }
+        f.extend_from_slice(l4);
+        f
+    }
+
+    const PORTS: [u8; 4] = [0x9c, 0x40, 0x00, 0x50]; // 40000 → 80
+
+    #[test]
+    fn tcp_and_udp_give_the_five_tuple() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let k = parse(&frame(ETH_P_IP, 0x45, 0x4000, proto, &PORTS)[..]).unwrap();
+            assert_eq!(
+                k,
+                FlowKey {
+                    src: [10, 0, 0, 1],
+                    dst: [10, 0, 0, 100],
+                    sport: 40000,
+                    dport: 80,
+                    proto,
+                    _pad: [0; 3]
+                }
+            );
+            assert_eq!(k.vip().port, 80);
+        }
+    }
+
+    #[test]
+    fn everything_else_passes_with_its_reason() {
+        let p = |f: Vec<u8>| parse(&f[..]).unwrap_err();
+        assert_eq!(
+            p(frame(0x0806, 0x45, 0, IPPROTO_TCP, &PORTS)),
+            Pass::NotIpv4
+        );
+        assert_eq!(
+            p(frame(0x86dd, 0x45, 0, IPPROTO_TCP, &PORTS)),
+            Pass::NotIpv4
+        );
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x65, 0, IPPROTO_TCP, &PORTS)),
+            Pass::NotIpv4
+        );
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x46, 0, IPPROTO_TCP, &PORTS)),
+            Pass::Options
+        );
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x44, 0, IPPROTO_TCP, &PORTS)),
+            Pass::Truncated
+        );
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x45, 0x2000, IPPROTO_TCP, &PORTS)),
+            Pass::Fragment
+        );
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x45, 0x0010, IPPROTO_UDP, &PORTS)),
+            Pass::Fragment
+        );
+        assert_eq!(p(frame(ETH_P_IP, 0x45, 0, 1, &PORTS)), Pass::NotTcpUdp);
+        assert_eq!(
+            p(frame(ETH_P_IP, 0x45, 0, IPPROTO_TCP, &PORTS[..3])),
+            Pass::Truncated
+        );
+        let mut short = frame(ETH_P_IP, 0x45, 0, IPPROTO_TCP, &PORTS);
+        short.truncate(30);
+        assert_eq!(p(short), Pass::Truncated);
+        assert_eq!(p(std::vec![0u8; 10]), Pass::Truncated);
+    }
+
+    /// RFC 1071's way, written apart from [`ipv4_checksum`]: summing a header that carries its
+    /// checksum gives 0xffff.
+    fn verifies(h: &[u8]) -> bool {
+        let mut sum: u64 = 0;
+        for c in h.chunks(2) {
+            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    #[test]
+    fn the_outer_header_is_right_and_its_checksum_verifies() {
+        let h = ipip_header([10, 0, 0, 2], [10, 9, 0, 3], 0x10, 60);
+        assert_eq!(h[0], 0x45);
+        assert_eq!(u16::from_be_bytes([h[2], h[3]]), 80);
+        assert_eq!((h[8], h[9]), (64, IPPROTO_IPIP));
+        assert_eq!(&h[12..16], &[10, 0, 0, 2]);
+        assert_eq!(&h[16..20], &[10, 9, 0, 3]);
+        assert!(verifies(&h));
+        // A known header (Wikipedia's example): checksum 0xb861.
+        let known: [u8; 20] = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(ipv4_checksum(&known), 0xb861);
+    }
+
+    #[test]
+    fn the_ring_slot_is_the_flow_hash_modulo_the_ring() {
+        let k = parse(&frame(ETH_P_IP, 0x45, 0, IPPROTO_TCP, &PORTS)[..]).unwrap();
+        assert_eq!(k.ring_slot(), k.hash() % RING_SIZE);
+        assert!(crate::maglev::is_prime(RING_SIZE as usize));
+    }
+}

@@ -1,0 +1,493 @@
+//! The L4 balancer's loader: the `drop_lb` XDP program and its maps (layout and packet rules in
+//! `drop_common::lb`).
+//!
+//! [`Balancer::set_vip`] programs one VIP: its backends get slots of the backend map, a new
+//! Maglev ring is filled in user space (`drop_common::maglev`, backends repeated by weight,
+//! weight 0 left out so that they drain) and written into the VIP's spare ring, and only then
+//! does the VIP's entry switch to that ring — one map update, so no packet sees half a table.
+//! Established flows keep their backend through the connection table while that backend is
+//! present. Dropping the balancer detaches and unloads the program (the kernel frees the maps).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use aya::TestRun as _;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{Xdp, xdp::XdpLinkId};
+use aya::{Ebpf, TestRunOptions};
+use drop_common::lb::{
+    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, LB_PROGRAM,
+    LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic,
+    VIP_IPIP, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
+};
+use drop_common::maglev;
+use tracing::{info, warn};
+
+use crate::counter::{OBJECT, XdpError, XdpMode, XdpVerdict};
+
+/// A VIP:port:proto the balancer serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbVip {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+}
+
+impl LbVip {
+    fn key(&self) -> VipKey {
+        VipKey {
+            addr: self.addr.octets(),
+            port: self.port,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// How a VIP's frames reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Forwarding {
+    /// Same segment: the destination MAC becomes the backend's (backends hold the VIP on `lo`).
+    #[default]
+    MacRewrite,
+    /// Routed backends: IPIP from this source address; the backend's MAC is the next hop's.
+    Ipip { source: Ipv4Addr },
+}
+
+/// One backend of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbBackend {
+    /// A stable id (the same on every node for the same backend: it seeds its Maglev
+    /// permutation, so every node computes the same ring).
+    pub id: u64,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// Share of new flows; 0 drains (established flows stay).
+    pub weight: u32,
+}
+
+/// Result of [`Balancer::test_run`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbRun {
+    pub verdict: XdpVerdict,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    pub duration_ns: u64,
+}
+
+/// Counters of one VIP or the whole balancer, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub conn_hits: u64,
+    pub new_flows: u64,
+    pub no_backend: u64,
+}
+
+#[derive(Debug)]
+struct VipState {
+    index: u32,
+    ring: u32,
+    backends: Vec<LbBackend>,
+}
+
+/// The loaded balancer. See the module docs.
+pub struct Balancer {
+    ebpf: Ebpf,
+    attached: Option<(String, XdpMode, XdpLinkId)>,
+    vips: BTreeMap<LbVip, VipState>,
+    /// (VIP index, backend address) → its slot: slots are per VIP.
+    slots: BTreeMap<(u32, Ipv4Addr), u32>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("vips", &self.vips.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
+    move |source| XdpError::Map { name, source }
+}
+
+fn missing_map(name: &'static str) -> XdpError {
+    XdpError::Missing { what: "map", name }
+}
+
+impl Balancer {
+    /// Loads the embedded object and verifies `drop_lb`. Needs root.
+    pub fn load() -> Result<Balancer, XdpError> {
+        if OBJECT.is_empty() {
+            return Err(XdpError::NotBuilt);
+        }
+        let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| XdpError::Program {
+                action: "verifying and loading",
+                source,
+            })?;
+        Ok(Balancer {
+            ebpf,
+            attached: None,
+            vips: BTreeMap::new(),
+            slots: BTreeMap::new(),
+        })
+    }
+
+    /// Attaches to `ifname` of the calling thread's network namespace. `Auto` tries the
+    /// driver (native) first and falls back to generic, saying so in the log.
+    pub fn attach(&mut self, ifname: &str, mode: XdpMode) -> Result<XdpMode, XdpError> {
+        if let Some((current, ..)) = &self.attached {
+            return Err(XdpError::AlreadyAttached {
+                ifname: current.clone(),
+            });
+        }
+        let tries: &[XdpMode] = match mode {
+            XdpMode::Auto => &[XdpMode::Native, XdpMode::Generic],
+            XdpMode::Native => &[XdpMode::Native],
+            XdpMode::Generic => &[XdpMode::Generic],
+        };
+        let mut last = None;
+        for &m in tries {
+            match program_mut(&mut self.ebpf)?.attach(ifname, m.to_aya()) {
+                Ok(link) => {
+                    info!(ifname, mode = %m, "xdp balancer attached");
+                    self.attached = Some((ifname.to_string(), m, link));
+                    return Ok(m);
+                }
+                Err(source) => {
+                    if m == XdpMode::Native && mode == XdpMode::Auto {
+                        warn!(ifname, error = %source, "native XDP refused; falling back to generic");
+                    }
+                    last = Some(XdpError::Attach {
+                        ifname: ifname.to_string(),
+                        mode: m,
+                        source,
+                    });
+                }
+            }
+        }
+        Err(last.expect("at least one mode tried"))
+    }
+
+    /// Detaches; nothing when not attached.
+    pub fn detach(&mut self) -> Result<(), XdpError> {
+        let Some((ifname, _, link)) = self.attached.take() else {
+            return Ok(());
+        };
+        program_mut(&mut self.ebpf)?
+            .detach(link)
+            .map_err(|source| XdpError::Program {
+                action: "detaching",
+                source,
+            })?;
+        info!(ifname, "xdp balancer detached");
+        Ok(())
+    }
+
+    /// Serves `vip` with `backends` (replacing what it had). An empty list, or only weight-0
+    /// backends, leaves new flows nowhere to go: they are dropped and counted.
+    pub fn set_vip(
+        &mut self,
+        vip: LbVip,
+        forwarding: Forwarding,
+        backends: &[LbBackend],
+    ) -> Result<(), XdpError> {
+        let (index, ring) = match self.vips.get(&vip) {
+            Some(s) => (s.index, s.ring),
+            None => {
+                let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
+                let index = (0..MAX_VIPS)
+                    .find(|i| !used.contains(i))
+                    .ok_or(XdpError::Full { what: "VIP" })?;
+                (index, index * 2 + 1)
+            }
+        };
+        // Backend slots: every backend of this VIP present, with its address and MAC.
+        for b in backends {
+            let slot = match self.slots.get(&(index, b.addr)) {
+                Some(s) => *s,
+                None => {
+                    let used: BTreeSet<u32> = self.slots.values().copied().collect();
+                    let s = (0..MAX_BACKENDS)
+                        .find(|i| !used.contains(i))
+                        .ok_or(XdpError::Full { what: "backend" })?;
+                    self.slots.insert((index, b.addr), s);
+                    s
+                }
+            };
+            self.write_backend(
+                slot,
+                Backend {
+                    addr: b.addr.octets(),
+                    mac: b.mac,
+                    _pad: [0; 2],
+                    flags: BACKEND_PRESENT,
+                    vip: index,
+                },
+            )?;
+        }
+        // The new ring, into the spare ring of this VIP.
+        let spare = if ring == index * 2 {
+            index * 2 + 1
+        } else {
+            index * 2
+        };
+        let table = self.ring_for(index, backends)?;
+        {
+            let map = self.ebpf.map_mut(RINGS_MAP).ok_or(missing_map(RINGS_MAP))?;
+            let mut rings =
+                Array::<&mut MapData, u32>::try_from(map).map_err(map_err(RINGS_MAP))?;
+            let base = spare * RING_SIZE;
+            for (i, v) in table.iter().enumerate() {
+                rings
+                    .set(base + i as u32, v, 0)
+                    .map_err(map_err(RINGS_MAP))?;
+            }
+        }
+        // One update switches the VIP to it.
+        let (flags, ipip_src) = match forwarding {
+            Forwarding::MacRewrite => (0, [0; 4]),
+            Forwarding::Ipip { source } => (VIP_IPIP, source.octets()),
+        };
+        {
+            let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+            let mut vips = HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map)
+                .map_err(map_err(VIPS_MAP))?;
+            vips.insert(
+                vip.key(),
+                VipMeta {
+                    ring: spare,
+                    index,
+                    flags,
+                    ipip_src,
+                },
+                0,
+            )
+            .map_err(map_err(VIPS_MAP))?;
+        }
+        self.vips.insert(
+            vip,
+            VipState {
+                index,
+                ring: spare,
+                backends: backends.to_vec(),
+            },
+        );
+        self.release_unused_backends()?;
+        Ok(())
+    }
+
+    /// Stops serving `vip` (its frames pass to the kernel again).
+    pub fn remove_vip(&mut self, vip: LbVip) -> Result<(), XdpError> {
+        if self.vips.remove(&vip).is_none() {
+            return Ok(());
+        }
+        let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+        let mut vips =
+            HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
+        match vips.remove(&vip.key()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(VIPS_MAP)(e)),
+        }
+        self.release_unused_backends()
+    }
+
+    /// The ring of slots for `backends`: Maglev over the backends with weight > 0, each
+    /// repeated `weight` times (distinct ids), mapped to their backend slots.
+    fn ring_for(&self, index: u32, backends: &[LbBackend]) -> Result<Vec<u32>, XdpError> {
+        let mut ids = Vec::new();
+        let mut owner = Vec::new();
+        for b in backends.iter().filter(|b| b.weight > 0) {
+            let slot = self.slots[&(index, b.addr)];
+            for k in 0..b.weight.min(100) {
+                ids.push(maglev::mix64(b.id ^ (u64::from(k) << 48)));
+                owner.push(slot);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(vec![NO_BACKEND; RING_SIZE as usize]);
+        }
+        let mut table = vec![0u16; RING_SIZE as usize];
+        let mut next = vec![0u32; ids.len()];
+        maglev::fill(&ids, &mut table, &mut next)
+            .map_err(|e| XdpError::Maglev(format!("{e:?}")))?;
+        Ok(table.iter().map(|i| owner[usize::from(*i)]).collect())
+    }
+
+    /// Slots no VIP uses any more are marked absent (their flows re-hash) and freed.
+    fn release_unused_backends(&mut self) -> Result<(), XdpError> {
+        let used: BTreeSet<(u32, Ipv4Addr)> = self
+            .vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| (v.index, b.addr)))
+            .collect();
+        let gone: Vec<((u32, Ipv4Addr), u32)> = self
+            .slots
+            .iter()
+            .filter(|(k, _)| !used.contains(k))
+            .map(|(k, s)| (*k, *s))
+            .collect();
+        for (key, slot) in gone {
+            self.write_backend(slot, Backend::default())?;
+            self.slots.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn write_backend(&mut self, slot: u32, b: Backend) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(BACKENDS_MAP)
+            .ok_or(missing_map(BACKENDS_MAP))?;
+        let mut backs =
+            Array::<&mut MapData, Backend>::try_from(map).map_err(map_err(BACKENDS_MAP))?;
+        backs.set(slot, b, 0).map_err(map_err(BACKENDS_MAP))
+    }
+
+    /// The backend slot the connection table holds for a flow, if any.
+    pub fn flow(&self, flow: &FlowKey) -> Result<Option<Ipv4Addr>, XdpError> {
+        let map = self.ebpf.map(FLOWS_MAP).ok_or(missing_map(FLOWS_MAP))?;
+        let flows = HashMap::<&MapData, FlowKey, u32>::try_from(map).map_err(map_err(FLOWS_MAP))?;
+        match flows.get(flow, 0) {
+            Ok(slot) => Ok(self
+                .slots
+                .iter()
+                .find(|(_, s)| **s == slot)
+                .map(|((_, a), _)| *a)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(FLOWS_MAP)(e)),
+        }
+    }
+
+    /// Entries in the connection table.
+    pub fn flow_count(&self) -> Result<usize, XdpError> {
+        let map = self.ebpf.map(FLOWS_MAP).ok_or(missing_map(FLOWS_MAP))?;
+        let flows = HashMap::<&MapData, FlowKey, u32>::try_from(map).map_err(map_err(FLOWS_MAP))?;
+        Ok(flows.keys().filter(Result::is_ok).count())
+    }
+
+    /// One global counter, summed over CPUs.
+    pub fn stat(&self, stat: LbStat) -> Result<u64, XdpError> {
+        let map = self
+            .ebpf
+            .map(LB_STATS_MAP)
+            .ok_or(missing_map(LB_STATS_MAP))?;
+        let arr = PerCpuArray::<&MapData, u64>::try_from(map).map_err(map_err(LB_STATS_MAP))?;
+        Ok(arr
+            .get(&stat.index(), 0)
+            .map_err(map_err(LB_STATS_MAP))?
+            .iter()
+            .sum())
+    }
+
+    /// `vip`'s counters, summed over CPUs.
+    pub fn vip_counters(&self, vip: LbVip) -> Result<LbCounters, XdpError> {
+        let Some(state) = self.vips.get(&vip) else {
+            return Ok(LbCounters::default());
+        };
+        let map = self
+            .ebpf
+            .map(VIP_STATS_MAP)
+            .ok_or(missing_map(VIP_STATS_MAP))?;
+        let arr =
+            PerCpuArray::<&MapData, VipStats>::try_from(map).map_err(map_err(VIP_STATS_MAP))?;
+        let mut c = LbCounters::default();
+        for v in arr
+            .get(&state.index, 0)
+            .map_err(map_err(VIP_STATS_MAP))?
+            .iter()
+        {
+            c.packets += v.packets;
+            c.bytes += v.bytes;
+            c.conn_hits += v.conn_hits;
+            c.new_flows += v.new_flows;
+            c.no_backend += v.no_backend;
+        }
+        Ok(c)
+    }
+
+    /// Packets and bytes `vip` sent to its backend at `addr`, summed over CPUs.
+    pub fn backend_traffic(&self, vip: LbVip, addr: Ipv4Addr) -> Result<(u64, u64), XdpError> {
+        let Some(slot) = self
+            .vips
+            .get(&vip)
+            .and_then(|v| self.slots.get(&(v.index, addr)))
+        else {
+            return Ok((0, 0));
+        };
+        let map = self
+            .ebpf
+            .map(BACKEND_STATS_MAP)
+            .ok_or(missing_map(BACKEND_STATS_MAP))?;
+        let arr =
+            PerCpuArray::<&MapData, Traffic>::try_from(map).map_err(map_err(BACKEND_STATS_MAP))?;
+        let per_cpu = arr.get(slot, 0).map_err(map_err(BACKEND_STATS_MAP))?;
+        Ok(per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), t| (p + t.packets, b + t.bytes)))
+    }
+
+    /// Runs `drop_lb` on `frame` (`repeat` times) with `BPF_PROG_TEST_RUN`: the verdict and the
+    /// frame as the program left it.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<LbRun, XdpError> {
+        if frame.len() < drop_common::ETH_HLEN {
+            return Err(XdpError::FrameTooShort { len: frame.len() });
+        }
+        let program: &Xdp = self
+            .ebpf
+            .program(LB_PROGRAM)
+            .ok_or(MISSING)?
+            .try_into()
+            .map_err(|source| XdpError::Program {
+                action: "looking up",
+                source,
+            })?;
+        // Room for an encapsulation header.
+        let mut out = vec![0u8; frame.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..Default::default()
+        };
+        let result = program.test_run(opts).map_err(|source| XdpError::Program {
+            action: "test-running",
+            source,
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(LbRun {
+            verdict: XdpVerdict::from(result.return_value),
+            frame: out,
+            duration_ns: u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Err(err) = self.detach() {
+            warn!(error = %err, "detaching the xdp balancer on drop");
+        }
+    }
+}
+
+const MISSING: XdpError = XdpError::Missing {
+    what: "program",
+    name: LB_PROGRAM,
+};
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+    ebpf.program_mut(LB_PROGRAM)
+        .ok_or(MISSING)?
+        .try_into()
+        .map_err(|source| XdpError::Program {
+            action: "looking up",
+            source,
+        })
+}

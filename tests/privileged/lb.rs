@@ -1,0 +1,525 @@
+//! The L4 balancer `drop_lb`, packet by packet: hand-made frames through `BPF_PROG_TEST_RUN`,
+//! each checked for its verdict and the exact bytes the program leaves (Katran's way of
+//! testing its XDP program), plus the counters and the connection table behind them.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, ensure};
+use drop_common::lb::{FlowKey, LbStat};
+use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpError, XdpVerdict};
+use drop_tests::{Outcome, Test, require_root};
+
+pub const TESTS: &[Test] = &[Test {
+    name: "lb_fixtures_verdicts_and_exact_bytes",
+    run: fixtures,
+}];
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const CLIENT: [u8; 4] = [192, 168, 7, 9];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+/// The balancer's own interface: frames to a VIP arrive addressed to it.
+const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+
+const VIP_A: [u8; 4] = [10, 100, 0, 1];
+const VIP_B: [u8; 4] = [10, 100, 0, 2];
+const VIP_C: [u8; 4] = [10, 100, 0, 3];
+const VIP_D: [u8; 4] = [10, 100, 0, 4];
+const VIP_M: [u8; 4] = [10, 100, 0, 5];
+const IPIP_SRC: [u8; 4] = [10, 0, 0, 254];
+
+fn backend(n: u8, weight: u32) -> LbBackend {
+    LbBackend {
+        id: u64::from(n) * 7919,
+        addr: Ipv4Addr::new(10, 0, 0, n),
+        mac: [0x02, 0xbe, 0, 0, 0, n],
+        weight,
+    }
+}
+
+/// RFC 1071 sum over `data` (an odd length padded with zero), folded, not inverted.
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+fn ip_header(src: [u8; 4], dst: [u8; 4], proto: u8, payload: usize, frag: u16) -> Vec<u8> {
+    let total = (20 + payload) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0, 0, 64, proto, 0, 0];
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6..8].copy_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = !(sum16(&h, 0) as u16);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+fn l4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&sport.to_be_bytes());
+    seg.extend_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        seg.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        seg.extend_from_slice(&[0, 0]);
+    }
+    seg.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    let c = !(sum16(&seg, sum16(&pseudo, 0)) as u16);
+    let at = if proto == TCP { 16 } else { 6 };
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    seg
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A client's TCP or UDP frame to `dst:dport`.
+fn packet(proto: u8, sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let seg = l4(CLIENT, dst, proto, sport, dport, payload);
+    let mut ip = ip_header(CLIENT, dst, proto, seg.len(), 0x4000);
+    ip.extend_from_slice(&seg);
+    eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+}
+
+/// `frame` as the MAC rewrite leaves it: to `mac`, from the balancer's MAC; nothing else.
+fn rewritten(frame: &[u8], mac: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&mac);
+    f[6..12].copy_from_slice(&LB_MAC);
+    f
+}
+
+/// `frame` in IPIP to `b`: Ethernet to its next hop, an outer header built here on its own.
+fn encapsulated(frame: &[u8], b: &LbBackend) -> Vec<u8> {
+    let inner = &frame[14..];
+    let total = (inner.len() + 20) as u16;
+    let mut outer = vec![0x45, inner[1], 0, 0, 0, 0, 0, 0, 64, 4, 0, 0];
+    outer[2..4].copy_from_slice(&total.to_be_bytes());
+    outer.extend_from_slice(&IPIP_SRC);
+    outer.extend_from_slice(&b.addr.octets());
+    let c = !(sum16(&outer, 0) as u16);
+    outer[10..12].copy_from_slice(&c.to_be_bytes());
+    outer.extend_from_slice(inner);
+    eth(b.mac, LB_MAC, 0x0800, &outer)
+}
+
+fn flow(proto: u8, sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+    FlowKey {
+        src: CLIENT,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+fn vip(addr: [u8; 4], port: u16, proto: u8) -> LbVip {
+    LbVip {
+        addr: Ipv4Addr::from(addr),
+        port,
+        proto,
+    }
+}
+
+struct Fixtures {
+    count: usize,
+}
+
+impl Fixtures {
+    /// One case: `input` gives `verdict` and exactly `output`.
+    fn case(
+        &mut self,
+        lb: &Balancer,
+        name: &str,
+        input: &[u8],
+        verdict: XdpVerdict,
+        output: &[u8],
+    ) -> anyhow::Result<()> {
+        let run = lb.test_run(input, 1).with_context(|| name.to_string())?;
+        ensure!(
+            run.verdict == verdict,
+            "{name}: verdict {:?}, expected {verdict:?}",
+            run.verdict
+        );
+        ensure!(
+            run.frame == output,
+            "{name}: output differs\n  got      {:02x?}\n  expected {:02x?}",
+            run.frame,
+            output
+        );
+        self.count += 1;
+        println!(
+            "  ok {:>2} {name}: {verdict:?}, {} bytes",
+            self.count,
+            output.len()
+        );
+        Ok(())
+    }
+
+    /// A case whose frame must pass untouched.
+    fn passes(&mut self, lb: &Balancer, name: &str, input: &[u8]) -> anyhow::Result<()> {
+        self.case(lb, name, input, XdpVerdict::Pass, input)
+    }
+}
+
+fn fixtures() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root() {
+        return Ok(skip);
+    }
+    let mut lb = match Balancer::load() {
+        Ok(lb) => lb,
+        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
+        Err(e) => return Err(e).context("loading drop_lb"),
+    };
+    let (b1, b2, b3) = (backend(11, 1), backend(12, 1), backend(13, 1));
+    let routed = LbBackend {
+        id: 21,
+        addr: Ipv4Addr::new(10, 9, 0, 21),
+        mac: [0x02, 0x4e, 0, 0, 0, 0xfe],
+        weight: 1,
+    };
+    lb.set_vip(vip(VIP_A, 80, TCP), Forwarding::MacRewrite, &[b1])?;
+    lb.set_vip(vip(VIP_A, 53, UDP), Forwarding::MacRewrite, &[b2])?;
+    lb.set_vip(
+        vip(VIP_B, 443, TCP),
+        Forwarding::Ipip {
+            source: Ipv4Addr::from(IPIP_SRC),
+        },
+        &[routed],
+    )?;
+    lb.set_vip(vip(VIP_C, 80, TCP), Forwarding::MacRewrite, &[])?;
+    lb.set_vip(vip(VIP_M, 80, TCP), Forwarding::MacRewrite, &[b1, b2, b3])?;
+    let mut fx = Fixtures { count: 0 };
+
+    // TCP and UDP to a VIP: a new flow, then the connection table.
+    let syn = packet(TCP, 40001, VIP_A, 80, b"");
+    fx.case(
+        &lb,
+        "tcp_syn_new_flow_mac_rewrite",
+        &syn,
+        XdpVerdict::Tx,
+        &rewritten(&syn, b1.mac),
+    )?;
+    ensure!(
+        lb.vip_counters(vip(VIP_A, 80, TCP))?.new_flows == 1,
+        "new flow not counted"
+    );
+    fx.case(
+        &lb,
+        "tcp_same_flow_conn_table_hit",
+        &syn,
+        XdpVerdict::Tx,
+        &rewritten(&syn, b1.mac),
+    )?;
+    let data = packet(TCP, 40001, VIP_A, 80, b"GET / HTTP/1.1\r\n\r\n");
+    fx.case(
+        &lb,
+        "tcp_data_segment_same_backend",
+        &data,
+        XdpVerdict::Tx,
+        &rewritten(&data, b1.mac),
+    )?;
+    let c = lb.vip_counters(vip(VIP_A, 80, TCP))?;
+    ensure!(
+        c.new_flows == 1 && c.conn_hits == 2 && c.packets == 3,
+        "VIP A counters {c:?}"
+    );
+    ensure!(
+        lb.flow(&flow(TCP, 40001, VIP_A, 80))? == Some(b1.addr),
+        "connection table lacks the flow"
+    );
+    let udp = packet(UDP, 5353, VIP_A, 53, b"query");
+    fx.case(
+        &lb,
+        "udp_new_flow_mac_rewrite",
+        &udp,
+        XdpVerdict::Tx,
+        &rewritten(&udp, b2.mac),
+    )?;
+    fx.case(
+        &lb,
+        "udp_conn_table_hit",
+        &udp,
+        XdpVerdict::Tx,
+        &rewritten(&udp, b2.mac),
+    )?;
+    let big = packet(TCP, 40002, VIP_A, 80, &[0xab; 1460]);
+    fx.case(
+        &lb,
+        "tcp_full_size_frame",
+        &big,
+        XdpVerdict::Tx,
+        &rewritten(&big, b1.mac),
+    )?;
+
+    // Checksums are neither checked nor changed.
+    let mut bad_ip = packet(TCP, 40003, VIP_A, 80, b"x");
+    bad_ip[24] ^= 0xff;
+    fx.case(
+        &lb,
+        "wrong_ip_checksum_forwarded_untouched",
+        &bad_ip,
+        XdpVerdict::Tx,
+        &rewritten(&bad_ip, b1.mac),
+    )?;
+    let mut bad_tcp = packet(TCP, 40004, VIP_A, 80, b"x");
+    bad_tcp[14 + 20 + 16] ^= 0xff;
+    fx.case(
+        &lb,
+        "wrong_tcp_checksum_forwarded_untouched",
+        &bad_tcp,
+        XdpVerdict::Tx,
+        &rewritten(&bad_tcp, b1.mac),
+    )?;
+
+    // Not for a VIP: passes untouched.
+    fx.passes(
+        &lb,
+        "non_vip_address",
+        &packet(TCP, 40005, [10, 100, 0, 99], 80, b""),
+    )?;
+    fx.passes(
+        &lb,
+        "vip_address_other_port",
+        &packet(TCP, 40006, VIP_A, 8080, b""),
+    )?;
+    fx.passes(
+        &lb,
+        "vip_port_other_protocol",
+        &packet(UDP, 40007, VIP_A, 80, b""),
+    )?;
+    let arp = eth(
+        [0xff; 6],
+        CLIENT_MAC,
+        0x0806,
+        &[
+            0, 1, 8, 0, 6, 4, 0, 1, 2, 0xc1, 0, 0, 0, 1, 192, 168, 7, 9, 0, 0, 0, 0, 0, 0, 10, 100,
+            0, 1,
+        ],
+    );
+    fx.passes(&lb, "arp_request_for_the_vip", &arp)?;
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+    v6.extend_from_slice(&[0xfd; 32]);
+    v6.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 8, 0, 0]);
+    fx.passes(
+        &lb,
+        "ipv6_passes_not_balanced_yet",
+        &eth(LB_MAC, CLIENT_MAC, 0x86dd, &v6),
+    )?;
+    let mut vlan = packet(TCP, 40008, VIP_A, 80, b"");
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    fx.passes(&lb, "vlan_tagged_frame", &vlan)?;
+    let icmp = {
+        let mut ip = ip_header(CLIENT, VIP_A, 1, 8, 0);
+        ip.extend_from_slice(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+        eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+    };
+    fx.passes(&lb, "icmp_echo_to_the_vip", &icmp)?;
+
+    // Fragments, options, malformed and truncated headers: passed to the kernel untouched.
+    let first_frag = {
+        let seg = l4(CLIENT, VIP_A, TCP, 40009, 80, b"abcd");
+        let mut ip = ip_header(CLIENT, VIP_A, TCP, seg.len(), 0x2000);
+        ip.extend_from_slice(&seg);
+        eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+    };
+    fx.passes(&lb, "first_fragment_more_fragments_set", &first_frag)?;
+    let later_frag = {
+        let mut ip = ip_header(CLIENT, VIP_A, TCP, 8, 0x0003);
+        ip.extend_from_slice(&[1; 8]);
+        eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+    };
+    fx.passes(&lb, "later_fragment_with_offset", &later_frag)?;
+    let options = {
+        let seg = l4(CLIENT, VIP_A, TCP, 40010, 80, b"");
+        let mut ip = ip_header(CLIENT, VIP_A, TCP, seg.len() + 4, 0);
+        ip[0] = 0x46;
+        ip.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+        ip.extend_from_slice(&seg);
+        eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
+    };
+    fx.passes(&lb, "ip_options_present", &options)?;
+    let mut not_v4 = packet(TCP, 40011, VIP_A, 80, b"");
+    not_v4[14] = 0x65;
+    fx.passes(&lb, "ipv4_ethertype_but_version_6", &not_v4)?;
+    let mut short_ihl = packet(TCP, 40012, VIP_A, 80, b"");
+    short_ihl[14] = 0x44;
+    fx.passes(&lb, "ihl_below_five", &short_ihl)?;
+    let full = packet(TCP, 40013, VIP_A, 80, b"");
+    fx.passes(&lb, "truncated_ip_header", &full[..14 + 12])?;
+    fx.passes(&lb, "truncated_before_the_ports", &full[..14 + 20 + 2])?;
+    fx.passes(&lb, "ethernet_header_only", &full[..14])?;
+
+    // IPIP to a routed backend: exact outer header.
+    let tls = packet(TCP, 40014, VIP_B, 443, b"hello");
+    fx.case(
+        &lb,
+        "ipip_encapsulation_new_flow",
+        &tls,
+        XdpVerdict::Tx,
+        &encapsulated(&tls, &routed),
+    )?;
+    fx.case(
+        &lb,
+        "ipip_encapsulation_conn_table_hit",
+        &tls,
+        XdpVerdict::Tx,
+        &encapsulated(&tls, &routed),
+    )?;
+    let mut tos = packet(UDP, 40015, VIP_B, 443, b"");
+    // UDP to a TCP VIP passes; the TOS copy is checked on TCP below.
+    fx.passes(&lb, "ipip_vip_other_protocol", &tos)?;
+    tos = packet(TCP, 40016, VIP_B, 443, b"");
+    tos[15] = 0xb8; // DSCP EF (the IP checksum is now stale: left alone, copied as is)
+    fx.case(
+        &lb,
+        "ipip_outer_copies_tos",
+        &tos,
+        XdpVerdict::Tx,
+        &encapsulated(&tos, &routed),
+    )?;
+
+    // A VIP without backends drops, and says so.
+    let none = packet(TCP, 40017, VIP_C, 80, b"");
+    fx.case(
+        &lb,
+        "vip_without_backend_dropped",
+        &none,
+        XdpVerdict::Drop,
+        &none,
+    )?;
+    ensure!(
+        lb.vip_counters(vip(VIP_C, 80, TCP))?.no_backend == 1,
+        "no-backend drop not counted"
+    );
+
+    // Drain: established flows stay on a weight-0 backend, new flows go elsewhere.
+    let (d1, d2) = (backend(31, 1), backend(32, 1));
+    lb.set_vip(vip(VIP_D, 80, TCP), Forwarding::MacRewrite, &[d2])?;
+    let old = packet(TCP, 40018, VIP_D, 80, b"");
+    lb.test_run(&old, 1)?; // established on d2
+    lb.set_vip(
+        vip(VIP_D, 80, TCP),
+        Forwarding::MacRewrite,
+        &[d1, LbBackend { weight: 0, ..d2 }],
+    )?;
+    fx.case(
+        &lb,
+        "drained_backend_keeps_established_flow",
+        &old,
+        XdpVerdict::Tx,
+        &rewritten(&old, d2.mac),
+    )?;
+    let new = packet(TCP, 40019, VIP_D, 80, b"");
+    fx.case(
+        &lb,
+        "drained_backend_gets_no_new_flow",
+        &new,
+        XdpVerdict::Tx,
+        &rewritten(&new, d1.mac),
+    )?;
+
+    // Maglev over three backends: flows spread, and a removed backend's flows move while the
+    // others stay.
+    let macs = [b1.mac, b2.mac, b3.mac];
+    let mut chosen = Vec::new();
+    for sport in 50_000..50_300u16 {
+        let p = packet(TCP, sport, VIP_M, 80, b"");
+        let run = lb.test_run(&p, 1)?;
+        ensure!(
+            run.verdict == XdpVerdict::Tx,
+            "flow {sport}: {:?}",
+            run.verdict
+        );
+        let to: [u8; 6] = run.frame[..6].try_into()?;
+        let i = macs
+            .iter()
+            .position(|m| *m == to)
+            .context("sent to an unknown MAC")?;
+        ensure!(
+            run.frame == rewritten(&p, to),
+            "flow {sport}: more than the MACs changed"
+        );
+        chosen.push(i);
+    }
+    let shares: Vec<usize> = (0..3)
+        .map(|i| chosen.iter().filter(|c| **c == i).count())
+        .collect();
+    ensure!(
+        shares.iter().all(|s| *s >= 60),
+        "300 flows over 3 backends: {shares:?}"
+    );
+    lb.set_vip(vip(VIP_M, 80, TCP), Forwarding::MacRewrite, &[b1, b3])?;
+    let mut moved = 0;
+    for (k, sport) in (50_000..50_300u16).enumerate() {
+        let p = packet(TCP, sport, VIP_M, 80, b"");
+        let run = lb.test_run(&p, 1)?;
+        let to: [u8; 6] = run.frame[..6].try_into()?;
+        if chosen[k] == 1 {
+            ensure!(
+                to != b2.mac,
+                "flow {sport} still sent to the removed backend"
+            );
+            moved += 1;
+        } else {
+            ensure!(
+                to == macs[chosen[k]],
+                "flow {sport} moved although its backend stayed"
+            );
+        }
+    }
+    let p = packet(
+        TCP,
+        50_000 + chosen.iter().position(|c| *c == 1).unwrap_or(0) as u16,
+        VIP_M,
+        80,
+        b"",
+    );
+    let to: [u8; 6] = lb.test_run(&p, 1)?.frame[..6].try_into()?;
+    fx.case(
+        &lb,
+        "removed_backend_flow_rehashed",
+        &p,
+        XdpVerdict::Tx,
+        &rewritten(&p, to),
+    )?;
+    println!(
+        "  300 flows over 3 backends: {shares:?}; b2 removed: its {moved} flows moved, the other {} stayed",
+        300 - moved
+    );
+
+    let passed = lb.stat(LbStat::NotVip)?
+        + lb.stat(LbStat::NotIpv4)?
+        + lb.stat(LbStat::Fragment)?
+        + lb.stat(LbStat::Options)?
+        + lb.stat(LbStat::Truncated)?;
+    println!(
+        "  {} fixtures; counters: frames {}, forwarded {}, passed {passed}, no backend {}; {} flows in the table",
+        fx.count,
+        lb.stat(LbStat::Frames)?,
+        lb.stat(LbStat::Forwarded)?,
+        lb.stat(LbStat::NoBackend)?,
+        lb.flow_count()?
+    );
+    ensure!(fx.count >= 25, "only {} fixtures", fx.count);
+    Ok(Outcome::Pass)
+}
