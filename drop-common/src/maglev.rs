@@ -230,4 +230,50 @@ mod tests {
             assert!((1050..=1450).contains(&c), "{counts:?}");
         }
     }
+
+    /// Maglev's population written the way the paper's pseudo-code reads (NSDI 2016, §3.4,
+    /// "Pseudocode 1"): every backend's whole permutation computed up front, then the backends
+    /// take turns, each skipping slots already taken. Only `offset` and `skip` are shared with
+    /// [`fill`] (they are the inputs both must agree on); the loop is independent.
+    fn reference(backends: &[u64], m: usize) -> Vec<u16> {
+        let m64 = m as u64;
+        let permutation: Vec<Vec<usize>> = backends
+            .iter()
+            .map(|b| {
+                let offset = mix64(b ^ 0x243f_6a88_85a3_08d3) % m64;
+                let skip = mix64(b ^ 0x1319_8a2e_0370_7344) % (m64 - 1) + 1;
+                (0..m64).map(|j| ((offset + j * skip) % m64) as usize).collect()
+            })
+            .collect();
+        let mut next = vec![0usize; backends.len()];
+        let mut entry: Vec<Option<u16>> = vec![None; m];
+        let mut n = 0;
+        'fill: loop {
+            for i in 0..backends.len() {
+                let mut c = permutation[i][next[i]];
+                while entry[c].is_some() {
+                    next[i] += 1;
+                    c = permutation[i][next[i]];
+                }
+                entry[c] = Some(i as u16);
+                next[i] += 1;
+                n += 1;
+                if n == m {
+                    break 'fill;
+                }
+            }
+        }
+        entry.into_iter().map(|e| e.expect("every slot filled")).collect()
+    }
+
+    #[test]
+    fn fill_matches_the_papers_pseudocode() {
+        for (n, m) in [(1u64, 13usize), (3, 13), (5, 251), (10, 4099), (37, 65_537)] {
+            let b = ids(n);
+            let mut table = vec![0u16; m];
+            let mut next = vec![0u32; b.len()];
+            fill(&b, &mut table, &mut next).unwrap();
+            assert_eq!(table, reference(&b, m), "n={n} m={m}");
+        }
+    }
 }

@@ -298,26 +298,12 @@ impl Balancer {
         self.release_unused_backends()
     }
 
-    /// The ring of slots for `backends`: Maglev over the backends with weight > 0, each
-    /// repeated `weight` times (distinct ids), mapped to their backend slots.
     fn ring_for(&self, index: u32, backends: &[LbBackend]) -> Result<Vec<u32>, XdpError> {
-        let mut ids = Vec::new();
-        let mut owner = Vec::new();
-        for b in backends.iter().filter(|b| b.weight > 0) {
-            let slot = self.slots[&(index, b.addr)];
-            for k in 0..b.weight.min(100) {
-                ids.push(maglev::mix64(b.id ^ (u64::from(k) << 48)));
-                owner.push(slot);
-            }
-        }
-        if ids.is_empty() {
-            return Ok(vec![NO_BACKEND; RING_SIZE as usize]);
-        }
-        let mut table = vec![0u16; RING_SIZE as usize];
-        let mut next = vec![0u32; ids.len()];
-        maglev::fill(&ids, &mut table, &mut next)
-            .map_err(|e| XdpError::Maglev(format!("{e:?}")))?;
-        Ok(table.iter().map(|i| owner[usize::from(*i)]).collect())
+        let entries: Vec<(u64, u32, u32)> = backends
+            .iter()
+            .map(|b| (b.id, b.weight, self.slots[&(index, b.addr)]))
+            .collect();
+        maglev_ring(&entries).map_err(|e| XdpError::Maglev(format!("{e:?}")))
     }
 
     /// Slots no VIP uses any more are marked absent (their flows re-hash) and freed.
@@ -477,6 +463,32 @@ impl Drop for Balancer {
     }
 }
 
+/// Most turns one backend takes in the ring (weights above count as this).
+pub const MAX_WEIGHT: u32 = 100;
+
+/// A VIP's ring: `(id, weight, slot)` per backend → the slot of every ring entry. Maglev over
+/// the backends with weight > 0, each taking `weight` turns (distinct permutations derived from
+/// its id), so its share of new flows follows its weight; weight-0 backends are left out (they
+/// drain). Every node computes the same ring from the same ids and weights. No backend with
+/// weight: every entry is [`NO_BACKEND`].
+pub fn maglev_ring(entries: &[(u64, u32, u32)]) -> Result<Vec<u32>, maglev::MaglevError> {
+    let mut ids = Vec::new();
+    let mut owner = Vec::new();
+    for &(id, weight, slot) in entries {
+        for k in 0..weight.min(MAX_WEIGHT) {
+            ids.push(maglev::mix64(id ^ (u64::from(k) << 48)));
+            owner.push(slot);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(vec![NO_BACKEND; RING_SIZE as usize]);
+    }
+    let mut table = vec![0u16; RING_SIZE as usize];
+    let mut next = vec![0u32; ids.len()];
+    maglev::fill(&ids, &mut table, &mut next)?;
+    Ok(table.iter().map(|i| owner[usize::from(*i)]).collect())
+}
+
 const MISSING: XdpError = XdpError::Missing {
     what: "program",
     name: LB_PROGRAM,
@@ -490,4 +502,47 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
             action: "looking up",
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shares(ring: &[u32]) -> BTreeMap<u32, usize> {
+        let mut m = BTreeMap::new();
+        for s in ring {
+            *m.entry(*s).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn weights_set_the_shares_and_weight_zero_drains() {
+        let ring = maglev_ring(&[(1, 1, 10), (2, 3, 20), (3, 0, 30)]).unwrap();
+        let s = shares(&ring);
+        assert!(!s.contains_key(&30), "a weight-0 backend got slots: {s:?}");
+        let (a, b) = (s[&10] as f64, s[&20] as f64);
+        assert!((b / a - 3.0).abs() < 0.1, "weights 1:3 gave {a}:{b}");
+    }
+
+    #[test]
+    fn no_weighted_backend_means_no_backend_and_rings_are_deterministic() {
+        let none = maglev_ring(&[(1, 0, 10)]).unwrap();
+        assert!(none.iter().all(|s| *s == NO_BACKEND));
+        let e = [(7, 1, 1), (8, 1, 2), (9, 2, 3)];
+        assert_eq!(maglev_ring(&e).unwrap(), maglev_ring(&e).unwrap());
+    }
+
+    #[test]
+    fn draining_one_backend_moves_only_its_slots() {
+        let before = maglev_ring(&[(1, 1, 1), (2, 1, 2), (3, 1, 3), (4, 1, 4)]).unwrap();
+        let after = maglev_ring(&[(1, 1, 1), (2, 1, 2), (3, 0, 3), (4, 1, 4)]).unwrap();
+        let moved_others = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != 3 && b != a)
+            .count();
+        // Maglev's minimal disruption: a few percent of the others' slots at most.
+        assert!(moved_others < RING_SIZE as usize / 20, "{moved_others} other slots moved");
+    }
 }
