@@ -242,7 +242,9 @@ mod tests {
             .map(|b| {
                 let offset = mix64(b ^ 0x243f_6a88_85a3_08d3) % m64;
                 let skip = mix64(b ^ 0x1319_8a2e_0370_7344) % (m64 - 1) + 1;
-                (0..m64).map(|j| ((offset + j * skip) % m64) as usize).collect()
+                (0..m64)
+                    .map(|j| ((offset + j * skip) % m64) as usize)
+                    .collect()
             })
             .collect();
         let mut next = vec![0usize; backends.len()];
@@ -263,7 +265,10 @@ mod tests {
                 }
             }
         }
-        entry.into_iter().map(|e| e.expect("every slot filled")).collect()
+        entry
+            .into_iter()
+            .map(|e| e.expect("every slot filled"))
+            .collect()
     }
 
     #[test]

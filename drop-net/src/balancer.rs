@@ -543,6 +543,9 @@ mod tests {
             .filter(|(b, a)| **b != 3 && b != a)
             .count();
         // Maglev's minimal disruption: a few percent of the others' slots at most.
-        assert!(moved_others < RING_SIZE as usize / 20, "{moved_others} other slots moved");
+        assert!(
+            moved_others < RING_SIZE as usize / 20,
+            "{moved_others} other slots moved"
+        );
     }
 }

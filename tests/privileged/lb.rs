@@ -2,17 +2,28 @@
 //! each checked for its verdict and the exact bytes the program leaves (Katran's way of
 //! testing its XDP program), plus the counters and the connection table behind them.
 
-use std::net::Ipv4Addr;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use drop_common::lb::{FlowKey, LbStat};
-use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpError, XdpVerdict};
-use drop_tests::{Outcome, Test, require_root};
+use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpError, XdpMode, XdpVerdict};
+use drop_tests::netns::{Bridge, Netns};
+use drop_tests::{Outcome, Test, require_command, require_root};
 
-pub const TESTS: &[Test] = &[Test {
-    name: "lb_fixtures_verdicts_and_exact_bytes",
-    run: fixtures,
-}];
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "lb_fixtures_verdicts_and_exact_bytes",
+        run: fixtures,
+    },
+    Test {
+        name: "lb_end_to_end_dsr_backend_change_and_balancer_failover",
+        run: end_to_end,
+    },
+];
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -521,5 +532,298 @@ fn fixtures() -> anyhow::Result<Outcome> {
         lb.flow_count()?
     );
     ensure!(fx.count >= 25, "only {} fixtures", fx.count);
+    Ok(Outcome::Pass)
+}
+
+// ---- end to end: a client, two balancer nodes, three backends in network namespaces -------
+
+const E2E_VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 200);
+const TCP_PORT: u16 = 7000;
+const UDP_PORT: u16 = 7001;
+
+/// Runs `f` on a thread of its own inside `netns` (servers that outlive one call).
+fn spawn_in<T: Send + 'static>(
+    netns: &Netns,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let path = netns.path().to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        f()
+    })
+}
+
+/// A backend's echo servers on the VIP: TCP answers every line with `<name> <line>`, UDP every
+/// datagram with `<name>`. They stop when `stop` is set.
+fn serve(name: String, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let tcp = TcpListener::bind((E2E_VIP, TCP_PORT))?;
+    tcp.set_nonblocking(true)?;
+    let udp = UdpSocket::bind((E2E_VIP, UDP_PORT))?;
+    udp.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((conn, _)) = tcp.accept() {
+            let (name, stop) = (name.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut w = match conn.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+                let mut r = BufReader::new(conn);
+                let mut line = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) => return,
+                        Ok(_) => {
+                            if w.write_all(format!("{name} {line}").as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        if let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    }
+    Ok(())
+}
+
+/// A client connection to the VIP and the backend that answered it.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    backend: String,
+}
+
+fn ask(c: &mut Conn, what: &str) -> anyhow::Result<String> {
+    c.writer.write_all(format!("{what}\n").as_bytes())?;
+    let mut line = String::new();
+    c.reader.read_line(&mut line)?;
+    ensure!(!line.is_empty(), "connection closed");
+    let (who, rest) = line.trim_end().split_once(' ').context("reply")?;
+    ensure!(rest == what, "reply {line:?}");
+    Ok(who.to_string())
+}
+
+fn connect(n: usize) -> anyhow::Result<Vec<Conn>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let s = TcpStream::connect_timeout(
+            &SocketAddr::from((E2E_VIP, TCP_PORT)),
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("connection {i} to the VIP"))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut c = Conn {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            backend: String::new(),
+        };
+        c.backend = ask(&mut c, "hello")?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+fn end_to_end() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("sysctl"))
+    {
+        return Ok(skip);
+    }
+    let mut lb_a = match Balancer::load() {
+        Ok(lb) => lb,
+        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
+        Err(e) => return Err(e).context("loading drop_lb"),
+    };
+    let mut lb_b = Balancer::load()?;
+    // 0 client, 1 and 2 balancer nodes, 3..5 backends.
+    let bridge = Bridge::new(6)?;
+    let client = bridge.host(0);
+    let backends: Vec<LbBackend> = (3..6)
+        .map(|i| {
+            let h = bridge.host(i);
+            LbBackend {
+                id: 1000 + i as u64,
+                addr: h.addr(),
+                mac: h.mac().0,
+                weight: 1,
+            }
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut servers = Vec::new();
+    for i in 3..6 {
+        let h = bridge.host(i);
+        // DSR: the VIP on lo, never answered for in ARP (the tuning profile's keys).
+        h.netns()
+            .ip(&["addr", "add", &format!("{E2E_VIP}/32"), "dev", "lo"])?;
+        for (k, v) in [
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+            ("net.ipv4.conf.eth0.arp_ignore", "1"),
+            ("net.ipv4.conf.eth0.arp_announce", "2"),
+        ] {
+            h.netns().exec("sysctl", &["-qw", &format!("{k}={v}")])?;
+        }
+        servers.push(spawn_in(h.netns(), {
+            let (name, stop) = (format!("b{i}"), stop.clone());
+            move || serve(name, stop)
+        }));
+    }
+    let tcp_vip = LbVip {
+        addr: E2E_VIP,
+        port: TCP_PORT,
+        proto: TCP,
+    };
+    let udp_vip = LbVip {
+        addr: E2E_VIP,
+        port: UDP_PORT,
+        proto: UDP,
+    };
+    for lb in [&mut lb_a, &mut lb_b] {
+        lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
+        lb.set_vip(udp_vip, Forwarding::MacRewrite, &backends)?;
+    }
+    let mode = bridge
+        .host(1)
+        .netns()
+        .run(|| lb_a.attach("eth0", XdpMode::Generic))??;
+    // The client reaches the VIP through balancer A (where the VIP's holder would be).
+    client.netns().ip(&[
+        "route",
+        "add",
+        &format!("{E2E_VIP}/32"),
+        "via",
+        &bridge.host(1).addr().to_string(),
+    ])?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let result = client.netns().run(|| -> anyhow::Result<String> {
+        // UDP: 60 datagrams from 60 ports, answered straight from the backends.
+        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..60 {
+            let s = UdpSocket::bind((client.addr(), 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q", (E2E_VIP, UDP_PORT))?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
+            ensure!(from.ip() == E2E_VIP, "UDP answer from {from}");
+            *udp_seen
+                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
+                .or_default() += 1;
+        }
+        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        // TCP: 30 connections spread over the three.
+        let conns = connect(30)?;
+        let per = |conns: &[Conn]| {
+            let mut m = std::collections::BTreeMap::<String, usize>::new();
+            for c in conns {
+                *m.entry(c.backend.clone()).or_default() += 1;
+            }
+            m
+        };
+        let spread = per(&conns);
+        ensure!(spread.len() == 3, "TCP reached {spread:?}");
+        Ok(format!("UDP {udp_seen:?}, TCP {spread:?}"))
+    })??;
+    println!("  {mode} XDP on balancer A; 60 datagrams and 30 connections: {result}");
+    let udp = lb_a.vip_counters(udp_vip)?;
+    ensure!(
+        udp.packets == 60,
+        "balancer A saw {} UDP packets for 60 requests (replies must bypass it)",
+        udp.packets
+    );
+
+    // Long-lived connections; one backend taken out: the others' still answer.
+    let mut conns = client.netns().run(|| connect(30))??;
+    lb_a.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
+    lb_b.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
+    let removed_name = "b3".to_string();
+    let (kept, lost) = client.netns().run(|| {
+        let mut kept = 0;
+        let mut lost = 0;
+        for c in conns.iter_mut() {
+            match ask(c, "again") {
+                Ok(who) if who == c.backend => kept += 1,
+                Ok(who) => anyhow::bail!("a connection of {} was answered by {who}", c.backend),
+                Err(_) => {
+                    ensure!(
+                        c.backend == removed_name,
+                        "a connection to {} broke",
+                        c.backend
+                    );
+                    lost += 1;
+                }
+            }
+        }
+        anyhow::Ok((kept, lost))
+    })??;
+    println!("  b3 taken out: {kept} connections on b4/b5 kept working, {lost} on b3 ended");
+    ensure!(kept > 0, "no connection kept");
+    conns.retain(|c| c.backend != removed_name);
+
+    // Back in: new flows spread over three again.
+    lb_a.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
+    lb_b.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
+    let (fresh_spread, mut fresh) = client.netns().run(|| -> anyhow::Result<_> {
+        let fresh = connect(30)?;
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for c in &fresh {
+            *m.entry(c.backend.clone()).or_default() += 1;
+        }
+        Ok((m, fresh))
+    })??;
+    ensure!(
+        fresh_spread.len() == 3,
+        "after b3 came back, new flows reached {fresh_spread:?}"
+    );
+    println!("  b3 back: 30 new connections spread {fresh_spread:?}");
+
+    // Failover: balancer B (same backends, so the same ring) takes the VIP; every established
+    // connection keeps its backend.
+    bridge
+        .host(2)
+        .netns()
+        .run(|| lb_b.attach("eth0", XdpMode::Generic))??;
+    client.netns().ip(&[
+        "route",
+        "replace",
+        &format!("{E2E_VIP}/32"),
+        "via",
+        &bridge.host(2).addr().to_string(),
+    ])?;
+    bridge.host(1).netns().run(|| lb_a.detach())??;
+    std::thread::sleep(Duration::from_millis(100));
+    let survived = client.netns().run(|| {
+        let mut ok = 0;
+        for c in conns.iter_mut().chain(fresh.iter_mut()) {
+            let who = ask(c, "after failover")?;
+            ensure!(who == c.backend, "moved from {} to {who}", c.backend);
+            ok += 1;
+        }
+        anyhow::Ok(ok)
+    })??;
+    let b = lb_b.vip_counters(tcp_vip)?;
+    ensure!(b.packets > 0, "balancer B forwarded nothing");
+    println!(
+        "  balancer A → B: all {survived} established connections kept their backend (B: {} packets, {} new flows from its ring, {} table hits)",
+        b.packets, b.new_flows, b.conn_hits
+    );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    }
     Ok(Outcome::Pass)
 }
