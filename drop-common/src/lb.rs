@@ -10,7 +10,9 @@
 //! 4. Miss: the VIP's current Maglev ring ([`RINGS_MAP`], ring `VipMeta::ring`, entry
 //!    `flow_hash % RING_SIZE`) names the backend; [`NO_BACKEND`] drops with a counter. The
 //!    choice is recorded in the connection table.
-//! 5. Forward with `XDP_TX`: rewrite the destination MAC to the backend's (backends on the same
+//! 5. A backend that is this node (its MAC is the frame's destination already) gets the frame
+//!    through the kernel (`XDP_PASS`); it holds the VIP itself.
+//! 6. Forward with `XDP_TX`: rewrite the destination MAC to the backend's (backends on the same
 //!    segment hold the VIP on `lo`; direct server return) or, for a VIP with
 //!    [`VIP_IPIP`], prepend an outer IPv4 header ([`ipip_header`]) to the backend (routed
 //!    backends). Checksums of the inner packet are never read nor changed.
@@ -59,7 +61,7 @@ pub const BACKEND_STATS_MAP: &str = "DROP_LB_BSTAT";
 /// Per-CPU array of [`LB_STAT_SLOTS`] `u64`, indexed by [`LbStat`].
 pub const LB_STATS_MAP: &str = "DROP_LB_STATS";
 /// Slots of [`LB_STATS_MAP`].
-pub const LB_STAT_SLOTS: u32 = 8;
+pub const LB_STAT_SLOTS: u32 = 9;
 
 /// Global counters of the balancer.
 #[repr(u32)]
@@ -80,6 +82,8 @@ pub enum LbStat {
     Forwarded = 6,
     /// Dropped: the VIP has no backend (or a ring or backend slot could not be read).
     NoBackend = 7,
+    /// Passed: the chosen backend is this node (the frame is already addressed to it).
+    Local = 8,
 }
 
 impl LbStat {
@@ -92,6 +96,7 @@ impl LbStat {
         LbStat::NotVip,
         LbStat::Forwarded,
         LbStat::NoBackend,
+        LbStat::Local,
     ];
     pub const fn index(self) -> u32 {
         self as u32

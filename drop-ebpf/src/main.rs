@@ -140,6 +140,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             (*t).bytes += len;
         }
     }
+    if meta.flags & VIP_IPIP == 0 && is_local(ctx, &backend) {
+        // This node is the backend (it holds the VIP): its own kernel answers.
+        lb_bump(LbStat::Local);
+        return Ok(xdp_action::XDP_PASS);
+    }
     let sent = if meta.flags & VIP_IPIP != 0 {
         encapsulate(ctx, &backend, &meta)
     } else {
@@ -151,6 +156,16 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
     }
     lb_bump(LbStat::Forwarded);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Whether the backend is this node: the frame already goes to its MAC.
+#[inline(always)]
+fn is_local(ctx: &XdpContext, backend: &Backend) -> bool {
+    match ptr_at::<[u8; 6]>(ctx, 0) {
+        // SAFETY: checked by `ptr_at`.
+        Some(dst) => (unsafe { *dst }) == backend.mac,
+        None => false,
+    }
 }
 
 /// Direct server return on the same segment: the frame goes to the backend's MAC, from the

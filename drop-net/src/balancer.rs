@@ -10,11 +10,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 use aya::TestRun as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use aya::programs::{Xdp, xdp::XdpLinkId};
-use aya::{Ebpf, TestRunOptions};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{Xdp, xdp::XdpLink, xdp::XdpLinkId};
+use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
     BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, LB_PROGRAM,
     LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic,
@@ -97,6 +99,8 @@ struct VipState {
 pub struct Balancer {
     ebpf: Ebpf,
     attached: Option<(String, XdpMode, XdpLinkId)>,
+    /// Where maps and the link are pinned ([`Balancer::open`]); `None`: nothing outlives us.
+    pin_dir: Option<PathBuf>,
     vips: BTreeMap<LbVip, VipState>,
     /// (VIP index, backend address) → its slot: slots are per VIP.
     slots: BTreeMap<(u32, Ipv4Addr), u32>,
@@ -134,9 +138,124 @@ impl Balancer {
         Ok(Balancer {
             ebpf,
             attached: None,
+            pin_dir: None,
             vips: BTreeMap::new(),
             slots: BTreeMap::new(),
         })
+    }
+
+    /// Loads `drop_lb` with its maps pinned in `dir` (on a bpffs): maps already pinned there
+    /// are reused with their contents — VIPs, rings, backends, the connection table — and the
+    /// balancer's own bookkeeping is read back from them, so a restarted supervisor carries on
+    /// where the last one stopped. [`Balancer::attach`] then takes over a pinned link in one
+    /// step. [`Balancer::remove_pinned`] undoes all of it.
+    pub fn open(dir: &Path) -> Result<Balancer, XdpError> {
+        if OBJECT.is_empty() {
+            return Err(XdpError::NotBuilt);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| XdpError::PinDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let paths: Vec<(&'static str, PathBuf)> =
+            PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(XdpError::Load)?;
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| XdpError::Program {
+                action: "verifying and loading",
+                source,
+            })?;
+        let mut lb = Balancer {
+            ebpf,
+            attached: None,
+            pin_dir: Some(dir.to_path_buf()),
+            vips: BTreeMap::new(),
+            slots: BTreeMap::new(),
+        };
+        lb.restore()?;
+        Ok(lb)
+    }
+
+    /// Rebuilds the bookkeeping from the (pinned) maps.
+    fn restore(&mut self) -> Result<(), XdpError> {
+        let map = self.ebpf.map(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+        let vips =
+            HashMap::<&MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
+        for entry in vips.iter() {
+            let (k, meta) = entry.map_err(map_err(VIPS_MAP))?;
+            self.vips.insert(
+                LbVip {
+                    addr: Ipv4Addr::from(k.addr),
+                    port: k.port,
+                    proto: k.proto,
+                },
+                VipState {
+                    index: meta.index,
+                    ring: meta.ring,
+                    backends: Vec::new(),
+                },
+            );
+        }
+        let map = self
+            .ebpf
+            .map(BACKENDS_MAP)
+            .ok_or(missing_map(BACKENDS_MAP))?;
+        let backs = Array::<&MapData, Backend>::try_from(map).map_err(map_err(BACKENDS_MAP))?;
+        for slot in 0..MAX_BACKENDS {
+            let b = backs.get(&slot, 0).map_err(map_err(BACKENDS_MAP))?;
+            if !b.present() {
+                continue;
+            }
+            let addr = Ipv4Addr::from(b.addr);
+            self.slots.insert((b.vip, addr), slot);
+            if let Some(v) = self.vips.values_mut().find(|v| v.index == b.vip) {
+                v.backends.push(LbBackend {
+                    id: 0,
+                    addr,
+                    mac: b.mac,
+                    weight: 1,
+                });
+            }
+        }
+        if !self.vips.is_empty() {
+            info!(
+                vips = self.vips.len(),
+                backends = self.slots.len(),
+                "xdp balancer state read back from its pinned maps"
+            );
+        }
+        Ok(())
+    }
+
+    /// The VIPs served now.
+    pub fn vips(&self) -> Vec<LbVip> {
+        self.vips.keys().copied().collect()
+    }
+
+    /// Removes what [`Balancer::open`] and a pinned attachment left in `dir`: the link (which
+    /// detaches the program once nothing else holds it) and the maps. Nothing there is fine.
+    pub fn remove_pinned(dir: &Path) -> Result<bool, XdpError> {
+        if !dir.exists() {
+            return Ok(false);
+        }
+        let link = dir.join(LINK_PIN);
+        if link.exists()
+            && let Ok(pinned) = PinnedLink::from_pin(&link)
+        {
+            // Unpinned and dropped: the last reference to the link goes, the program detaches.
+            let _ = pinned.unpin();
+        }
+        std::fs::remove_dir_all(dir).map_err(|source| XdpError::PinDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        info!(dir = %dir.display(), "xdp balancer pins removed");
+        Ok(true)
     }
 
     /// Attaches to `ifname` of the calling thread's network namespace. `Auto` tries the
@@ -152,11 +271,39 @@ impl Balancer {
             XdpMode::Native => &[XdpMode::Native],
             XdpMode::Generic => &[XdpMode::Generic],
         };
+        // A link a previous supervisor pinned: this program replaces its program in one step,
+        // so forwarding never stops.
+        if let Some(dir) = &self.pin_dir
+            && dir.join(LINK_PIN).exists()
+        {
+            let pinned = PinnedLink::from_pin(dir.join(LINK_PIN))
+                .map_err(|e| XdpError::Pin(e.to_string()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| XdpError::Pin(e.to_string()))?;
+            let id = program_mut(&mut self.ebpf)?
+                .attach_to_link(link)
+                .map_err(|source| XdpError::Program {
+                    action: "taking over the pinned link of",
+                    source,
+                })?;
+            let m = std::fs::read_to_string(dir.join(MODE_PIN))
+                .ok()
+                .and_then(|t| match t.trim() {
+                    "native" => Some(XdpMode::Native),
+                    "generic" => Some(XdpMode::Generic),
+                    _ => None,
+                })
+                .unwrap_or(mode);
+            info!(ifname, mode = %m, "xdp balancer took over its pinned link");
+            self.attached = Some((ifname.to_string(), m, id));
+            return Ok(m);
+        }
         let mut last = None;
         for &m in tries {
             match program_mut(&mut self.ebpf)?.attach(ifname, m.to_aya()) {
                 Ok(link) => {
                     info!(ifname, mode = %m, "xdp balancer attached");
+                    let link = self.pin_link(link, m)?;
                     self.attached = Some((ifname.to_string(), m, link));
                     return Ok(m);
                 }
@@ -175,11 +322,41 @@ impl Balancer {
         Err(last.expect("at least one mode tried"))
     }
 
-    /// Detaches; nothing when not attached.
+    /// With a pin folder: pins the new link there (it outlives this process) and hands it back
+    /// to the program.
+    fn pin_link(&mut self, link: XdpLinkId, mode: XdpMode) -> Result<XdpLinkId, XdpError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(link);
+        };
+        let prog = program_mut(&mut self.ebpf)?;
+        let owned = prog.take_link(link).map_err(|source| XdpError::Program {
+            action: "taking the link of",
+            source,
+        })?;
+        let fd = FdLink::try_from(owned).map_err(|e| XdpError::Pin(e.to_string()))?;
+        let pinned = fd
+            .pin(dir.join(LINK_PIN))
+            .map_err(|e| XdpError::Pin(e.to_string()))?;
+        let _ = std::fs::write(dir.join(MODE_PIN), mode.to_string());
+        let link =
+            XdpLink::try_from(FdLink::from(pinned)).map_err(|e| XdpError::Pin(e.to_string()))?;
+        program_mut(&mut self.ebpf)?
+            .attach_to_link(link)
+            .map_err(|source| XdpError::Program {
+                action: "re-adopting the pinned link of",
+                source,
+            })
+    }
+
+    /// Detaches (and removes the link's pin); nothing when not attached.
     pub fn detach(&mut self) -> Result<(), XdpError> {
         let Some((ifname, _, link)) = self.attached.take() else {
             return Ok(());
         };
+        if let Some(dir) = &self.pin_dir {
+            let _ = std::fs::remove_file(dir.join(LINK_PIN));
+            let _ = std::fs::remove_file(dir.join(MODE_PIN));
+        }
         program_mut(&mut self.ebpf)?
             .detach(link)
             .map_err(|source| XdpError::Program {
@@ -457,11 +634,30 @@ impl Balancer {
 
 impl Drop for Balancer {
     fn drop(&mut self) {
+        // Pinned: the link stays (a restarted supervisor takes it over); else detach.
+        if self.pin_dir.is_some() {
+            return;
+        }
         if let Err(err) = self.detach() {
             warn!(error = %err, "detaching the xdp balancer on drop");
         }
     }
 }
+
+/// The maps pinned by [`Balancer::open`].
+const PINNED_MAPS: [&str; 7] = [
+    VIPS_MAP,
+    RINGS_MAP,
+    BACKENDS_MAP,
+    FLOWS_MAP,
+    VIP_STATS_MAP,
+    BACKEND_STATS_MAP,
+    LB_STATS_MAP,
+];
+/// File of the pinned XDP link in the pin folder.
+const LINK_PIN: &str = "link";
+/// The mode it was attached in (plain text).
+const MODE_PIN: &str = "mode";
 
 /// Most turns one backend takes in the ring (weights above count as this).
 pub const MAX_WEIGHT: u32 = 100;

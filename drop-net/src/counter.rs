@@ -59,6 +59,14 @@ pub enum XdpError {
     Full { what: &'static str },
     #[error("filling the Maglev ring: {0}")]
     Maglev(String),
+    #[error("the balancer's pin folder {dir}")]
+    PinDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning or taking over the balancer's XDP link: {0}")]
+    Pin(String),
 }
 
 /// How the program is attached (`ip link set dev IF xdpgeneric|xdpdrv|xdp`).

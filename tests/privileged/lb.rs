@@ -20,7 +20,7 @@ pub const TESTS: &[Test] = &[
         run: fixtures,
     },
     Test {
-        name: "lb_end_to_end_dsr_backend_change_and_balancer_failover",
+        name: "lb_end_to_end_dsr_backend_change_failover_and_pinned_restart",
         run: end_to_end,
     },
 ];
@@ -409,6 +409,21 @@ fn fixtures() -> anyhow::Result<Outcome> {
         &encapsulated(&tos, &routed),
     )?;
 
+    // The balancer node is itself the backend: the kernel gets the frame.
+    let local = LbBackend {
+        id: 99,
+        addr: Ipv4Addr::new(10, 0, 0, 99),
+        mac: LB_MAC,
+        weight: 1,
+    };
+    lb.set_vip(vip(VIP_A, 8443, TCP), Forwarding::MacRewrite, &[local])?;
+    fx.passes(
+        &lb,
+        "backend_is_this_node_passes_to_the_kernel",
+        &packet(TCP, 40020, VIP_A, 8443, b""),
+    )?;
+    ensure!(lb.stat(LbStat::Local)? == 1, "local delivery not counted");
+
     // A VIP without backends drops, and says so.
     let none = packet(TCP, 40017, VIP_C, 80, b"");
     fx.case(
@@ -647,7 +662,10 @@ fn end_to_end() -> anyhow::Result<Outcome> {
         Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
         Err(e) => return Err(e).context("loading drop_lb"),
     };
-    let mut lb_b = Balancer::load()?;
+    // Balancer B pins its maps and link, as the daemon does.
+    let pins =
+        PinGuard(std::path::Path::new("/sys/fs/bpf").join(drop_tests::unique_name("droplb")));
+    let mut lb_b = Balancer::open(&pins.0)?;
     // 0 client, 1 and 2 balancer nodes, 3..5 backends.
     let bridge = Bridge::new(6)?;
     let client = bridge.host(0);
@@ -821,9 +839,73 @@ fn end_to_end() -> anyhow::Result<Outcome> {
         "  balancer A → B: all {survived} established connections kept their backend (B: {} packets, {} new flows from its ring, {} table hits)",
         b.packets, b.new_flows, b.conn_hits
     );
+
+    // B's process goes away (a supervisor crash): the pinned link keeps forwarding.
+    drop(lb_b);
+    let during = client.netns().run(|| {
+        let mut ok = 0;
+        for c in conns.iter_mut().chain(fresh.iter_mut()) {
+            ensure!(
+                ask(c, "while B is down")? == c.backend,
+                "moved while B was down"
+            );
+            ok += 1;
+        }
+        anyhow::Ok(ok)
+    })??;
+    // A new B reads its state back from the pins and takes the link over in one step.
+    let mut lb_b = Balancer::open(&pins.0)?;
+    let restored = lb_b.vips();
+    ensure!(restored.len() == 2, "restored VIPs {restored:?}");
+    let flows = lb_b.flow_count()?;
+    bridge
+        .host(2)
+        .netns()
+        .run(|| lb_b.attach("eth0", XdpMode::Generic))??;
+    lb_b.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
+    let after = client.netns().run(|| {
+        let mut ok = 0;
+        for c in conns.iter_mut().chain(fresh.iter_mut()) {
+            ensure!(
+                ask(c, "after the restart")? == c.backend,
+                "moved by the restart"
+            );
+            ok += 1;
+        }
+        anyhow::Ok(ok)
+    })??;
+    println!(
+        "  B's process dropped: {during} connections kept answering on the pinned link; reopened: {} VIPs and {flows} flows read back, {after} connections unchanged",
+        restored.len()
+    );
+    // Clean removal: no program left on the interface, no pin left.
+    drop(lb_b);
+    ensure!(Balancer::remove_pinned(&pins.0)?, "nothing was pinned");
+    let link = bridge
+        .host(2)
+        .netns()
+        .ip_json(&["link", "show", "dev", "eth0"])?;
+    ensure!(
+        link[0].get("xdp").is_none(),
+        "an XDP program is still attached: {link}"
+    );
+    ensure!(!pins.0.exists(), "pins left");
+    println!("  removed: no XDP program on B's eth0, no pin left");
+
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
     }
     Ok(Outcome::Pass)
+}
+
+/// Removes a test's balancer pins on every exit path.
+struct PinGuard(std::path::PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(e) = Balancer::remove_pinned(&self.0) {
+            eprintln!("warning: could not remove {}: {e}", self.0.display());
+        }
+    }
 }
