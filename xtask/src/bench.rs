@@ -24,7 +24,7 @@ mod services;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `runtime`, `cluster`, `failover`, `peer` or `services`.
+    /// What to benchmark: `runtime`, `cluster`, `failover`, `peer`, `services` or `lb`.
     pub what: String,
     /// runtime: workers in every mode.
     #[arg(long, default_value_t = 2)]
@@ -264,9 +264,12 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "cluster" => cluster::cluster(&a),
         "failover" => failover::failover(&a),
         "services" => services::services(&a),
+        "lb" => lb(),
         "peer" => peer(),
         other => {
-            bail!("unknown benchmark {other:?}; known: runtime, cluster, failover, peer, services")
+            bail!(
+                "unknown benchmark {other:?}; known: runtime, cluster, failover, peer, services, lb"
+            )
         }
     }
 }
@@ -280,6 +283,23 @@ fn peer() -> anyhow::Result<()> {
         "bench: peer (sealed call vs HMAC signature)",
         Command::new(&bin).arg("--ms").arg("1000"),
         "cargo xtask bench peer",
+    )
+}
+
+/// `cargo xtask bench lb`: the balancer per packet (tests/bench/lb.rs). Root; builds the
+/// XDP object first.
+fn lb() -> anyhow::Result<()> {
+    if !crate::setup::is_root() {
+        bail!("the lb benchmark needs root (BPF_PROG_TEST_RUN)");
+    }
+    let tools = crate::setup::setup()?;
+    crate::ebpf::build(&tools)?;
+    let bin = step("build: lb bench", || bench_binary_of("drop-tests", "lb"))?;
+    report(
+        "lb",
+        "bench: lb (drop_lb per packet)",
+        &mut Command::new(&bin),
+        "cargo xtask bench lb",
     )
 }
 
