@@ -68,6 +68,22 @@ pub struct RawConfig {
     pub vip: Option<RawVip>,
     /// systemd services of this node's namespace (cluster only).
     pub services: Option<RawServices>,
+    /// The XDP L4 balancer on the namespace's VIP (cluster only).
+    pub balancer: Option<RawBalancer>,
+}
+
+/// `[balancer]`: the XDP balancer of services with a port.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBalancer {
+    /// `true`: this node loads the balancer (default `false`).
+    pub enabled: Option<bool>,
+    /// Interface to attach to (default: the one whose route reaches the other members).
+    pub interface: Option<String>,
+    /// `auto` (native, else generic), `native` or `generic` (default `auto`).
+    pub mode: Option<String>,
+    /// Where maps and link are pinned (a bpffs; default `/sys/fs/bpf/drop`).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// `[services]`: how this node reaches its systemd for services.
@@ -553,6 +569,11 @@ pub struct Config {
     pub vip: Option<VipSettings>,
     /// `None`: a single node, or `[services] enabled = false`.
     pub services: Option<ServicesConfig>,
+    /// `None`: no balancer here (the default).
+    pub balancer: Option<crate::balancer::LbSettings>,
+    /// Where a balancer would pin its state (also without `[balancer]`: a node that stopped
+    /// balancing removes what it left there).
+    pub balancer_pin_dir: PathBuf,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -751,6 +772,39 @@ impl Config {
             (None, None) => None,
         };
 
+        let raw_lb = raw.balancer.unwrap_or_default();
+        let balancer_pin_dir = raw_lb
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/drop"));
+        require_absolute(&balancer_pin_dir).map_err(|r| invalid("balancer.pin_dir", r))?;
+        let balancer = if raw_lb.enabled == Some(true) {
+            if cluster.is_none() {
+                return Err(invalid(
+                    "balancer",
+                    "the balancer serves a namespace's VIP: it needs a `[cluster]` section".into(),
+                ));
+            }
+            let mode = match raw_lb.mode.as_deref().unwrap_or("auto") {
+                "auto" => drop_net::XdpMode::Auto,
+                "native" => drop_net::XdpMode::Native,
+                "generic" => drop_net::XdpMode::Generic,
+                other => {
+                    return Err(invalid(
+                        "balancer.mode",
+                        format!("{other:?}: auto, native or generic"),
+                    ));
+                }
+            };
+            Some(crate::balancer::LbSettings {
+                interface: raw_lb.interface,
+                mode,
+                pin_dir: balancer_pin_dir.clone(),
+            })
+        } else {
+            None
+        };
+
         Ok(Config {
             path,
             node_name,
@@ -774,6 +828,8 @@ impl Config {
             cluster,
             vip,
             services,
+            balancer,
+            balancer_pin_dir,
         })
     }
 }

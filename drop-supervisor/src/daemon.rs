@@ -28,6 +28,8 @@ pub enum DaemonError {
     State(#[from] state::StateError),
     #[error("another drop-supervisor is already listening on {0}")]
     AlreadyRunning(PathBuf),
+    #[error("starting the balancer: {0}")]
+    Balancer(String),
     #[error("cannot set up control socket {path}")]
     Socket {
         path: PathBuf,
@@ -473,6 +475,46 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         }
         _ => None,
     };
+    let lb = match (&cluster, &config.balancer) {
+        (Some(cluster), Some(settings)) => {
+            let service = Arc::new(
+                crate::balancer::LbService::start(settings.clone())
+                    .map_err(|e| DaemonError::Balancer(e.to_string()))?,
+            );
+            let (weak, svc, me) = (
+                Arc::downgrade(cluster),
+                service.clone(),
+                config.node_name.clone(),
+            );
+            cluster.set_observer(Box::new(move || {
+                let Some(c) = weak.upgrade() else { return };
+                let desired = c
+                    .my_namespace()
+                    .and_then(|ns| c.namespace(&ns).ok())
+                    .map(|view| crate::balancer::desired(&view, &c.nodes(), &me))
+                    .unwrap_or_default();
+                svc.update(desired);
+            }));
+            let m = service.clone();
+            runtime.add_metrics(Box::new(move || m.metrics()));
+            Some(service)
+        }
+        _ => {
+            // Not balancing (any more): nothing of an earlier balancer stays attached.
+            let dir = config.balancer_pin_dir.clone();
+            if dir.exists() {
+                match drop_net::Balancer::remove_pinned(&dir) {
+                    Ok(_) => {
+                        info!(dir = %dir.display(), "removed a balancer left by an earlier configuration")
+                    }
+                    Err(e) => {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove a leftover balancer")
+                    }
+                }
+            }
+            None
+        }
+    };
     {
         let name = config.node_name.clone();
         let (cluster, vip) = (cluster.clone(), vip.clone());
@@ -486,6 +528,9 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
     if let Some(v) = &vip {
         supervisor = supervisor.with_vip(v.clone());
+    }
+    if let Some(l) = &lb {
+        supervisor = supervisor.with_lb(l.clone());
     }
     let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -18,6 +18,7 @@
 //! names (state directory, control socket, sysctl root, images, logs, its own cgroup subtree),
 //! so that tests can point it at temporary folders.
 
+pub mod balancer;
 pub mod cluster;
 pub mod config;
 pub mod control;

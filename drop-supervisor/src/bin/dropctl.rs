@@ -69,6 +69,9 @@ enum Command {
     /// systemd services kept at their count across the namespace.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// The XDP L4 balancer on this node: VIP:ports, backends, counters.
+    #[command(subcommand)]
+    Lb(LbCommand),
     /// Cluster set-up helpers that need no daemon.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -114,6 +117,14 @@ enum NsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum LbCommand {
+    /// Every VIP:port with its backends (node, weight, packets) and counters.
+    Ls,
+    /// One VIP:port (by port).
+    Show { port: u16 },
+}
+
+#[derive(Debug, Subcommand)]
 enum ServiceCommand {
     /// Declare a service (or change it): COUNT instances of an installed unit file (--unit)
     /// or of a command run as a transient unit (--exec, the rest of the line).
@@ -144,6 +155,12 @@ enum ServiceCommand {
         restart: Option<String>,
         #[arg(long)]
         ns: Option<String>,
+        /// Balance this port of the namespace's VIP over the nodes running an instance.
+        #[arg(long)]
+        port: Option<u16>,
+        /// tcp (default) or udp, with --port.
+        #[arg(long, requires = "port")]
+        proto: Option<String>,
         /// The command and its arguments: everything after --exec (so it comes last).
         #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
         exec: Option<Vec<String>>,
@@ -405,6 +422,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
         Command::Ns(cmd) => namespace(client, json, cmd),
         Command::Vip(cmd) => vip(client, json, cmd),
         Command::Service(cmd) => service(client, json, cmd),
+        Command::Lb(cmd) => lb(client, json, cmd),
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
@@ -840,6 +858,61 @@ fn namespace(client: &Client, json: bool, cmd: &NsCommand) -> Result<u8, ClientE
     Ok(0)
 }
 
+fn lb(client: &Client, json: bool, cmd: &LbCommand) -> Result<u8, ClientError> {
+    let v: serde_json::Value = client.get("/v1/lb")?;
+    let vips: Vec<serde_json::Value> = v["vips"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| match cmd {
+            LbCommand::Ls => true,
+            LbCommand::Show { port } => e["port"] == *port,
+        })
+        .collect();
+    if json {
+        match cmd {
+            LbCommand::Ls => print_json(&v),
+            LbCommand::Show { .. } => print_json(&vips.first().cloned().unwrap_or_default()),
+        }
+        return Ok(0);
+    }
+    println!(
+        "interface {}  mode {}  flows {}{}",
+        text(&v["interface"]),
+        text(&v["mode"]),
+        text(&v["flows"]),
+        if v["error"].is_null() {
+            String::new()
+        } else {
+            format!("  error: {}", text(&v["error"]))
+        }
+    );
+    for e in &vips {
+        println!(
+            "{}:{}/{}  packets {}  bytes {}  new flows {}  table hits {}  no backend {}",
+            text(&e["vip"]),
+            text(&e["port"]),
+            text(&e["proto"]),
+            text(&e["packets"]),
+            text(&e["bytes"]),
+            text(&e["new_flows"]),
+            text(&e["conn_hits"]),
+            text(&e["no_backend"])
+        );
+        for b in e["backends"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<16} {:<15} weight {}  packets {}",
+                text(&b["node"]),
+                text(&b["addr"]),
+                text(&b["weight"]),
+                text(&b["packets"])
+            );
+        }
+    }
+    Ok(0)
+}
+
 fn ns_query(ns: &Option<String>) -> String {
     ns.as_ref().map(|n| format!("?ns={n}")).unwrap_or_default()
 }
@@ -857,6 +930,8 @@ fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, Clie
             env,
             restart,
             ns,
+            port,
+            proto,
             exec,
         } => {
             let unit = match unit {
@@ -883,6 +958,8 @@ fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, Clie
                 env: vars,
                 restart: restart.clone(),
                 ns: ns.clone(),
+                port: *port,
+                proto: proto.clone(),
             };
             client.put(
                 &format!("/v1/services/{name}"),

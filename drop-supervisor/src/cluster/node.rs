@@ -227,6 +227,8 @@ struct Inner {
     snapshot: RwLock<Arc<Snapshot>>,
     /// This node's services agent and how many failures move an instance elsewhere.
     services: RwLock<Option<(Arc<crate::services::agent::Agent>, u32)>>,
+    /// Called after every pass, once the views are published (the balancer reads them).
+    observer: RwLock<Option<PassObserver>>,
     registry: Arc<RwLock<Registry>>,
     /// The floating IP, once the daemon attached it.
     vip: RwLock<Option<Arc<dyn super::VipHook>>>,
@@ -471,6 +473,7 @@ impl Cluster {
             members: AtomicUsize::new(1),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             services: RwLock::new(None),
+            observer: RwLock::new(None),
             registry: Arc::new(RwLock::new(Registry::default())),
             vip: RwLock::new(None),
         });
@@ -534,6 +537,16 @@ impl Cluster {
             .services
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some((agent, max_failures));
+        self.inner.changed.notify_one();
+    }
+
+    /// Sets what runs after every pass (with the namespace and node views published).
+    pub fn set_observer(&self, observer: PassObserver) {
+        *self
+            .inner
+            .observer
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(observer);
         self.inner.changed.notify_one();
     }
 
@@ -1286,7 +1299,18 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Arc<Membership>, runtime: &A
         nodes,
         namespaces: plan.namespaces,
     });
+    if let Some(observe) = inner
+        .observer
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        observe();
+    }
 }
+
+/// See [`Cluster::set_observer`].
+pub type PassObserver = Box<dyn Fn() + Send + Sync>;
 
 /// Leaders, this node's lease and claim, placement and its share, and the namespace views:
 /// computation only, under the state lock.

@@ -371,6 +371,7 @@ mod tests {
             let spec = ServiceSpec {
                 name: name.into(),
                 count,
+                balance: None,
                 run: Run::Exec {
                     argv: vec!["/bin/sleep".into(), "9".into()],
                     memory_bytes: None,

@@ -26,6 +26,7 @@
 //! - `GET /v1/services[?ns=]`, `GET|PUT|DELETE /v1/services/<name>[?ns=]` (PUT body: `count`
 //!   and `unit` (text) or `exec` (argv) with `memory`, `cpu`, `tasks`, `user`, `env`, `restart`,
 //!   `ns`), `GET /v1/services/<name>/logs[?lines=N]` — services kept at their count
+//! - `GET /v1/lb` — the XDP balancer here: interface, mode, VIP:ports with backends and counters
 //! - `POST /v1/flows` takes an optional `"ns"`; `DELETE /v1/flows/<name>[?ns=NAME]`: in cluster
 //!   mode flows go to the replicated state and every member runs its share
 
@@ -125,6 +126,7 @@ pub enum ApiRequest {
     ServiceList {
         ns: Option<String>,
     },
+    LbStatus,
     ServiceSet {
         name: String,
         request: crate::services::spec::ServiceRequest,
@@ -328,6 +330,10 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         },
         "/v1/vip" => match method {
             "GET" => Ok(ApiRequest::VipList),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/lb" => match method {
+            "GET" => Ok(ApiRequest::LbStatus),
             _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/services" => match method {

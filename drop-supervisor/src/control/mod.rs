@@ -39,6 +39,8 @@ pub struct Supervisor {
     peers: Option<Arc<crate::cluster::peer::Forwarder>>,
     /// The floating IP of this node's namespace, when the cluster has one.
     vip: Option<Arc<crate::vip::VipService>>,
+    /// The XDP balancer, with `[balancer] enabled`.
+    lb: Option<Arc<crate::balancer::LbService>>,
 }
 
 fn not_clustered() -> ApiError {
@@ -78,6 +80,7 @@ impl Supervisor {
             forward: None,
             peers: None,
             vip: None,
+            lb: None,
         }
     }
 
@@ -90,6 +93,12 @@ impl Supervisor {
         self.cluster = Some(cluster);
         self.forward = Some(forward.clone());
         self.peers = Some(forward);
+        self
+    }
+
+    /// Attaches the balancer (for `lb ls`).
+    pub fn with_lb(mut self, lb: Arc<crate::balancer::LbService>) -> Supervisor {
+        self.lb = Some(lb);
         self
     }
 
@@ -366,6 +375,20 @@ impl Supervisor {
                 self.cluster()?.ns_join(&name).await.map(|v| to_json(&v))
             }
             ApiRequest::NsLeave => self.cluster()?.ns_leave().await.map(ApiResponse::Json),
+            ApiRequest::LbStatus => match &self.lb {
+                Some(lb) => {
+                    let lb = lb.clone();
+                    let v = tokio::task::spawn_blocking(move || lb.status())
+                        .await
+                        .map_err(|e| ApiError::internal(format!("balancer task: {e}")))?;
+                    Ok(ApiResponse::Json(v))
+                }
+                None => Err(ApiError::new(
+                    409,
+                    "no_balancer",
+                    "this node runs no balancer (`[balancer] enabled = true`)",
+                )),
+            },
             ApiRequest::ServiceList { ns } => Ok(to_json(&self.cluster()?.service_list(ns)?)),
             ApiRequest::ServiceShow { name, ns } => {
                 Ok(to_json(&self.cluster()?.service_show(&name, ns)?))

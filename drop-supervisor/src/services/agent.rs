@@ -534,6 +534,7 @@ mod tests {
         ServiceSpec {
             name: name.into(),
             count,
+            balance: None,
             run: Run::Exec {
                 argv: vec!["/bin/sleep".into(), "1000".into()],
                 memory_bytes: None,
@@ -776,6 +777,7 @@ mod tests {
         let web = ServiceSpec {
             name: "web".into(),
             count: 1,
+            balance: None,
             run: Run::Unit {
                 text: "[Service]\nExecStart=/bin/sleep 9\n".into(),
             },

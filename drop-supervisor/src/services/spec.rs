@@ -58,6 +58,17 @@ pub struct ServiceSpec {
     pub name: String,
     pub count: u32,
     pub run: Run,
+    /// Balanced on the namespace's VIP at this port (the XDP balancer, DESIGN §7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+}
+
+/// A service's port on the namespace's VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    pub port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
 }
 
 /// The restart policies systemd knows.
@@ -82,6 +93,14 @@ impl ServiceSpec {
         validate_name(&self.name).map_err(|r| err("name", r))?;
         if self.count > MAX_COUNT {
             return Err(err("count", format!("at most {MAX_COUNT}")));
+        }
+        if let Some(b) = &self.balance {
+            if b.port == 0 {
+                return Err(err("port", "must be 1 to 65535".into()));
+            }
+            if b.proto != 6 && b.proto != 17 {
+                return Err(err("proto", "tcp or udp".into()));
+            }
         }
         match &self.run {
             Run::Unit { text } => check_unit_text(text).map_err(|r| err("unit", r))?,
@@ -234,6 +253,12 @@ pub struct ServiceRequest {
     pub restart: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ns: Option<String>,
+    /// Balance this port of the namespace's VIP over the instances' nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `tcp` (default) or `udp`, with `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
 }
 
 impl ServiceRequest {
@@ -286,10 +311,23 @@ impl ServiceRequest {
                 restart: self.restart.unwrap_or_else(|| "on-failure".into()),
             },
         };
+        let balance = match (self.port, self.proto.as_deref()) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(err("proto", "goes with `port`")),
+            (Some(port), proto) => Some(Balance {
+                port,
+                proto: match proto.unwrap_or("tcp") {
+                    "tcp" => 6,
+                    "udp" => 17,
+                    other => return Err(err("proto", &format!("{other:?}: tcp or udp"))),
+                },
+            }),
+        };
         let spec = ServiceSpec {
             name: name.to_string(),
             count: self.count,
             run,
+            balance,
         };
         spec.validate()?;
         Ok(spec)
@@ -429,6 +467,7 @@ mod tests {
         ServiceSpec {
             name: name.into(),
             count: 3,
+            balance: None,
             run: Run::Exec {
                 argv: vec!["/bin/sleep".into(), "1000".into()],
                 memory_bytes: Some(64 << 20),
@@ -606,6 +645,28 @@ mod tests {
             }),
             "unit"
         );
+        let port = |p: Option<u16>, proto: Option<&str>| ServiceRequest {
+            port: p,
+            proto: proto.map(str::to_string),
+            ..req.clone()
+        };
+        assert_eq!(
+            port(Some(80), None).into_spec("web").unwrap().balance,
+            Some(Balance { port: 80, proto: 6 })
+        );
+        assert_eq!(
+            port(Some(53), Some("udp"))
+                .into_spec("web")
+                .unwrap()
+                .balance,
+            Some(Balance {
+                port: 53,
+                proto: 17
+            })
+        );
+        assert_eq!(field(port(Some(0), None)), "port");
+        assert_eq!(field(port(Some(80), Some("sctp"))), "proto");
+        assert_eq!(field(port(None, Some("udp"))), "proto");
     }
 
     #[test]

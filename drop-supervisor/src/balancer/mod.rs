@@ -1,0 +1,564 @@
+//! The L4 balancer's control side (DESIGN §7): which VIP:ports this node's XDP program serves
+//! and with which backends, computed from the replicated state alone, so that every node
+//! computes the same Maglev ring and a VIP failover keeps established flows on their backends.
+//!
+//! - A service with `port` gets `VIP:port` on its namespace's floating IP; its backends are the
+//!   nodes where an instance is active (weight 1), or active but surplus — leaving, its
+//!   replacement already up — (weight 0: established flows stay, new ones go elsewhere).
+//! - Every node with `[balancer] enabled` programs its maps; traffic only reaches the one that
+//!   holds the VIP. A backend node holds the VIP on `lo` (marked as DROP's, answered for by no
+//!   ARP with the tuning profile's `arp_ignore`/`arp_announce`) so that it accepts the frames
+//!   and answers the client directly (direct server return).
+//!
+//! [`desired`] is pure; [`LbService`] runs `drop_net::Balancer` on a thread of its own
+//! (`drop-lb`) and applies what changed.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use drop_net::{Balancer, Forwarding, LbBackend, LbVip, Vip, VipNet, XdpMode};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::cluster::node::{NodeView, NsView};
+
+/// The validated `[balancer]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbSettings {
+    /// `None`: the interface whose route reaches the other members.
+    pub interface: Option<String>,
+    pub mode: XdpMode,
+    pub pin_dir: PathBuf,
+}
+
+/// What this node's balancer should serve, and whether this node is a backend.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Desired {
+    pub vips: BTreeMap<LbVip, Vec<Backend>>,
+    /// The VIP this node must hold on `lo` (it runs an instance of a balanced service).
+    pub local_vip: Option<Ipv4Addr>,
+    /// Another member's address: the balancer attaches to the interface that reaches it.
+    pub towards: Option<Ipv4Addr>,
+}
+
+/// A backend with the node it is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Backend {
+    pub node: String,
+    #[serde(skip)]
+    pub lb: LbBackend,
+}
+
+/// A stable backend id from a node id: the same on every node.
+fn backend_id(node_id: &str) -> u64 {
+    let hex: String = node_id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(16)
+        .collect();
+    u64::from_str_radix(&hex, 16).unwrap_or_else(|_| {
+        node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+    })
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    text.parse::<drop_net::Mac>().ok().map(|m| m.0)
+}
+
+/// This node's balancer, from its namespace's view and the nodes (pure).
+pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
+    let mut out = Desired::default();
+    let Some(vip) = ns.vip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+        return out;
+    };
+    out.towards = nodes
+        .iter()
+        .filter(|n| n.name != me && n.state.is_up())
+        .find_map(|n| match n.addr.ip() {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        });
+    for svc in &ns.services {
+        let Some(b) = svc.spec.balance else {
+            continue;
+        };
+        // Node → weight: 1 if it runs an active instance where assigned, else 0 if it still
+        // runs a surplus one.
+        let mut weights: BTreeMap<&str, u32> = BTreeMap::new();
+        for i in &svc.instances {
+            let Some(node) = i.node.as_deref() else {
+                continue;
+            };
+            if i.active != "active" {
+                continue;
+            }
+            let w = weights.entry(node).or_insert(0);
+            if !i.surplus {
+                *w = 1;
+            }
+        }
+        if weights.contains_key(me) {
+            out.local_vip = Some(vip);
+        }
+        let mut backends = Vec::new();
+        for (name, weight) in weights {
+            let Some(n) = nodes.iter().find(|n| n.name == name && n.state.is_up()) else {
+                continue;
+            };
+            let (IpAddr::V4(addr), Some(mac)) = (n.addr.ip(), n.mac.as_deref().and_then(parse_mac))
+            else {
+                continue;
+            };
+            backends.push(Backend {
+                node: name.to_string(),
+                lb: LbBackend {
+                    id: backend_id(&n.id),
+                    addr,
+                    mac,
+                    weight,
+                },
+            });
+        }
+        out.vips.insert(
+            LbVip {
+                addr: vip,
+                port: b.port,
+                proto: b.proto,
+            },
+            backends,
+        );
+    }
+    out
+}
+
+/// One VIP:port as `lb ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VipStatus {
+    pub vip: String,
+    pub port: u16,
+    pub proto: &'static str,
+    pub backends: Vec<Value>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub conn_hits: u64,
+    pub no_backend: u64,
+}
+
+enum Msg {
+    Desired(Box<Desired>),
+    Status(mpsc::Sender<Value>),
+    Metrics(mpsc::Sender<String>),
+}
+
+/// The `drop-lb` thread's handle.
+#[derive(Debug)]
+pub struct LbService {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl LbService {
+    /// Starts the thread; it loads (or takes over) the pinned balancer at once.
+    pub fn start(settings: LbSettings) -> std::io::Result<LbService> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("drop-lb".into())
+            .spawn(move || run(settings, rx))?;
+        Ok(LbService { tx })
+    }
+
+    pub fn update(&self, d: Desired) {
+        let _ = self.tx.send(Msg::Desired(Box::new(d)));
+    }
+
+    /// `GET /v1/lb`.
+    pub fn status(&self) -> Value {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Status(tx)).is_err() {
+            return json!({ "error": "the balancer thread is gone" });
+        }
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| json!({ "error": "the balancer did not answer" }))
+    }
+
+    /// Prometheus text.
+    pub fn metrics(&self) -> String {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Metrics(tx)).is_err() {
+            return String::new();
+        }
+        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
+    }
+}
+
+struct State {
+    lb: Option<Balancer>,
+    error: Option<String>,
+    applied: BTreeMap<LbVip, Vec<Backend>>,
+    interface: Option<String>,
+    mode: Option<XdpMode>,
+    local: Option<Ipv4Addr>,
+    net: Option<drop_net::Netlink>,
+}
+
+fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
+    let mut st = State {
+        lb: None,
+        error: None,
+        applied: BTreeMap::new(),
+        interface: settings.interface.clone(),
+        mode: None,
+        local: None,
+        net: drop_net::Netlink::new()
+            .map_err(|e| warn!(error = %e, "balancer: no netlink"))
+            .ok(),
+    };
+    match Balancer::open(&settings.pin_dir) {
+        Ok(lb) => {
+            for v in lb.vips() {
+                info!(vip = %v.addr, port = v.port, "balancer: serving from its pinned state");
+            }
+            st.lb = Some(lb);
+        }
+        Err(e) => {
+            warn!(error = %e, "balancer: cannot load the XDP program; this node does not balance");
+            st.error = Some(format!("{e}"));
+        }
+    }
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Desired(d) => apply(&mut st, &settings, *d),
+            Msg::Status(reply) => {
+                let _ = reply.send(status(&st));
+            }
+            Msg::Metrics(reply) => {
+                let _ = reply.send(metrics(&st));
+            }
+        }
+    }
+}
+
+fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
+    // The VIP on lo where this node is a backend.
+    if st.local != d.local_vip {
+        if let Some(net) = st.net.as_mut() {
+            if let Some(old) = st.local {
+                let _ = net.remove(&lo_vip(old));
+            }
+            if let Some(new) = d.local_vip {
+                match net.add(&lo_vip(new)) {
+                    Ok(_) => info!(vip = %new, "balancer: this node is a backend; VIP held on lo"),
+                    Err(e) => warn!(vip = %new, error = %e, "balancer: cannot add the VIP on lo"),
+                }
+            }
+        }
+        st.local = d.local_vip;
+    }
+    let Some(lb) = st.lb.as_mut() else {
+        return;
+    };
+    if st.mode.is_none() && !d.vips.is_empty() {
+        let ifname = match (&st.interface, d.towards, st.net.as_mut()) {
+            (Some(i), ..) => Some(i.clone()),
+            (None, Some(peer), Some(net)) => net.interface_towards(IpAddr::V4(peer)).ok(),
+            _ => None,
+        };
+        if let Some(ifname) = ifname {
+            match lb.attach(&ifname, settings.mode) {
+                Ok(m) => {
+                    st.mode = Some(m);
+                    st.interface = Some(ifname);
+                }
+                Err(e) => {
+                    warn!(ifname, error = %e, "balancer: cannot attach");
+                    st.error = Some(format!("attach to {ifname}: {e}"));
+                }
+            }
+        }
+    }
+    for (vip, backends) in &d.vips {
+        if st.applied.get(vip) == Some(backends) {
+            continue;
+        }
+        let lbs: Vec<LbBackend> = backends.iter().map(|b| b.lb).collect();
+        match lb.set_vip(*vip, Forwarding::MacRewrite, &lbs) {
+            Ok(()) => {
+                info!(vip = %vip.addr, port = vip.port, backends = ?backends.iter().map(|b| (&b.node, b.lb.weight)).collect::<Vec<_>>(), "balancer: VIP programmed");
+                st.applied.insert(*vip, backends.clone());
+            }
+            Err(e) => {
+                warn!(vip = %vip.addr, port = vip.port, error = %e, "balancer: cannot program the VIP")
+            }
+        }
+    }
+    for vip in lb.vips() {
+        if !d.vips.contains_key(&vip) {
+            match lb.remove_vip(vip) {
+                Ok(()) => {
+                    info!(vip = %vip.addr, port = vip.port, "balancer: VIP no longer served");
+                    st.applied.remove(&vip);
+                }
+                Err(e) => warn!(error = %e, "balancer: cannot remove a VIP"),
+            }
+        }
+    }
+}
+
+fn lo_vip(addr: Ipv4Addr) -> Vip {
+    Vip {
+        ifname: "lo".into(),
+        addr: IpAddr::V4(addr),
+        prefix: 32,
+    }
+}
+
+fn proto_name(p: u8) -> &'static str {
+    if p == 17 { "udp" } else { "tcp" }
+}
+
+fn status(st: &State) -> Value {
+    let Some(lb) = st.lb.as_ref() else {
+        return json!({ "error": st.error, "vips": [] });
+    };
+    let mut vips = Vec::new();
+    for (vip, backends) in &st.applied {
+        let c = lb.vip_counters(*vip).unwrap_or_default();
+        vips.push(VipStatus {
+            vip: vip.addr.to_string(),
+            port: vip.port,
+            proto: proto_name(vip.proto),
+            backends: backends
+                .iter()
+                .map(|b| {
+                    let (packets, bytes) = lb.backend_traffic(*vip, b.lb.addr).unwrap_or_default();
+                    json!({
+                        "node": b.node, "addr": b.lb.addr.to_string(), "weight": b.lb.weight,
+                        "packets": packets, "bytes": bytes,
+                    })
+                })
+                .collect(),
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            conn_hits: c.conn_hits,
+            no_backend: c.no_backend,
+        });
+    }
+    json!({
+        "interface": st.interface,
+        "mode": st.mode.map(|m| m.to_string()),
+        "error": st.error,
+        "flows": lb.flow_count().unwrap_or(0),
+        "local_vip": st.local.map(|v| v.to_string()),
+        "vips": vips,
+    })
+}
+
+fn metrics(st: &State) -> String {
+    use std::fmt::Write as _;
+    let Some(lb) = st.lb.as_ref() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let series = [
+        (
+            "drop_lb_packets_total",
+            "Frames forwarded to a backend, per VIP:port.",
+        ),
+        (
+            "drop_lb_bytes_total",
+            "Bytes forwarded to a backend, per VIP:port.",
+        ),
+        (
+            "drop_lb_new_flows_total",
+            "Flows placed by the Maglev ring, per VIP:port.",
+        ),
+        (
+            "drop_lb_conn_hits_total",
+            "Frames that found their flow in the connection table.",
+        ),
+        (
+            "drop_lb_no_backend_total",
+            "Frames dropped for want of a backend.",
+        ),
+    ];
+    for (i, (name, help)) in series.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for vip in st.applied.keys() {
+            let c = lb.vip_counters(*vip).unwrap_or_default();
+            let v = [c.packets, c.bytes, c.new_flows, c.conn_hits, c.no_backend][i];
+            let _ = writeln!(
+                out,
+                "{name}{{vip=\"{}\",port=\"{}\",proto=\"{}\"}} {v}",
+                vip.addr,
+                vip.port,
+                proto_name(vip.proto)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP drop_lb_backend_packets_total Frames sent to one backend of a VIP:port.\n# TYPE drop_lb_backend_packets_total counter"
+    );
+    for (vip, backends) in &st.applied {
+        for b in backends {
+            let (p, _) = lb.backend_traffic(*vip, b.lb.addr).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "drop_lb_backend_packets_total{{vip=\"{}\",port=\"{}\",backend=\"{}\"}} {p}",
+                vip.addr, vip.port, b.node
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::membership::MemberState;
+    use crate::cluster::services::{InstanceView, ServiceView};
+    use crate::services::spec::{Balance, Run, ServiceSpec};
+
+    fn node(i: u8, state: MemberState) -> NodeView {
+        NodeView {
+            id: format!("0000000{i}-0000-4000-8000-000000000000"),
+            name: format!("n{i}"),
+            addr: format!("10.201.0.{}:7946", 10 + i).parse().unwrap(),
+            state,
+            namespace: Some("t".into()),
+            leader: false,
+            version: "0".into(),
+            capacity: 100,
+            peer: None,
+            mac: Some(format!("02:00:00:00:00:0{}", i + 1)),
+            pools: Vec::new(),
+        }
+    }
+
+    fn instance(index: u32, node: u8, active: &str, surplus: bool) -> InstanceView {
+        InstanceView {
+            index,
+            node: Some(format!("n{node}")),
+            active: active.into(),
+            sub: "running".into(),
+            since_ms: 0,
+            restarts: 0,
+            surplus,
+        }
+    }
+
+    fn ns(vip: Option<&str>, instances: Vec<InstanceView>, balance: Option<Balance>) -> NsView {
+        let spec = ServiceSpec {
+            name: "web".into(),
+            count: 3,
+            run: Run::Exec {
+                argv: vec!["/bin/true".into()],
+                memory_bytes: None,
+                cpu: None,
+                tasks: None,
+                user: None,
+                env: Default::default(),
+                restart: "on-failure".into(),
+            },
+            balance,
+        };
+        NsView {
+            name: "t".into(),
+            vip: vip.map(str::to_string),
+            health: None,
+            members: Vec::new(),
+            leader: None,
+            leader_id: None,
+            quorum: true,
+            flows: Vec::new(),
+            services: vec![ServiceView {
+                name: "web".into(),
+                namespace: "t".into(),
+                count: 3,
+                kind: "exec".into(),
+                active: 0,
+                instances,
+                failures: Default::default(),
+                spec,
+            }],
+            history: Vec::new(),
+        }
+    }
+
+    const PORT: Option<Balance> = Some(Balance { port: 80, proto: 6 });
+
+    #[test]
+    fn active_instances_are_backends_surplus_ones_drain_and_the_rest_are_left_out() {
+        let nodes: Vec<NodeView> = (0..4)
+            .map(|i| {
+                node(
+                    i,
+                    if i == 3 {
+                        MemberState::Dead
+                    } else {
+                        MemberState::Alive
+                    },
+                )
+            })
+            .collect();
+        let view = ns(
+            Some("10.201.0.100"),
+            vec![
+                instance(0, 0, "active", false),
+                instance(1, 1, "activating", false),
+                instance(2, 2, "active", true),
+                instance(3, 3, "active", false),
+            ],
+            PORT,
+        );
+        let d = desired(&view, &nodes, "n0");
+        let vip = LbVip {
+            addr: "10.201.0.100".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        let b: Vec<(&str, u32)> = d.vips[&vip]
+            .iter()
+            .map(|b| (b.node.as_str(), b.lb.weight))
+            .collect();
+        // n1 not active yet, n2 surplus (drains), n3 dead.
+        assert_eq!(b, vec![("n0", 1), ("n2", 0)]);
+        assert_eq!(d.local_vip, Some("10.201.0.100".parse().unwrap()));
+        assert!(
+            d.towards
+                .is_some_and(|t| t != "10.201.0.10".parse::<Ipv4Addr>().unwrap())
+        );
+        // The same inputs give the same ids on every node.
+        let again = desired(&view, &nodes, "n1");
+        assert_eq!(again.vips[&vip][0].lb.id, d.vips[&vip][0].lb.id);
+        assert_eq!(again.local_vip, None);
+    }
+
+    #[test]
+    fn no_port_no_vip_or_an_ipv6_vip_means_nothing_to_balance() {
+        let nodes = vec![node(0, MemberState::Alive)];
+        let inst = vec![instance(0, 0, "active", false)];
+        assert!(
+            desired(&ns(Some("10.201.0.100"), inst.clone(), None), &nodes, "n0")
+                .vips
+                .is_empty()
+        );
+        assert!(
+            desired(&ns(None, inst.clone(), PORT), &nodes, "n0")
+                .vips
+                .is_empty()
+        );
+        assert!(
+            desired(&ns(Some("fd00::1"), inst, PORT), &nodes, "n0")
+                .vips
+                .is_empty()
+        );
+    }
+}
