@@ -23,6 +23,10 @@ pub const TESTS: &[Test] = &[
         name: "lb_end_to_end_dsr_backend_change_failover_and_pinned_restart",
         run: end_to_end,
     },
+    Test {
+        name: "lb_service_port_balanced_on_the_namespace_vip",
+        run: service_port,
+    },
 ];
 
 const TCP: u8 = 6;
@@ -908,4 +912,167 @@ impl Drop for PinGuard {
             eprintln!("warning: could not remove {}: {e}", self.0.display());
         }
     }
+}
+
+// ---- the daemon: a service with a port, balanced on its namespace's VIP ---------------------
+
+/// A line server on port 7000 (any address, so the VIP on lo too) answering
+/// `instance <DROP_INSTANCE> <line>`.
+const SERVER: &str = r#"import os, socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(64)
+me = os.environ.get("DROP_INSTANCE", "?").encode()
+def serve(c):
+    f = c.makefile("rwb")
+    for line in f:
+        f.write(b"instance " + me + b" " + line)
+        f.flush()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+fn service_port() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root()
+        .or_else(drop_tests::systemd::SystemdSandbox::unavailable)
+        .or_else(|| require_command("sysctl"))
+    {
+        return Ok(skip);
+    }
+    if let Err(XdpError::NotBuilt) = Balancer::load() {
+        return Ok(Outcome::Skip(XdpError::NotBuilt.to_string()));
+    }
+    let pins: Vec<PinGuard> = (0..3)
+        .map(|_| {
+            PinGuard(std::path::Path::new("/sys/fs/bpf").join(drop_tests::unique_name("droplb")))
+        })
+        .collect();
+    let node_extra: Vec<String> = pins
+        .iter()
+        .map(|p| {
+            format!(
+                "[balancer]\nenabled = true\ninterface = \"eth0\"\nmode = \"generic\"\npin_dir = {:?}\n",
+                p.0.display().to_string()
+            )
+        })
+        .collect();
+    let sc =
+        drop_tests::services::ServiceCluster::start_in_netns(3, 1, "fast", "[vip]\n", &node_extra)?;
+    let client = sc.fx.bridge().host(3);
+    let result = (|| -> anyhow::Result<()> {
+        for i in 0..3 {
+            let netns = sc.fx.node(i).host().netns();
+            for (k, v) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+            ] {
+                netns.exec("sysctl", &["-qw", &format!("{k}={v}")])?;
+            }
+        }
+        let vip = "10.201.0.100";
+        sc.create_namespace_with("t", Some(vip), Duration::from_secs(30))?;
+        sc.dropctl(
+            0,
+            &[
+                "service",
+                "set",
+                "web",
+                "--count",
+                "3",
+                "--port",
+                "7000",
+                "--exec",
+                "/usr/bin/python3",
+                "-c",
+                SERVER,
+            ],
+        )?;
+        // The holder's balancer serves VIP:7000 with the three nodes.
+        let holder = drop_tests::cluster::wait_for(
+            Duration::from_secs(40),
+            "VIP:7000 programmed with 3 backends on the holder",
+            || {
+                let v = sc.dropctl(0, &["vip", "show", "t"])?;
+                let name = v["holder"].as_str().context("no holder yet")?.to_string();
+                let i = (0..3)
+                    .find(|&i| sc.fx.node(i).name() == name)
+                    .context("holder")?;
+                let lb = sc.dropctl(i, &["lb", "ls"])?;
+                let entry = lb["vips"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|e| e["port"] == 7000))
+                    .cloned()
+                    .with_context(|| format!("no VIP:7000 yet: {lb}"))?;
+                let weights: Vec<u64> = entry["backends"]
+                    .as_array()
+                    .context("backends")?
+                    .iter()
+                    .map(|b| b["weight"].as_u64().unwrap_or(0))
+                    .collect();
+                if weights != [1, 1, 1] {
+                    let show = sc.dropctl(i, &["service", "show", "web"])?;
+                    let nodes = sc.dropctl(i, &["node", "ls"])?;
+                    anyhow::bail!("backends {entry}; service {show}; nodes {nodes}");
+                }
+                Ok(i)
+            },
+        )?;
+        // From a client on the segment, through the VIP, to every instance.
+        let vip_addr: Ipv4Addr = vip.parse()?;
+        let answers = drop_tests::cluster::wait_for(
+            Duration::from_secs(20),
+            "answers from all three instances",
+            || {
+                client
+                    .netns()
+                    .run(|| -> anyhow::Result<std::collections::BTreeSet<String>> {
+                        let mut seen = std::collections::BTreeSet::new();
+                        for _ in 0..40 {
+                            let s = TcpStream::connect_timeout(
+                                &SocketAddr::from((vip_addr, 7000)),
+                                Duration::from_secs(2),
+                            )?;
+                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                            let mut reader = BufReader::new(s.try_clone()?);
+                            let mut w = s;
+                            w.write_all(b"hi\n")?;
+                            let mut line = String::new();
+                            reader.read_line(&mut line)?;
+                            let words: Vec<&str> = line.split_whitespace().collect();
+                            ensure!(
+                                words.len() == 3 && words[0] == "instance" && words[2] == "hi",
+                                "answer {line:?}"
+                            );
+                            seen.insert(words[1].to_string());
+                        }
+                        ensure!(seen.len() == 3, "instances answering: {seen:?}");
+                        Ok(seen)
+                    })?
+            },
+        )?;
+        let lb = sc.dropctl(holder, &["lb", "ls"])?;
+        let entry = lb["vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|e| e["port"] == 7000))
+            .cloned()
+            .unwrap_or_default();
+        let forwarded: u64 = entry["packets"].as_u64().unwrap_or(0);
+        ensure!(forwarded > 0, "the holder forwarded nothing: {entry}");
+        println!(
+            "  holder {} ({} mode on {}) forwards VIP:7000 to instances {answers:?}: {forwarded} frames forwarded, {} new flows",
+            sc.fx.node(holder).name(),
+            lb["mode"],
+            lb["interface"],
+            entry["new_flows"]
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        println!("  daemon logs:\n{}", sc.fx.log_tails(30));
+    }
+    drop(sc);
+    drop(pins);
+    result.map(|()| Outcome::Pass)
 }

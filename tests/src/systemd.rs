@@ -49,6 +49,25 @@ pub struct SandboxOptions {
     /// Host folders under /tmp that must stay visible inside, at the same path (the sandbox's /tmp
     /// is private). Paths outside /tmp are visible anyway, read-only.
     pub keep_tmp: Vec<PathBuf>,
+    /// The state dir to use (it must not exist yet; default: a new `/tmp/drop<pid>x<n>`), so
+    /// that its bus address can be known before the sandbox starts.
+    pub state_dir: Option<PathBuf>,
+    /// A network namespace (`/run/netns/NAME`) to start the sandbox in: its units then run in
+    /// it too. Default: the caller's.
+    pub netns: Option<PathBuf>,
+}
+
+/// A new state dir name for [`SandboxOptions::state_dir`].
+pub fn new_state_dir() -> PathBuf {
+    Path::new("/tmp").join(crate::unique_name("drop"))
+}
+
+/// The bus address of a sandbox with that state dir.
+pub fn bus_address_of(state: &Path) -> String {
+    format!(
+        "unix:path={}",
+        state.join("run/dbus/system_bus_socket").display()
+    )
 }
 
 impl SystemdSandbox {
@@ -93,7 +112,7 @@ impl SystemdSandbox {
     /// Like [`SystemdSandbox::start`], with options.
     pub fn start_with(options: SandboxOptions) -> anyhow::Result<SystemdSandbox> {
         // Under /tmp on purpose (not $TMPDIR): sd-inner.sh keeps its top folder visible inside.
-        let state = Path::new("/tmp").join(crate::unique_name("drop"));
+        let state = options.state_dir.clone().unwrap_or_else(new_state_dir);
         let script = crate::paths::workspace_root().join("tests/systemd-sandbox/sd-up.sh");
         let mut keep = Vec::new();
         for path in &options.keep_tmp {
@@ -110,7 +129,19 @@ impl SystemdSandbox {
         let started = Instant::now();
         // Not a process-group leader, so `setsid` in the script does not fork: the child stays
         // `unshare` until the sandbox ends and we can wait for it.
-        let spawned = Command::new("/bin/bash")
+        let mut cmd = match &options.netns {
+            // nsenter execs bash without forking (no pid namespace asked), so the child is
+            // still the one that becomes `unshare`.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg("/bin/bash");
+                c
+            }
+            None => Command::new("/bin/bash"),
+        };
+        let spawned = cmd
             .arg(&script)
             .arg(&state)
             .env("DROP_SD_KEEP_TMP", keep.join(":"))

@@ -414,8 +414,18 @@ fn mac_of(ip: IpAddr) -> Option<String> {
         })
         .map(|a| a.interface_name)
         .next()?;
-    let mac = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).ok()?;
-    Some(mac.trim().to_string())
+    // The link-layer entry of the same interface (not /sys/class/net: that sysfs may belong to
+    // another network namespace than the daemon's).
+    let mac = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == ifname)
+        .find_map(|a| a.address.as_ref()?.as_link_addr()?.addr())?;
+    Some(
+        mac.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
 }
 
 impl Cluster {
