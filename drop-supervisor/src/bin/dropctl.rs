@@ -116,6 +116,46 @@ enum NsCommand {
     Rm { name: String },
 }
 
+/// `service set`'s arguments.
+#[derive(Debug, clap::Args)]
+struct ServiceSet {
+    name: String,
+    #[arg(long)]
+    count: u32,
+    /// An installed unit file; its text is replicated and written on each node that runs it.
+    #[arg(long, value_name = "FILE", conflicts_with = "exec")]
+    unit: Option<PathBuf>,
+    /// Memory limit of each instance (64M, 1G, bytes).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit of each instance, in cores (0.5 = half a core).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Most tasks (processes and threads) of each instance.
+    #[arg(long)]
+    tasks: Option<u64>,
+    /// The user the command runs as.
+    #[arg(long)]
+    user: Option<String>,
+    /// K=V, repeatable.
+    #[arg(long, value_name = "K=V")]
+    env: Vec<String>,
+    /// systemd's Restart= (default on-failure).
+    #[arg(long)]
+    restart: Option<String>,
+    #[arg(long)]
+    ns: Option<String>,
+    /// Balance this port of the namespace's VIP over the nodes running an instance.
+    #[arg(long)]
+    port: Option<u16>,
+    /// tcp (default) or udp, with --port.
+    #[arg(long, requires = "port")]
+    proto: Option<String>,
+    /// The command and its arguments: everything after --exec (so it comes last).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
+    exec: Option<Vec<String>>,
+}
+
 #[derive(Debug, Subcommand)]
 enum LbCommand {
     /// Every VIP:port with its backends (node, weight, packets) and counters.
@@ -128,43 +168,7 @@ enum LbCommand {
 enum ServiceCommand {
     /// Declare a service (or change it): COUNT instances of an installed unit file (--unit)
     /// or of a command run as a transient unit (--exec, the rest of the line).
-    Set {
-        name: String,
-        #[arg(long)]
-        count: u32,
-        /// An installed unit file; its text is replicated and written on each node that runs it.
-        #[arg(long, value_name = "FILE", conflicts_with = "exec")]
-        unit: Option<PathBuf>,
-        /// Memory limit of each instance (64M, 1G, bytes).
-        #[arg(long)]
-        memory: Option<String>,
-        /// CPU limit of each instance, in cores (0.5 = half a core).
-        #[arg(long)]
-        cpu: Option<f64>,
-        /// Most tasks (processes and threads) of each instance.
-        #[arg(long)]
-        tasks: Option<u64>,
-        /// The user the command runs as.
-        #[arg(long)]
-        user: Option<String>,
-        /// K=V, repeatable.
-        #[arg(long, value_name = "K=V")]
-        env: Vec<String>,
-        /// systemd's Restart= (default on-failure).
-        #[arg(long)]
-        restart: Option<String>,
-        #[arg(long)]
-        ns: Option<String>,
-        /// Balance this port of the namespace's VIP over the nodes running an instance.
-        #[arg(long)]
-        port: Option<u16>,
-        /// tcp (default) or udp, with --port.
-        #[arg(long, requires = "port")]
-        proto: Option<String>,
-        /// The command and its arguments: everything after --exec (so it comes last).
-        #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
-        exec: Option<Vec<String>>,
-    },
+    Set(Box<ServiceSet>),
     /// Services of the namespace: count, active instances, where they run.
     Ls {
         #[arg(long)]
@@ -919,21 +923,22 @@ fn ns_query(ns: &Option<String>) -> String {
 
 fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, ClientError> {
     let v: serde_json::Value = match cmd {
-        ServiceCommand::Set {
-            name,
-            count,
-            unit,
-            memory,
-            cpu,
-            tasks,
-            user,
-            env,
-            restart,
-            ns,
-            port,
-            proto,
-            exec,
-        } => {
+        ServiceCommand::Set(set) => {
+            let ServiceSet {
+                name,
+                count,
+                unit,
+                memory,
+                cpu,
+                tasks,
+                user,
+                env,
+                restart,
+                ns,
+                port,
+                proto,
+                exec,
+            } = &**set;
             let unit = match unit {
                 Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
                     ClientError::Local(format!("cannot read {}: {e}", path.display()))
