@@ -1047,7 +1047,31 @@ fn service_port() -> anyhow::Result<Outcome> {
                             );
                             seen.insert(words[1].to_string());
                         }
-                        ensure!(seen.len() == 3, "instances answering: {seen:?}");
+                        if seen.len() != 3 {
+                            let mut dbg = String::new();
+                            for i in 0..3 {
+                                dbg.push_str(&format!(
+                                    "\n n{i}: lb {} lo {}",
+                                    sc.dropctl(i, &["lb", "ls"])
+                                        .map(|v| v.to_string())
+                                        .unwrap_or_default(),
+                                    sc.fx
+                                        .node(i)
+                                        .host()
+                                        .netns()
+                                        .ip(&["-4", "addr", "show", "dev", "lo"])
+                                        .unwrap_or_default()
+                                        .replace('\n', " ")
+                                ));
+                            }
+                            dbg.push_str(&format!(
+                                "\n service {}",
+                                sc.dropctl(0, &["service", "show", "web"])
+                                    .map(|v| v.to_string())
+                                    .unwrap_or_default()
+                            ));
+                            anyhow::bail!("instances answering: {seen:?}{dbg}");
+                        }
                         Ok(seen)
                     })?
             },
@@ -1066,6 +1090,86 @@ fn service_port() -> anyhow::Result<Outcome> {
             lb["mode"],
             lb["interface"],
             entry["new_flows"]
+        );
+
+        // The holder's supervisor stops: the VIP moves; established connections to instances
+        // on the other nodes keep their instance (the new holder computed the same ring, minus
+        // the node that left).
+        let mut conns = client.netns().run(
+            || -> anyhow::Result<Vec<(BufReader<TcpStream>, TcpStream, String)>> {
+                let mut v = Vec::new();
+                for _ in 0..30 {
+                    let s = TcpStream::connect_timeout(
+                        &SocketAddr::from((vip_addr, 7000)),
+                        Duration::from_secs(2),
+                    )?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut r = BufReader::new(s.try_clone()?);
+                    let mut w = s;
+                    w.write_all(b"a\n")?;
+                    let mut line = String::new();
+                    r.read_line(&mut line)?;
+                    let who = line
+                        .split_whitespace()
+                        .nth(1)
+                        .context("answer")?
+                        .to_string();
+                    v.push((r, w, who));
+                }
+                Ok(v)
+            },
+        )??;
+        let show = sc.dropctl(holder, &["service", "show", "web"])?;
+        let on_holder: std::collections::BTreeSet<String> = show["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["node"] == sc.fx.node(holder).name())
+            .filter_map(|i| i["index"].as_u64().map(|n| n.to_string()))
+            .collect();
+        sc.fx.node(holder).stop()?;
+        let other = (0..3).find(|&i| i != holder).context("another node")?;
+        let new_holder = drop_tests::cluster::wait_for(
+            Duration::from_secs(20),
+            "a new holder serving VIP:7000",
+            || {
+                let v = sc.dropctl(other, &["vip", "show", "t"])?;
+                let name = v["holder"].as_str().context("no holder")?.to_string();
+                let i = (0..3)
+                    .find(|&i| sc.fx.node(i).name() == name)
+                    .context("holder")?;
+                ensure!(i != holder, "still the old holder");
+                let lb = sc.dropctl(i, &["lb", "ls"])?;
+                ensure!(
+                    lb["vips"]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|e| e["port"] == 7000)),
+                    "{lb}"
+                );
+                Ok(i)
+            },
+        )?;
+        let (kept, moved, lost) = client.netns().run(|| {
+            let (mut kept, mut moved, mut lost) = (0, 0, 0);
+            for (r, w, who) in conns.iter_mut().filter(|c| !on_holder.contains(&c.2)) {
+                let mut line = String::new();
+                let ok = w.write_all(b"b\n").is_ok() && r.read_line(&mut line).is_ok_and(|n| n > 0);
+                match line.split_whitespace().nth(1) {
+                    Some(now) if ok && now == who.as_str() => kept += 1,
+                    Some(_) if ok => moved += 1,
+                    _ => lost += 1,
+                }
+            }
+            (kept, moved, lost)
+        })?;
+        println!(
+            "  holder {} stopped, {} took the VIP: of the connections to instances on the other nodes {kept} kept their instance, {moved} moved, {lost} broke",
+            sc.fx.node(holder).name(),
+            sc.fx.node(new_holder).name()
+        );
+        ensure!(
+            kept > 0 && moved == 0,
+            "connections moved to another instance on failover"
         );
         Ok(())
     })();
