@@ -2,15 +2,27 @@
 //! times the program alone, no driver): a frame whose flow is in the connection table, a new
 //! flow (table miss, Maglev ring, table insert), and a frame for no VIP (parse and pass).
 //!
+//! End to end, in network namespaces on one bridge (a client, the balancer node, three
+//! backends holding the VIP on `lo`), side by side in one run: UDP datagrams from 64 client
+//! ports to the VIP for a few seconds, forwarded by plain kernel routing (ECMP over the three,
+//! L4 hash), by an nftables direct-routing rule at the balancer's ingress (`ether daddr set …
+//! fwd`; IPVS is not built into our kernel), and by `drop_lb` in generic and native XDP mode;
+//! and the client sending straight to the backends as the baseline. The figures: datagrams
+//! delivered per second and CPU per delivered datagram (all CPUs, /proc/stat), and that CPU
+//! minus the baseline's — what the balancer hop costs.
+//!
 //! Prints progress on stderr and a markdown report on stdout. Root only. Usage:
-//! `lb [--repeat N] [--flows N]`.
+//! `lb [--repeat N] [--flows N] [--secs S] [--no-e2e]`.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpVerdict};
+use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpMode, XdpVerdict};
+use drop_tests::netns::{Bridge, Netns};
 
 const VIP: [u8; 4] = [10, 100, 0, 1];
 
@@ -29,11 +41,15 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut repeat = 1_000_000u32;
     let mut flows = 20_000u16;
+    let mut secs = 5u64;
+    let mut e2e = true;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--repeat" => repeat = it.next().context("--repeat N")?.parse()?,
             "--flows" => flows = it.next().context("--flows N")?.parse()?,
+            "--secs" => secs = it.next().context("--secs S")?.parse()?,
+            "--no-e2e" => e2e = false,
             "--bench" => {}
             other => bail!("unknown argument {other:?}; usage: lb [--repeat N] [--flows N]"),
         }
@@ -110,6 +126,259 @@ fn main() -> anyhow::Result<()> {
         "| not a VIP (parse, lookup, XDP_PASS) | {repeat} | {} | — |",
         pass.duration_ns
     )?;
+    drop(lb);
+    if e2e {
+        let rows = end_to_end(Duration::from_secs(secs))?;
+        writeln!(
+            out,
+            "\nEnd to end, UDP from 64 client ports for {secs} s per setup (2 vCPU; sender, balancer and backends share them):\n"
+        )?;
+        writeln!(
+            out,
+            "| setup | delivered datagrams/s | CPU per datagram µs | balancer hop µs (minus direct) |"
+        )?;
+        writeln!(out, "|---|---:|---:|---:|")?;
+        let direct = rows
+            .iter()
+            .find(|r| r.name.starts_with("direct"))
+            .map(|r| r.cpu_us);
+        for r in &rows {
+            let hop = match (direct, r.name.starts_with("direct")) {
+                (_, true) => "—".to_string(),
+                (Some(d), false) if r.delivered > 0 => format!("{:.2}", r.cpu_us - d),
+                _ => "n/a".to_string(),
+            };
+            if r.delivered == 0 {
+                writeln!(out, "| {} | 0 | — | {} |", r.name, r.note)?;
+            } else {
+                writeln!(
+                    out,
+                    "| {} | {:.0} | {:.2} | {hop} |",
+                    r.name, r.rate, r.cpu_us
+                )?;
+            }
+        }
+    }
     print!("{out}");
     Ok(())
+}
+
+const E2E_VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 200);
+const E2E_PORT: u16 = 7001;
+
+struct Row {
+    name: String,
+    delivered: u64,
+    rate: f64,
+    cpu_us: f64,
+    note: String,
+}
+
+/// Busy jiffies of all CPUs (user, nice, system, irq, softirq, steal).
+fn busy_jiffies() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ensure!(v.len() >= 8, "/proc/stat: {line}");
+    Ok(v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
+}
+
+fn spawn_in<T: Send + 'static>(
+    netns: &Netns,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let path = netns.path().to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        f()
+    })
+}
+
+/// Sends from 64 ports to `to` for `secs` as fast as one thread can.
+fn blast(client: &Netns, to: Ipv4Addr, secs: Duration) -> anyhow::Result<u64> {
+    client.run(|| -> anyhow::Result<u64> {
+        let socks: Vec<UdpSocket> = (0..64)
+            .map(|_| UdpSocket::bind("0.0.0.0:0"))
+            .collect::<Result<_, _>>()?;
+        let payload = [0x5a_u8; 64];
+        let end = Instant::now() + secs;
+        let mut sent = 0u64;
+        while Instant::now() < end {
+            for s in &socks {
+                if s.send_to(&payload, (to, E2E_PORT)).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    })?
+}
+
+fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
+    let bridge = Bridge::new(5)?;
+    let (client, lb_host) = (bridge.host(0), bridge.host(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut sinks = Vec::new();
+    let backends: Vec<LbBackend> = (2..5)
+        .map(|i| LbBackend {
+            id: i as u64,
+            addr: bridge.host(i).addr(),
+            mac: bridge.host(i).mac().0,
+            weight: 1,
+        })
+        .collect();
+    for i in 2..5 {
+        let h = bridge.host(i);
+        h.netns()
+            .ip(&["addr", "add", &format!("{E2E_VIP}/32"), "dev", "lo"])?;
+        for kv in [
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
+        ] {
+            h.netns().exec("sysctl", &["-qw", kv])?;
+        }
+        let (stop, count) = (stop.clone(), count.clone());
+        sinks.push(spawn_in(h.netns(), move || {
+            let s = UdpSocket::bind(("0.0.0.0", E2E_PORT))?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if s.recv(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for kv in [
+        "net.ipv4.conf.all.accept_redirects=0",
+        "net.ipv4.conf.eth0.accept_redirects=0",
+    ] {
+        client.netns().exec("sysctl", &["-qw", kv])?;
+    }
+    let via = lb_host.addr().to_string();
+    let vip32 = format!("{E2E_VIP}/32");
+    let measure = |name: &str, to: Ipv4Addr, rows: &mut Vec<Row>| -> anyhow::Result<()> {
+        std::thread::sleep(Duration::from_millis(200));
+        let c0 = count.load(Ordering::Relaxed);
+        let j0 = busy_jiffies()?;
+        let t0 = Instant::now();
+        let sent = blast(client.netns(), to, secs)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let elapsed = t0.elapsed().as_secs_f64();
+        let jiffies = busy_jiffies()? - j0;
+        let delivered = count.load(Ordering::Relaxed) - c0;
+        let cpu_s = jiffies as f64 / 100.0;
+        let row = Row {
+            name: name.to_string(),
+            delivered,
+            rate: delivered as f64 / elapsed,
+            cpu_us: if delivered > 0 {
+                cpu_s * 1e6 / delivered as f64
+            } else {
+                0.0
+            },
+            note: format!("{sent} sent, none delivered"),
+        };
+        eprintln!(
+            "  {name}: {sent} sent, {delivered} delivered ({:.0}/s), {:.2} µs CPU each",
+            row.rate, row.cpu_us
+        );
+        rows.push(row);
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    measure(
+        "direct to the backends (baseline, no balancer hop)",
+        backends[0].addr,
+        &mut rows,
+    )?;
+
+    // Plain kernel routing: ECMP over the three, hashed on L4.
+    client.netns().ip(&["route", "add", &vip32, "via", &via])?;
+    for kv in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.fib_multipath_hash_policy=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.eth0.send_redirects=0",
+    ] {
+        lb_host.netns().exec("sysctl", &["-qw", kv])?;
+    }
+    let mut route = vec!["route", "add", vip32.as_str()];
+    let hops: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    for h in &hops {
+        route.extend(["nexthop", "via", h.as_str()]);
+    }
+    lb_host.netns().ip(&route)?;
+    measure("kernel routing (ECMP, L4 hash)", E2E_VIP, &mut rows)?;
+    lb_host.netns().ip(&["route", "del", &vip32])?;
+    lb_host
+        .netns()
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+
+    // nftables direct routing at ingress: the destination MAC by a hash of the flow, out again.
+    let macs: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{i} : {}", drop_net::Mac(b.mac)))
+        .collect();
+    let ruleset = format!(
+        "table netdev droplb {{\n chain in {{\n  type filter hook ingress device \"eth0\" priority 0; policy accept;\n  ip daddr {E2E_VIP} udp dport {E2E_PORT} ether daddr set jhash ip saddr . udp sport mod 3 map {{ {} }} fwd to \"eth0\"\n }}\n}}\n",
+        macs.join(", ")
+    );
+    let file = std::env::temp_dir().join(format!("droplb-{}.nft", std::process::id()));
+    std::fs::write(&file, &ruleset)?;
+    let nft = lb_host
+        .netns()
+        .exec("nft", &["-f", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    match nft {
+        Ok(_) => {
+            measure(
+                "nftables DR (netdev ingress, jhash → MAC, fwd)",
+                E2E_VIP,
+                &mut rows,
+            )?;
+            lb_host
+                .netns()
+                .exec("nft", &["delete", "table", "netdev", "droplb"])?;
+        }
+        Err(e) => eprintln!("  nftables DR not measured: {e:#}"),
+    }
+
+    // drop_lb. Native XDP_TX on a veth hands frames to its peer's NAPI, which the peer only
+    // runs with GRO on (or an XDP program of its own).
+    bridge
+        .hub()
+        .exec("ethtool", &["-K", lb_host.hub_port(), "gro", "on"])?;
+    for mode in [XdpMode::Generic, XdpMode::Native] {
+        let mut lb = Balancer::load()?;
+        lb.set_vip(
+            LbVip {
+                addr: E2E_VIP,
+                port: E2E_PORT,
+                proto: 17,
+            },
+            Forwarding::MacRewrite,
+            &backends,
+        )?;
+        match lb_host.netns().run(|| lb.attach("eth0", mode))? {
+            Ok(_) => {
+                measure(&format!("drop_lb, {mode} XDP"), E2E_VIP, &mut rows)?;
+                let _ = lb_host.netns().run(|| lb.detach());
+            }
+            Err(e) => eprintln!("  drop_lb {mode} not measured: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in sinks {
+        let _ = s.join();
+    }
+    Ok(rows)
 }

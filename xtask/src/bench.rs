@@ -294,6 +294,9 @@ fn lb() -> anyhow::Result<()> {
     }
     let tools = crate::setup::setup()?;
     crate::ebpf::build(&tools)?;
+    step("setup: nftables (the DR stand-in)", || {
+        crate::setup::apt_install(&["nftables"])
+    })?;
     let bin = step("build: lb bench", || bench_binary_of("drop-tests", "lb"))?;
     report(
         "lb",
