@@ -1,21 +1,24 @@
-//! Every kernel-network side effect of DROP lives here. Today that is two things:
+//! Every kernel-network side effect of DROP lives here:
 //!
-//! - the XDP counter program `drop_count` (built from `drop-ebpf`, embedded at compile time),
-//!   which counts the frames arriving on an interface per IPv4 destination and passes all of
-//!   them;
+//! - the XDP counter `drop_count` ([`XdpCounter`]), which counts the frames arriving on an
+//!   interface per IPv4 destination and passes all of them;
+//! - the L4 balancer `drop_lb` ([`Balancer`]): VIPs, backends, the Maglev ring written whole
+//!   and switched in one update, the connection table, pinned maps and link (both programs are
+//!   built from `drop-ebpf` and embedded at compile time);
 //! - the floating address ([`vip`]): the IP address DROP moves between nodes, added and removed
 //!   with DROP's mark, announced with gratuitous ARP or an unsolicited neighbour advertisement,
 //!   and watched for another holder ([`VipNet`], implemented by [`Netlink`]).
 //!
-//! [`XdpCounter`] loads the counter, attaches it to an interface (`ip link set dev IF xdp…` does the same
-//! by hand), reads its per-CPU maps, and runs it on a hand-made frame through
-//! `BPF_PROG_TEST_RUN` without any traffic.
+//! Both loaders attach to an interface (`ip link set dev IF xdp…` does the same by hand), read
+//! their per-CPU maps, and run their program on a hand-made frame through `BPF_PROG_TEST_RUN`
+//! without any traffic.
 //!
-//! What this crate must never do: drop, redirect or rewrite traffic (the program only counts),
-//! touch interfaces it was not asked to, leave a program attached after its [`XdpCounter`] is
-//! gone, or remove an address that does not carry DROP's mark ([`ADDRESS_PROTO`]) unless asked
-//! to remove that very address. Interface names resolve in the network namespace of the calling
-//! *thread* (for [`Netlink`]: of the thread that created it).
+//! What this crate must never do: rewrite or redirect traffic other than the balancer's VIPs
+//! (everything else `drop_lb` sees passes untouched; the counter only counts), touch interfaces
+//! it was not asked to, leave an unpinned program attached after its loader is gone, or remove
+//! an address that does not carry DROP's mark ([`ADDRESS_PROTO`]) unless asked to remove that
+//! very address. Interface names resolve in the network namespace of the calling *thread* (for
+//! [`Netlink`]: of the thread that created it).
 //!
 //! Kernel access goes through aya, rtnetlink and socket2. The one `unsafe` block of this crate
 //! builds a `sockaddr_ll` for the packet sockets of [`vip`] (socket2 has no safe constructor
