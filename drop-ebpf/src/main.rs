@@ -98,9 +98,16 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
     if backend.is_none() {
-        let index = meta.ring.wrapping_mul(RING_SIZE).wrapping_add(flow.ring_slot());
+        let index = meta
+            .ring
+            .wrapping_mul(RING_SIZE)
+            .wrapping_add(flow.ring_slot());
         let s = LB_RINGS.get(index).copied().unwrap_or(NO_BACKEND);
-        let b = if s == NO_BACKEND { None } else { LB_BACKENDS.get(s).copied() };
+        let b = if s == NO_BACKEND {
+            None
+        } else {
+            LB_BACKENDS.get(s).copied()
+        };
         match b {
             Some(b) if b.serves(meta.index) => {
                 slot = s;
