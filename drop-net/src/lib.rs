@@ -33,4 +33,4 @@ pub mod vip;
 pub use balancer::{Balancer, Forwarding, LbBackend, LbCounters, LbRun, LbVip};
 pub use counter::{TestRun, XdpCounter, XdpError, XdpMode, XdpVerdict};
 pub use report::{Count, Destination, Protocol, Stats};
-pub use vip::{ADDRESS_PROTO, Mac, NetError, Netlink, ParseMacError, Vip, VipNet};
+pub use vip::{ADDRESS_PROTO, BACKEND_PROTO, Mac, NetError, Netlink, ParseMacError, Vip, VipNet};

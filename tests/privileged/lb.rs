@@ -1011,6 +1011,14 @@ fn service_port() -> anyhow::Result<Outcome> {
                     .iter()
                     .map(|b| b["weight"].as_u64().unwrap_or(0))
                     .collect();
+                let gw = lb["vips"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|e| e["port"] == 8081))
+                    .with_context(|| format!("no VIP:8081 (the gateway port) yet: {lb}"))?;
+                ensure!(
+                    gw["backends"].as_array().is_some_and(|b| b.len() == 3),
+                    "gateway port backends {gw}"
+                );
                 if weights != [1, 1, 1] {
                     let show = sc.dropctl(i, &["service", "show", "web"])?;
                     let nodes = sc.dropctl(i, &["node", "ls"])?;
@@ -1076,6 +1084,34 @@ fn service_port() -> anyhow::Result<Outcome> {
                     })?
             },
         )?;
+        // The namespace's gateway port, balanced by default over the three gateways.
+        let gateways =
+            client
+                .netns()
+                .run(|| -> anyhow::Result<std::collections::BTreeSet<String>> {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for _ in 0..30 {
+                        let mut s = TcpStream::connect_timeout(
+                            &SocketAddr::from((vip_addr, 8081)),
+                            Duration::from_secs(2),
+                        )?;
+                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                        let r = drop_supervisor::http::roundtrip(&mut s, "GET", "/ui/state", None)?;
+                        ensure!(
+                            r.status == 200,
+                            "GET /ui/state through the VIP: {}",
+                            r.status
+                        );
+                        let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+                        seen.insert(v["node"]["name"].as_str().unwrap_or("?").to_string());
+                    }
+                    Ok(seen)
+                })??;
+        ensure!(
+            gateways.len() >= 2,
+            "the gateway port reached only {gateways:?}"
+        );
+        println!("  VIP:8081 (the gateway port, by default): 30 requests answered by {gateways:?}");
         let lb = sc.dropctl(holder, &["lb", "ls"])?;
         let entry = lb["vips"]
             .as_array()

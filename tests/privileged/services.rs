@@ -276,22 +276,30 @@ fn loss_and_heal() -> anyhow::Result<Outcome> {
         set_services(sc)?;
         let all: Vec<usize> = (0..5).collect();
         let t = wait_counts(sc, &all, "web 3 and work 7 active, spread over 5 systemds")?;
-        let ls = sc.dropctl(0, &["service", "ls"])?;
-        let active: Vec<(String, u64)> = ls
-            .as_array()
-            .context("service ls")?
-            .iter()
-            .map(|s| {
-                (
-                    s["name"].as_str().unwrap_or("").to_string(),
-                    s["active"].as_u64().unwrap_or(0),
-                )
-            })
-            .collect();
-        ensure!(
-            active == [(WEB.to_string(), 3), (WORK.to_string(), 7)],
-            "service ls: {active:?}"
-        );
+        // `service ls` counts what the nodes report (gossiped), a moment after systemd.
+        wait_for(
+            CONVERGE,
+            "service ls reporting web 3 and work 7 active",
+            || {
+                let ls = sc.dropctl(0, &["service", "ls"])?;
+                let active: Vec<(String, u64)> = ls
+                    .as_array()
+                    .context("service ls")?
+                    .iter()
+                    .map(|s| {
+                        (
+                            s["name"].as_str().unwrap_or("").to_string(),
+                            s["active"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                ensure!(
+                    active == [(WEB.to_string(), 3), (WORK.to_string(), 7)],
+                    "service ls: {active:?}"
+                );
+                Ok(())
+            },
+        )?;
         println!(
             "  web 3 (installed unit) and work 7 (transient) active after {:.2} s: web {:?}, work {:?}",
             t.as_secs_f64(),

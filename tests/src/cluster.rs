@@ -67,6 +67,8 @@ pub struct ClusterSpec {
     pub profile: String,
     /// TOML appended to one node's config, by host index (e.g. its own `[services] bus`).
     pub node_config: Vec<String>,
+    /// Gateways listen on all addresses (`0.0.0.0:8081`) instead of the host's own.
+    pub gateway_any: bool,
 }
 
 /// The multicast group and port the fixture's nodes announce themselves on.
@@ -84,6 +86,7 @@ impl ClusterSpec {
             extra_config: String::new(),
             profile: PROFILE.to_string(),
             node_config: Vec::new(),
+            gateway_any: false,
         }
     }
 }
@@ -382,7 +385,11 @@ impl ClusterFixture {
         writeln!(
             text,
             "[gateway]\nlisten = {}",
-            q(&gateway_addr(h).to_string())
+            q(&if self.spec.gateway_any {
+                format!("0.0.0.0:{}", gateway_addr(h).port())
+            } else {
+                gateway_addr(h).to_string()
+            })
         )?;
         if self.spec.cluster {
             writeln!(

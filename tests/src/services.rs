@@ -93,8 +93,9 @@ impl ServiceCluster {
 
     /// Like [`ServiceCluster::start`], but every node's systemd runs inside that node's network
     /// namespace (so do its units, as on a real machine), `node_extra[i]` is appended to node
-    /// `i`'s config, and `spare` hosts without a daemon join the bridge (clients). The daemons
-    /// start first and reach their systemd once it is up.
+    /// `i`'s config, `spare` hosts without a daemon join the bridge (clients), and gateways
+    /// listen on all addresses. The daemons start first and reach their systemd once it is up;
+    /// this returns once every node reports its systemd reachable.
     pub fn start_in_netns(
         n: usize,
         spare: usize,
@@ -122,6 +123,7 @@ impl ServiceCluster {
             extra_config: extra_config.to_string(),
             node_config,
             spare_hosts: spare,
+            gateway_any: true,
             ..ClusterSpec::new(n)
         })?;
         let started = Instant::now();
@@ -161,7 +163,29 @@ impl ServiceCluster {
             }
             anyhow::Ok(v)
         })?;
-        Ok(ServiceCluster { fx, sds, rt, buses })
+        let sc = ServiceCluster { fx, sds, rt, buses };
+        crate::cluster::wait_for(
+            Duration::from_secs(30),
+            "every node's systemd reachable in `node ls`",
+            || {
+                for i in 0..n {
+                    let v = sc.dropctl(i, &["node", "ls"])?;
+                    let ok = v
+                        .as_array()
+                        .context("node ls")?
+                        .iter()
+                        .filter(|m| m["systemd"] == true)
+                        .count();
+                    ensure!(
+                        ok == n,
+                        "{} sees {ok} of {n} systemds reachable",
+                        sc.fx.node(i).name()
+                    );
+                }
+                Ok(())
+            },
+        )?;
+        Ok(sc)
     }
 
     /// What node `i`'s systemd runs now.

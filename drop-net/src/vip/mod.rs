@@ -29,6 +29,11 @@ pub use netlink::Netlink;
 /// we know of.
 pub const ADDRESS_PROTO: u8 = 68;
 
+/// The mark of a balancer backend's copy of a VIP on `lo` (direct server return): another
+/// value than [`ADDRESS_PROTO`], so that removing floating-address leftovers never takes away
+/// an address that running service instances rely on.
+pub const BACKEND_PROTO: u8 = 69;
+
 /// An address DROP floats between nodes, on one interface.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Vip {

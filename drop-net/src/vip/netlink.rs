@@ -141,6 +141,39 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Adds `vip` marked with `mark` (`IFA_PROTO`): [`ADDRESS_PROTO`] for floating addresses,
+    /// [`BACKEND_PROTO`](super::BACKEND_PROTO) for a balancer backend's VIP on `lo` (which [`VipNet::marked`] does
+    /// not list, so floating-address cleanup leaves it alone).
+    pub fn add_with_mark(&mut self, vip: &Vip, mark: u8) -> Result<bool, NetError> {
+        check_prefix(vip)?;
+        let index = self.ifindex(&vip.ifname)?;
+        // Without `.replace()`: NLM_F_EXCL, so that an address already there is an EEXIST we can
+        // report (and leave untouched) instead of being silently re-added.
+        let mut request = self.handle.address().add(index, vip.addr, vip.prefix);
+        let message = request.message_mut();
+        message
+            .attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(mark)));
+        if vip.addr.is_ipv6() {
+            // The address moves between nodes: duplicate address detection would hold it
+            // "tentative" (unusable) for a second and fail it during a takeover.
+            message.header.flags |= AddressHeaderFlags::Nodad;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match self.block_on(request.execute()) {
+            Ok(()) => {
+                debug!(%vip, "added the floating address");
+                Ok(true)
+            }
+            Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(false),
+            Err(err) => Err(netlink_error("adding", vip, err)),
+        }
+    }
+}
+
 impl VipNet for Netlink {
     fn interface_towards(&mut self, peer: IpAddr) -> Result<String, NetError> {
         let full = if peer.is_ipv4() { 32 } else { 128 };
@@ -186,33 +219,7 @@ impl VipNet for Netlink {
     }
 
     fn add(&mut self, vip: &Vip) -> Result<bool, NetError> {
-        check_prefix(vip)?;
-        let index = self.ifindex(&vip.ifname)?;
-        // Without `.replace()`: NLM_F_EXCL, so that an address already there is an EEXIST we can
-        // report (and leave untouched) instead of being silently re-added.
-        let mut request = self.handle.address().add(index, vip.addr, vip.prefix);
-        let message = request.message_mut();
-        message
-            .attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                ADDRESS_PROTO,
-            )));
-        if vip.addr.is_ipv6() {
-            // The address moves between nodes: duplicate address detection would hold it
-            // "tentative" (unusable) for a second and fail it during a takeover.
-            message.header.flags |= AddressHeaderFlags::Nodad;
-            message
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        match self.block_on(request.execute()) {
-            Ok(()) => {
-                debug!(%vip, "added the floating address");
-                Ok(true)
-            }
-            Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(false),
-            Err(err) => Err(netlink_error("adding", vip, err)),
-        }
+        self.add_with_mark(vip, ADDRESS_PROTO)
     }
 
     fn remove(&mut self, vip: &Vip) -> Result<bool, NetError> {

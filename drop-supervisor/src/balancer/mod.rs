@@ -4,9 +4,13 @@
 //!
 //! - A service with `port` gets `VIP:port` on its namespace's floating IP; its backends are the
 //!   nodes where an instance is active (weight 1), or active but surplus — leaving, its
-//!   replacement already up — (weight 0: established flows stay, new ones go elsewhere).
+//!   replacement already up — (weight 0: established flows stay, new ones go elsewhere). Such
+//!   a service runs at most one instance per node (they would share the port).
+//! - The namespace's gateway port is balanced too, by default, over the members whose gateway
+//!   listens on all addresses (`[gateway] listen = "0.0.0.0:PORT"`).
 //! - Every node with `[balancer] enabled` programs its maps; traffic only reaches the one that
-//!   holds the VIP. A backend node holds the VIP on `lo` (marked as DROP's, answered for by no
+//!   holds the VIP. A backend node holds the VIP on `lo` (marked `BACKEND_PROTO`, so that the
+//!   floating-address cleanup leaves it to the instances that outlive a daemon; answered for by no
 //!   ARP with the tuning profile's `arp_ignore`/`arp_announce`) so that it accepts the frames
 //!   and answers the client directly (direct server return).
 //!
@@ -134,6 +138,45 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
             backends,
         );
     }
+    // The namespace's gateway port, by default: every alive member whose gateway listens on
+    // all addresses (so also on the VIP it holds on `lo`). A gateway bound to one address
+    // cannot take the VIP's frames and is left out; a service on the same port wins.
+    let members: std::collections::BTreeSet<&str> =
+        ns.members.iter().map(|m| m.name.as_str()).collect();
+    let mut gateways: BTreeMap<u16, Vec<Backend>> = BTreeMap::new();
+    for n in nodes
+        .iter()
+        .filter(|n| n.state.is_up() && members.contains(n.name.as_str()))
+    {
+        let Some(gw) = n.gateway.filter(|g| g.ip().is_unspecified()) else {
+            continue;
+        };
+        let (IpAddr::V4(addr), Some(mac)) = (n.addr.ip(), n.mac.as_deref().and_then(parse_mac))
+        else {
+            continue;
+        };
+        if n.name == me {
+            out.local_vip = Some(vip);
+        }
+        gateways.entry(gw.port()).or_default().push(Backend {
+            node: n.name.clone(),
+            lb: LbBackend {
+                id: backend_id(&n.id),
+                addr,
+                mac,
+                weight: 1,
+            },
+        });
+    }
+    for (port, backends) in gateways {
+        out.vips
+            .entry(LbVip {
+                addr: vip,
+                port,
+                proto: 6,
+            })
+            .or_insert(backends);
+    }
     out
 }
 
@@ -252,7 +295,7 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
                 let _ = net.remove(&lo_vip(old));
             }
             if let Some(new) = d.local_vip {
-                match net.add(&lo_vip(new)) {
+                match net.add_with_mark(&lo_vip(new), drop_net::BACKEND_PROTO) {
                     Ok(_) => info!(vip = %new, "balancer: this node is a backend; VIP held on lo"),
                     Err(e) => warn!(vip = %new, error = %e, "balancer: cannot add the VIP on lo"),
                 }
@@ -439,6 +482,8 @@ mod tests {
             peer: None,
             mac: Some(format!("02:00:00:00:00:0{}", i + 1)),
             pools: Vec::new(),
+            systemd: Some(true),
+            gateway: None,
         }
     }
 
@@ -539,6 +584,32 @@ mod tests {
         let again = desired(&view, &nodes, "n1");
         assert_eq!(again.vips[&vip][0].lb.id, d.vips[&vip][0].lb.id);
         assert_eq!(again.local_vip, None);
+    }
+
+    #[test]
+    fn the_gateway_port_goes_to_members_whose_gateway_listens_on_all_addresses() {
+        let mut nodes: Vec<NodeView> = (0..3).map(|i| node(i, MemberState::Alive)).collect();
+        nodes[0].gateway = Some("0.0.0.0:8081".parse().unwrap());
+        nodes[1].gateway = Some("0.0.0.0:8081".parse().unwrap());
+        nodes[2].gateway = Some("10.201.0.12:8081".parse().unwrap());
+        let mut view = ns(Some("10.201.0.100"), Vec::new(), None);
+        view.members = (0..3)
+            .map(|i| crate::cluster::node::NsMember {
+                id: nodes[i].id.clone(),
+                name: nodes[i].name.clone(),
+                state: MemberState::Alive,
+            })
+            .collect();
+        let d = desired(&view, &nodes, "n1");
+        let gw = LbVip {
+            addr: "10.201.0.100".parse().unwrap(),
+            port: 8081,
+            proto: 6,
+        };
+        let b: Vec<&str> = d.vips[&gw].iter().map(|b| b.node.as_str()).collect();
+        assert_eq!(b, vec!["n0", "n1"]);
+        assert!(d.local_vip.is_some());
+        assert!(desired(&view, &nodes, "n2").local_vip.is_none());
     }
 
     #[test]

@@ -101,6 +101,12 @@ pub struct NodeView {
     pub peer: Option<SocketAddr>,
     pub mac: Option<String>,
     pub pools: Vec<String>,
+    /// Whether its systemd answers its services agent (`None`: it runs no agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<bool>,
+    /// Its gateway's listening address, if on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SocketAddr>,
 }
 
 /// A namespace as this node sees it.
@@ -1770,6 +1776,13 @@ fn write_registry_entry(
 fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView>) {
     let mut registry = Registry::default();
     let mut nodes = Vec::new();
+    let systemd_of = |id: &str| {
+        sh.map
+            .get(&format!("reg/{id}"))
+            .and_then(|r| r.get("services"))
+            .and_then(|s| s.get("systemd"))
+            .and_then(Value::as_bool)
+    };
     let namespace_of = |id: &str| {
         sh.map
             .get(&format!("nsm/{id}"))
@@ -1814,6 +1827,8 @@ fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView
             peer: meta.map(|m| m.peer),
             mac: meta.and_then(|m| m.mac.clone()),
             pools,
+            systemd: systemd_of(&id.to_string()),
+            gateway: meta.and_then(|m| m.gateway),
         });
     }
     // Nodes memberlist has forgotten (dead longer than gossip_to_the_dead_time) but that still
@@ -1842,6 +1857,8 @@ fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView
                 .and_then(|p| p.parse().ok()),
             mac: None,
             pools: Vec::new(),
+            systemd: systemd_of(id),
+            gateway: None,
         });
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -191,7 +191,9 @@ pub fn pass(map: &StateMap, p: &PassInput<'_>) -> ServicesPass {
                 })
                 .collect();
             let prev = assigned.get(name).cloned().unwrap_or_default();
-            let slots = placement::place(spec.count, &prev.slots, &eligible);
+            // A port is the node's: one instance per node.
+            let per_node = spec.balance.map(|_| 1);
+            let slots = placement::place(spec.count, &prev.slots, &eligible, per_node);
             if slots != prev.slots || map.get(&assignment_key(p.ns, name)).is_none() {
                 let a = Assignment { slots };
                 out.writes.push((

@@ -21,10 +21,14 @@ pub struct Eligible<Id> {
 /// Instance slots `0..count` → node. `previous` is the stored assignment (shorter, longer, or
 /// naming nodes that are gone). With no eligible node, the previous assignment is kept as it is:
 /// nothing is moved to nowhere.
+///
+/// `max_per_node` caps instances per node (a service with a port runs one per node, since its
+/// instances would share the port): slots beyond what the eligible nodes can take stay `None`.
 pub fn place<Id: Ord + Copy>(
     count: u32,
     previous: &[Option<Id>],
     eligible: &[Eligible<Id>],
+    max_per_node: Option<usize>,
 ) -> Vec<Option<Id>> {
     let count = count as usize;
     if eligible.is_empty() {
@@ -32,7 +36,9 @@ pub fn place<Id: Ord + Copy>(
         kept.resize(count, None);
         return kept;
     }
-    let bound = count.div_ceil(eligible.len());
+    let bound = count
+        .div_ceil(eligible.len())
+        .min(max_per_node.unwrap_or(usize::MAX));
     let by_id: BTreeMap<Id, Eligible<Id>> = eligible.iter().map(|e| (e.id, *e)).collect();
     let mut here: BTreeMap<Id, usize> = eligible.iter().map(|e| (e.id, 0)).collect();
     let mut slots: Vec<Option<Id>> = vec![None; count];
@@ -48,6 +54,7 @@ pub fn place<Id: Ord + Copy>(
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         let best = by_id
             .values()
+            .filter(|e| here[&e.id] < bound)
             .min_by_key(|e| {
                 let n = here[&e.id];
                 let room = i64::from(e.capacity) - i64::from(e.load) - n as i64;
@@ -87,25 +94,25 @@ mod tests {
 
     #[test]
     fn spreads_then_fills_by_room() {
-        let s = place(3, &[], &nodes(&[1, 2, 3, 4, 5]));
+        let s = place(3, &[], &nodes(&[1, 2, 3, 4, 5]), None);
         assert_eq!(per_node(&s).values().max(), Some(&1));
-        let s = place(7, &[], &nodes(&[1, 2, 3, 4, 5]));
+        let s = place(7, &[], &nodes(&[1, 2, 3, 4, 5]), None);
         assert_eq!(s.len(), 7);
         assert!(per_node(&s).values().all(|n| (1..=2).contains(n)), "{s:?}");
         // Node 2 is the busiest: it is the one left with a single instance... or fewer.
         let mut busy = nodes(&[1, 2, 3]);
         busy[1].load = 90;
-        let s = place(2, &[], &busy);
+        let s = place(2, &[], &busy, None);
         assert!(!s.contains(&Some(2)), "{s:?}");
     }
 
     #[test]
     fn a_lost_node_moves_only_its_instances() {
         let all = nodes(&[1, 2, 3, 4, 5]);
-        let before = place(7, &[], &all);
+        let before = place(7, &[], &all, None);
         let lost = before[0].unwrap();
         let rest: Vec<_> = all.iter().copied().filter(|e| e.id != lost).collect();
-        let after = place(7, &before, &rest);
+        let after = place(7, &before, &rest, None);
         for (b, a) in before.iter().zip(&after) {
             if *b != Some(lost) {
                 assert_eq!(a, b, "{before:?} → {after:?}");
@@ -115,23 +122,36 @@ mod tests {
             }
         }
         // The node returns: nothing moves back.
-        assert_eq!(place(7, &after, &all), after);
+        assert_eq!(place(7, &after, &all, None), after);
     }
 
     #[test]
     fn no_eligible_node_keeps_what_was_there() {
         let prev = vec![Some(1u8), Some(2)];
-        assert_eq!(place(3, &prev, &[]), vec![Some(1), Some(2), None]);
-        assert_eq!(place(1, &prev, &[]), vec![Some(1)]);
+        assert_eq!(place(3, &prev, &[], None), vec![Some(1), Some(2), None]);
+        assert_eq!(place(1, &prev, &[], None), vec![Some(1)]);
+    }
+
+    #[test]
+    fn one_per_node_leaves_the_rest_unplaced() {
+        let all = nodes(&[1, 2, 3]);
+        let s = place(5, &[], &all, Some(1));
+        assert_eq!(s.iter().flatten().count(), 3);
+        assert_eq!(per_node(&s).values().max(), Some(&1));
+        assert_eq!(&s[3..], &[None, None]);
+        // A fourth node takes the next slot.
+        let more = place(5, &s, &nodes(&[1, 2, 3, 4]), Some(1));
+        assert_eq!(&more[..3], &s[..3]);
+        assert_eq!(more.iter().flatten().count(), 4);
     }
 
     #[test]
     fn count_changes_keep_the_lower_slots() {
         let all = nodes(&[1, 2, 3]);
-        let three = place(3, &[], &all);
-        let five = place(5, &three, &all);
+        let three = place(3, &[], &all, None);
+        let five = place(5, &three, &all, None);
         assert_eq!(&five[..3], &three[..]);
-        let two = place(2, &five, &all);
+        let two = place(2, &five, &all, None);
         assert_eq!(&two[..], &three[..2]);
     }
 
@@ -144,14 +164,14 @@ mod tests {
         ) {
             let ids: Vec<u8> = ids.into_iter().collect();
             let el = nodes(&ids);
-            let s = place(count, &prev, &el);
+            let s = place(count, &prev, &el, None);
             prop_assert_eq!(s.len(), count as usize);
             prop_assert!(s.iter().all(|x| x.is_some_and(|id| ids.contains(&id))));
             let bound = (count as usize).div_ceil(ids.len());
             prop_assert!(per_node(&s).values().all(|n| *n <= bound));
-            prop_assert_eq!(place(count, &prev, &el), s.clone());
+            prop_assert_eq!(place(count, &prev, &el, None), s.clone());
             // Sticky: a previous slot on an eligible node within the bound stays.
-            let again = place(count, &s, &el);
+            let again = place(count, &s, &el, None);
             prop_assert_eq!(again, s);
         }
     }

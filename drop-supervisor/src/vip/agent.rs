@@ -713,13 +713,7 @@ impl Worker {
 /// Removes every address carrying DROP's mark in this network namespace: at start-up before
 /// anything else (a crashed or killed daemon may have left one) and from `ExecStopPost=`.
 pub fn release_leftovers(net: &mut dyn VipNet) -> Result<Vec<Vip>, drop_net::NetError> {
-    // A VIP on `lo` is a balancer backend's (direct server return), not a floating address:
-    // it stays while the node's service instances run, which outlive the daemon.
-    let found: Vec<Vip> = net
-        .marked()?
-        .into_iter()
-        .filter(|v| v.ifname != "lo")
-        .collect();
+    let found = net.marked()?;
     for vip in &found {
         net.remove(vip)?;
     }
