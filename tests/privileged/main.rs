@@ -14,6 +14,7 @@ mod faults;
 mod images;
 mod lb;
 mod netns;
+mod package;
 mod runtime;
 mod services;
 mod systemd;
@@ -47,6 +48,7 @@ fn main() {
         systemd::TESTS,
         services::TESTS,
         tune::TESTS,
+        package::TESTS,
         cgroups::TESTS,
         cgroups_v2::TESTS,
         images::TESTS,

@@ -14,6 +14,7 @@ mod bench;
 mod ebpf;
 mod fuzz;
 mod layers;
+mod rpm;
 mod run;
 mod setup;
 mod test;
@@ -53,6 +54,8 @@ enum Verb {
     /// Benchmarks: `runtime` (function runtime: pipes, pool, gateway, bare HTTP), `cluster`
     /// (membership convergence, crash detection, update spread).
     Bench(bench::BenchArgs),
+    /// The node's RPM (target/rpm/drop-VERSION-1.x86_64.rpm).
+    Rpm(rpm::RpmArgs),
 }
 
 fn main() {
@@ -61,6 +64,7 @@ fn main() {
         Verb::Setup => setup::setup().map(|_| ()),
         Verb::BuildEbpf => setup::setup().and_then(|tools| ebpf::build(&tools).map(|_| ())),
         Verb::Run => run::run(),
+        Verb::Rpm(args) => rpm::rpm(&args).map(|_| ()),
         Verb::Test(args) => test::test(args),
         Verb::Ci => test::test(test::TestArgs {
             strict: true,

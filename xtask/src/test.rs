@@ -231,6 +231,17 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         tally.step_failed("fuzz targets", &e);
     }
 
+    // The package the package test installs (release binaries; a failure here fails that test).
+    let wants_package = args.filters.is_empty()
+        || args
+            .filters
+            .iter()
+            .any(|f| "package_rpm_installs_files_modes_config_and_erases".contains(f.as_str()));
+    if setup::is_root() && wants_package {
+        if let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version: None }) {
+            tally.step_failed("rpm", &e);
+        }
+    }
     let privileged = step("test: privileged integration tests", || {
         crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
         if !setup::is_root() {
