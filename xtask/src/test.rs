@@ -237,10 +237,11 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             .filters
             .iter()
             .any(|f| "package_rpm_installs_files_modes_config_and_erases".contains(f.as_str()));
-    if setup::is_root() && wants_package {
-        if let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version: None }) {
-            tally.step_failed("rpm", &e);
-        }
+    if setup::is_root()
+        && wants_package
+        && let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version: None })
+    {
+        tally.step_failed("rpm", &e);
     }
     let privileged = step("test: privileged integration tests", || {
         crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
