@@ -125,23 +125,17 @@ fn missing_map(name: &'static str) -> XdpError {
 impl Balancer {
     /// Loads the embedded object and verifies `drop_lb`. Needs root.
     pub fn load() -> Result<Balancer, XdpError> {
-        if OBJECT.is_empty() {
-            return Err(XdpError::NotBuilt);
-        }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| XdpError::Program {
-                action: "verifying and loading",
-                source,
-            })?;
-        Ok(Balancer {
+        Ok(Balancer::new(load_with(&mut EbpfLoader::new())?, None))
+    }
+
+    fn new(ebpf: Ebpf, pin_dir: Option<PathBuf>) -> Balancer {
+        Balancer {
             ebpf,
             attached: None,
-            pin_dir: None,
+            pin_dir,
             vips: BTreeMap::new(),
             slots: BTreeMap::new(),
-        })
+        }
     }
 
     /// Loads `drop_lb` with its maps pinned in `dir` (on a bpffs): maps already pinned there
@@ -150,9 +144,6 @@ impl Balancer {
     /// where the last one stopped. [`Balancer::attach`] then takes over a pinned link in one
     /// step. [`Balancer::remove_pinned`] undoes all of it.
     pub fn open(dir: &Path) -> Result<Balancer, XdpError> {
-        if OBJECT.is_empty() {
-            return Err(XdpError::NotBuilt);
-        }
         std::fs::create_dir_all(dir).map_err(|source| XdpError::PinDir {
             dir: dir.to_path_buf(),
             source,
@@ -163,20 +154,7 @@ impl Balancer {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(XdpError::Load)?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| XdpError::Program {
-                action: "verifying and loading",
-                source,
-            })?;
-        let mut lb = Balancer {
-            ebpf,
-            attached: None,
-            pin_dir: Some(dir.to_path_buf()),
-            vips: BTreeMap::new(),
-            slots: BTreeMap::new(),
-        };
+        let mut lb = Balancer::new(load_with(&mut loader)?, Some(dir.to_path_buf()));
         lb.restore()?;
         Ok(lb)
     }
@@ -689,6 +667,21 @@ const MISSING: XdpError = XdpError::Missing {
     what: "program",
     name: LB_PROGRAM,
 };
+
+/// The embedded object through `loader`, with `drop_lb` verified and loaded.
+fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Ebpf, XdpError> {
+    if OBJECT.is_empty() {
+        return Err(XdpError::NotBuilt);
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(XdpError::Load)?;
+    program_mut(&mut ebpf)?
+        .load()
+        .map_err(|source| XdpError::Program {
+            action: "verifying and loading",
+            source,
+        })?;
+    Ok(ebpf)
+}
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
     ebpf.program_mut(LB_PROGRAM)

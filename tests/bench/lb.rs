@@ -187,18 +187,6 @@ fn busy_jiffies() -> anyhow::Result<u64> {
     Ok(v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
 }
 
-fn spawn_in<T: Send + 'static>(
-    netns: &Netns,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let path = netns.path().to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        f()
-    })
-}
-
 /// Sends from 64 ports to `to` for `secs` as fast as one thread can.
 fn blast(client: &Netns, to: Ipv4Addr, secs: Duration) -> anyhow::Result<u64> {
     client.run(|| -> anyhow::Result<u64> {
@@ -244,7 +232,7 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
             h.netns().exec("sysctl", &["-qw", kv])?;
         }
         let (stop, count) = (stop.clone(), count.clone());
-        sinks.push(spawn_in(h.netns(), move || {
+        sinks.push(h.netns().spawn(move || {
             let s = UdpSocket::bind(("0.0.0.0", E2E_PORT))?;
             s.set_read_timeout(Some(Duration::from_millis(50)))?;
             let mut buf = [0u8; 2048];

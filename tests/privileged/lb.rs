@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use drop_common::lb::{FlowKey, LbStat};
 use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpError, XdpMode, XdpVerdict};
-use drop_tests::netns::{Bridge, Netns};
+use drop_tests::netns::Bridge;
 use drop_tests::{Outcome, Test, require_command, require_root};
 
 pub const TESTS: &[Test] = &[
@@ -560,19 +560,6 @@ const E2E_VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 200);
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
 
-/// Runs `f` on a thread of its own inside `netns` (servers that outlive one call).
-fn spawn_in<T: Send + 'static>(
-    netns: &Netns,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let path = netns.path().to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        f()
-    })
-}
-
 /// A backend's echo servers on the VIP: TCP answers every line with `<name> <line>`, UDP every
 /// datagram with `<name>`. They stop when `stop` is set.
 fn serve(name: String, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
@@ -699,7 +686,7 @@ fn end_to_end() -> anyhow::Result<Outcome> {
         ] {
             h.netns().exec("sysctl", &["-qw", &format!("{k}={v}")])?;
         }
-        servers.push(spawn_in(h.netns(), {
+        servers.push(h.netns().spawn({
             let (name, stop) = (format!("b{i}"), stop.clone());
             move || serve(name, stop)
         }));

@@ -79,6 +79,25 @@ impl Netns {
         })
     }
 
+    /// Like [`Netns::run`], on a thread that outlives the call (servers, sinks): joins this
+    /// namespace, runs `f`, and hands its result to whoever joins the handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> thread::JoinHandle<anyhow::Result<T>> {
+        let (path, name) = (self.path.clone(), self.name.clone());
+        thread::Builder::new()
+            .name(format!("netns-{name}"))
+            .spawn(move || {
+                let file =
+                    File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("setns into {name}"))?;
+                f()
+            })
+            .expect("spawning a thread")
+    }
+
     /// `nsenter --net=/run/netns/NAME -- PROGRAM`: a command that runs inside the namespace.
     /// Unlike `ip netns exec`, `nsenter --net` keeps the host's mounts (`ip netns exec` mounts a
     /// fresh /sys, which hides the bpffs at /sys/fs/bpf).
