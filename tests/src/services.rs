@@ -78,17 +78,7 @@ impl ServiceCluster {
             node_config,
             ..ClusterSpec::new(n)
         })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let buses = rt.block_on(async {
-            let mut v = Vec::new();
-            for sd in &sds {
-                v.push(SystemdBus::with_connection(sd.connect().await?));
-            }
-            anyhow::Ok(v)
-        })?;
-        Ok(ServiceCluster { fx, sds, rt, buses })
+        ServiceCluster::assemble(fx, sds)
     }
 
     /// Like [`ServiceCluster::start`], but every node's systemd runs inside that node's network
@@ -153,17 +143,7 @@ impl ServiceCluster {
             "  {n} systemds running in their nodes' namespaces after {:.2} s",
             started.elapsed().as_secs_f64()
         );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let buses = rt.block_on(async {
-            let mut v = Vec::new();
-            for sd in &sds {
-                v.push(SystemdBus::with_connection(sd.connect().await?));
-            }
-            anyhow::Ok(v)
-        })?;
-        let sc = ServiceCluster { fx, sds, rt, buses };
+        let sc = ServiceCluster::assemble(fx, sds)?;
         crate::cluster::wait_for(
             Duration::from_secs(30),
             "every node's systemd reachable in `node ls`",
@@ -186,6 +166,21 @@ impl ServiceCluster {
             },
         )?;
         Ok(sc)
+    }
+
+    /// The cluster with a bus connection of the harness to every systemd.
+    fn assemble(fx: ClusterFixture, sds: Vec<SystemdSandbox>) -> anyhow::Result<ServiceCluster> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let buses = rt.block_on(async {
+            let mut v = Vec::new();
+            for sd in &sds {
+                v.push(SystemdBus::with_connection(sd.connect().await?));
+            }
+            anyhow::Ok(v)
+        })?;
+        Ok(ServiceCluster { fx, sds, rt, buses })
     }
 
     /// What node `i`'s systemd runs now.

@@ -118,6 +118,20 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Res
 }
 
 /// Runs a command to completion, failing with the command line when it does not succeed.
+/// The release `drop-supervisor` and `dropctl` (benchmarks and the package use them).
+pub fn build_release_binaries() -> anyhow::Result<()> {
+    step("build: release binaries", || {
+        run_cmd(cargo().args([
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            "drop-supervisor",
+            "--bins",
+        ]))
+    })
+}
+
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()

@@ -70,16 +70,7 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
     setup::apt_install(&["binutils", "rpm"])?;
     crate::ebpf::build(&tools)?;
     let tool = generate_rpm()?;
-    step("build: release binaries", || {
-        run_cmd(cargo().args([
-            "build",
-            "--locked",
-            "--release",
-            "-p",
-            "drop-supervisor",
-            "--bins",
-        ]))
-    })?;
+    crate::build_release_binaries()?;
     let staging = root().join("target/rpm/staging");
     std::fs::create_dir_all(&staging)?;
     step(

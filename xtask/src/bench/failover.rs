@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::bail;
 
 use super::{BenchArgs, bench_binary_of};
-use crate::{cargo, root, run_cmd, setup, step};
+use crate::{root, setup, step};
 
 pub fn failover(a: &BenchArgs) -> anyhow::Result<()> {
     if !setup::is_root() {
@@ -18,16 +18,7 @@ pub fn failover(a: &BenchArgs) -> anyhow::Result<()> {
     if a.only.as_deref() != Some("drop") {
         step("setup: keepalived", || setup::apt_install(&["keepalived"]))?;
     }
-    step("build: release binaries", || {
-        run_cmd(cargo().args([
-            "build",
-            "--locked",
-            "--release",
-            "-p",
-            "drop-supervisor",
-            "--bins",
-        ]))
-    })?;
+    crate::build_release_binaries()?;
     let bin = step("build: failover bench", || {
         bench_binary_of("drop-tests", "failover")
     })?;

@@ -8,22 +8,13 @@ use std::process::Command;
 use anyhow::bail;
 
 use super::{BenchArgs, bench_binary_of};
-use crate::{cargo, root, run_cmd, setup, step};
+use crate::{root, setup, step};
 
 pub fn services(a: &BenchArgs) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the services benchmark needs root (network namespaces, sandboxed systemds)");
     }
-    step("build: release binaries", || {
-        run_cmd(cargo().args([
-            "build",
-            "--locked",
-            "--release",
-            "-p",
-            "drop-supervisor",
-            "--bins",
-        ]))
-    })?;
+    crate::build_release_binaries()?;
     let bin = step("build: services bench", || {
         bench_binary_of("drop-tests", "services")
     })?;
