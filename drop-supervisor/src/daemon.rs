@@ -254,8 +254,11 @@ fn start_vip(
     ))))
 }
 
+/// Events the status page shows, newest first.
+const UI_EVENTS: usize = 30;
+
 /// The node, cluster and floating-IP part of the status page (`/ui/state`; the runtime adds
-/// the pools), and the recent events: leader changes and floating-IP moves this node saw.
+/// the pools), and the newest events of the node's event log.
 fn ui_state(
     name: &str,
     node_id: uuid::Uuid,
@@ -264,26 +267,10 @@ fn ui_state(
     vip: Option<&crate::vip::VipService>,
 ) -> serde_json::Value {
     let vip_status = vip.and_then(crate::vip::VipService::status);
-    let mut events: Vec<(u64, String)> = Vec::new();
-    let cluster_json = cluster.map(|c| {
-        let namespaces = c.namespaces();
-        for ns in &namespaces {
-            for h in &ns.history {
-                let text = match (&h.from, &h.to) {
-                    (_, Some(to)) => format!("leader of {}: {to}", ns.name),
-                    (Some(from), None) => format!("{} has no leader (was {from})", ns.name),
-                    (None, None) => continue,
-                };
-                events.push((h.at_unix_ms, text));
-            }
-        }
-        serde_json::json!({ "nodes": c.nodes(), "namespaces": namespaces })
-    });
-    if let Some(s) = &vip_status {
-        events.extend(s.events.iter().map(|e| (e.at_unix_ms, e.text.clone())));
-    }
-    events.sort_by_key(|e| std::cmp::Reverse(e.0));
-    events.truncate(30);
+    let cluster_json =
+        cluster.map(|c| serde_json::json!({ "nodes": c.nodes(), "namespaces": c.namespaces() }));
+    let mut events = crate::events::log().recent(UI_EVENTS);
+    events.reverse();
     serde_json::json!({
         "node": {
             "name": name,
@@ -293,10 +280,7 @@ fn ui_state(
         },
         "cluster": cluster_json,
         "vip": vip_status,
-        "events": events
-            .into_iter()
-            .map(|(at, text)| serde_json::json!({ "at_unix_ms": at, "text": text }))
-            .collect::<Vec<_>>(),
+        "events": events,
     })
 }
 
@@ -345,6 +329,7 @@ pub fn bind_control_socket(path: &Path, group: &str) -> Result<UnixListener, Dae
 /// start-to-ready time in the log.
 pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
+    crate::events::log().set_node(&config.node_name);
     let (node_id, created) = state::load_or_create_node_id(&config.state_dir)?;
     if created {
         info!(%node_id, state_dir = %config.state_dir.display(), "created node identity");
@@ -551,6 +536,14 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ready_ms = format_args!("{ready_ms:.1}"),
         "drop-supervisor ready"
     );
+    crate::events::record(
+        crate::events::Kind::Daemon,
+        &supervisor.config().node_name,
+        format!(
+            "drop-supervisor {} ready in {ready_ms:.0} ms (a new event log)",
+            env!("CARGO_PKG_VERSION")
+        ),
+    );
 
     if let Some(every) = notifier.watchdog_interval() {
         let mut stop = stop_rx.clone();
@@ -575,6 +568,11 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         _ = sigint.recv() => "SIGINT",
     };
     info!(signal = signal_name, "stopping");
+    crate::events::record(
+        crate::events::Kind::Daemon,
+        &supervisor.config().node_name,
+        format!("stopping on {signal_name}"),
+    );
     let _ = notifier.notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = server.await;

@@ -11,8 +11,9 @@
 //!   transport) on top of [`runtime`] (flows, pools of workers, cgroups, images). Services, the
 //!   floating IP and the balancer join here as siblings.
 //! - Seams — [`host`] (sysctl tuning, sd_notify, the state directory, logging).
-//! - Shared vocabulary — [`error`] (`ApiError`, the one shape of every error answer) and
-//!   [`http`] (framing).
+//! - Shared vocabulary — [`error`] (`ApiError`, the one shape of every error answer),
+//!   [`http`] (framing) and [`events`] (the node's bounded event log, which every capability
+//!   records into).
 //!
 //! Owns all policy and node state. Must never touch the host outside what the configuration
 //! names (state directory, control socket, sysctl root, images, logs, its own cgroup subtree),
@@ -24,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod host;
 pub mod http;

@@ -773,3 +773,102 @@ fn a_worker_dying_before_its_first_reply_shows_its_stderr_and_pool_restart_retri
         "{out:?}"
     );
 }
+
+#[test]
+fn events_record_restarts_and_failures_and_follow_prints_new_ones_as_they_happen() {
+    let mut node = Node::new();
+    node.start();
+    // A follower started before anything fails: it must print the failure when it happens.
+    let mut follower = Command::new(DROPCTL)
+        .arg("--socket")
+        .arg(node.socket())
+        .args(["events", "-f", "-n", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Its first line is the newest event so far, the daemon's start; then it waits.
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the follower's first line");
+    assert!(first.contains("ready"), "{first}");
+    let flow = node.path("dies.yaml");
+    std::fs::write(
+        &flow,
+        "name: dies\nfunc:\n  - name: dies\n    cmd: [/bin/sh, -c, 'exit 3']\n    \
+         restart: {backoff_initial_ms: 10, backoff_max_ms: 20, intensity: 2, period_ms: 60000}\n",
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let show = node.pool_when_failed("dies");
+    assert_eq!(show["phase"]["state"], "failed", "{show}");
+
+    let out = node.ctl(&["events", "-n", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains(" t1 ") && lines[0].contains("daemon") && lines[0].contains("ready"),
+        "the log starts with the daemon's start:\n{text}"
+    );
+    let restarts = lines
+        .iter()
+        .filter(|l| l.contains(" restart ") && l.contains(" dies ") && l.contains("exit"))
+        .count();
+    assert!(
+        restarts >= 2,
+        "two restarts before the pool failed:\n{text}"
+    );
+    let failure = lines
+        .iter()
+        .position(|l| l.contains(" failure ") && l.contains("pool failed: more than 2 restarts"))
+        .unwrap_or_else(|| panic!("no failure event:\n{text}"));
+    assert_eq!(
+        failure,
+        lines.len() - 1,
+        "the failure is the newest:\n{text}"
+    );
+    // -n takes the newest.
+    let out = node.ctl(&["events", "-n", "1"]);
+    let last = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.contains("pool failed"), "{last}");
+
+    // The follower printed the failure without being asked again (it long-polls).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = vec![first];
+    while !seen.iter().any(|l: &String| l.contains("pool failed")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("the follower printed no failure within 5 s: {seen:?}"),
+        }
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+
+    // Asking for what the log cannot give is a clear 400.
+    let out = node.ctl(&["events", "-n", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = node.ctl(&["events", "--cluster"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_clustered")
+            || String::from_utf8_lossy(&out.stderr).contains("runs alone"),
+        "{out:?}"
+    );
+    node.stop();
+}

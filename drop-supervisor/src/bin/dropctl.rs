@@ -85,6 +85,18 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// The node's event log: leader changes, VIP moves, restarts, failures, placements,
+    /// membership and drains; `-f` keeps printing them as they happen.
+    Events {
+        #[arg(short, long)]
+        follow: bool,
+        /// Every reachable member's newest events, merged by time (not with -f).
+        #[arg(long, conflicts_with = "follow")]
+        cluster: bool,
+        /// How many of the newest events to print first.
+        #[arg(short = 'n', long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=2000))]
+        lines: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -465,6 +477,11 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
             }
             Ok(0)
         }
+        Command::Events {
+            follow,
+            cluster,
+            lines,
+        } => events(client, json, *follow, *cluster, *lines),
         Command::Logs { pool, follow } => {
             let mut v: serde_json::Value = client.get(&format!("/v1/pools/{pool}/logs"))?;
             loop {
@@ -1053,6 +1070,104 @@ fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, Clie
     Ok(0)
 }
 
+/// `dropctl events`: the newest `lines` events, then (with `follow`) each new one as the
+/// daemon reports it (a long poll: the daemon answers as soon as there is one).
+fn events(
+    client: &Client,
+    json: bool,
+    follow: bool,
+    cluster: bool,
+    lines: u64,
+) -> Result<u8, ClientError> {
+    use drop_supervisor::events::Page;
+    if cluster {
+        let v: serde_json::Value = client.get(&format!("/v1/events?cluster=true&limit={lines}"))?;
+        if json {
+            print_json(&v);
+            return Ok(0);
+        }
+        let events: Vec<drop_supervisor::events::Event> =
+            serde_json::from_value(v["events"].clone()).map_err(|e| bad(&e))?;
+        for e in &events {
+            print_event(e);
+        }
+        if let Some(u) = v["unreachable"].as_object() {
+            for (node, why) in u {
+                eprintln!("(no events from {node}: {})", text(why));
+            }
+        }
+        return Ok(0);
+    }
+    // The newest `lines`: where the log ends now, then from `lines` before it.
+    let head: Page = get_as(client, "/v1/events?since=0&limit=1")?;
+    let mut since = head.newest.saturating_sub(lines);
+    loop {
+        let wait = if follow { 20 } else { 0 };
+        let page: Page = get_as(
+            client,
+            &format!("/v1/events?since={since}&limit=2000&wait={wait}"),
+        )?;
+        if page.missed > 0 && since > 0 {
+            eprintln!(
+                "({} events were dropped from the log before they were read)",
+                page.missed
+            );
+        }
+        for e in &page.events {
+            if json {
+                println!("{}", serde_json::to_string(e).expect("events serialise"));
+            } else {
+                print_event(e);
+            }
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        since = page.next;
+        if !follow {
+            return Ok(0);
+        }
+    }
+}
+
+fn get_as<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, ClientError> {
+    let v: serde_json::Value = client.get(path)?;
+    serde_json::from_value(v).map_err(|e| bad(&e))
+}
+
+fn print_event(e: &drop_supervisor::events::Event) {
+    println!(
+        "{}  {:<8} {:<10} {:<14} {}",
+        utc_time(e.at_unix_ms),
+        e.node,
+        e.kind.as_str(),
+        e.subject,
+        e.text
+    );
+}
+
+/// `2026-12-06 19:40:01.123Z` for a Unix time in ms (the proleptic Gregorian calendar).
+fn utc_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 fn service_logs(
     client: &Client,
     json: bool,
@@ -1424,4 +1539,17 @@ fn image(client: &Client, json: bool, cmd: &ImageCommand) -> Result<u8, ClientEr
         ImageCommand::Rm { name } => println!("image {name} removed"),
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_time_formats_known_instants() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00.000Z");
+        // 2000-02-29 (a leap day in a century leap year) 12:34:56.789
+        assert_eq!(utc_time(951_827_696_789), "2000-02-29 12:34:56.789Z");
+        assert_eq!(utc_time(1_796_515_200_000), "2026-12-06 00:00:00.000Z");
+    }
 }

@@ -926,6 +926,11 @@ impl Cluster {
         }
         self.write_many(writes).await;
         info!(namespace = name, members = ids.len(), "namespace created");
+        crate::events::record(
+            crate::events::Kind::Membership,
+            name,
+            format!("namespace {name} created with {} members", ids.len()),
+        );
         Ok(self.provisional_ns(name).await)
     }
 
@@ -1015,6 +1020,11 @@ impl Cluster {
         self.write(format!("nsm/{}", self.inner.me), Some(json!(name)))
             .await;
         info!(namespace = name, from = ?from, "joined namespace");
+        crate::events::record(
+            crate::events::Kind::Membership,
+            name,
+            format!("this node joined namespace {name}"),
+        );
         Ok(self.provisional_ns(name).await)
     }
 
@@ -1028,6 +1038,11 @@ impl Cluster {
         };
         self.write(format!("nsm/{}", self.inner.me), None).await;
         info!(namespace = %from, "left namespace");
+        crate::events::record(
+            crate::events::Kind::Membership,
+            &from,
+            format!("this node left namespace {from}"),
+        );
         Ok(json!({ "left": from }))
     }
 
@@ -1052,6 +1067,11 @@ impl Cluster {
         let n = writes.len();
         self.write_many(writes).await;
         info!(namespace = name, keys = n, "namespace removed");
+        crate::events::record(
+            crate::events::Kind::Membership,
+            name,
+            format!("namespace {name} removed"),
+        );
         Ok(json!({ "removed": name }))
     }
 
@@ -1073,6 +1093,11 @@ impl Cluster {
             self.write(key, Some(json!({ "source": source, "file": file })))
                 .await;
             info!(flow = %flow.name, namespace = %ns, "flow stored in the cluster state");
+            crate::events::record(
+                crate::events::Kind::Placement,
+                &flow.name,
+                format!("flow {} stored in {ns}", flow.name),
+            );
         }
         Ok(json!({
             "flow": flow.name,
@@ -1128,6 +1153,11 @@ impl Cluster {
         if changed {
             self.write(key, Some(value)).await;
             info!(service = name, namespace = %ns, count = spec.count, "service stored in the cluster state");
+            crate::events::record(
+                crate::events::Kind::Placement,
+                name,
+                format!("service {name} stored in {ns} with count {}", spec.count),
+            );
         }
         Ok(json!({
             "service": name,
@@ -1146,6 +1176,11 @@ impl Cluster {
         }
         self.write(key, None).await;
         info!(service = name, namespace = %ns, "service removed; its instances stop");
+        crate::events::record(
+            crate::events::Kind::Placement,
+            name,
+            format!("service {name} removed from {ns}"),
+        );
         Ok(json!({ "removed": name, "namespace": ns }))
     }
 
@@ -1311,10 +1346,15 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Arc<Membership>, runtime: &A
     // Snapshot for the API and the forwarding table for the gateway.
     let (registry, nodes) = views(inner, &inner.lock(), &known);
     *inner.registry.write().unwrap_or_else(|e| e.into_inner()) = registry;
-    *inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+    let mut snap = inner.snapshot.write().unwrap_or_else(|e| e.into_inner());
+    for (node, text) in membership_changes(&snap.nodes, &nodes) {
+        crate::events::record(crate::events::Kind::Membership, &node, text);
+    }
+    *snap = Arc::new(Snapshot {
         nodes,
         namespaces: plan.namespaces,
     });
+    drop(snap);
     if let Some(observe) = inner
         .observer
         .read()
@@ -1323,6 +1363,26 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Arc<Membership>, runtime: &A
     {
         observe();
     }
+}
+
+/// Members that appeared or changed state between two views, as event texts.
+fn membership_changes(before: &[NodeView], after: &[NodeView]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for n in after {
+        let state = format!("{:?}", n.state).to_lowercase();
+        match before.iter().find(|b| b.id == n.id) {
+            Some(b) if b.state == n.state => {}
+            Some(b) => {
+                let was = format!("{:?}", b.state).to_lowercase();
+                out.push((
+                    n.name.clone(),
+                    format!("node {} is {state} (was {was})", n.name),
+                ));
+            }
+            None => out.push((n.name.clone(), format!("node {} seen, {state}", n.name))),
+        }
+    }
+    out
 }
 
 /// See [`Cluster::set_observer`].
@@ -1596,10 +1656,24 @@ fn record_leader_change(
         };
         match (&change.from, &change.to) {
             (_, Some(to)) => {
-                info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader")
+                info!(namespace = %ns, leader = %to, previous = ?change.from, quorum, "namespace leader");
+                let was = change
+                    .from
+                    .as_deref()
+                    .map_or(String::new(), |f| format!(" (was {f})"));
+                crate::events::record(
+                    crate::events::Kind::Leader,
+                    ns,
+                    format!("leader of {ns}: {to}{was}"),
+                );
             }
             (Some(from), None) => {
-                warn!(namespace = %ns, previous = %from, quorum, "namespace has no leader (no quorum)")
+                warn!(namespace = %ns, previous = %from, quorum, "namespace has no leader (no quorum)");
+                crate::events::record(
+                    crate::events::Kind::Leader,
+                    ns,
+                    format!("{ns} has no leader (was {from}; no quorum)"),
+                );
             }
             (None, None) => {}
         }
@@ -1640,9 +1714,18 @@ fn check_lease(
     match state {
         LeaseState::Lapsed if !lease.lapsed => {
             warn!(namespace = %ns, acked, members = members.len(), "leader lease lapsed: a majority did not answer; leader-only work stops");
+            crate::events::record(
+                crate::events::Kind::Leader,
+                ns,
+                format!(
+                    "lease lapsed: {acked} of {} members answered; leader-only work stops",
+                    members.len()
+                ),
+            );
         }
         LeaseState::Holds if lease.lapsed => {
             info!(namespace = %ns, acked, "leader lease regained");
+            crate::events::record(crate::events::Kind::Leader, ns, "lease regained");
         }
         _ => {}
     }
@@ -1887,11 +1970,25 @@ fn apply_share(
         }
         match rt.apply(source, Path::new(file)) {
             Ok(r) => {
-                info!(flow = %name, started = r.started.len(), restarted = r.restarted.len(), "flow placed on this node")
+                info!(flow = %name, started = r.started.len(), restarted = r.restarted.len(), "flow placed on this node");
+                crate::events::record(
+                    crate::events::Kind::Placement,
+                    name,
+                    format!(
+                        "flow {name} placed on this node: {} pools started, {} restarted",
+                        r.started.len(),
+                        r.restarted.len()
+                    ),
+                );
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 warn!(flow = %name, error = %msg, "cannot run flow placed on this node");
+                crate::events::record(
+                    crate::events::Kind::Failure,
+                    name,
+                    format!("cannot run flow {name} placed on this node: {msg}"),
+                );
                 failed.insert(name.clone(), (source.clone(), msg));
             }
         }
@@ -1901,7 +1998,14 @@ fn apply_share(
     for name in current.keys() {
         if !wanted.contains_key(name) {
             match rt.remove(name) {
-                Ok(_) => info!(flow = %name, "flow no longer placed on this node; stopped"),
+                Ok(_) => {
+                    info!(flow = %name, "flow no longer placed on this node; stopped");
+                    crate::events::record(
+                        crate::events::Kind::Placement,
+                        name,
+                        format!("flow {name} no longer placed on this node; stopped"),
+                    );
+                }
                 Err(e) => warn!(flow = %name, error = %e, "cannot stop flow"),
             }
         }
@@ -1914,6 +2018,46 @@ fn apply_share(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(id: &str, state: MemberState) -> NodeView {
+        NodeView {
+            id: id.into(),
+            name: format!("n-{id}"),
+            addr: "10.0.0.1:7946".parse().unwrap(),
+            state,
+            namespace: None,
+            leader: false,
+            version: "0".into(),
+            capacity: 1,
+            peer: None,
+            mac: None,
+            pools: vec![],
+            systemd: None,
+            gateway: None,
+        }
+    }
+
+    #[test]
+    fn membership_changes_name_new_members_and_state_changes_only() {
+        let before = [view("a", MemberState::Alive), view("b", MemberState::Alive)];
+        let after = [
+            view("a", MemberState::Alive),
+            view("b", MemberState::Dead),
+            view("c", MemberState::Alive),
+        ];
+        let got = membership_changes(&before, &after);
+        assert_eq!(
+            got,
+            [
+                (
+                    "n-b".to_string(),
+                    "node n-b is dead (was alive)".to_string()
+                ),
+                ("n-c".to_string(), "node n-c seen, alive".to_string()),
+            ]
+        );
+        assert!(membership_changes(&after, &after).is_empty());
+    }
 
     #[test]
     fn hosts_file_takes_addresses_and_bare_ips() {

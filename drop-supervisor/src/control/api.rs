@@ -14,6 +14,9 @@
 //! - `GET /v1/images`, `PUT /v1/images/<name>[?replace=true]` with the bundle as a tarball
 //!   (`.tar` or gzip) as the body, `DELETE /v1/images/<name>` — bundles
 //! - `GET /v1/pools/<name>/logs[?offset=N]` — the pool's log from `offset` (default: the tail)
+//! - `GET /v1/events[?since=SEQ&limit=N&wait=SECS&cluster=true]` — this node's event log after
+//!   `since` (default: from the oldest kept), waiting up to `wait` seconds (≤ 30) for the next
+//!   event when there is none; `cluster=true` merges every reachable member's recent events
 //!
 //! Cluster mode only (409 `not_clustered` otherwise):
 //! - `GET /v1/nodes` — every member: state (alive/suspect/dead/left), namespace, leader, version
@@ -144,6 +147,68 @@ pub enum ApiRequest {
         ns: Option<String>,
         lines: u32,
     },
+    Events(EventsQuery),
+}
+
+/// `GET /v1/events`: where to start, how many, how long to wait, and whose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsQuery {
+    pub since: u64,
+    pub limit: usize,
+    pub wait_secs: u64,
+    pub cluster: bool,
+}
+
+/// Longest wait of one `GET /v1/events` (a follower asks again).
+pub const EVENTS_MAX_WAIT_SECS: u64 = 30;
+
+impl EventsQuery {
+    /// Decodes `since`, `limit`, `wait` and `cluster` from a query string.
+    pub fn from_query(query: Option<&str>) -> Result<EventsQuery, ApiError> {
+        let mut q = EventsQuery {
+            since: 0,
+            limit: 200,
+            wait_secs: 0,
+            cluster: false,
+        };
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let bad = || {
+                ApiError::new(
+                    400,
+                    "invalid_query",
+                    format!(
+                        "{pair:?}: expected since=SEQ, limit=1..={}, wait=0..={EVENTS_MAX_WAIT_SECS} or cluster=true|false",
+                        crate::events::CAPACITY
+                    ),
+                )
+            };
+            let (k, v) = pair.split_once('=').ok_or_else(bad)?;
+            match k {
+                "since" => q.since = v.parse().map_err(|_| bad())?,
+                "limit" => {
+                    q.limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=crate::events::CAPACITY).contains(n))
+                        .ok_or_else(bad)?
+                }
+                "wait" => {
+                    q.wait_secs = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= EVENTS_MAX_WAIT_SECS)
+                        .ok_or_else(bad)?
+                }
+                "cluster" => q.cluster = v.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        Ok(q)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,6 +395,12 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         },
         "/v1/vip" => match method {
             "GET" => Ok(ApiRequest::VipList),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/events" => match method {
+            "GET" => Ok(ApiRequest::Events(EventsQuery::from_query(
+                req.query.as_deref(),
+            )?)),
             _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/lb" => match method {
@@ -597,6 +668,52 @@ mod tests {
             peer_auth: None,
             head: Vec::new(),
         }
+    }
+
+    #[test]
+    fn events_query_decodes_and_refuses_what_it_cannot_honour() {
+        assert_eq!(
+            decode(&req("GET", "/v1/events", "")),
+            Ok(ApiRequest::Events(EventsQuery {
+                since: 0,
+                limit: 200,
+                wait_secs: 0,
+                cluster: false
+            }))
+        );
+        assert_eq!(
+            decode(&req(
+                "GET",
+                "/v1/events?since=41&limit=5&wait=25&cluster=true",
+                ""
+            )),
+            Ok(ApiRequest::Events(EventsQuery {
+                since: 41,
+                limit: 5,
+                wait_secs: 25,
+                cluster: true
+            }))
+        );
+        for bad in [
+            "wait=31",
+            "limit=0",
+            "limit=2001",
+            "since=-1",
+            "cluster=yes",
+            "x=1",
+            "since",
+        ] {
+            let err = decode(&req("GET", &format!("/v1/events?{bad}"), "")).unwrap_err();
+            assert_eq!(
+                (err.status, err.code.as_str()),
+                (400, "invalid_query"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            decode(&req("POST", "/v1/events", "")).unwrap_err().status,
+            405
+        );
     }
 
     #[test]

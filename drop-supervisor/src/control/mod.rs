@@ -259,6 +259,59 @@ impl Supervisor {
         .map_err(|e| ApiError::internal(format!("logs task: {e}")))?
     }
 
+    /// `GET /v1/events`: this node's log after `since` (waiting for the next event when asked),
+    /// or with `cluster`, the newest events of every reachable member merged by time.
+    async fn events(&self, q: api::EventsQuery) -> Result<serde_json::Value, ApiError> {
+        let log = crate::events::log();
+        if !q.cluster {
+            let page = log
+                .wait_since(
+                    q.since,
+                    q.limit,
+                    std::time::Duration::from_secs(q.wait_secs),
+                )
+                .await;
+            return Ok(serde_json::to_value(page).expect("events serialise"));
+        }
+        let cluster = self.cluster()?.clone();
+        let peers = self.peers.clone();
+        let me = cluster.name().to_string();
+        let limit = q.limit;
+        tokio::task::spawn_blocking(move || {
+            let mut all = log.recent(limit);
+            let mut unreachable = serde_json::Map::new();
+            for node in cluster.nodes() {
+                if node.name == me || !node.state.is_up() {
+                    continue;
+                }
+                let answer = match (node.peer, &peers) {
+                    (Some(addr), Some(p)) => p
+                        .request(&node.name, addr, &format!("/peer/events?limit={limit}"))
+                        .and_then(|body| {
+                            serde_json::from_slice::<crate::events::Page>(&body).map_err(|e| {
+                                ApiError::new(502, "peer_error", format!("{}: {e}", node.name))
+                            })
+                        }),
+                    _ => Err(ApiError::new(502, "peer_error", "no peer address known")),
+                };
+                match answer {
+                    Ok(page) => all.extend(page.events),
+                    Err(e) => {
+                        unreachable.insert(node.name.clone(), e.message.into());
+                    }
+                }
+            }
+            all.sort_by(|a, b| (a.at_unix_ms, &a.node, a.seq).cmp(&(b.at_unix_ms, &b.node, b.seq)));
+            let skip = all.len().saturating_sub(limit);
+            Ok(serde_json::json!({
+                "events": all[skip..],
+                "unreachable": unreachable,
+            }))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("events task: {e}")))?
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -407,6 +460,7 @@ impl Supervisor {
                 .service_logs(&name, ns, lines)
                 .await
                 .map(ApiResponse::Json),
+            ApiRequest::Events(q) => self.events(q).await.map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => {
                 let status = self
@@ -571,13 +625,26 @@ pub fn local_service_logs(
     crate::services::logs::read(&view.namespace, &view.name, &here, journal, lines)
 }
 
-/// The peer listener's `/peer/…` requests: `GET /peer/service-logs?ns=&name=&lines=`.
+/// The peer listener's `/peer/…` requests: `GET /peer/service-logs?ns=&name=&lines=` and
+/// `GET /peer/events?limit=N` (this node's newest events).
 pub fn peer_request(
     cluster: &Cluster,
     journal: Option<&Path>,
     path: &str,
     query: Option<&str>,
 ) -> Result<serde_json::Value, ApiError> {
+    if path == "/peer/events" {
+        let q = api::EventsQuery::from_query(query)?;
+        let events = crate::events::log().recent(q.limit);
+        let next = events.last().map_or(0, |e| e.seq);
+        let page = crate::events::Page {
+            events,
+            next,
+            missed: 0,
+            newest: next,
+        };
+        return Ok(serde_json::to_value(page).expect("events serialise"));
+    }
     if path != "/peer/service-logs" {
         return Err(ApiError::new(
             404,

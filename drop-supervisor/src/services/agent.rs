@@ -370,11 +370,24 @@ impl NodeState {
                 && u.restarts > b
             {
                 f.count += u.restarts - b;
+                crate::events::record(
+                    crate::events::Kind::Restart,
+                    &key,
+                    format!(
+                        "{} restarted by systemd ({} restarts)",
+                        u.state.unit, u.restarts
+                    ),
+                );
             }
             if u.state.active == "failed" {
                 if f.failed.insert(u.state.unit.clone()) {
                     f.count += 1;
                     warn!(unit = %u.state.unit, failures = f.count, "service instance failed");
+                    crate::events::record(
+                        crate::events::Kind::Failure,
+                        &key,
+                        format!("{} failed (failure {} here)", u.state.unit, f.count),
+                    );
                 }
             } else if is_up(&u.state.active) {
                 f.failed.remove(&u.state.unit);

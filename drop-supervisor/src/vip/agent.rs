@@ -68,6 +68,7 @@ pub struct VipEvent {
 pub const EVENTS: usize = 20;
 
 fn push_event(status: &mut VipStatus, text: String) {
+    crate::events::record(crate::events::Kind::Vip, &status.namespace, text.clone());
     status.events.push(VipEvent {
         at_unix_ms: physical_now_ms(),
         text,
@@ -648,6 +649,15 @@ impl Worker {
             cur.status.conflicts_seen += conflicts.len() as u64;
             cur.status.last_conflict_mac = conflicts.last().map(ToString::to_string);
             warn!(namespace = %cur.plan.ns, address = %cur.vip.addr, other = %conflicts[conflicts.len() - 1], "another MAC claims the floating IP; announcing again");
+            crate::events::record(
+                crate::events::Kind::Vip,
+                &cur.plan.ns,
+                format!(
+                    "another MAC ({}) claims {}; announcing again",
+                    conflicts[conflicts.len() - 1],
+                    cur.vip.addr
+                ),
+            );
         }
         if (!conflicts.is_empty() || returned)
             && cur

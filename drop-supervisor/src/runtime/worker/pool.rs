@@ -1356,6 +1356,11 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                     match restarts.on_failure(&cfg.restart, ran, Instant::now()) {
                         Some(delay) => {
                             info!(pool = %cfg.name, worker = id, %status, ran_ms = ran.as_millis() as u64, delay_ms = delay.as_millis() as u64, "worker ended; restarting");
+                            crate::events::record(
+                                crate::events::Kind::Restart,
+                                &cfg.name,
+                                format!("worker {id} {status} after {} ms; restarting in {} ms", ran.as_millis(), delay.as_millis()),
+                            );
                             pending_restarts += 1;
                             let tx = respawn_tx.clone();
                             tokio::spawn(async move {
@@ -1369,6 +1374,11 @@ async fn manage(pool: Pool, mut events: mpsc::UnboundedReceiver<Event>, stderr: 
                                 cfg.restart.intensity, cfg.restart.period
                             );
                             warn!(pool = %cfg.name, %reason, "pool failed");
+                            crate::events::record(
+                                crate::events::Kind::Failure,
+                                &cfg.name,
+                                format!("pool failed: {reason}"),
+                            );
                             let mut st = lock(&inner.state);
                             st.phase = Phase::Failed(reason);
                             drop(st);
