@@ -517,6 +517,19 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     if let Some(l) = &lb {
         supervisor = supervisor.with_lb(l.clone());
     }
+    if let Some(since) = state::draining_since(&supervisor.config().state_dir) {
+        // Drained before a restart (a rollout upgrades the package in between): still drained.
+        info!(
+            since_unix_ms = since,
+            "still draining (dropctl node undrain ends it)"
+        );
+        supervisor.apply_drain(true);
+        crate::events::record(
+            crate::events::Kind::Drain,
+            &supervisor.config().node_name,
+            "still draining after a restart",
+        );
+    }
     let supervisor = Arc::new(supervisor);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(control::server::serve(

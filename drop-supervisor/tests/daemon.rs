@@ -872,3 +872,113 @@ fn events_record_restarts_and_failures_and_follow_prints_new_ones_as_they_happen
     );
     node.stop();
 }
+
+/// One keep-alive request; whether the gateway said it closes the connection after it.
+fn gateway_closes_after(addr: &str, path: &str, body: &[u8]) -> (u16, bool) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let split = loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before a head");
+        out.extend_from_slice(&buf[..n]);
+        if let Some(p) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    (status, head.contains("\r\nconnection: close"))
+}
+
+#[test]
+fn drain_waits_for_calls_in_flight_closes_connections_survives_a_restart_and_undrains() {
+    let mut node = Node::new();
+    node.start();
+    let flow = node.path("slow.yaml");
+    std::fs::write(
+        &flow,
+        "name: slow\nfunc:\n  - name: slow\n    cmd: [/bin/sh, -c, 'while read l; do sleep 1.5; echo \"$l\"; done']\n    num: 2\n",
+    )
+    .unwrap();
+    let out = node.ctl(&["flow", "apply", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let gw = node.ctl_json(&["status"])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        gateway_closes_after(&gw, "/api/v1/slow", b"warm"),
+        (200, false),
+        "not draining: keep-alive is kept"
+    );
+
+    // A call in flight when the drain begins finishes, and the drain waits for it.
+    let gw2 = gw.clone();
+    let call = std::thread::spawn(move || gateway_post(&gw2, "/api/v1/slow", b"in flight"));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let out = node.ctl(&["node", "drain", "--wait", "10"]);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains("t1 is draining; waiting for 1 calls in flight"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("t1 is drained"), "{text}");
+    assert!(
+        took >= Duration::from_millis(800),
+        "drained after {took:?}, before the call ended"
+    );
+    let (status, body) = call.join().unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"in flight"[..]));
+
+    // A single node has nobody to hand calls to: it answers them, and closes each connection.
+    assert_eq!(gateway_closes_after(&gw, "/api/v1/slow", b"x"), (200, true));
+    let v = node.ctl_json(&["node", "drain-status"]);
+    assert_eq!(
+        (v["draining"].clone(), v["drained"].clone()),
+        (true.into(), true.into()),
+        "{v}"
+    );
+
+    // Kept across a restart.
+    assert!(node.stop().success());
+    node.start();
+    let v = node.ctl_json(&["node", "drain-status"]);
+    assert_eq!(v["draining"], true, "{v}");
+    let events = String::from_utf8_lossy(&node.ctl(&["events"]).stdout).to_string();
+    assert!(
+        events.contains("still draining after a restart"),
+        "{events}"
+    );
+    let gw = node.ctl_json(&["status"])["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(gateway_closes_after(&gw, "/api/v1/slow", b"y"), (200, true));
+
+    let out = node.ctl(&["node", "undrain"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(node.ctl_json(&["node", "drain-status"])["draining"], false);
+    assert_eq!(
+        gateway_closes_after(&gw, "/api/v1/slow", b"z"),
+        (200, false)
+    );
+    assert!(!node.path("state/draining").exists());
+    let events = String::from_utf8_lossy(&node.ctl(&["events"]).stdout).to_string();
+    assert!(
+        events.contains("drain") && events.contains("undrained"),
+        "{events}"
+    );
+    node.stop();
+}

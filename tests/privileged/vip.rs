@@ -35,6 +35,10 @@ pub const TESTS: &[Test] = &[
         name: "vip_ipv6_address_moves_with_an_unsolicited_neighbour_advertisement",
         run: ipv6_moves,
     },
+    Test {
+        name: "drain_hands_off_vip_and_leadership_forwards_calls_and_undrains",
+        run: drain_hands_off,
+    },
 ];
 
 const NS: &str = "v";
@@ -744,4 +748,136 @@ fn ipv6_moves() -> anyhow::Result<Outcome> {
             Err(e)
         }
     }
+}
+
+/// `dropctl node drain` on the holder: the VIP and the leadership move to another node, the
+/// drain reports done, `node ls` shows it, calls to its gateway are answered by the pools of
+/// other nodes (its own pool takes none), and after `undrain` it serves its own calls again.
+fn drain_hands_off() -> anyhow::Result<Outcome> {
+    if let Some(skip) = preconditions() {
+        return Ok(skip);
+    }
+    let (fx, holder) = setup("")?;
+    let flow = fx.node(0).dir().join("echo.yaml");
+    std::fs::write(
+        &flow,
+        format!(
+            "name: echo\npriority: 0\nfunc:\n  - name: echo\n    cmd: {}\n    num: 1\n",
+            paths::bin("drop-echo-worker").display()
+        ),
+    )?;
+    fx.node(0)
+        .dropctl(&["flow", "apply", flow.to_str().context("utf-8")?, "--ns", NS])?;
+    let h = fx.node(holder);
+    wait_for(
+        Duration::from_secs(20),
+        "echo answering on the holder",
+        || Ok(h.post("echo", b"x").ok().filter(|r| r.0 == 200)),
+    )?;
+    // Every node runs echo and the others know it: calls can be handed over.
+    wait_until(
+        Duration::from_secs(20),
+        "echo on every node in node ls",
+        || {
+            let nodes = h.dropctl(&["node", "ls"])?;
+            Ok(nodes
+                .as_array()
+                .context("node ls")?
+                .iter()
+                .filter(|n| {
+                    n["pools"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|x| x == "echo"))
+                })
+                .count()
+                == NODES)
+        },
+    )?;
+    let ok_here = |fx: &ClusterFixture| -> anyhow::Result<u64> {
+        let pools = fx.node(holder).dropctl(&["pool", "ls"])?;
+        Ok(pools[0]["stats"]["ok"].as_u64().unwrap_or(0))
+    };
+
+    let started = Instant::now();
+    let out = h.dropctl_output(&["node", "drain", "--wait", "20"])?;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.code() == Some(0),
+        "drain: {out:?}\n{}",
+        fx.log_tails(20)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).context("drain --json")?;
+    ensure!(v["drained"] == true, "{v}");
+    println!("  drain of the holder (n{holder}) reported done after {took:?}");
+    let others: Vec<usize> = (0..NODES).filter(|i| *i != holder).collect();
+    let new_holder = wait_holder(&fx, &(0..NODES).collect::<Vec<_>>(), Some(holder))?;
+    ensure!(new_holder != holder);
+    wait_until(
+        Duration::from_secs(5),
+        "the leadership following the VIP",
+        || {
+            let ns = fx.node(new_holder).dropctl(&["ns", "show", NS])?;
+            Ok(ns["leader"] == fx.node(new_holder).name())
+        },
+    )?;
+    let nodes = fx.node(others[0]).dropctl(&["node", "ls"])?;
+    let me = nodes
+        .as_array()
+        .context("node ls")?
+        .iter()
+        .find(|n| n["name"] == h.name())
+        .context("drained node in node ls")?;
+    ensure!(me["draining"] == true, "{me}");
+
+    // Calls to the drained node's gateway are answered, by the other nodes' pools.
+    let before = ok_here(&fx)?;
+    for i in 0..20 {
+        let (status, body) = h.post("echo", format!("c{i}").as_bytes())?;
+        ensure!(
+            status == 200 && body == format!("c{i}").as_bytes(),
+            "{status} {body:?}"
+        );
+    }
+    let after = ok_here(&fx)?;
+    ensure!(
+        after == before,
+        "the drained node's own pool answered {} of 20 calls",
+        after - before
+    );
+    println!("  20 calls to the drained node's gateway: all answered, 0 by its own pool");
+
+    // Restarted while drained: still drained, and it does not take the VIP back.
+    h.stop()?;
+    h.restart()?;
+    std::thread::sleep(SETTLE);
+    ensure!(
+        h.dropctl(&["node", "drain-status"])?["draining"] == true,
+        "drain kept across a restart"
+    );
+    ensure!(
+        holders(&fx, &[holder])?.is_empty(),
+        "a drained node took the VIP"
+    );
+
+    let out = h.dropctl_output(&["node", "undrain"])?;
+    ensure!(out.status.code() == Some(0), "undrain: {out:?}");
+    wait_until(
+        Duration::from_secs(10),
+        "the undrained node's own pool answering",
+        || {
+            let before = ok_here(&fx)?;
+            let (status, _) = h.post("echo", b"back")?;
+            Ok(status == 200 && ok_here(&fx)? > before)
+        },
+    )?;
+    let events = h.dropctl_output(&["events", "--cluster", "-n", "500"])?;
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    for want in ["draining", "undrained", "floating IP"] {
+        ensure!(
+            events.contains(want),
+            "{want:?} missing from the merged events:\n{events}"
+        );
+    }
+    Ok(Outcome::Pass)
 }

@@ -119,6 +119,8 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
             else {
                 continue;
             };
+            // A draining node keeps its established flows and takes no new one.
+            let weight = if n.draining { 0 } else { weight };
             backends.push(Backend {
                 node: name.to_string(),
                 lb: LbBackend {
@@ -164,7 +166,7 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
                 id: backend_id(&n.id),
                 addr,
                 mac,
-                weight: 1,
+                weight: u32::from(!n.draining),
             },
         });
     }
@@ -484,6 +486,7 @@ mod tests {
             pools: Vec::new(),
             systemd: Some(true),
             gateway: None,
+            draining: false,
         }
     }
 
@@ -610,6 +613,41 @@ mod tests {
         assert_eq!(b, vec!["n0", "n1"]);
         assert!(d.local_vip.is_some());
         assert!(desired(&view, &nodes, "n2").local_vip.is_none());
+
+        // A draining node stays a backend with weight 0: its flows finish, new ones go
+        // elsewhere.
+        nodes[0].draining = true;
+        let d = desired(&view, &nodes, "n1");
+        let b: Vec<(&str, u32)> = d.vips[&gw]
+            .iter()
+            .map(|b| (b.node.as_str(), b.lb.weight))
+            .collect();
+        assert_eq!(b, vec![("n0", 0), ("n1", 1)]);
+    }
+
+    #[test]
+    fn a_draining_nodes_service_backend_gets_weight_0() {
+        let mut nodes: Vec<NodeView> = (0..2).map(|i| node(i, MemberState::Alive)).collect();
+        nodes[1].draining = true;
+        let view = ns(
+            Some("10.201.0.100"),
+            vec![
+                instance(0, 0, "active", false),
+                instance(1, 1, "active", false),
+            ],
+            PORT,
+        );
+        let d = desired(&view, &nodes, "n0");
+        let vip = LbVip {
+            addr: "10.201.0.100".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        let b: Vec<(&str, u32)> = d.vips[&vip]
+            .iter()
+            .map(|b| (b.node.as_str(), b.lb.weight))
+            .collect();
+        assert_eq!(b, vec![("n0", 1), ("n1", 0)]);
     }
 
     #[test]

@@ -16,7 +16,8 @@ Exit codes:
   1  the daemon answered with an error, or an operation failed (e.g. a key could not be applied)
   2  usage error
   3  the daemon is not reachable on the socket
-  4  `tune check`: at least one key drifts from the profile";
+  4  `tune check`: at least one key drifts from the profile
+  5  `node drain`: not drained within --wait (the node still drains)";
 
 /// Control a DROP node (drop-supervisor) over its Unix socket.
 #[derive(Debug, Parser)]
@@ -103,6 +104,18 @@ enum Command {
 enum NodeCommand {
     /// Every member: state (alive / suspect / dead / left), namespace, leader, version.
     Ls,
+    /// Drain this node: no new gateway calls (they go to other nodes), no leadership, floating
+    /// IP or service instances; waits until calls in flight finished and all of that moved.
+    /// Kept across restarts until `undrain`.
+    Drain {
+        /// Give up waiting after this many seconds (0: do not wait); the node keeps draining.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// End the drain: the node takes work again.
+    Undrain,
+    /// Whether this node drains, and what it still holds.
+    DrainStatus,
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +344,7 @@ enum TuneCommand {
 const EXIT_FAILED: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
 const EXIT_DRIFT: u8 = 4;
+const EXIT_NOT_DRAINED: u8 = 5;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -426,6 +440,25 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
             })
         }
         Command::Completions { .. } | Command::Man | Command::Cluster(_) => Ok(0), // in main
+        Command::Node(NodeCommand::Drain { wait }) => drain(client, json, *wait),
+        Command::Node(NodeCommand::Undrain) => {
+            let v: serde_json::Value = client.post("/v1/undrain", &serde_json::json!({}))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{} undrained: taking work again", text(&v["node"]));
+            }
+            Ok(0)
+        }
+        Command::Node(NodeCommand::DrainStatus) => {
+            let v: serde_json::Value = client.get("/v1/drain")?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{}", drain_line(&v));
+            }
+            Ok(0)
+        }
         Command::Node(NodeCommand::Ls) => {
             let v: serde_json::Value = client.get("/v1/nodes")?;
             if json {
@@ -770,16 +803,82 @@ fn text(v: &serde_json::Value) -> String {
     }
 }
 
+/// `dropctl node drain`: asks once, then reports progress until drained or `wait` passes.
+fn drain(client: &Client, json: bool, wait: u64) -> Result<u8, ClientError> {
+    let mut v: serde_json::Value = client.post("/v1/drain", &serde_json::json!({}))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut last = String::new();
+    loop {
+        let line = drain_line(&v);
+        if !json && line != last {
+            println!("{line}");
+            last = line;
+        }
+        if v["drained"] == true || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        v = client.get("/v1/drain")?;
+    }
+    if json {
+        print_json(&v);
+    }
+    Ok(if v["drained"] == true {
+        0
+    } else {
+        EXIT_NOT_DRAINED
+    })
+}
+
+/// What a drain still waits for, in one line.
+fn drain_line(v: &serde_json::Value) -> String {
+    let node = text(&v["node"]);
+    if v["draining"] != true {
+        return format!("{node} is not draining");
+    }
+    if v["drained"] == true {
+        return format!("{node} is drained");
+    }
+    let mut waits = Vec::new();
+    if v["announced"] != true {
+        waits.push("the cluster to hear of it".to_string());
+    }
+    if let Some(l) = v["leads"].as_array().filter(|l| !l.is_empty()) {
+        waits.push(format!(
+            "leadership of {} to move",
+            names(&serde_json::json!(l))
+        ));
+    }
+    if !v["holds_vip"].is_null() {
+        waits.push(format!("floating IP {} to move", text(&v["holds_vip"])));
+    }
+    if v["in_flight"].as_u64().unwrap_or(0) > 0 {
+        waits.push(format!("{} calls in flight", v["in_flight"]));
+    }
+    if v["service_instances"].as_u64().unwrap_or(0) > 0 {
+        waits.push(format!(
+            "{} service instances to move",
+            v["service_instances"]
+        ));
+    }
+    format!("{node} is draining; waiting for {}", waits.join(", "))
+}
+
 fn print_nodes(v: &serde_json::Value) {
     println!(
-        "{:<16} {:<8} {:<22} {:<14} {:<6} {:<8} ID",
+        "{:<16} {:<9} {:<22} {:<14} {:<6} {:<8} ID",
         "NODE", "STATE", "ADDRESS", "NAMESPACE", "LEADER", "VERSION"
     );
     for n in v.as_array().into_iter().flatten() {
+        let state = if n["draining"] == true {
+            format!("{}/drain", text(&n["state"]))
+        } else {
+            text(&n["state"])
+        };
         println!(
-            "{:<16} {:<8} {:<22} {:<14} {:<6} {:<8} {}",
+            "{:<16} {:<9} {:<22} {:<14} {:<6} {:<8} {}",
             text(&n["name"]),
-            text(&n["state"]),
+            state,
             text(&n["addr"]),
             text(&n["namespace"]),
             if n["leader"] == true { "yes" } else { "" },

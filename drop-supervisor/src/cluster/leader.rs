@@ -12,7 +12,9 @@
 //!   (the leader that has sat longer; then the smaller id) wins and the other steps down once it
 //!   sees the winning claim;
 //! - while a fresh claim is still travelling, a node sticks to the leader it believed in before;
-//! - otherwise the smallest eligible id leads, a choice every node can make alone.
+//! - otherwise the smallest eligible id leads, a choice every node can make alone;
+//! - a draining node is not eligible (its claim no longer counts, so it hands the role over)
+//!   unless every live member is draining.
 //!
 //! Pure: no I/O, no clock.
 
@@ -38,6 +40,8 @@ pub struct View<'a> {
     pub claims: &'a BTreeMap<NodeId, u64>,
     /// Whom this node believed to be leader at its last evaluation.
     pub previous: Option<NodeId>,
+    /// Nodes that are draining.
+    pub draining: &'a BTreeSet<NodeId>,
 }
 
 /// The leader of the namespace in `view`, or `None` without a quorum.
@@ -45,7 +49,11 @@ pub fn elect(view: &View<'_>) -> Option<NodeId> {
     if !has_quorum(view.members, view.alive) {
         return None;
     }
-    let eligible: BTreeSet<NodeId> = view.members.intersection(view.alive).copied().collect();
+    let live: BTreeSet<NodeId> = view.members.intersection(view.alive).copied().collect();
+    let eligible: BTreeSet<NodeId> = match live.difference(view.draining).copied().collect() {
+        rest if BTreeSet::is_empty(&rest) => live,
+        rest => rest,
+    };
     let oldest_claim = view
         .claims
         .iter()
@@ -103,6 +111,7 @@ mod tests {
             alive: &set(alive),
             claims: &claims.iter().map(|&c| (n(c), 0)).collect(),
             previous: previous.map(n),
+            draining: &BTreeSet::new(),
         })
     }
 
@@ -144,6 +153,29 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_leader_hands_over_and_drains_take_nothing_unless_all_drain() {
+        let members = set(&[1, 2, 3]);
+        let claims: BTreeMap<NodeId, u64> = [(n(1), 5)].into_iter().collect();
+        let view = |draining: &BTreeSet<NodeId>, previous| {
+            elect(&View {
+                members: &members,
+                alive: &members,
+                claims: &claims,
+                previous,
+                draining,
+            })
+        };
+        // 1 claims and is not draining: it keeps the role.
+        assert_eq!(view(&BTreeSet::new(), Some(n(1))), Some(n(1)));
+        // 1 drains: its claim and the memory of it no longer count; the smallest other leads.
+        assert_eq!(view(&set(&[1]), Some(n(1))), Some(n(2)));
+        // 1 and 2 drain: 3.
+        assert_eq!(view(&set(&[1, 2]), Some(n(1))), Some(n(3)));
+        // Everyone drains: the namespace still has a leader (the claimant).
+        assert_eq!(view(&set(&[1, 2, 3]), Some(n(1))), Some(n(1)));
+    }
+
+    #[test]
     fn previous_leader_is_kept_while_its_claim_travels() {
         assert_eq!(elect_with(&[1, 2, 3], &[1, 2, 3], &[], Some(2)), Some(n(2)));
     }
@@ -166,6 +198,7 @@ mod tests {
             alive: &members,
             claims: &claims,
             previous: None,
+            draining: &BTreeSet::new(),
         };
         assert_eq!(elect(&view), Some(n(3)));
     }
@@ -245,8 +278,10 @@ mod tests {
         ) {
             let claims: BTreeMap<NodeId, u64> =
                 claimants.iter().zip(&since).map(|(id, t)| (*id, *t)).collect();
+            let empty = BTreeSet::new();
             let view = |previous: Option<u128>| View {
                 members: &members, alive: &alive, claims: &claims, previous: previous.map(n),
+                draining: &empty,
             };
             let eligible: BTreeSet<NodeId> = members.intersection(&alive).copied().collect();
             let quorum = has_quorum(&members, &alive);

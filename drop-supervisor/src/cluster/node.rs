@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,10 @@ pub struct NodeMeta {
     pub version: String,
     #[serde(rename = "c")]
     pub capacity: u32,
+    /// Draining (`dropctl node drain`): it takes no leadership, floating IP or new service
+    /// instance, and the balancers and forwarders send it no new work.
+    #[serde(rename = "d", default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// How to start the node's cluster part.
@@ -107,6 +111,9 @@ pub struct NodeView {
     /// Its gateway's listening address, if on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<SocketAddr>,
+    /// It is draining (`dropctl node drain`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// A namespace as this node sees it.
@@ -238,6 +245,8 @@ struct Inner {
     registry: Arc<RwLock<Registry>>,
     /// The floating IP, once the daemon attached it.
     vip: RwLock<Option<Arc<dyn super::VipHook>>>,
+    /// This node is draining: announced in its metadata on the next pass.
+    draining: AtomicBool,
 }
 
 /// Gossip and reliable messages: a batch of entries.
@@ -465,6 +474,7 @@ impl Cluster {
             mac: mac_of(opts.config.advertise.ip()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             capacity: opts.config.capacity,
+            draining: false,
         };
         let inner = Arc::new(Inner {
             me: opts.node_id,
@@ -492,6 +502,7 @@ impl Cluster {
             observer: RwLock::new(None),
             registry: Arc::new(RwLock::new(Registry::default())),
             vip: RwLock::new(None),
+            draining: AtomicBool::new(false),
         });
         // The API answers from the persisted state at once: a restarted node lists its
         // namespaces and flows before its first pass (which waits on starting pools) ends.
@@ -553,6 +564,14 @@ impl Cluster {
             .services
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some((agent, max_failures));
+        self.inner.changed.notify_one();
+    }
+
+    /// Drains this node (or ends that): it gives up leadership and takes none, no new service
+    /// instance is placed here, and the others stop sending it new work. Announced to the
+    /// cluster in this node's metadata by the pass this wakes.
+    pub fn set_draining(&self, draining: bool) {
+        self.inner.draining.store(draining, Ordering::SeqCst);
         self.inner.changed.notify_one();
     }
 
@@ -1431,6 +1450,18 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
         .iter()
         .filter_map(|k| Some((k.id?, k.meta.as_ref().map_or(100, |m| m.capacity))))
         .collect();
+    // Draining nodes, this one included from the moment it was asked (its metadata follows).
+    let draining_here = inner.draining.load(Ordering::SeqCst);
+    let mut draining: BTreeSet<NodeId> = known
+        .iter()
+        .filter(|k| k.meta.as_ref().is_some_and(|m| m.draining))
+        .filter_map(|k| k.id)
+        .collect();
+    if draining_here {
+        draining.insert(inner.me);
+    } else {
+        draining.remove(&inner.me);
+    }
     let mut my_lead = None;
     for ns in &ns_names {
         let mine = my_ns.as_deref() == Some(ns.as_str());
@@ -1457,6 +1488,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
             alive: &up,
             claims: &claims,
             previous,
+            draining: &draining,
         });
         let ns_entry = sh.map.get(&format!("ns/{ns}")).cloned();
         let vip = ns_entry
@@ -1551,6 +1583,7 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
                 members: &members,
                 up: &up,
                 capacity: &capacity,
+                draining: &draining,
                 leading: mine && acting == Some(inner.me) && services.is_some(),
                 mine,
                 max_failures: services.unwrap_or(3),
@@ -1611,7 +1644,9 @@ fn plan(inner: &Inner, sh: &mut Shared, known: &[Known]) -> Plan {
     if !elected_here {
         sh.lease = None;
     }
-    plan.meta_changed = sh.meta.lead != my_lead || sh.meta.ns != my_ns;
+    plan.meta_changed =
+        sh.meta.lead != my_lead || sh.meta.ns != my_ns || sh.meta.draining != draining_here;
+    sh.meta.draining = draining_here;
     if my_lead.is_none() {
         sh.meta.lead_since = None;
     } else if sh.meta.lead != my_lead {
@@ -1872,8 +1907,12 @@ fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView
             .and_then(Value::as_str)
             .map(str::to_string)
     };
+    let mut draining_ids: BTreeSet<String> = BTreeSet::new();
     for k in known {
         let Some(id) = k.id else { continue };
+        if k.meta.as_ref().is_some_and(|m| m.draining) {
+            draining_ids.insert(id.to_string());
+        }
         let pools: Vec<String> = sh
             .map
             .get(&format!("reg/{id}"))
@@ -1912,6 +1951,7 @@ fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView
             pools,
             systemd: systemd_of(&id.to_string()),
             gateway: meta.and_then(|m| m.gateway),
+            draining: meta.is_some_and(|m| m.draining),
         });
     }
     // Nodes memberlist has forgotten (dead longer than gossip_to_the_dead_time) but that still
@@ -1942,9 +1982,16 @@ fn views(inner: &Inner, sh: &Shared, known: &[Known]) -> (Registry, Vec<NodeView
             pools: Vec::new(),
             systemd: systemd_of(id),
             gateway: None,
+            draining: false,
         });
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    // Calls go to a draining node only when no other node runs the pool.
+    for entries in registry.pools.values_mut() {
+        if entries.iter().any(|(id, _, _)| !draining_ids.contains(id)) {
+            entries.retain(|(id, _, _)| !draining_ids.contains(id));
+        }
+    }
     (registry, nodes)
 }
 
@@ -2034,6 +2081,7 @@ mod tests {
             pools: vec![],
             systemd: None,
             gateway: None,
+            draining: false,
         }
     }
 
@@ -2095,6 +2143,7 @@ mod tests {
             mac: Some("02:00:00:00:00:01".into()),
             version: "10.20.30".into(),
             capacity: u32::MAX,
+            draining: true,
         };
         let bytes = serde_json::to_vec(&meta).unwrap();
         assert!(

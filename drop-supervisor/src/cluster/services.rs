@@ -75,6 +75,8 @@ pub struct PassInput<'a> {
     pub up: &'a BTreeSet<NodeId>,
     /// Advertised capacity per node.
     pub capacity: &'a BTreeMap<NodeId, u32>,
+    /// Draining nodes: no instance is placed there (theirs move, make-before-break).
+    pub draining: &'a BTreeSet<NodeId>,
     /// This node acts as the namespace's leader (elected, with its lease).
     pub leading: bool,
     /// This node is a member of `ns`.
@@ -183,6 +185,7 @@ pub fn pass(map: &StateMap, p: &PassInput<'_>) -> ServicesPass {
             let eligible: Vec<Eligible<NodeId>> = live
                 .iter()
                 .filter(|id| has_systemd(map, **id))
+                .filter(|id| !p.draining.contains(id))
                 .filter(|id| failures(map, **id, &key) < p.max_failures)
                 .map(|id| Eligible {
                     id: *id,
@@ -387,6 +390,16 @@ mod tests {
             self.set(&spec_key("t", name), serde_json::to_value(spec).unwrap());
         }
         fn run(&self, me: u128, up: &[u128], leading: bool) -> ServicesPass {
+            self.run_draining(me, up, leading, &[])
+        }
+        fn run_draining(
+            &self,
+            me: u128,
+            up: &[u128],
+            leading: bool,
+            draining: &[u128],
+        ) -> ServicesPass {
+            let draining: BTreeSet<NodeId> = draining.iter().copied().map(id).collect();
             let members: BTreeSet<NodeId> = (1..=5).map(id).collect();
             let up: BTreeSet<NodeId> = up.iter().copied().map(id).collect();
             let name_of = |i: NodeId| format!("n{}", i.0.as_u128());
@@ -398,6 +411,7 @@ mod tests {
                     members: &members,
                     up: &up,
                     capacity: &BTreeMap::new(),
+                    draining: &draining,
                     leading,
                     mine: true,
                     max_failures: 3,
@@ -455,6 +469,32 @@ mod tests {
         // Each node's share is its slots.
         let mine = w.run(2, &[1, 2, 3, 4, 5], false).input.desired;
         assert_eq!(mine.len(), 1);
+    }
+
+    #[test]
+    fn a_draining_node_gets_no_instance_and_its_own_move_elsewhere() {
+        let mut w = World::new();
+        for n in 1..=5 {
+            w.node(n, systemd());
+        }
+        w.service("web", 5);
+        let p = w.run(1, &[1, 2, 3, 4, 5], true);
+        w.apply(&p.writes);
+        assert!(assignment(&w.map, "t", "web").slots.contains(&Some(id(3))));
+        // Node 3 drains: its slot goes to another node.
+        let p = w.run_draining(1, &[1, 2, 3, 4, 5], true, &[3]);
+        assert_eq!(p.writes.len(), 1, "the leader reassigns");
+        w.apply(&p.writes);
+        let a = assignment(&w.map, "t", "web");
+        assert_eq!(a.slots.len(), 5);
+        assert!(!a.slots.contains(&Some(id(3))), "{:?}", a.slots);
+        assert!(a.slots.iter().all(Option::is_some), "{:?}", a.slots);
+        // Undrained, spread wins again: one instance per node.
+        let p = w.run(1, &[1, 2, 3, 4, 5], true);
+        w.apply(&p.writes);
+        let a = assignment(&w.map, "t", "web");
+        let nodes: BTreeSet<_> = a.slots.iter().flatten().collect();
+        assert_eq!(nodes.len(), 5, "{:?}", a.slots);
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   `since` (default: from the oldest kept), waiting up to `wait` seconds (≤ 30) for the next
 //!   event when there is none; `cluster=true` merges every reachable member's recent events
 //!
+//! - `POST /v1/drain`, `POST /v1/undrain`, `GET /v1/drain` — drain this node: no new gateway
+//!   calls, leadership, floating IP or service instances; the answer says what still keeps it
+//!   from being drained (`drained: true` once nothing does)
+//!
 //! Cluster mode only (409 `not_clustered` otherwise):
 //! - `GET /v1/nodes` — every member: state (alive/suspect/dead/left), namespace, leader, version
 //! - `GET|POST /v1/namespaces` `{"name", "vip", "nodes"}`, `GET|DELETE /v1/namespaces/<name>`
@@ -148,6 +152,8 @@ pub enum ApiRequest {
         lines: u32,
     },
     Events(EventsQuery),
+    /// `Some(true)`: drain; `Some(false)`: undrain; `None`: only report.
+    Drain(Option<bool>),
 }
 
 /// `GET /v1/events`: where to start, how many, how long to wait, and whose.
@@ -396,6 +402,15 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         "/v1/vip" => match method {
             "GET" => Ok(ApiRequest::VipList),
             _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/drain" => match method {
+            "GET" => Ok(ApiRequest::Drain(None)),
+            "POST" => Ok(ApiRequest::Drain(Some(true))),
+            _ => Err(method_not_allowed(req, "GET or POST")),
+        },
+        "/v1/undrain" => match method {
+            "POST" => Ok(ApiRequest::Drain(Some(false))),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         "/v1/events" => match method {
             "GET" => Ok(ApiRequest::Events(EventsQuery::from_query(
@@ -713,6 +728,18 @@ mod tests {
         assert_eq!(
             decode(&req("POST", "/v1/events", "")).unwrap_err().status,
             405
+        );
+        assert_eq!(
+            decode(&req("POST", "/v1/drain", "")),
+            Ok(ApiRequest::Drain(Some(true)))
+        );
+        assert_eq!(
+            decode(&req("GET", "/v1/drain", "")),
+            Ok(ApiRequest::Drain(None))
+        );
+        assert_eq!(
+            decode(&req("POST", "/v1/undrain", "")),
+            Ok(ApiRequest::Drain(Some(false)))
         );
     }
 

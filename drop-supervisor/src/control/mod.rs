@@ -312,6 +312,106 @@ impl Supervisor {
         .map_err(|e| ApiError::internal(format!("events task: {e}")))?
     }
 
+    /// `dropctl node drain | undrain` (`Some`), or only the drain's progress (`None`). The
+    /// drain is kept in the state directory, so a restarted daemon stays drained until undrained.
+    fn drain(&self, on: Option<bool>) -> Result<serde_json::Value, ApiError> {
+        let dir = &self.config.state_dir;
+        if let Some(on) = on {
+            let before = crate::host::state::draining_since(dir);
+            let since = on.then(|| before.unwrap_or_else(crate::cluster::state::physical_now_ms));
+            crate::host::state::set_draining(dir, since)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            self.apply_drain(on);
+            let name = &self.config.node_name;
+            match (before.is_some(), on) {
+                (false, true) => {
+                    tracing::info!(
+                        "draining: no new gateway calls, leadership, floating IP or service instances here"
+                    );
+                    crate::events::record(
+                        crate::events::Kind::Drain,
+                        name,
+                        "draining: no new calls, leadership, floating IP or instances here",
+                    );
+                }
+                (true, false) => {
+                    tracing::info!("undrained: taking work again");
+                    crate::events::record(crate::events::Kind::Drain, name, "undrained");
+                }
+                _ => {}
+            }
+        }
+        Ok(self.drain_status())
+    }
+
+    /// Tells every part of the node whether it drains (also at start-up, from the state
+    /// directory).
+    pub fn apply_drain(&self, on: bool) {
+        self.runtime.set_draining(on);
+        if let Some(c) = &self.cluster {
+            c.set_draining(on);
+        }
+        if let Some(v) = &self.vip {
+            v.set_draining(on);
+        }
+    }
+
+    /// What still keeps a draining node from being drained.
+    fn drain_status(&self) -> serde_json::Value {
+        let me = self.config.node_name.as_str();
+        let since = crate::host::state::draining_since(&self.config.state_dir);
+        let in_flight = self.runtime.in_flight();
+        let (mut leads, mut instances, mut announced) = (Vec::new(), 0u64, true);
+        if let Some(c) = &self.cluster {
+            for ns in c.namespaces() {
+                if ns.leader.as_deref() == Some(me) {
+                    leads.push(ns.name.clone());
+                }
+                instances += ns
+                    .services
+                    .iter()
+                    .flat_map(|s| &s.instances)
+                    .filter(|i| i.node.as_deref() == Some(me))
+                    .filter(|i| {
+                        matches!(
+                            i.active.as_str(),
+                            "active" | "activating" | "deactivating" | "reloading"
+                        )
+                    })
+                    .count() as u64;
+            }
+            // The cluster has heard it: this node's own metadata says so.
+            announced = c
+                .nodes()
+                .iter()
+                .find(|n| n.name == me)
+                .is_some_and(|n| n.draining == since.is_some());
+        }
+        let holds_vip = self
+            .vip
+            .as_ref()
+            .and_then(|v| v.status())
+            .filter(|s| s.role == "holder")
+            .map(|s| s.address);
+        let drained = since.is_some()
+            && announced
+            && leads.is_empty()
+            && holds_vip.is_none()
+            && in_flight == 0
+            && instances == 0;
+        serde_json::json!({
+            "node": me,
+            "draining": since.is_some(),
+            "since_unix_ms": since,
+            "announced": announced,
+            "leads": leads,
+            "holds_vip": holds_vip,
+            "in_flight": in_flight,
+            "service_instances": instances,
+            "drained": drained,
+        })
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -461,6 +561,7 @@ impl Supervisor {
                 .await
                 .map(ApiResponse::Json),
             ApiRequest::Events(q) => self.events(q).await.map(ApiResponse::Json),
+            ApiRequest::Drain(on) => self.drain(on).map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => {
                 let status = self

@@ -271,7 +271,9 @@ struct Ctx {
 /// once) and encoded by whichever thread finishes it.
 impl Serve for Ctx {
     fn serve(&self, req: Request, responder: Responder, before_blocking: &mut dyn FnMut()) {
-        let req_close = req.close;
+        // Draining: each connection ends after its answer, so a client behind a balancer
+        // reconnects to a node that takes new work.
+        let req_close = req.close || self.lookup.draining();
         match route(req, self, before_blocking) {
             Routed::Done(answer) => {
                 let close = req_close || responder.closing();
@@ -561,6 +563,28 @@ fn route_call(req: Request, ctx: &Ctx, before_blocking: &mut dyn FnMut()) -> Rou
         return Routed::Done(every_answer(name, me, &req.body, local.as_ref(), forward));
     }
     let result = match (local, forward) {
+        // Draining: another node that runs the pool takes the call; none does, this one.
+        (Some(pool), Some(fwd)) if ctx.lookup.draining() => {
+            before_blocking();
+            match fwd.call_any(name, &req.body) {
+                // Nothing was sent anywhere: this node answers after all.
+                Some(Err(e)) if e.code == "peer_unreachable" => {
+                    return Routed::Submit {
+                        pool,
+                        payload: req.body,
+                        finish: Box::new(plain_finish),
+                    };
+                }
+                Some(r) => r,
+                None => {
+                    return Routed::Submit {
+                        pool,
+                        payload: req.body,
+                        finish: Box::new(plain_finish),
+                    };
+                }
+            }
+        }
         (Some(pool), _) => {
             return Routed::Submit {
                 pool,

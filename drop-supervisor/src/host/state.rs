@@ -13,6 +13,29 @@ use uuid::Uuid;
 /// File under the state directory that holds the node id.
 pub const NODE_ID_FILE: &str = "node-id";
 
+/// File under the state directory that exists while the node is drained (it holds the Unix
+/// time in ms when the drain began), so a restart in the middle of a rollout stays drained.
+pub const DRAINING_FILE: &str = "draining";
+
+/// Since when the node has been draining, if it is.
+pub fn draining_since(state_dir: &Path) -> Option<u64> {
+    let text = fs::read_to_string(state_dir.join(DRAINING_FILE)).ok()?;
+    Some(text.trim().parse().unwrap_or(0))
+}
+
+/// Records (`Some(since)`) or ends (`None`) the drain.
+pub fn set_draining(state_dir: &Path, since: Option<u64>) -> Result<(), StateError> {
+    let path = state_dir.join(DRAINING_FILE);
+    match since {
+        Some(ms) => write_atomic(&path, format!("{ms}\n").as_bytes()),
+        None => match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Write { path, source }),
+        },
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot create state directory {path}")]

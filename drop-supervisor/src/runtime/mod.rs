@@ -40,6 +40,11 @@ pub trait PoolLookup: Send + Sync {
     fn metrics(&self) -> Option<String> {
         None
     }
+    /// The node is draining: the gateway hands new calls to other nodes where it can and
+    /// closes each connection after its answer.
+    fn draining(&self) -> bool {
+        false
+    }
     /// What the status page (`GET /ui/state`) shows; `None` when this server has none.
     fn ui_state(&self) -> Option<serde_json::Value> {
         None
@@ -190,6 +195,8 @@ pub struct Runtime {
     /// The node and cluster part of the status page (set by the daemon).
     ui_source: RwLock<Option<UiSource>>,
     peer_source: RwLock<Option<PeerSource>>,
+    /// `dropctl node drain`: see [`PoolLookup::draining`].
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The node and cluster part of the status page: a JSON object merged into `/ui/state`.
@@ -235,6 +242,9 @@ struct Route {
 }
 
 impl PoolLookup for Runtime {
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn pool(&self, name: &str) -> Option<Pool> {
         self.pools
             .read()
@@ -344,6 +354,7 @@ impl Runtime {
             extra_metrics: RwLock::new(Vec::new()),
             ui_source: RwLock::new(None),
             peer_source: RwLock::new(None),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -858,6 +869,20 @@ impl Runtime {
 
     /// Stops a pool and starts it again from its flow's definition — also a `failed` one, so an
     /// operator can retry after fixing what made it fail.
+    /// Sets whether the node is draining (what the gateway asks through [`PoolLookup`]).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining
+            .store(draining, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Calls in flight and queued on this node's pools.
+    pub fn in_flight(&self) -> u64 {
+        self.pool_statuses()
+            .iter()
+            .map(|p| u64::from(p.busy) + u64::from(p.queue_depth))
+            .sum()
+    }
+
     pub fn restart_pool(&self, name: &str) -> Result<PoolStatus, RuntimeError> {
         let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
         let entry = pools

@@ -95,6 +95,8 @@ struct Inputs {
     healthy: Option<bool>,
     health_check: Option<String>,
     health_detail: Option<String>,
+    /// The node is draining: it stands aside like an unhealthy one.
+    draining: bool,
     stop: bool,
 }
 
@@ -165,6 +167,11 @@ impl Agent {
         i.health_check = check;
         i.healthy = healthy;
         i.health_detail = detail;
+    }
+
+    /// Draining: the node releases the address (to a healthy member) and does not take it.
+    pub fn set_draining(&self, draining: bool) {
+        lock(&self.inputs).draining = draining;
     }
 
     /// A setter for [`Agent::set_health`] that a task can own.
@@ -249,13 +256,14 @@ impl Worker {
         let mut buf = [0u8; wire::MAX_DATAGRAM + 1];
         loop {
             let now = Instant::now();
-            let (plan, healthy, check, detail, stop) = {
+            let (plan, healthy, check, detail, draining, stop) = {
                 let i = lock(&self.inputs);
                 (
                     i.plan.clone(),
                     i.healthy,
                     i.health_check.clone(),
                     i.health_detail.clone(),
+                    i.draining,
                     i.stop,
                 )
             };
@@ -271,7 +279,8 @@ impl Worker {
                 let ok = match healthy {
                     Some(h) => h,
                     None => check.is_none() || cur.machine.is_holder(),
-                } && net_ok;
+                } && net_ok
+                    && !draining;
                 if ok != cur.machine.healthy() {
                     if !ok {
                         warn!(namespace = %cur.plan.ns, detail = ?detail, "this node is unhealthy for the floating IP");
@@ -285,7 +294,9 @@ impl Worker {
                     cur.status.health = HealthStatus {
                         check,
                         healthy: ok,
-                        detail: if net_ok {
+                        detail: if draining {
+                            Some("draining (dropctl node undrain ends it)".into())
+                        } else if net_ok {
                             detail
                         } else {
                             Some("adding the address failed; staying out for a while".into())

@@ -141,6 +141,11 @@ impl VipService {
         }
     }
 
+    /// Draining: release the address to a healthy member and do not take it back.
+    pub fn set_draining(&self, draining: bool) {
+        self.agent.set_draining(draining);
+    }
+
     pub fn status(&self) -> Option<VipStatus> {
         self.agent.status()
     }
