@@ -263,8 +263,10 @@ fn ui_state(
     name: &str,
     node_id: uuid::Uuid,
     started: Instant,
+    state_dir: &Path,
     cluster: Option<&crate::cluster::node::Cluster>,
     vip: Option<&crate::vip::VipService>,
+    lb: Option<&crate::balancer::LbService>,
 ) -> serde_json::Value {
     let vip_status = vip.and_then(crate::vip::VipService::status);
     let cluster_json =
@@ -277,9 +279,11 @@ fn ui_state(
             "id": node_id.to_string(),
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": started.elapsed().as_secs(),
+            "draining": state::draining_since(state_dir).is_some(),
         },
         "cluster": cluster_json,
         "vip": vip_status,
+        "lb": lb.map(crate::balancer::LbService::status),
         "events": events,
     })
 }
@@ -502,9 +506,18 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     };
     {
         let name = config.node_name.clone();
-        let (cluster, vip) = (cluster.clone(), vip.clone());
+        let state_dir = config.state_dir.clone();
+        let (cluster, vip, lb) = (cluster.clone(), vip.clone(), lb.clone());
         runtime.set_ui_source(Box::new(move || {
-            ui_state(&name, node_id, started, cluster.as_deref(), vip.as_deref())
+            ui_state(
+                &name,
+                node_id,
+                started,
+                &state_dir,
+                cluster.as_deref(),
+                vip.as_deref(),
+                lb.as_deref(),
+            )
         }));
     }
     let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);

@@ -235,6 +235,38 @@ fn status_page() -> anyhow::Result<Outcome> {
             "  worker {pid} killed: the page showed the restart after {:.0} ms",
             killed.elapsed().as_secs_f64() * 1e3
         );
+        // ... and the event log's entry for it, among the recent events.
+        wait_for(
+            Duration::from_secs(2),
+            "the restart event on the page",
+            || {
+                let text = script(
+                    netns,
+                    &session,
+                    "return [...document.querySelectorAll('#events li[data-kind=\"restart\"]')].map(e => e.textContent).join('\\n')",
+                )?;
+                let text = text.as_str().unwrap_or_default().to_string();
+                if text.contains("echo") && text.contains(&format!("worker")) {
+                    Ok(())
+                } else {
+                    bail!("restart events on the page: {text:?}")
+                }
+            },
+        )?;
+        println!(
+            "  ... and its restart event after {:.0} ms",
+            killed.elapsed().as_secs_f64() * 1e3
+        );
+        // A single node without systemd or balancer says so rather than showing empty tables.
+        let sections = script(
+            netns,
+            &session,
+            "return [document.getElementById('no-services').hidden, document.getElementById('no-lb').hidden]",
+        )?;
+        ensure!(
+            sections == json!([false, false]),
+            "services/balancer placeholders: {sections}"
+        );
 
         // The screenshot, kept.
         let png = wd(
