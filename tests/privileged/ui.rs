@@ -246,7 +246,7 @@ fn status_page() -> anyhow::Result<Outcome> {
                     "return [...document.querySelectorAll('#events li[data-kind=\"restart\"]')].map(e => e.textContent).join('\\n')",
                 )?;
                 let text = text.as_str().unwrap_or_default().to_string();
-                if text.contains("echo") && text.contains(&format!("worker")) {
+                if text.contains("echo") && text.contains("worker") {
                     Ok(())
                 } else {
                     bail!("restart events on the page: {text:?}")
