@@ -438,11 +438,20 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         peer_server = Some(server);
         if let Some(sc) = &config.services {
             cluster.set_services(start_services(sc, cluster.notifier()), sc.max_failures);
-            let (c, journal) = (cluster.clone(), sc.journal_dir.clone());
-            runtime.set_peer_source(Box::new(move |path, query| {
-                control::peer_request(&c, journal.as_deref(), path, query)
-            }));
         }
+        // Other nodes' questions about this one: its events, pools, drain, service logs.
+        let journal = config.services.as_ref().and_then(|s| s.journal_dir.clone());
+        let (c, rt) = (cluster.clone(), Arc::downgrade(&runtime));
+        let state_dir = config.state_dir.clone();
+        runtime.set_peer_source(Box::new(move |path, query| {
+            if path == "/peer/node" {
+                let rt = rt
+                    .upgrade()
+                    .ok_or_else(|| crate::error::ApiError::internal("stopping"))?;
+                return Ok(control::node_summary(&rt, &state_dir));
+            }
+            control::peer_request(&c, journal.as_deref(), path, query)
+        }));
         cluster.spawn(runtime.clone(), key.clone());
     }
     let vip = match (&cluster, &config.cluster, &config.vip) {

@@ -793,6 +793,21 @@ fn drain_hands_off() -> anyhow::Result<Outcome> {
                 == NODES)
         },
     )?;
+    // `status` summarises the namespace, every member's pools asked of the member itself.
+    let st = h.dropctl(&["status"])?;
+    let ns = &st["overview"]["namespace"];
+    ensure!(ns["name"] == NS && ns["quorum"] == true, "{st}");
+    ensure!(ns["vip_holder"] == h.name(), "{st}");
+    let members = ns["members"].as_array().context("members")?;
+    ensure!(members.len() == NODES, "{st}");
+    for m in members {
+        ensure!(
+            m["pools"].as_array().is_some_and(|p| p
+                .iter()
+                .any(|p| p["name"] == "echo" && p["state"] == "running")),
+            "member without a running echo in status: {m}"
+        );
+    }
     let ok_here = |fx: &ClusterFixture| -> anyhow::Result<u64> {
         let pools = fx.node(holder).dropctl(&["pool", "ls"])?;
         Ok(pools[0]["stats"]["ok"].as_u64().unwrap_or(0))
@@ -871,13 +886,35 @@ fn drain_hands_off() -> anyhow::Result<Outcome> {
             Ok(status == 200 && ok_here(&fx)? > before)
         },
     )?;
-    let events = h.dropctl_output(&["events", "--cluster", "-n", "500"])?;
-    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    let merged = h.dropctl(&["events", "--cluster", "-n", "500"])?;
+    ensure!(
+        merged["unreachable"]
+            .as_object()
+            .is_some_and(|u| u.is_empty()),
+        "{}",
+        merged["unreachable"]
+    );
+    let events = merged["events"].as_array().context("events")?;
+    let from: BTreeSet<&str> = events.iter().filter_map(|e| e["node"].as_str()).collect();
+    ensure!(from.len() == NODES, "events from {from:?} only");
+    let texts: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {}", e["node"], e["text"]))
+        .collect();
     for want in ["draining", "undrained", "floating IP"] {
         ensure!(
-            events.contains(want),
-            "{want:?} missing from the merged events:\n{events}"
+            texts.iter().any(|t| t.contains(want)),
+            "{want:?} missing from the merged events:\n{}",
+            texts.join("\n")
         );
     }
+    // The new holder recorded taking the address.
+    let new_name = fx.node(new_holder).name().to_string();
+    ensure!(
+        texts
+            .iter()
+            .any(|t| t.contains(&new_name) && t.contains(&format!("held by {new_name}"))),
+        "no event of {new_name} taking the VIP"
+    );
     Ok(Outcome::Pass)
 }

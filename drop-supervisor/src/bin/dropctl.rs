@@ -35,7 +35,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Node identity, version, uptime and pid of the daemon.
+    /// Node identity, version, uptime and pid of the daemon; in cluster mode also its namespace:
+    /// leader, floating IP, every member with its pools, services with their health.
     Status,
     /// Host tuning (sysctl profile).
     #[command(subcommand)]
@@ -401,11 +402,23 @@ fn main() -> ExitCode {
 fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => {
-            let s: serde_json::Value = client.get("/v1/status")?;
+            let mut s: serde_json::Value = client.get("/v1/status")?;
+            // In cluster mode, the namespace as a whole too.
+            let overview = match client.get::<serde_json::Value>("/v1/overview") {
+                Ok(v) => Some(v),
+                Err(ClientError::Api(e)) if e.code == "not_clustered" => None,
+                Err(e) => return Err(e),
+            };
             if json {
+                if let Some(o) = overview {
+                    s["overview"] = o;
+                }
                 print_json(&s);
             } else {
                 print_status(&serde_json::from_value(s).map_err(|e| bad(&e))?);
+                if let Some(o) = &overview {
+                    print_overview(o);
+                }
             }
             Ok(0)
         }
@@ -1487,6 +1500,84 @@ fn print_status(s: &StatusInfo) {
     println!("socket   {}", s.socket.display());
     println!("gateway  {}", s.gateway.as_deref().unwrap_or("off"));
     println!("pools    {}", s.pools);
+}
+
+/// The namespace part of `dropctl status`.
+fn print_overview(o: &serde_json::Value) {
+    if o["node"]["draining"] == true {
+        println!("draining yes (dropctl node undrain ends it)");
+    }
+    let ns = &o["namespace"];
+    if ns.is_null() {
+        println!("\nnamespace (none: this node is in no namespace)");
+        return;
+    }
+    println!();
+    println!("namespace {}", text(&ns["name"]));
+    println!(
+        "leader    {}{}",
+        text(&ns["leader"]),
+        if ns["quorum"] == true {
+            ""
+        } else {
+            "  (NO QUORUM)"
+        }
+    );
+    if !ns["vip"].is_null() {
+        println!(
+            "vip       {} held by {}",
+            text(&ns["vip"]),
+            text(&ns["vip_holder"])
+        );
+    }
+    println!();
+    println!(
+        "{:<16} {:<9} {:<8} {:<6} POOLS (state workers ok/error)",
+        "NODE", "STATE", "VERSION", "DRAIN"
+    );
+    for m in ns["members"].as_array().into_iter().flatten() {
+        let pools = match m["pools"].as_array() {
+            Some(p) if !p.is_empty() => p
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {} {} {}/{}",
+                        text(&p["name"]),
+                        text(&p["state"]),
+                        p["workers"],
+                        p["ok"],
+                        p["error"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            Some(_) => "-".to_string(),
+            None => format!("(unreachable: {})", text(&m["unreachable"])),
+        };
+        println!(
+            "{:<16} {:<9} {:<8} {:<6} {pools}",
+            text(&m["name"]),
+            text(&m["state"]),
+            text(&m["version"]),
+            if m["draining"] == true { "yes" } else { "" },
+        );
+    }
+    let services = ns["services"].as_array().cloned().unwrap_or_default();
+    if !services.is_empty() {
+        println!();
+        println!("{:<24} {:>6} {:>6}  HEALTH", "SERVICE", "COUNT", "ACTIVE");
+        for sv in services {
+            let (count, active) = (
+                sv["count"].as_u64().unwrap_or(0),
+                sv["active"].as_u64().unwrap_or(0),
+            );
+            println!(
+                "{:<24} {count:>6} {active:>6}  {}",
+                text(&sv["name"]),
+                if active >= count { "ok" } else { "DEGRADED" }
+            );
+        }
+    }
 }
 
 fn print_check(r: &CheckReport) {

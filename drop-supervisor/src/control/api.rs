@@ -23,6 +23,9 @@
 //!   from being drained (`drained: true` once nothing does)
 //!
 //! Cluster mode only (409 `not_clustered` otherwise):
+//! - `GET /v1/overview` — the node's namespace as a whole: leader, quorum, floating IP and
+//!   holder, every member with its state, drain and pools (asked of each over the peer
+//!   transport), services with their active count
 //! - `GET /v1/nodes` — every member: state (alive/suspect/dead/left), namespace, leader, version
 //! - `GET|POST /v1/namespaces` `{"name", "vip", "nodes"}`, `GET|DELETE /v1/namespaces/<name>`
 //! - `POST /v1/namespaces/<name>/join` — move this node there; `POST /v1/leave` — leave it
@@ -154,6 +157,8 @@ pub enum ApiRequest {
     Events(EventsQuery),
     /// `Some(true)`: drain; `Some(false)`: undrain; `None`: only report.
     Drain(Option<bool>),
+    /// The namespace as a whole (`dropctl status` in cluster mode).
+    Overview,
 }
 
 /// `GET /v1/events`: where to start, how many, how long to wait, and whose.
@@ -401,6 +406,10 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         },
         "/v1/vip" => match method {
             "GET" => Ok(ApiRequest::VipList),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/overview" => match method {
+            "GET" => Ok(ApiRequest::Overview),
             _ => Err(method_not_allowed(req, "GET")),
         },
         "/v1/drain" => match method {

@@ -312,6 +312,84 @@ impl Supervisor {
         .map_err(|e| ApiError::internal(format!("events task: {e}")))?
     }
 
+    /// `dropctl status` in cluster mode: this node, and its namespace as a whole — leader,
+    /// quorum, floating IP and holder, every member with its state, drain and pools (asked of
+    /// each member over the peer transport), services with their active count.
+    async fn overview(&self) -> Result<serde_json::Value, ApiError> {
+        let cluster = self.cluster()?.clone();
+        let me = self.config.node_name.clone();
+        let here = node_summary(&self.runtime, &self.config.state_dir);
+        let nodes = cluster.nodes();
+        let my_ns = nodes
+            .iter()
+            .find(|n| n.name == me)
+            .and_then(|n| n.namespace.clone());
+        let Some(ns_name) = my_ns else {
+            return Ok(serde_json::json!({ "node": here, "namespace": null }));
+        };
+        let ns = cluster.namespace(&ns_name)?;
+        let vip = self.vips(Some(&ns_name)).ok().and_then(|mut v| v.pop());
+        let peers = self.peers.clone();
+        let member_names: Vec<String> = ns.members.iter().map(|m| m.name.clone()).collect();
+        let nodes2 = nodes.clone();
+        let members = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for name in member_names {
+                let view = nodes2.iter().find(|n| n.name == name);
+                let mut m = serde_json::json!({
+                    "name": name,
+                    "state": view.map(|v| v.state),
+                    "draining": view.is_some_and(|v| v.draining),
+                    "version": view.map(|v| v.version.clone()),
+                    "leader": view.is_some_and(|v| v.leader),
+                });
+                let summary = if name == me {
+                    Ok(here.clone())
+                } else {
+                    match (
+                        view.filter(|v| v.state.is_up()).and_then(|v| v.peer),
+                        &peers,
+                    ) {
+                        (Some(addr), Some(p)) => {
+                            p.request(&name, addr, "/peer/node").and_then(|b| {
+                                serde_json::from_slice(&b).map_err(|e| {
+                                    ApiError::new(502, "peer_error", format!("{name}: {e}"))
+                                })
+                            })
+                        }
+                        _ => Err(ApiError::new(503, "peer_unreachable", "not up")),
+                    }
+                };
+                match summary {
+                    Ok(s) => m["pools"] = s["pools"].clone(),
+                    Err(e) => m["unreachable"] = e.message.into(),
+                }
+                out.push(m);
+            }
+            out
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("overview task: {e}")))?;
+        let services: Vec<serde_json::Value> = ns
+            .services
+            .iter()
+            .map(|s| serde_json::json!({ "name": s.name, "count": s.count, "active": s.active }))
+            .collect();
+        Ok(serde_json::json!({
+            "node": node_summary(&self.runtime, &self.config.state_dir),
+            "namespace": {
+                "name": ns.name,
+                "leader": ns.leader,
+                "quorum": ns.quorum,
+                "vip": ns.vip,
+                "vip_holder": vip.as_ref().map(|v| v["holder"].clone()),
+                "members": members,
+                "flows": ns.flows,
+                "services": services,
+            },
+        }))
+    }
+
     /// `dropctl node drain | undrain` (`Some`), or only the drain's progress (`None`). The
     /// drain is kept in the state directory, so a restarted daemon stays drained until undrained.
     fn drain(&self, on: Option<bool>) -> Result<serde_json::Value, ApiError> {
@@ -562,6 +640,7 @@ impl Supervisor {
                 .map(ApiResponse::Json),
             ApiRequest::Events(q) => self.events(q).await.map(ApiResponse::Json),
             ApiRequest::Drain(on) => self.drain(on).map(ApiResponse::Json),
+            ApiRequest::Overview => self.overview().await.map(ApiResponse::Json),
             ApiRequest::PoolList => Ok(to_json(&self.runtime.pool_statuses())),
             ApiRequest::PoolShow { name } => {
                 let status = self
@@ -707,6 +786,40 @@ impl Supervisor {
             )),
         }
     }
+}
+
+/// This node in a few words, for `dropctl status` (also asked by other nodes: `/peer/node`):
+/// version, drain, and each pool's state, workers and counters.
+pub fn node_summary(runtime: &Runtime, state_dir: &Path) -> serde_json::Value {
+    use crate::runtime::worker::pool::Phase;
+    let pools: Vec<serde_json::Value> = runtime
+        .pool_statuses()
+        .into_iter()
+        .map(|p| {
+            let state = match &p.phase {
+                Phase::Running => "running".to_string(),
+                Phase::Failed(why) => format!("failed: {why}"),
+                Phase::Stopped => "stopped".to_string(),
+            };
+            serde_json::json!({
+                "name": p.name,
+                "state": state,
+                "workers": p.workers,
+                "busy": p.busy,
+                "queue": p.queue_depth,
+                "ok": p.stats.ok,
+                "error": p.stats.error,
+                "timeout": p.stats.timeout,
+                "restarts": p.stats.restarts,
+                "p99_us": p.stats.quantile_us(0.99),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "draining": crate::host::state::draining_since(state_dir).is_some(),
+        "pools": pools,
+    })
 }
 
 /// The journal lines of `view`'s instances that run on this node.
