@@ -1,30 +1,64 @@
-//! The node's RPM as an operator meets it: installed into an empty root with Debian's `rpm`
-//! (`--root`, its own database), its files, modes, owners and config files checked; a config
-//! edit survives the erase as `.rpmsave`. Built by `cargo xtask rpm` (which `cargo xtask test`
-//! runs first); scriptlets are not run here (they need systemd, see the unit's own test).
+//! The node's RPM as an operator meets it. Built by `cargo xtask rpm` (which `cargo xtask test`
+//! runs first, for this version and for [`upgrade_version`]).
+//!
+//! - Installed into an empty root with Debian's `rpm` (`--root`, its own database): its files,
+//!   modes, owners and config files; a config edit survives the erase as `.rpmsave`.
+//! - Installed for real into a throw-away systemd (in a network namespace of its own): the
+//!   sandbox's `/usr` and `/etc` become writable overlays inside its mount namespace only, `rpm`
+//!   runs in there with its scriptlets (users, folders, daemon-reload), the installed unit starts
+//!   and answers `dropctl status` and a gateway call; an upgrade to the next build keeps an
+//!   edited config (`.rpmnew` beside it), the node id and the flows, and restarts the daemon
+//!   once; the erase stops and disables the unit and keeps the state.
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 use std::process::Command;
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context as _, ensure};
+use drop_tests::netns::Netns;
+use drop_tests::systemd::{SandboxOptions, SystemdSandbox};
 use drop_tests::{Outcome, Test, paths, require_command, require_root};
 
-pub const TESTS: &[Test] = &[Test {
-    name: "package_rpm_installs_files_modes_config_and_erases",
-    run: install_and_erase,
-}];
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "package_rpm_installs_files_modes_config_and_erases",
+        run: install_and_erase,
+    },
+    Test {
+        name: "package_rpm_in_systemd_installs_starts_upgrades_and_erases",
+        run: in_systemd,
+    },
+];
 
-/// The newest `target/rpm/*.rpm`.
-fn package() -> anyhow::Result<PathBuf> {
+/// The version of the second package the upgrade installs (`cargo xtask rpm --version V`).
+pub fn upgrade_version() -> String {
+    format!("{}.1", env!("CARGO_PKG_VERSION"))
+}
+
+/// `target/rpm/drop-VERSION-1.*.rpm`.
+fn package_of(version: &str) -> anyhow::Result<PathBuf> {
     let dir = paths::workspace_root().join("target/rpm");
+    let prefix = format!("drop-{version}-1.");
     std::fs::read_dir(&dir)
         .with_context(|| format!("{}: build it with `cargo xtask rpm`", dir.display()))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "rpm"))
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .context("no RPM in target/rpm: build it with `cargo xtask rpm`")
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "rpm")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .with_context(|| {
+            format!("no {prefix}*.rpm in target/rpm: build it with `cargo xtask rpm --version {version}`")
+        })
+}
+
+/// This version's package.
+fn package() -> anyhow::Result<PathBuf> {
+    package_of(env!("CARGO_PKG_VERSION"))
 }
 
 fn rpm(root: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
@@ -121,6 +155,278 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
         pkg.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
         std::fs::metadata(&pkg)?.len(),
         files.lines().count()
+    );
+    Ok(Outcome::Pass)
+}
+
+/// The unit the package installs.
+const UNIT: &str = "drop-supervisor.service";
+
+/// `rpm` inside the sandbox, on its real root (the overlays), scriptlets included.
+fn rpm_inside(sandbox: &SystemdSandbox, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["--dbpath", "/var/lib/rpm"];
+    all.extend_from_slice(args);
+    let out = sandbox.run("rpm", &all)?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// `dropctl --json ARGS` inside the sandbox (the installed one, its default socket).
+fn dropctl_inside(sandbox: &SystemdSandbox, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = sandbox.run("/usr/bin/dropctl", &all)?;
+    serde_json::from_slice(&out.stdout).context("dropctl printed no JSON")
+}
+
+/// The unit's `MainPID`, `ActiveState` and `UnitFileState`.
+fn unit_state(sandbox: &SystemdSandbox) -> anyhow::Result<(u32, String, String)> {
+    let out = sandbox.run(
+        "systemctl",
+        [
+            "show",
+            "-p",
+            "MainPID",
+            "-p",
+            "ActiveState",
+            "-p",
+            "UnitFileState",
+            UNIT,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    Ok((
+        get("MainPID").parse().unwrap_or(0),
+        get("ActiveState"),
+        get("UnitFileState"),
+    ))
+}
+
+/// How many times the daemon reported ready in the unit's journal.
+fn ready_count(sandbox: &SystemdSandbox) -> anyhow::Result<usize> {
+    let out = sandbox.run(
+        "journalctl",
+        [
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            UNIT,
+            "--grep",
+            "drop-supervisor ready",
+        ],
+    );
+    Ok(match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("drop-supervisor ready"))
+            .count(),
+        // journalctl --grep exits 1 when nothing matches
+        Err(_) => 0,
+    })
+}
+
+/// `POST /api/v1/<pool>` to the default gateway (127.0.0.1:8081) inside `netns`.
+fn gateway_call(netns: &Netns, pool: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    let path = format!("/api/v1/{pool}");
+    netns.run(|| -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:8081".parse()?,
+            Duration::from_secs(2),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let r = drop_supervisor::http::roundtrip(&mut s, "POST", &path, Some(body))?;
+        Ok((r.status, r.body))
+    })?
+}
+
+fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{what}: not within {limit:?} ({last})")
+}
+
+fn in_systemd() -> anyhow::Result<Outcome> {
+    if let Some(skip) = SystemdSandbox::unavailable()
+        .or_else(|| require_command("rpm"))
+        .or_else(|| require_command("ip"))
+    {
+        return Ok(skip);
+    }
+    let (v1, v2) = (env!("CARGO_PKG_VERSION").to_string(), upgrade_version());
+    let (pkg1, pkg2) = (package_of(&v1)?, package_of(&v2)?);
+    let netns = Netns::new()?;
+    let sandbox = SystemdSandbox::start_with(SandboxOptions {
+        netns: Some(netns.path().to_path_buf()),
+        ..SandboxOptions::default()
+    })?;
+    // Writable /usr and /etc for this sandbox only: overlays in its own mount namespace, their
+    // upper layers in its state folder (gone with it).
+    for dir in ["usr", "etc"] {
+        let base = sandbox.state_dir().join(format!("overlay-{dir}"));
+        std::fs::create_dir_all(base.join("upper"))?;
+        std::fs::create_dir_all(base.join("work"))?;
+        let opts = format!(
+            "lowerdir=/{dir},upperdir={},workdir={}",
+            base.join("upper").display(),
+            base.join("work").display()
+        );
+        sandbox.run(
+            "mount",
+            ["-t", "overlay", "overlay", "-o", &opts, &format!("/{dir}")],
+        )?;
+    }
+    std::fs::create_dir_all(sandbox.host_path("/var/lib/rpm"))?;
+    rpm_inside(&sandbox, &["--initdb"])?;
+
+    // Install: the scriptlets create the users and folders and reload systemd.
+    let pkg1_s = pkg1.to_str().context("utf-8")?;
+    rpm_inside(&sandbox, &["-i", "--nodeps", pkg1_s])?;
+    let passwd = std::fs::read_to_string(sandbox.host_path("/etc/passwd"))?;
+    ensure!(
+        passwd.lines().any(|l| l.starts_with("drop-fn:")),
+        "the %post scriptlet did not create the worker user"
+    );
+    let (_, _, file_state) = unit_state(&sandbox)?;
+    ensure!(
+        file_state == "disabled",
+        "systemd does not know the installed unit (UnitFileState={file_state:?})"
+    );
+    let started = Instant::now();
+    sandbox.run("systemctl", ["enable", "--now", UNIT])?;
+    let (pid1, active, _) = unit_state(&sandbox)?;
+    ensure!(
+        active == "active",
+        "the installed unit is {active}\n{}",
+        sandbox.unit_report(UNIT)
+    );
+    let status = dropctl_inside(&sandbox, &["status"])?;
+    let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
+    ensure!(!node_id.is_empty(), "status: {status}");
+    println!(
+        "  installed {} and started its unit in {:.0} ms: dropctl status answers (node {node_id})",
+        pkg1.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+
+    // A flow, answered through the gateway (the default config's 127.0.0.1:8081).
+    let flow = sandbox.state_dir().join("pkgecho.yaml");
+    std::fs::write(
+        &flow,
+        "name: pkgecho\nfunc:\n  - name: pkgecho\n    cmd: [/bin/cat]\n    num: 1\n",
+    )?;
+    std::fs::set_permissions(&flow, std::fs::Permissions::from_mode(0o644))?;
+    dropctl_inside(
+        &sandbox,
+        &["flow", "apply", flow.to_str().context("utf-8")?],
+    )?;
+    wait_until(Duration::from_secs(10), "a gateway answer", || {
+        Ok(gateway_call(&netns, "pkgecho", b"through the package")?
+            == (200, b"through the package".to_vec()))
+    })?;
+
+    // Upgrade to the next build, with an edited config.
+    let config = sandbox.host_path("/etc/drop/drop.toml");
+    let edited = format!(
+        "{}\n# edited by the operator\n",
+        std::fs::read_to_string(&config)?
+    );
+    std::fs::write(&config, &edited)?;
+    let ready_before = ready_count(&sandbox)?;
+    let pkg2_s = pkg2.to_str().context("utf-8")?;
+    let out = rpm_inside(&sandbox, &["-U", "--nodeps", pkg2_s])?;
+    let q = rpm_inside(&sandbox, &["-q", "drop"])?;
+    ensure!(
+        q.trim().starts_with(&format!("drop-{v2}-1")),
+        "after the upgrade: {q}"
+    );
+    ensure!(
+        std::fs::read_to_string(&config)? == edited,
+        "the upgrade changed the edited config ({out})"
+    );
+    let rpmnew = std::fs::read_to_string(sandbox.host_path("/etc/drop/drop.toml.rpmnew"))
+        .context("no drop.toml.rpmnew beside the edited config")?;
+    ensure!(
+        rpmnew.starts_with(&format!("# Shipped with drop {v2}.")),
+        "{rpmnew}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the upgraded daemon answering",
+        || Ok(dropctl_inside(&sandbox, &["status"]).is_ok()),
+    )?;
+    let (pid2, active, _) = unit_state(&sandbox)?;
+    ensure!(
+        active == "active" && pid2 != pid1,
+        "after the upgrade: {active}, pid {pid1} → {pid2}"
+    );
+    let ready_after = ready_count(&sandbox)?;
+    ensure!(
+        ready_after == ready_before + 1,
+        "the upgrade restarted the daemon {} times",
+        ready_after.saturating_sub(ready_before)
+    );
+    let status = dropctl_inside(&sandbox, &["status"])?;
+    ensure!(
+        status["node_id"] == node_id.as_str(),
+        "node id changed: {status}"
+    );
+    let flows = dropctl_inside(&sandbox, &["flow", "ls"])?;
+    ensure!(
+        flows.to_string().contains("pkgecho"),
+        "flows after the upgrade: {flows}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "a gateway answer after the upgrade",
+        || Ok(gateway_call(&netns, "pkgecho", b"after")? == (200, b"after".to_vec())),
+    )?;
+    println!(
+        "  upgraded to {v2}: edited config kept, drop.toml.rpmnew beside it, node id and flow kept, daemon restarted once (pid {pid1} → {pid2}; ready in the journal {ready_before} → {ready_after})"
+    );
+
+    // Erase: the unit stops and is disabled, the state stays.
+    rpm_inside(&sandbox, &["-e", "--nodeps", "drop"])?;
+    let (_, active, file_state) = unit_state(&sandbox)?;
+    ensure!(
+        active == "inactive" && file_state != "enabled",
+        "after the erase: {active}, {file_state}"
+    );
+    ensure!(
+        sandbox.host_path("/var/lib/drop/node-id").exists(),
+        "the erase removed the node's state"
+    );
+    ensure!(
+        sandbox.host_path("/etc/drop/drop.toml.rpmsave").exists(),
+        "the edited config was not kept as .rpmsave"
+    );
+    ensure!(
+        !sandbox.host_path("/usr/bin/drop-supervisor").exists(),
+        "the binary survived the erase"
+    );
+    println!(
+        "  erased: unit stopped and disabled, /var/lib/drop kept, edited config kept as .rpmsave"
     );
     Ok(Outcome::Pass)
 }

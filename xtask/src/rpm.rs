@@ -65,6 +65,26 @@ fn glibc_needed(bin: &Path) -> anyhow::Result<(u32, u32)> {
     Ok(max)
 }
 
+/// The version of the second package the upgrade test installs: this one with `.1` appended
+/// (newer to rpm; tests/privileged/package.rs expects the same).
+pub fn upgrade_version() -> String {
+    format!("{}.1", workspace_version().unwrap_or_else(|_| "0".into()))
+}
+
+/// `version` of the workspace's `[workspace.package]`.
+fn workspace_version() -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(root().join("Cargo.toml"))?;
+    text.lines()
+        .skip_while(|l| l.trim() != "[workspace.package]")
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "version").then(|| v.trim().trim_matches('"').to_string())
+        })
+        .context("no version in Cargo.toml's [workspace.package]")
+}
+
 pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
     let tools = setup::setup()?;
     setup::apt_install(&["binutils", "rpm"])?;
@@ -88,6 +108,20 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
             std::fs::write(
                 staging.join("dropctl.1"),
                 output(Command::new(&dropctl).arg("man"))?,
+            )?;
+            // The default config names the version that shipped it: a newer package's default
+            // then differs, so an edited /etc/drop/drop.toml stays and the new one lands beside
+            // it as .rpmnew (rpm writes none when the packaged file did not change).
+            let version = match &args.version {
+                Some(v) => v.clone(),
+                None => workspace_version()?,
+            };
+            std::fs::write(
+                staging.join("drop.toml"),
+                format!(
+                    "# Shipped with drop {version}.\n{}",
+                    std::fs::read_to_string(root().join("packaging/drop.toml"))?
+                ),
             )?;
             for (shell, file) in [
                 ("bash", "dropctl.bash"),

@@ -232,16 +232,25 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     }
 
     // The package the package test installs (release binaries; a failure here fails that test).
+    // The packages the package tests install: this version and the next (the upgrade), from
+    // the same release binaries.
     let wants_package = args.filters.is_empty()
-        || args
-            .filters
+        || args.filters.iter().any(|f| {
+            [
+                "package_rpm_installs_files_modes_config_and_erases",
+                "package_rpm_in_systemd_installs_starts_upgrades_and_erases",
+            ]
             .iter()
-            .any(|f| "package_rpm_installs_files_modes_config_and_erases".contains(f.as_str()));
-    if setup::is_root()
-        && wants_package
-        && let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version: None })
-    {
-        tally.step_failed("rpm", &e);
+            .any(|t| t.contains(f.as_str()))
+        });
+    if setup::is_root() && wants_package {
+        let next = crate::rpm::upgrade_version();
+        for version in [None, Some(next)] {
+            if let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version }) {
+                tally.step_failed("rpm", &e);
+                break;
+            }
+        }
     }
     let privileged = step("test: privileged integration tests", || {
         crate::run_cmd(cargo().args(["build", "--locked", "-p", "drop-supervisor", "--bins"]))?;
