@@ -514,6 +514,17 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         }
     };
     {
+        // The node's own series: events by kind and whether it drains.
+        let state_dir = config.state_dir.clone();
+        runtime.add_metrics(Box::new(move || {
+            format!(
+                "{}# HELP drop_node_draining 1 while the node drains (dropctl node drain).\n# TYPE drop_node_draining gauge\ndrop_node_draining {}\n",
+                crate::events::log().metrics(),
+                u8::from(state::draining_since(&state_dir).is_some())
+            )
+        }));
+    }
+    {
         let name = config.node_name.clone();
         let state_dir = config.state_dir.clone();
         let (cluster, vip, lb) = (cluster.clone(), vip.clone(), lb.clone());

@@ -42,6 +42,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [Kind; 8] = [
+        Kind::Daemon,
+        Kind::Membership,
+        Kind::Leader,
+        Kind::Vip,
+        Kind::Placement,
+        Kind::Restart,
+        Kind::Failure,
+        Kind::Drain,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Daemon => "daemon",
@@ -87,6 +99,8 @@ pub struct Page {
 #[derive(Debug)]
 struct Inner {
     node: String,
+    /// Events recorded per kind since the start ([`Kind::ALL`] order), dropped ones included.
+    counts: [u64; 8],
     next_seq: u64,
     ring: VecDeque<Event>,
     capacity: usize,
@@ -105,6 +119,7 @@ impl EventLog {
         EventLog {
             inner: Mutex::new(Inner {
                 node: String::new(),
+                counts: [0; 8],
                 next_seq: 1,
                 ring: VecDeque::new(),
                 capacity: capacity.max(1),
@@ -132,6 +147,9 @@ impl EventLog {
             let mut g = self.lock();
             let seq = g.next_seq;
             g.next_seq += 1;
+            if let Some(i) = Kind::ALL.iter().position(|k| *k == kind) {
+                g.counts[i] += 1;
+            }
             let event = Event {
                 seq,
                 at_unix_ms,
@@ -170,6 +188,21 @@ impl EventLog {
             missed,
             newest: g.next_seq - 1,
         }
+    }
+
+    /// Prometheus text: `drop_events_total{kind}` (every event since the daemon started).
+    pub fn metrics(&self) -> String {
+        let counts = self.lock().counts;
+        let mut out = String::from(
+            "# HELP drop_events_total Events recorded in the node's event log, by kind.\n# TYPE drop_events_total counter\n",
+        );
+        for (k, n) in Kind::ALL.iter().zip(counts) {
+            out.push_str(&format!(
+                "drop_events_total{{kind=\"{}\"}} {n}\n",
+                k.as_str()
+            ));
+        }
+        out
     }
 
     /// The newest `n` events, oldest first.
@@ -263,19 +296,27 @@ mod tests {
     }
 
     #[test]
-    fn kinds_serialise_as_their_names() {
-        for k in [
-            Kind::Daemon,
-            Kind::Membership,
-            Kind::Leader,
-            Kind::Vip,
-            Kind::Placement,
-            Kind::Restart,
-            Kind::Failure,
-            Kind::Drain,
-        ] {
+    fn kinds_serialise_as_their_names_and_are_counted_even_when_dropped() {
+        for k in Kind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }
+        let log = EventLog::new(1);
+        log.record(Kind::Restart, "p", "a");
+        log.record(Kind::Restart, "p", "b");
+        log.record(Kind::Drain, "n", "c");
+        let text = log.metrics();
+        assert!(
+            text.contains("drop_events_total{kind=\"restart\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drop_events_total{kind=\"drain\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drop_events_total{kind=\"vip\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

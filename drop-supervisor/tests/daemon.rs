@@ -944,6 +944,15 @@ fn drain_waits_for_calls_in_flight_closes_connections_survives_a_restart_and_und
 
     // A single node has nobody to hand calls to: it answers them, and closes each connection.
     assert_eq!(gateway_closes_after(&gw, "/api/v1/slow", b"x"), (200, true));
+    // The metrics say so too.
+    let (status, _, body) = http_exchange(&gw, "GET", "/metrics", b"");
+    let text = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 200);
+    assert!(text.contains("\ndrop_node_draining 1\n"), "{text}");
+    assert!(
+        text.contains("drop_events_total{kind=\"drain\"} 1\n"),
+        "{text}"
+    );
     let v = node.ctl_json(&["node", "drain-status"]);
     assert_eq!(
         (v["draining"].clone(), v["drained"].clone()),

@@ -103,6 +103,7 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
         ("/usr/share/zsh/site-functions/_dropctl", 0o644),
         ("/usr/share/fish/vendor_completions.d/dropctl.fish", 0o644),
         ("/usr/lib/drop/plugins/README", 0o644),
+        ("/usr/share/doc/drop/grafana-dashboard.json", 0o644),
     ];
     for (path, mode) in expect {
         let m = std::fs::metadata(r(path)).with_context(|| format!("{path} not installed"))?;
