@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use drop_tests::netns::Netns;
-use drop_tests::systemd::{SandboxOptions, SystemdSandbox};
-use drop_tests::{Outcome, Test, paths, require_command, require_root};
+use drop_tests::package::{PackagedHost, UNIT, package_of, upgrade_version, wait_until};
+use drop_tests::systemd::SystemdSandbox;
+use drop_tests::{Outcome, Test, require_command, require_root};
 
 pub const TESTS: &[Test] = &[
     Test {
@@ -31,30 +32,6 @@ pub const TESTS: &[Test] = &[
         run: in_systemd,
     },
 ];
-
-/// The version of the second package the upgrade installs (`cargo xtask rpm --version V`).
-pub fn upgrade_version() -> String {
-    format!("{}.1", env!("CARGO_PKG_VERSION"))
-}
-
-/// `target/rpm/drop-VERSION-1.*.rpm`.
-fn package_of(version: &str) -> anyhow::Result<PathBuf> {
-    let dir = paths::workspace_root().join("target/rpm");
-    let prefix = format!("drop-{version}-1.");
-    std::fs::read_dir(&dir)
-        .with_context(|| format!("{}: build it with `cargo xtask rpm`", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_some_and(|e| e == "rpm")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .with_context(|| {
-            format!("no {prefix}*.rpm in target/rpm: build it with `cargo xtask rpm --version {version}`")
-        })
-}
 
 /// This version's package.
 fn package() -> anyhow::Result<PathBuf> {
@@ -160,82 +137,6 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
-/// The unit the package installs.
-const UNIT: &str = "drop-supervisor.service";
-
-/// `rpm` inside the sandbox, on its real root (the overlays), scriptlets included.
-fn rpm_inside(sandbox: &SystemdSandbox, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["--dbpath", "/var/lib/rpm"];
-    all.extend_from_slice(args);
-    let out = sandbox.run("rpm", &all)?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
-
-/// `dropctl --json ARGS` inside the sandbox (the installed one, its default socket).
-fn dropctl_inside(sandbox: &SystemdSandbox, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = sandbox.run("/usr/bin/dropctl", &all)?;
-    serde_json::from_slice(&out.stdout).context("dropctl printed no JSON")
-}
-
-/// The unit's `MainPID`, `ActiveState` and `UnitFileState`.
-fn unit_state(sandbox: &SystemdSandbox) -> anyhow::Result<(u32, String, String)> {
-    let out = sandbox.run(
-        "systemctl",
-        [
-            "show",
-            "-p",
-            "MainPID",
-            "-p",
-            "ActiveState",
-            "-p",
-            "UnitFileState",
-            UNIT,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_default()
-            .to_string()
-    };
-    Ok((
-        get("MainPID").parse().unwrap_or(0),
-        get("ActiveState"),
-        get("UnitFileState"),
-    ))
-}
-
-/// How many times the daemon reported ready in the unit's journal.
-fn ready_count(sandbox: &SystemdSandbox) -> anyhow::Result<usize> {
-    let out = sandbox.run(
-        "journalctl",
-        [
-            "--no-pager",
-            "-o",
-            "cat",
-            "-u",
-            UNIT,
-            "--grep",
-            "drop-supervisor ready",
-        ],
-    );
-    Ok(match out {
-        Ok(out) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("drop-supervisor ready"))
-            .count(),
-        // journalctl --grep exits 1 when nothing matches
-        Err(_) => 0,
-    })
-}
-
 /// `POST /api/v1/<pool>` to the default gateway (127.0.0.1:8081) inside `netns`.
 fn gateway_call(netns: &Netns, pool: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     let path = format!("/api/v1/{pool}");
@@ -250,24 +151,6 @@ fn gateway_call(netns: &Netns, pool: &str, body: &[u8]) -> anyhow::Result<(u16, 
     })?
 }
 
-fn wait_until(
-    limit: Duration,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("{what}: not within {limit:?} ({last})")
-}
-
 fn in_systemd() -> anyhow::Result<Outcome> {
     if let Some(skip) = SystemdSandbox::unavailable()
         .or_else(|| require_command("rpm"))
@@ -278,51 +161,31 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     let (v1, v2) = (env!("CARGO_PKG_VERSION").to_string(), upgrade_version());
     let (pkg1, pkg2) = (package_of(&v1)?, package_of(&v2)?);
     let netns = Netns::new()?;
-    let sandbox = SystemdSandbox::start_with(SandboxOptions {
-        netns: Some(netns.path().to_path_buf()),
-        ..SandboxOptions::default()
-    })?;
-    // Writable /usr and /etc for this sandbox only: overlays in its own mount namespace, their
-    // upper layers in its state folder (gone with it).
-    for dir in ["usr", "etc"] {
-        let base = sandbox.state_dir().join(format!("overlay-{dir}"));
-        std::fs::create_dir_all(base.join("upper"))?;
-        std::fs::create_dir_all(base.join("work"))?;
-        let opts = format!(
-            "lowerdir=/{dir},upperdir={},workdir={}",
-            base.join("upper").display(),
-            base.join("work").display()
-        );
-        sandbox.run(
-            "mount",
-            ["-t", "overlay", "overlay", "-o", &opts, &format!("/{dir}")],
-        )?;
-    }
-    std::fs::create_dir_all(sandbox.host_path("/var/lib/rpm"))?;
-    rpm_inside(&sandbox, &["--initdb"])?;
+    let host = PackagedHost::start(netns.path())?;
+    let sandbox = host.sandbox();
 
     // Install: the scriptlets create the users and folders and reload systemd.
     let pkg1_s = pkg1.to_str().context("utf-8")?;
-    rpm_inside(&sandbox, &["-i", "--nodeps", pkg1_s])?;
+    host.rpm(&["-i", "--nodeps", pkg1_s])?;
     let passwd = std::fs::read_to_string(sandbox.host_path("/etc/passwd"))?;
     ensure!(
         passwd.lines().any(|l| l.starts_with("drop-fn:")),
         "the %post scriptlet did not create the worker user"
     );
-    let (_, _, file_state) = unit_state(&sandbox)?;
+    let (_, _, file_state) = host.unit_state()?;
     ensure!(
         file_state == "disabled",
         "systemd does not know the installed unit (UnitFileState={file_state:?})"
     );
     let started = Instant::now();
     sandbox.run("systemctl", ["enable", "--now", UNIT])?;
-    let (pid1, active, _) = unit_state(&sandbox)?;
+    let (pid1, active, _) = host.unit_state()?;
     ensure!(
         active == "active",
         "the installed unit is {active}\n{}",
         sandbox.unit_report(UNIT)
     );
-    let status = dropctl_inside(&sandbox, &["status"])?;
+    let status = host.dropctl(&["status"])?;
     let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
     ensure!(!node_id.is_empty(), "status: {status}");
     println!(
@@ -338,10 +201,7 @@ fn in_systemd() -> anyhow::Result<Outcome> {
         "name: pkgecho\nfunc:\n  - name: pkgecho\n    cmd: [/bin/cat]\n    num: 1\n",
     )?;
     std::fs::set_permissions(&flow, std::fs::Permissions::from_mode(0o644))?;
-    dropctl_inside(
-        &sandbox,
-        &["flow", "apply", flow.to_str().context("utf-8")?],
-    )?;
+    host.dropctl(&["flow", "apply", flow.to_str().context("utf-8")?])?;
     wait_until(Duration::from_secs(10), "a gateway answer", || {
         Ok(gateway_call(&netns, "pkgecho", b"through the package")?
             == (200, b"through the package".to_vec()))
@@ -354,10 +214,10 @@ fn in_systemd() -> anyhow::Result<Outcome> {
         std::fs::read_to_string(&config)?
     );
     std::fs::write(&config, &edited)?;
-    let ready_before = ready_count(&sandbox)?;
+    let ready_before = host.ready_count();
     let pkg2_s = pkg2.to_str().context("utf-8")?;
-    let out = rpm_inside(&sandbox, &["-U", "--nodeps", pkg2_s])?;
-    let q = rpm_inside(&sandbox, &["-q", "drop"])?;
+    let out = host.rpm(&["-U", "--nodeps", pkg2_s])?;
+    let q = host.rpm(&["-q", "drop"])?;
     ensure!(
         q.trim().starts_with(&format!("drop-{v2}-1")),
         "after the upgrade: {q}"
@@ -375,25 +235,25 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     wait_until(
         Duration::from_secs(10),
         "the upgraded daemon answering",
-        || Ok(dropctl_inside(&sandbox, &["status"]).is_ok()),
+        || Ok(host.dropctl(&["status"]).is_ok()),
     )?;
-    let (pid2, active, _) = unit_state(&sandbox)?;
+    let (pid2, active, _) = host.unit_state()?;
     ensure!(
         active == "active" && pid2 != pid1,
         "after the upgrade: {active}, pid {pid1} → {pid2}"
     );
-    let ready_after = ready_count(&sandbox)?;
+    let ready_after = host.ready_count();
     ensure!(
         ready_after == ready_before + 1,
         "the upgrade restarted the daemon {} times",
         ready_after.saturating_sub(ready_before)
     );
-    let status = dropctl_inside(&sandbox, &["status"])?;
+    let status = host.dropctl(&["status"])?;
     ensure!(
         status["node_id"] == node_id.as_str(),
         "node id changed: {status}"
     );
-    let flows = dropctl_inside(&sandbox, &["flow", "ls"])?;
+    let flows = host.dropctl(&["flow", "ls"])?;
     ensure!(
         flows.to_string().contains("pkgecho"),
         "flows after the upgrade: {flows}"
@@ -408,8 +268,8 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     );
 
     // Erase: the unit stops and is disabled, the state stays.
-    rpm_inside(&sandbox, &["-e", "--nodeps", "drop"])?;
-    let (_, active, file_state) = unit_state(&sandbox)?;
+    host.rpm(&["-e", "--nodeps", "drop"])?;
+    let (_, active, file_state) = host.unit_state()?;
     ensure!(
         active == "inactive" && file_state != "enabled",
         "after the erase: {active}, {file_state}"

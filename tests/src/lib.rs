@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod package;
 pub mod paths;
 pub mod services;
 pub mod systemd;
