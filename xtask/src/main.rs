@@ -9,7 +9,9 @@
 //! - `layers`     fail on a module cycle inside any crate (also one of `test`'s lint steps)
 //! - `fuzz`       run the libFuzzer targets of `fuzz/` (`--secs N` each); `test` runs them briefly
 //! - `bench`      benchmarks (`bench runtime`, `bench cluster`); figures go to BENCHMARKS.md
+//! - `ansible-lint` ansible-lint and syntax check of packaging/ansible (pinned Ansible in a venv)
 
+mod ansible;
 mod bench;
 mod ebpf;
 mod fuzz;
@@ -56,6 +58,9 @@ enum Verb {
     Bench(bench::BenchArgs),
     /// The node's RPM (target/rpm/drop-VERSION-1.x86_64.rpm).
     Rpm(rpm::RpmArgs),
+    /// ansible-lint (production profile) and `ansible-playbook --syntax-check` of the role and
+    /// playbooks in packaging/ansible, with the pinned Ansible in a cached venv.
+    AnsibleLint,
 }
 
 fn main() {
@@ -73,6 +78,7 @@ fn main() {
         Verb::Bench(args) => bench::bench(args),
         Verb::Layers => layers::check(&workspace_crates()),
         Verb::Fuzz(args) => fuzz::fuzz(args),
+        Verb::AnsibleLint => ansible::lint(),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

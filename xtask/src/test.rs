@@ -154,6 +154,8 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             crate::layers::check(&crate::workspace_crates())
         });
         tally.check("layers", layers);
+        // The Ansible role and playbooks (packaging/ansible): ansible-lint and a syntax check.
+        tally.check("ansible-lint", crate::ansible::lint());
     }
 
     let unit = step("test: unit tests", || {
