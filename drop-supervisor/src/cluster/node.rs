@@ -2004,6 +2004,9 @@ fn apply_share(
     failed_before: &BTreeMap<String, (String, String)>,
 ) -> (Vec<String>, BTreeMap<String, (String, String)>) {
     let mut failed = BTreeMap::new();
+    // Plugins' flows are this node's own (its packages'): not in `current`, so they are
+    // neither replaced nor stopped here. A placed flow of a plugin's flow name is refused by
+    // the runtime (`plugin_flow`) and reported like any flow that cannot run.
     let current = rt.flow_sources();
     for (name, (source, file)) in wanted {
         if current.get(name) == Some(source) {
@@ -2186,6 +2189,49 @@ mod tests {
         assert_eq!(takeover.state(5, 5, t0 + ms(499), w), Waiting);
         assert_eq!(takeover.state(1, 5, t0 + w, w), Holds);
         assert_eq!(takeover.state(1, 5, t0 + w * 2, w), Lapsed);
+    }
+
+    #[test]
+    fn apply_share_leaves_plugin_flows_alone_and_reports_a_placed_flow_of_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rt = {
+            let _g = tokio.enter();
+            Runtime::new(crate::runtime::RuntimeOptions {
+                state_dir: dir.path().join("state"),
+                images_dir: dir.path().join("images"),
+                logs_dir: dir.path().join("logs"),
+                cgroups: None,
+                worker_credentials: None,
+                allow_root_workers: false,
+            })
+        };
+        let text = "name: stats\nfunc:\n  - name: stats_pool\n    cmd: [/bin/cat]\n";
+        let flow =
+            crate::runtime::flow::parse_flow(text, Path::new("/plugins/stats/flow.yaml")).unwrap();
+        rt.apply_plugin(flow, text, "stats").unwrap();
+        // Nothing placed here: the plugin's flow stays.
+        let (pools, failed) = apply_share(&rt, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(pools, ["stats_pool"]);
+        assert!(failed.is_empty());
+        // A cluster flow of the plugin's flow name: not run here, reported; the plugin's runs.
+        let placed = "name: stats\nfunc:\n  - name: other\n    cmd: [/bin/cat]\n";
+        let wanted: BTreeMap<String, (String, String)> = [(
+            "stats".to_string(),
+            (placed.to_string(), "stats.yaml".to_string()),
+        )]
+        .into();
+        let (pools, failed) = apply_share(&rt, &wanted, &BTreeMap::new());
+        assert_eq!(pools, ["stats_pool"]);
+        let why = &failed["stats"].1;
+        assert!(why.contains("comes from plugin stats"), "{why}");
+        // Reported once: the next pass remembers it failed for this source.
+        let (_, again) = apply_share(&rt, &wanted, &failed);
+        assert_eq!(again, failed);
     }
 
     #[test]

@@ -95,6 +95,21 @@ pub enum RuntimeError {
     Invalid { pool: String, reason: String },
     #[error("no flow named {0}")]
     UnknownFlow(String),
+    /// An operator (or the cluster) asked to apply or remove a flow that a plugin provides.
+    #[error(
+        "flow {flow} comes from plugin {plugin} (a package installed it): it is not applied or \
+         removed with `dropctl flow`; remove the plugin's package and run `dropctl plugin reload`, \
+         or give your flow another name"
+    )]
+    PluginFlow { flow: String, plugin: String },
+    /// A plugin's flow has the name of a flow that runs already: it is not applied.
+    #[error("flow {flow} is already {}: plugin {plugin}'s flow of that name is not applied", owner_text(.owner))]
+    FlowTaken {
+        flow: String,
+        plugin: String,
+        /// The plugin that provides the running flow; `None`: an operator's (or the cluster's).
+        owner: Option<String>,
+    },
     #[error("no pool named {0}")]
     UnknownPool(String),
     #[error("the delivery queue is full; {0} not reached")]
@@ -113,6 +128,13 @@ pub enum RuntimeError {
     },
 }
 
+fn owner_text(owner: &Option<String>) -> String {
+    match owner {
+        Some(p) => format!("plugin {p}'s"),
+        None => "an operator's flow (dropctl flow apply, or placed here by the cluster)".into(),
+    }
+}
+
 /// A runtime error as the edges answer it.
 impl From<&RuntimeError> for ApiError {
     fn from(e: &RuntimeError) -> ApiError {
@@ -123,6 +145,8 @@ impl From<&RuntimeError> for ApiError {
             RuntimeError::Unsupported { .. } => ApiError::new(422, "unsupported", msg),
             RuntimeError::Invalid { .. } => ApiError::new(422, "invalid_flow", msg),
             RuntimeError::UnknownFlow(_) => ApiError::new(404, "unknown_flow", msg),
+            RuntimeError::PluginFlow { .. } => ApiError::new(409, "plugin_flow", msg),
+            RuntimeError::FlowTaken { .. } => ApiError::new(409, "conflict", msg),
             RuntimeError::UnknownPool(_) => ApiError::new(404, "unknown_pool", msg),
             RuntimeError::Overloaded(_) => ApiError::new(429, "overloaded", msg),
             RuntimeError::Persist { .. } | RuntimeError::Cgroup { .. } => ApiError::internal(msg),
@@ -149,12 +173,17 @@ pub struct FlowSummary {
     pub priority: u8,
     pub pools: Vec<String>,
     pub file: Option<PathBuf>,
+    /// The plugin that provides this flow; `None`: an operator's (or the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
 }
 
 #[derive(Debug)]
 struct Applied {
     flow: Flow,
     source: String,
+    /// The plugin whose package provides the flow (never persisted under `<state>/flows`).
+    plugin: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -325,7 +354,7 @@ impl PoolLookup for Runtime {
 }
 
 /// `error: cause: cause` — an error with its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -475,12 +504,55 @@ impl Runtime {
         persist: bool,
     ) -> Result<ApplyReport, RuntimeError> {
         let flow = flow::parse_flow(text, file)?;
+        self.apply_flow(flow, text, persist, None)
+    }
+
+    /// Applies a plugin's flow, already parsed (and its paths resolved against the plugin's
+    /// folder), as that plugin's: never persisted (the package's folder is its only source),
+    /// and refused with [`RuntimeError::FlowTaken`] when a flow of that name runs that is not
+    /// this plugin's. `text` is the plugin's `flow.yaml`, for `flow show`.
+    pub fn apply_plugin(
+        &self,
+        flow: Flow,
+        text: &str,
+        plugin: &str,
+    ) -> Result<ApplyReport, RuntimeError> {
+        self.apply_flow(flow, text, false, Some(plugin))
+    }
+
+    /// Checks, persists (`persist`) and reconciles a parsed flow. A flow's name belongs to
+    /// whoever applied it first: an operator cannot replace a plugin's flow, nor a plugin an
+    /// operator's or another plugin's (checked under the flows' lock, so a plugin pass and an
+    /// operator's apply never both win).
+    fn apply_flow(
+        &self,
+        flow: Flow,
+        text: &str,
+        persist: bool,
+        plugin: Option<&str>,
+    ) -> Result<ApplyReport, RuntimeError> {
         let images = self.opts.images_dir.clone();
         flow::check_images(&flow, &|name: &str| images.join(name).is_dir())?;
         for spec in &flow.pools {
             self.credentials(spec)?;
         }
         let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = flows.get(&flow.name)
+            && running.plugin.as_deref() != plugin
+        {
+            return Err(match (plugin, &running.plugin) {
+                (None, Some(owner)) => RuntimeError::PluginFlow {
+                    flow: flow.name.clone(),
+                    plugin: owner.clone(),
+                },
+                (Some(p), owner) => RuntimeError::FlowTaken {
+                    flow: flow.name.clone(),
+                    plugin: p.to_string(),
+                    owner: owner.clone(),
+                },
+                (None, None) => unreachable!("equal origins pass"),
+            });
+        }
         {
             let pools = self.pools.read().unwrap_or_else(|e| e.into_inner());
             for spec in &flow.pools {
@@ -511,6 +583,7 @@ impl Runtime {
             Applied {
                 flow,
                 source: text.to_string(),
+                plugin: plugin.map(str::to_string),
             },
         );
         Ok(report)
@@ -794,13 +867,41 @@ impl Runtime {
         info!(pool = %name, "pool stopped");
     }
 
-    /// Removes a flow: its pools stop everywhere on this node and its file is deleted.
+    /// Removes a flow: its pools stop everywhere on this node and its file is deleted. A
+    /// plugin's flow is refused ([`RuntimeError::PluginFlow`]): its package owns it.
     pub fn remove(&self, name: &str) -> Result<ApplyReport, RuntimeError> {
+        self.remove_as(name, None)
+    }
+
+    /// Removes `plugin`'s flow `name` (the plugin is gone, or now declares another flow).
+    pub fn remove_plugin_flow(
+        &self,
+        name: &str,
+        plugin: &str,
+    ) -> Result<ApplyReport, RuntimeError> {
+        self.remove_as(name, Some(plugin))
+    }
+
+    fn remove_as(&self, name: &str, plugin: Option<&str>) -> Result<ApplyReport, RuntimeError> {
         let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        if flows.remove(name).is_none() {
-            return Err(RuntimeError::UnknownFlow(name.to_string()));
+        match flows.get(name).map(|a| a.plugin.as_deref()) {
+            None => return Err(RuntimeError::UnknownFlow(name.to_string())),
+            Some(Some(owner)) if plugin != Some(owner) => {
+                return Err(RuntimeError::PluginFlow {
+                    flow: name.to_string(),
+                    plugin: owner.to_string(),
+                });
+            }
+            Some(None) if plugin.is_some() => {
+                return Err(RuntimeError::UnknownFlow(name.to_string()));
+            }
+            Some(_) => {}
         }
-        let _ = std::fs::remove_file(flows_dir(&self.opts.state_dir).join(format!("{name}.yaml")));
+        flows.remove(name);
+        if plugin.is_none() {
+            let _ =
+                std::fs::remove_file(flows_dir(&self.opts.state_dir).join(format!("{name}.yaml")));
+        }
         let mut report = ApplyReport {
             flow: name.to_string(),
             ..Default::default()
@@ -830,16 +931,29 @@ impl Runtime {
                 priority: a.flow.priority,
                 pools: a.flow.pools.iter().map(|p| p.name.clone()).collect(),
                 file: a.flow.source.clone(),
+                plugin: a.plugin.clone(),
             })
             .collect()
     }
 
-    /// Every applied flow's name and source text (the cluster diffs its share against it).
+    /// Every applied flow's name and source text, plugins' flows left out (the cluster diffs
+    /// its share against it: plugins' flows are node-local, and it neither replaces nor stops
+    /// them).
     pub fn flow_sources(&self) -> BTreeMap<String, String> {
         let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         flows
             .iter()
+            .filter(|(_, a)| a.plugin.is_none())
             .map(|(name, a)| (name.clone(), a.source.clone()))
+            .collect()
+    }
+
+    /// Every applied flow's name and the plugin that provides it (`None`: an operator's).
+    pub fn flow_origins(&self) -> BTreeMap<String, Option<String>> {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows
+            .iter()
+            .map(|(name, a)| (name.clone(), a.plugin.clone()))
             .collect()
     }
 
@@ -851,6 +965,9 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::UnknownFlow(name.to_string()))?;
         let mut v = a.flow.to_summary_json();
         v["source"] = serde_json::Value::String(a.source.clone());
+        if let Some(p) = &a.plugin {
+            v["plugin"] = serde_json::Value::String(p.clone());
+        }
         Ok(v)
     }
 
