@@ -24,6 +24,8 @@ pub const DEFAULT_SOCKET: &str = "/run/drop/drop.sock";
 pub const DEFAULT_SOCKET_GROUP: &str = "drop";
 /// Where sysctls live; tests point this at a temporary folder.
 pub const DEFAULT_SYSCTL_ROOT: &str = "/proc/sys";
+/// Where plugin packages drop their folders (`NAME/flow.yaml` and its executables).
+pub const DEFAULT_PLUGINS_DIR: &str = "/usr/lib/drop/plugins";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -62,6 +64,8 @@ pub struct RawConfig {
     pub runtime: RawRuntime,
     #[serde(default)]
     pub gateway: RawGateway,
+    #[serde(default)]
+    pub plugins: RawPlugins,
     /// Present: the node joins a cluster. Absent: a single node, flows applied locally.
     pub cluster: Option<RawCluster>,
     /// The floating IP of this node's namespace (cluster only).
@@ -70,6 +74,23 @@ pub struct RawConfig {
     pub services: Option<RawServices>,
     /// The XDP L4 balancer on the namespace's VIP (cluster only).
     pub balancer: Option<RawBalancer>,
+}
+
+/// `[plugins]`: flows that packages install, one folder each.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugins {
+    /// The folder holding one folder per plugin (default `/usr/lib/drop/plugins`).
+    pub dir: Option<PathBuf>,
+    /// `false`: no plugin's flow is applied on this node (default `true`).
+    pub enabled: Option<bool>,
+}
+
+/// The validated `[plugins]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub enabled: bool,
 }
 
 /// `[balancer]`: the XDP balancer of services with a port.
@@ -563,6 +584,8 @@ pub struct Config {
     pub gateway_listen: Option<SocketAddr>,
     pub gateway_token: Option<String>,
     pub gateway_limits: GatewayLimits,
+    /// Plugins: where their folders are, and whether they are applied.
+    pub plugins: PluginsConfig,
     /// `None`: a single node.
     pub cluster: Option<ClusterConfig>,
     /// `None`: a single node (the floating IP needs a cluster).
@@ -711,6 +734,16 @@ impl Config {
             ));
         }
 
+        let plugins_dir = raw
+            .plugins
+            .dir
+            .unwrap_or_else(|| DEFAULT_PLUGINS_DIR.into());
+        require_absolute(&plugins_dir).map_err(|r| invalid("plugins.dir", r))?;
+        let plugins = PluginsConfig {
+            dir: plugins_dir,
+            enabled: raw.plugins.enabled.unwrap_or(true),
+        };
+
         let cluster = raw
             .cluster
             .map(|c| cluster_from_raw(c, &origin))
@@ -825,6 +858,7 @@ impl Config {
             gateway_listen,
             gateway_token,
             gateway_limits,
+            plugins,
             cluster,
             vip,
             services,
@@ -935,6 +969,41 @@ mod tests {
             (c.sysctl_root.to_str(), c.log_level.as_str()),
             (Some("/t"), "debug")
         );
+    }
+
+    #[test]
+    fn plugins_section_defaults_and_errors_name_the_key() {
+        let c = parse("[node]\nname = \"n1\"\n").unwrap();
+        assert_eq!(
+            c.plugins,
+            PluginsConfig {
+                dir: PathBuf::from("/usr/lib/drop/plugins"),
+                enabled: true
+            }
+        );
+        let c = parse("[plugins]\ndir = \"/opt/drop/plugins\"\nenabled = false\n").unwrap();
+        assert_eq!(
+            (c.plugins.dir.to_str(), c.plugins.enabled),
+            (Some("/opt/drop/plugins"), false)
+        );
+        let err = parse("[plugins]\ndir = \"plugins\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plugins.dir") && err.contains("absolute"),
+            "{err}"
+        );
+        let err = parse("[plugins]\nenabled = true\ndri = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml") && err.contains("dri") && err.contains("line 3, column 1"),
+            "{err}"
+        );
+        let err = parse("[plugins]\nenabled = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enabled") && err.contains("line 2"), "{err}");
     }
 
     #[test]

@@ -367,6 +367,31 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     for (file, error) in &failed {
         warn!(file = %file.display(), %error, "persisted flow not restored");
     }
+    // Plugins after the operator's flows (they keep their names) and before the cluster
+    // reconciles (it leaves plugins' flows alone).
+    let plugins = Arc::new(crate::plugins::Plugins::new(
+        config.plugins.dir.clone(),
+        config.plugins.enabled,
+    ));
+    if config.plugins.enabled {
+        let (p, rt) = (plugins.clone(), runtime.clone());
+        if let Ok(report) = tokio::task::spawn_blocking(move || p.reload(&rt)).await {
+            let not_applied = report
+                .list
+                .plugins
+                .iter()
+                .filter(|p| p.state != crate::plugins::PluginState::Applied)
+                .count();
+            info!(
+                dir = %config.plugins.dir.display(),
+                applied = report.applied.len(),
+                not_applied,
+                "plugins applied"
+            );
+        }
+    } else {
+        info!("plugins are off ([plugins] enabled = false)");
+    }
     let mut gateway = match config.gateway_listen {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -540,7 +565,8 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             )
         }));
     }
-    let mut supervisor = Supervisor::new(config, node_id, runtime.clone(), gateway_addr);
+    let mut supervisor =
+        Supervisor::new(config, node_id, runtime.clone(), gateway_addr).with_plugins(plugins);
     if let (Some(c), Some(f)) = (&cluster, forward) {
         supervisor = supervisor.with_cluster(c.clone(), f);
     }

@@ -9,7 +9,8 @@
 //!   `Supervisor` that owns node state) and [`gateway`] (HTTP in front of pools).
 //! - Capabilities — [`cluster`] (membership, replicated state, leaders, placement, peer
 //!   transport) on top of [`runtime`] (flows, pools of workers, cgroups, images). Services, the
-//!   floating IP and the balancer join here as siblings.
+//!   floating IP and the balancer join here as siblings, and [`plugins`] (flows that packages
+//!   install, applied through the runtime).
 //! - Seams — [`host`] (sysctl tuning, sd_notify, the state directory, logging).
 //! - Shared vocabulary — [`error`] (`ApiError`, the one shape of every error answer),
 //!   [`http`] (framing) and [`events`] (the node's bounded event log, which every capability
@@ -32,3 +33,4 @@ pub mod http;
 pub mod runtime;
 pub mod services;
 pub mod vip;
+pub mod plugins;

@@ -31,7 +31,8 @@ impl Node {
         }
         let config = format!(
             "[node]\nname = \"t1\"\nstate_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/drop.sock\"\n\
-             [tuning]\nsysctl_root = \"{0}/sys\"\n[runtime]\ncgroups = false\n[gateway]\nlisten = \"127.0.0.1:0\"\n",
+             [tuning]\nsysctl_root = \"{0}/sys\"\n[runtime]\ncgroups = false\n[gateway]\nlisten = \"127.0.0.1:0\"\n\
+             [plugins]\ndir = \"{0}/plugins\"\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("drop.toml"), config).unwrap();
@@ -990,4 +991,312 @@ fn drain_waits_for_calls_in_flight_closes_connections_survives_a_restart_and_und
         "{events}"
     );
     node.stop();
+}
+
+/// Writes `text` to `path` (and its folders) with `mode`.
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Makes the node's folder and `dirs` under it readable by the worker user (as root, workers
+/// run as an unprivileged user).
+fn open_to_workers(node: &Node, dirs: &[&str]) {
+    std::fs::set_permissions(node.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for d in dirs {
+        std::fs::create_dir_all(node.path(d)).unwrap();
+        std::fs::set_permissions(node.path(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// `dropctl plugin reload --json`: (exit code, answer).
+fn plugin_reload(node: &Node) -> (Option<i32>, serde_json::Value) {
+    let out = node.ctl(&["--json", "plugin", "reload"]);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    (out.status.code(), v)
+}
+
+fn plugin<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no plugin {name} in {list}"))
+}
+
+#[test]
+fn plugins_apply_at_start_and_on_reload_and_never_shadow_an_operators_flow() {
+    let mut node = Node::new();
+    open_to_workers(&node, &["plugins"]);
+    // A plugin as a package installs it: a flow whose program is the plugin's own file.
+    write_mode(
+        &node.path("plugins/replier/flow.yaml"),
+        "name: replier\nfunc:\n  - name: replier_pool\n    cmd: ./reply --prefix\n",
+        0o644,
+    );
+    write_mode(
+        &node.path("plugins/replier/reply"),
+        "#!/bin/sh\nwhile read -r l; do echo \"$1 plugin: $l\"; done\n",
+        0o755,
+    );
+    std::fs::set_permissions(
+        node.path("plugins/replier"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    node.start();
+
+    // Applied at start: its pool answers, from the plugin's folder.
+    let out = node.ctl(&["call", "replier_pool", "hi"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "--prefix plugin: hi\n",
+        "{out:?}"
+    );
+    let ls = node.ctl_json(&["plugin", "ls"]);
+    let p = plugin(&ls, "replier");
+    assert_eq!(
+        (&p["state"], &p["flow"], &p["pools"]),
+        (
+            &serde_json::json!("applied"),
+            &serde_json::json!("replier"),
+            &serde_json::json!(["replier_pool"])
+        ),
+        "{ls}"
+    );
+    assert_eq!(p["dir"], node.path("plugins/replier").to_str().unwrap());
+    let human = String::from_utf8_lossy(&node.ctl(&["plugin", "ls"]).stdout).to_string();
+    assert!(
+        human.contains("PLUGIN") && human.contains("replier_pool") && human.contains("applied"),
+        "{human}"
+    );
+    let flows = node.ctl_json(&["flow", "ls"]);
+    assert_eq!(flows[0]["plugin"], "replier", "{flows}");
+    assert!(
+        !node.path("state/flows/replier.yaml").exists(),
+        "a plugin's flow is not persisted as the operator's"
+    );
+
+    // The operator can neither replace nor remove it: a distinct error that says what to do.
+    let mine = node.path("replier.yaml");
+    std::fs::write(
+        &mine,
+        format!("name: replier\nfunc:\n  - name: mine\n    cmd: {ECHO}\n"),
+    )
+    .unwrap();
+    for args in [
+        vec!["flow", "apply", mine.to_str().unwrap()],
+        vec!["flow", "rm", "replier"],
+    ] {
+        let out = node.ctl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            err.contains("plugin_flow")
+                && err.contains("plugin replier")
+                && err.contains("remove the plugin's package"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&node.ctl(&["call", "replier_pool", "still"]).stdout),
+        "--prefix plugin: still\n"
+    );
+
+    // An operator's flow, then a second plugin of that flow name and a third one: the
+    // second conflicts (the operator's flow runs on), the third is applied, the first left alone.
+    let echo = node.path("echo.yaml");
+    std::fs::write(
+        &echo,
+        format!("name: echo\nfunc:\n  - name: echo\n    cmd: {ECHO}\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        node.ctl(&["flow", "apply", echo.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    write_mode(
+        &node.path("plugins/shadow/flow.yaml"),
+        "name: echo\nfunc:\n  - name: shadow_pool\n    cmd: /bin/cat\n",
+        0o644,
+    );
+    write_mode(
+        &node.path("plugins/third/flow.yaml"),
+        "name: third\nfunc:\n  - name: third_pool\n    cmd: /bin/cat\n",
+        0o644,
+    );
+    let (code, r) = plugin_reload(&node);
+    assert_eq!(code, Some(1), "a plugin not applied exits 1: {r}");
+    assert_eq!(r["applied"], serde_json::json!(["third"]), "{r}");
+    assert_eq!(r["unchanged"], serde_json::json!(["replier"]), "{r}");
+    let shadow = plugin(&r, "shadow");
+    assert_eq!(shadow["state"], "conflict", "{r}");
+    assert!(
+        shadow["message"]
+            .as_str()
+            .unwrap()
+            .contains("flow echo is an operator's flow"),
+        "{shadow}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&node.ctl(&["call", "echo", "operator's"]).stdout),
+        "operator's\n",
+        "the operator's flow runs on"
+    );
+    let human = String::from_utf8_lossy(&node.ctl(&["plugin", "ls"]).stdout).to_string();
+    assert!(
+        human.contains("conflict: flow echo is an operator's flow"),
+        "{human}"
+    );
+    let events = String::from_utf8_lossy(&node.ctl(&["events", "-n", "50"]).stdout).to_string();
+    assert!(
+        events.contains("plugin shadow not applied (conflict)"),
+        "{events}"
+    );
+
+    // A broken plugin is reported with file:line:column; the others go on.
+    write_mode(
+        &node.path("plugins/broken/flow.yaml"),
+        "name: broken\nfunc:\n  - name: b\n    cmd: /bin/cat\n    nmu: 2\n",
+        0o644,
+    );
+    // A plugin removed (its package erased): its flow goes.
+    std::fs::remove_dir_all(node.path("plugins/third")).unwrap();
+    let (_, r) = plugin_reload(&node);
+    let broken = plugin(&r, "broken");
+    assert_eq!(broken["state"], "error", "{r}");
+    assert!(
+        broken["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken/flow.yaml:5:5: func[0].nmu"),
+        "{broken}"
+    );
+    assert_eq!(r["removed"][0]["plugin"], "third", "{r}");
+    assert_eq!(r["removed"][0]["flow"], "third", "{r}");
+    let out = node.ctl(&["pool", "show", "third_pool"]);
+    assert_eq!(out.status.code(), Some(1), "its pool is gone: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&node.ctl(&["call", "replier_pool", "on"]).stdout),
+        "--prefix plugin: on\n"
+    );
+
+    // After a restart: the operator's flow first (persisted), then the plugins — the same
+    // picture; a plugin erased while the daemon was down has no flow any more.
+    assert!(node.stop().success());
+    std::fs::remove_dir_all(node.path("plugins/replier")).unwrap();
+    node.start();
+    let ls = node.ctl_json(&["plugin", "ls"]);
+    assert_eq!(plugin(&ls, "shadow")["state"], "conflict", "{ls}");
+    assert_eq!(plugin(&ls, "broken")["state"], "error", "{ls}");
+    assert_eq!(ls["plugins"].as_array().unwrap().len(), 2, "{ls}");
+    let flows: Vec<String> = node
+        .ctl_json(&["flow", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(flows, ["echo"], "only the operator's flow is left");
+}
+
+#[test]
+fn the_node_stats_plugin_feeds_a_subscriber_pool() {
+    let mut node = Node::new();
+    open_to_workers(&node, &["plugins", "out"]);
+    std::fs::set_permissions(node.path("out"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    node.start();
+    // The subscriber first: an operator's pool that appends what it gets to a file.
+    let got = node.path("out/stats.jsonl");
+    let collector = node.path("collector.yaml");
+    std::fs::write(
+        &collector,
+        format!(
+            "name: collector\nfunc:\n  - name: collector\n    \
+             cmd: [/bin/sh, -c, 'while read -r l; do printf \"%s\\n\" \"$l\" >> {}; echo stored; done']\n    \
+             sub:\n      - name: node_stats_stream\n        type: one\n",
+            got.display()
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        node.ctl(&["flow", "apply", collector.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    // The real plugin, as its package installs it, with a 1 s interval.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/plugins/node-stats");
+    let dst = node.path("plugins/node-stats");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let flow = std::fs::read_to_string(src.join("flow.yaml")).unwrap();
+    assert!(flow.contains("NODE_STATS_INTERVAL: \"5\""), "{flow}");
+    write_mode(
+        &dst.join("flow.yaml"),
+        &flow.replace("NODE_STATS_INTERVAL: \"5\"", "NODE_STATS_INTERVAL: \"1\""),
+        0o644,
+    );
+    write_mode(
+        &dst.join("node-stats"),
+        &std::fs::read_to_string(src.join("node-stats")).unwrap(),
+        0o755,
+    );
+    let started = Instant::now();
+    let (code, r) = plugin_reload(&node);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["applied"], serde_json::json!(["node-stats"]), "{r}");
+    assert_eq!(
+        plugin(&r, "node-stats")["pools"],
+        serde_json::json!(["node_stats_stream"])
+    );
+    let lines = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = std::fs::read_to_string(&got).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} lines not within 15 s: {lines:?}\n{}",
+                String::from_utf8_lossy(&node.ctl(&["logs", "node_stats_stream"]).stdout)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = lines(1);
+    let first_after = started.elapsed();
+    let three = lines(3);
+    let all_after = started.elapsed();
+    for line in &three {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let pct = v["cpu_busy_pct"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&pct), "{line}");
+        assert!(v["mem_total_kb"].as_u64().unwrap() > 0, "{line}");
+        assert!(
+            v["mem_available_kb"].as_u64().unwrap() <= v["mem_total_kb"].as_u64().unwrap(),
+            "{line}"
+        );
+        assert!(
+            v["load1"].as_f64().is_some() && v["load15"].as_f64().is_some(),
+            "{line}"
+        );
+        assert!(!v["node"].as_str().unwrap().is_empty(), "{line}");
+        assert_eq!(v["interval_s"], 1, "{line}");
+    }
+    eprintln!(
+        "node-stats → collector: first line {:.2} s after the reload, three after {:.2} s: {}",
+        first_after.as_secs_f64(),
+        all_after.as_secs_f64(),
+        first[0]
+    );
+    let show = node.ctl_json(&["pool", "show", "collector"]);
+    assert!(show["stats"]["ok"].as_u64().unwrap() >= 3, "{show}");
 }

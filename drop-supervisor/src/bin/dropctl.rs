@@ -50,6 +50,10 @@ enum Command {
     /// Function bundles (`image:` in flows).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Plugins: flows that packages install as folders under `[plugins] dir`
+    /// (/usr/lib/drop/plugins/NAME/ with a flow.yaml and its executables).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Send PAYLOAD to one worker of POOL and print its reply (`-` reads stdin).
     Call { pool: String, payload: String },
     /// Queue PAYLOAD for one worker of POOL (`--all`: every worker) without waiting for replies.
@@ -311,6 +315,16 @@ enum PoolCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Every plugin: its folder, flow, pools and state (applied, or error / conflict and why),
+    /// as of the daemon's start or the last reload.
+    Ls,
+    /// Look at the plugins folder again: apply new and changed plugins' flows, stop those of
+    /// plugins that are gone, leave unchanged ones alone. Exits 1 when a plugin is not applied.
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Install a function bundle from a directory or a .tar/.tar.gz/.tgz.
     Import {
@@ -488,6 +502,7 @@ fn run(client: &Client, json: bool, command: &Command) -> Result<u8, ClientError
         Command::Flow(cmd) => flow(client, json, cmd),
         Command::Pool(cmd) => pool(client, json, cmd),
         Command::Image(cmd) => image(client, json, cmd),
+        Command::Plugin(cmd) => plugin(client, json, cmd),
         Command::Call { pool, payload } => {
             let payload = if payload == "-" {
                 let mut s = String::new();
@@ -548,6 +563,96 @@ fn io_error(client: &Client, source: std::io::Error) -> ClientError {
     ClientError::Io {
         socket: client.socket().to_path_buf(),
         source,
+    }
+}
+
+/// `plugin ls`: one line per plugin, the state (with why it is not applied) last.
+fn print_plugins(v: &serde_json::Value) {
+    if v["enabled"] == false {
+        println!("plugins are off on this node ([plugins] enabled = false)");
+        return;
+    }
+    if let Some(e) = v["error"].as_str() {
+        println!("last pass: {e}");
+    }
+    let plugins = v["plugins"].as_array().cloned().unwrap_or_default();
+    if plugins.is_empty() {
+        println!("no plugins in {}", text(&v["dir"]));
+        return;
+    }
+    println!(
+        "{:<20} {:<20} {:<24} {:<40} STATE",
+        "PLUGIN", "FLOW", "POOLS", "DIR"
+    );
+    for p in &plugins {
+        let pools: Vec<String> = p["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        let state = match p["message"].as_str() {
+            Some(m) => format!("{}: {m}", text(&p["state"])),
+            None => text(&p["state"]),
+        };
+        println!(
+            "{:<20} {:<20} {:<24} {:<40} {state}",
+            text(&p["name"]),
+            text(&p["flow"]),
+            if pools.is_empty() {
+                "-".to_string()
+            } else {
+                pools.join(",")
+            },
+            text(&p["dir"]),
+        );
+    }
+}
+
+fn plugin(client: &Client, json: bool, cmd: &PluginCommand) -> Result<u8, ClientError> {
+    match cmd {
+        PluginCommand::Ls => {
+            let v: serde_json::Value = client.get("/v1/plugins")?;
+            if json {
+                print_json(&v);
+            } else {
+                print_plugins(&v);
+            }
+            Ok(0)
+        }
+        PluginCommand::Reload => {
+            let v: serde_json::Value = client.post("/v1/plugins/reload", &serde_json::json!({}))?;
+            if json {
+                print_json(&v);
+            } else {
+                for name in v["applied"].as_array().into_iter().flatten() {
+                    println!("applied    {}", text(name));
+                }
+                for name in v["unchanged"].as_array().into_iter().flatten() {
+                    println!("unchanged  {}", text(name));
+                }
+                for r in v["removed"].as_array().into_iter().flatten() {
+                    println!(
+                        "removed    {}: flow {} stopped ({})",
+                        text(&r["plugin"]),
+                        text(&r["flow"]),
+                        text(&r["reason"])
+                    );
+                }
+                println!();
+                print_plugins(&v);
+            }
+            let not_applied = v["plugins"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["state"] != "applied");
+            Ok(if not_applied || v["error"].is_string() {
+                EXIT_FAILED
+            } else {
+                0
+            })
+        }
     }
 }
 
@@ -618,8 +723,12 @@ fn flow(client: &Client, json: bool, cmd: &FlowCommand) -> Result<u8, ClientErro
                         .flatten()
                         .filter_map(|p| p.as_str())
                         .collect();
+                    let origin = match f["plugin"].as_str() {
+                        Some(p) => format!("  (plugin {p})"),
+                        None => String::new(),
+                    };
                     println!(
-                        "{:<24} {:<8} {}",
+                        "{:<24} {:<8} {}{origin}",
                         f["name"].as_str().unwrap_or("?"),
                         f["priority"],
                         pools.join(", ")

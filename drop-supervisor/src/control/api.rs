@@ -18,6 +18,12 @@
 //!   `since` (default: from the oldest kept), waiting up to `wait` seconds (≤ 30) for the next
 //!   event when there is none; `cluster=true` merges every reachable member's recent events
 //!
+//! - `GET /v1/plugins` — the plugins (folders that packages install under `[plugins] dir`):
+//!   name, folder, flow, state (`applied`, `error` or `conflict`, with a `message`), pools, as
+//!   of the last pass; `POST /v1/plugins/reload` — a pass now: applies new and changed plugins'
+//!   flows, stops those of plugins that are gone, and says what it changed (409
+//!   `plugins_off` with `[plugins] enabled = false`)
+//!
 //! - `POST /v1/drain`, `POST /v1/undrain`, `GET /v1/drain` — drain this node: no new gateway
 //!   calls, leadership, floating IP or service instances; the answer says what still keeps it
 //!   from being drained (`drained: true` once nothing does)
@@ -159,6 +165,8 @@ pub enum ApiRequest {
     Drain(Option<bool>),
     /// The namespace as a whole (`dropctl status` in cluster mode).
     Overview,
+    PluginList,
+    PluginReload,
 }
 
 /// `GET /v1/events`: where to start, how many, how long to wait, and whose.
@@ -407,6 +415,14 @@ pub fn decode(req: &Request) -> Result<ApiRequest, ApiError> {
         "/v1/vip" => match method {
             "GET" => Ok(ApiRequest::VipList),
             _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/plugins" => match method {
+            "GET" => Ok(ApiRequest::PluginList),
+            _ => Err(method_not_allowed(req, "GET")),
+        },
+        "/v1/plugins/reload" => match method {
+            "POST" => Ok(ApiRequest::PluginReload),
+            _ => Err(method_not_allowed(req, "POST")),
         },
         "/v1/overview" => match method {
             "GET" => Ok(ApiRequest::Overview),
@@ -750,6 +766,32 @@ mod tests {
             decode(&req("POST", "/v1/undrain", "")),
             Ok(ApiRequest::Drain(Some(false)))
         );
+    }
+
+    #[test]
+    fn plugin_routes_decode() {
+        assert_eq!(
+            decode(&req("GET", "/v1/plugins", "")),
+            Ok(ApiRequest::PluginList)
+        );
+        assert_eq!(
+            decode(&req("POST", "/v1/plugins/reload", "")),
+            Ok(ApiRequest::PluginReload)
+        );
+        assert_eq!(
+            decode(&req("POST", "/v1/plugins/reload/", "{}")),
+            Ok(ApiRequest::PluginReload)
+        );
+        for (method, path) in [
+            ("POST", "/v1/plugins"),
+            ("GET", "/v1/plugins/reload"),
+            ("DELETE", "/v1/plugins"),
+        ] {
+            let e = decode(&req(method, path, "")).unwrap_err();
+            assert_eq!((e.status, e.code.as_str()), (405, "method_not_allowed"));
+        }
+        let e = decode(&req("GET", "/v1/plugins/node-stats", "")).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (404, "not_found"));
     }
 
     #[test]

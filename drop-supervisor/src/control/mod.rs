@@ -41,6 +41,8 @@ pub struct Supervisor {
     vip: Option<Arc<crate::vip::VipService>>,
     /// The XDP balancer, with `[balancer] enabled`.
     lb: Option<Arc<crate::balancer::LbService>>,
+    /// Flows that packages install (`plugin ls | reload`).
+    plugins: Arc<crate::plugins::Plugins>,
 }
 
 fn not_clustered() -> ApiError {
@@ -68,7 +70,12 @@ impl Supervisor {
         runtime: Arc<Runtime>,
         gateway: Option<std::net::SocketAddr>,
     ) -> Supervisor {
+        let plugins = Arc::new(crate::plugins::Plugins::new(
+            config.plugins.dir.clone(),
+            config.plugins.enabled,
+        ));
         Supervisor {
+            plugins,
             config,
             node_id,
             started: Instant::now(),
@@ -94,6 +101,17 @@ impl Supervisor {
         self.forward = Some(forward.clone());
         self.peers = Some(forward);
         self
+    }
+
+    /// Uses the daemon's plugins (the ones it applied at start) for `plugin ls | reload`.
+    pub fn with_plugins(mut self, plugins: Arc<crate::plugins::Plugins>) -> Supervisor {
+        self.plugins = plugins;
+        self
+    }
+
+    /// The plugin that provides this node's flow `name`, if one does.
+    fn plugin_of(&self, name: &str) -> Option<String> {
+        self.runtime.flow_origins().remove(name).flatten()
     }
 
     /// Attaches the balancer (for `lb ls`).
@@ -528,6 +546,16 @@ impl Supervisor {
             ApiRequest::FlowList => Ok(to_json(&self.runtime.flows())),
             ApiRequest::FlowApply { file, source, ns } => {
                 if let Some(c) = &self.cluster {
+                    // A cluster flow would not run here either (the runtime refuses it): say so
+                    // before it is stored for the namespace.
+                    if let Ok(flow) = crate::runtime::flow::parse_flow(&source, Path::new(&file))
+                        && let Some(plugin) = self.plugin_of(&flow.name)
+                    {
+                        return Err(ApiError::from(&RuntimeError::PluginFlow {
+                            flow: flow.name,
+                            plugin,
+                        }));
+                    }
                     return c
                         .flow_apply(&source, &file, ns)
                         .await
@@ -550,7 +578,17 @@ impl Supervisor {
                 .map_err(|e| ApiError::from(&e)),
             ApiRequest::FlowRemove { name, ns } => {
                 if let Some(c) = &self.cluster {
-                    return c.flow_remove(&name, ns).await.map(ApiResponse::Json);
+                    return match c.flow_remove(&name, ns).await {
+                        // Not the namespace's, but a plugin's here: say whose.
+                        Err(e) if e.code == "unknown_flow" => match self.plugin_of(&name) {
+                            Some(plugin) => Err(ApiError::from(&RuntimeError::PluginFlow {
+                                flow: name,
+                                plugin,
+                            })),
+                            None => Err(e),
+                        },
+                        other => other.map(ApiResponse::Json),
+                    };
                 }
                 if ns.is_some() {
                     return Err(not_clustered());
@@ -561,6 +599,26 @@ impl Supervisor {
                         .map_err(|e| ApiError::from(&e))
                 })
                 .await
+            }
+            ApiRequest::PluginList => Ok(to_json(&self.plugins.list())),
+            ApiRequest::PluginReload => {
+                if !self.plugins.enabled() {
+                    return Err(ApiError::new(
+                        409,
+                        "plugins_off",
+                        format!(
+                            "plugins are off on this node: set `[plugins] enabled = true` in {} \
+                             and restart the daemon",
+                            self.config
+                                .path
+                                .as_ref()
+                                .map_or("its config".to_string(), |p| p.display().to_string())
+                        ),
+                    ));
+                }
+                let plugins = self.plugins.clone();
+                self.blocking(move |rt| Ok(to_json(&plugins.reload(rt))))
+                    .await
             }
             ApiRequest::NodeList => Ok(to_json(&self.cluster()?.nodes())),
             ApiRequest::NsList => Ok(to_json(&self.cluster()?.namespaces())),
