@@ -277,7 +277,7 @@ fn ui_state(
         "node": {
             "name": name,
             "id": node_id.to_string(),
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::VERSION,
             "uptime_secs": started.elapsed().as_secs(),
             "draining": state::draining_since(state_dir).is_some(),
         },
@@ -613,7 +613,7 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         &supervisor.config().node_name,
         format!(
             "drop-supervisor {} ready in {ready_ms:.0} ms (a new event log)",
-            env!("CARGO_PKG_VERSION")
+            crate::VERSION
         ),
     );
 

@@ -20,6 +20,14 @@
 //! names (state directory, control socket, sysctl root, images, logs, its own cgroup subtree),
 //! so that tests can point it at temporary folders.
 
+/// This build's version: `DROP_VERSION` when it was set at build time (`cargo xtask rpm
+/// --version V` sets it, so a package and the daemon in it name the same version), else the
+/// crate's.
+pub const VERSION: &str = match option_env!("DROP_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 pub mod balancer;
 pub mod cluster;
 pub mod config;
@@ -30,7 +38,7 @@ pub mod events;
 pub mod gateway;
 pub mod host;
 pub mod http;
+pub mod plugins;
 pub mod runtime;
 pub mod services;
 pub mod vip;
-pub mod plugins;

@@ -11,7 +11,7 @@ use drop_supervisor::{config::Config, daemon, host::logging};
 /// The DROP node daemon: runs functions and services on this node and serves the control API
 /// on a Unix socket (see `dropctl`).
 #[derive(Debug, Parser)]
-#[command(name = "drop-supervisor", version)]
+#[command(name = "drop-supervisor", version = drop_supervisor::VERSION)]
 struct Args {
     /// Config file (TOML). Default: /etc/drop/drop.toml if it exists, else built-in defaults.
     #[arg(long, short = 'c', value_name = "FILE")]

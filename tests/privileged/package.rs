@@ -188,6 +188,7 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     let status = host.dropctl(&["status"])?;
     let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
     ensure!(!node_id.is_empty(), "status: {status}");
+    ensure!(status["version"] == v1.as_str(), "the installed daemon: {status}");
     println!(
         "  installed {} and started its unit in {:.0} ms: dropctl status answers (node {node_id})",
         pkg1.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
@@ -252,6 +253,10 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     ensure!(
         status["node_id"] == node_id.as_str(),
         "node id changed: {status}"
+    );
+    ensure!(
+        status["version"] == v2.as_str(),
+        "the upgraded daemon: {status}"
     );
     let flows = host.dropctl(&["flow", "ls"])?;
     ensure!(

@@ -126,15 +126,27 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Res
 /// Runs a command to completion, failing with the command line when it does not succeed.
 /// The release `drop-supervisor` and `dropctl` (benchmarks and the package use them).
 pub fn build_release_binaries() -> anyhow::Result<()> {
+    build_release_binaries_as(None)
+}
+
+/// The release binaries, reporting `version` (`DROP_VERSION`; default: the crate's). Switching
+/// versions rebuilds only drop-supervisor itself.
+pub fn build_release_binaries_as(version: Option<&str>) -> anyhow::Result<()> {
     step("build: release binaries", || {
-        run_cmd(cargo().args([
+        let mut cmd = cargo();
+        cmd.args([
             "build",
             "--locked",
             "--release",
             "-p",
             "drop-supervisor",
             "--bins",
-        ]))
+        ]);
+        match version {
+            Some(v) => cmd.env("DROP_VERSION", v),
+            None => cmd.env_remove("DROP_VERSION"),
+        };
+        run_cmd(&mut cmd)
     })
 }
 

@@ -21,7 +21,7 @@ Exit codes:
 
 /// Control a DROP node (drop-supervisor) over its Unix socket.
 #[derive(Debug, Parser)]
-#[command(name = "dropctl", version, after_help = EXIT_CODES)]
+#[command(name = "dropctl", version = drop_supervisor::VERSION, after_help = EXIT_CODES)]
 struct Cli {
     /// Control socket. Default: $DROP_SOCKET, else /run/drop/drop.sock.
     #[arg(long, global = true, env = "DROP_SOCKET", value_name = "PATH", default_value = DEFAULT_SOCKET)]

@@ -472,7 +472,7 @@ impl Cluster {
             peer: opts.config.peer,
             gateway: opts.gateway,
             mac: mac_of(opts.config.advertise.ip()),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::VERSION.to_string(),
             capacity: opts.config.capacity,
             draining: false,
         };

@@ -823,7 +823,7 @@ impl Supervisor {
         StatusInfo {
             node_id: self.node_id.to_string(),
             name: self.config.node_name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::VERSION.to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             pid: std::process::id(),
             config_path: self.config.path.clone(),
@@ -874,7 +874,7 @@ pub fn node_summary(runtime: &Runtime, state_dir: &Path) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "draining": crate::host::state::draining_since(state_dir).is_some(),
         "pools": pools,
     })
