@@ -15,6 +15,7 @@ mod images;
 mod lb;
 mod netns;
 mod package;
+mod plugins;
 mod runtime;
 mod services;
 mod systemd;
@@ -49,6 +50,7 @@ fn main() {
         services::TESTS,
         tune::TESTS,
         package::TESTS,
+        plugins::TESTS,
         cgroups::TESTS,
         cgroups_v2::TESTS,
         images::TESTS,

@@ -2,7 +2,8 @@
 //! drop-supervisor's `[package.metadata.generate-rpm]`). Builds the XDP object and the release
 //! binaries, strips them, writes dropctl's man page and shell completions into
 //! target/rpm/staging, checks the glibc floor (RHEL 9-class hosts have 2.34), and writes
-//! target/rpm/drop-<version>-1.x86_64.rpm.
+//! target/rpm/drop-<version>-1.x86_64.rpm. Then each plugin's own package ([`plugin`]:
+//! target/rpm/drop-plugin-NAME-<version>-1.noarch.rpm); `--plugin NAME` builds only that one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +11,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 use crate::{cargo, output, root, run_cmd, setup, step};
+
+pub mod plugin;
 
 /// The cargo-generate-rpm release this builds with, installed once into the cache.
 const GENERATE_RPM: &str = "0.21.1";
@@ -21,6 +24,9 @@ pub struct RpmArgs {
     /// The package version (default: the crate's).
     #[arg(long)]
     pub version: Option<String>,
+    /// Only this plugin's package (packaging/plugins/NAME), no node package.
+    #[arg(long, value_name = "NAME")]
+    pub plugin: Option<String>,
 }
 
 fn generate_rpm() -> anyhow::Result<PathBuf> {
@@ -86,6 +92,9 @@ fn workspace_version() -> anyhow::Result<String> {
 }
 
 pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
+    if let Some(name) = &args.plugin {
+        return plugin::build(name, args.version.as_deref());
+    }
     let tools = setup::setup()?;
     setup::apt_install(&["binutils", "rpm"])?;
     crate::ebpf::build(&tools)?;
@@ -175,5 +184,8 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
         std::fs::metadata(&pkg)?.len(),
         list.lines().count()
     );
+    for name in plugin::PLUGINS {
+        plugin::build(name, args.version.as_deref())?;
+    }
     Ok(pkg)
 }

@@ -248,9 +248,25 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     if setup::is_root() && wants_package {
         let next = crate::rpm::upgrade_version();
         for version in [None, Some(next)] {
-            if let Err(e) = crate::rpm::rpm(&crate::rpm::RpmArgs { version }) {
+            let rpm_args = crate::rpm::RpmArgs {
+                version,
+                plugin: None,
+            };
+            if let Err(e) = crate::rpm::rpm(&rpm_args) {
                 tally.step_failed("rpm", &e);
                 break;
+            }
+        }
+    }
+    // The plugins' packages (the node package's step above builds them too; alone they need
+    // no build).
+    let wants_plugins = args.filters.iter().any(|f| {
+        "plugin_rpm_node_stats_installs_files_modes_owners_and_erases".contains(f.as_str())
+    });
+    if setup::is_root() && wants_plugins && !wants_package {
+        for name in crate::rpm::plugin::PLUGINS {
+            if let Err(e) = crate::rpm::plugin::build(name, None) {
+                tally.step_failed("rpm", &e);
             }
         }
     }
