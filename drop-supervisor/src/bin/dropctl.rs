@@ -13,7 +13,8 @@ use drop_supervisor::runtime::worker::pool::{Phase, PoolStatus};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  the daemon answered with an error, or an operation failed (e.g. a key could not be applied)
+  1  the daemon answered with an error, or an operation failed (e.g. a key could not be applied,
+     a plugin was not applied by `plugin reload`)
   2  usage error
   3  the daemon is not reachable on the socket
   4  `tune check`: at least one key drifts from the profile
