@@ -254,6 +254,14 @@ fn start_vip(
     ))))
 }
 
+/// At a stop, how long the gateway keeps serving open connections after it stopped accepting
+/// (requests still on the wire), and the most it waits for the ones at work.
+const GATEWAY_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+const GATEWAY_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a starting cluster node waits for its first pass before it serves its gateway.
+const FIRST_PASS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Events the status page shows, newest first.
 const UI_EVENTS: usize = 30;
 
@@ -392,25 +400,20 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     } else {
         info!("plugins are off ([plugins] enabled = false)");
     }
-    let mut gateway = match config.gateway_listen {
+    // The gateway's socket is bound (and listening) now, so its address is known and callers
+    // queue in its backlog; it is served once the node knows where its pools are (below).
+    let gateway_listener = match config.gateway_listen {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
-            let options = GatewayOptions {
-                token: config.gateway_token.clone(),
-                peer_key: None,
-                peer_self: None,
-                node_name: Some(config.node_name.clone()),
-                limits: config.gateway_limits.clone(),
-            };
-            let gw = Gateway::start(listener, runtime.clone(), options)
+            let local = listener
+                .local_addr()
                 .map_err(|source| DaemonError::Gateway { addr, source })?;
-            info!(addr = %gw.local_addr(), "gateway listening");
-            Some(gw)
+            Some((local, listener))
         }
         None => None,
     };
-    let gateway_addr = gateway.as_ref().map(Gateway::local_addr);
+    let gateway_addr = gateway_listener.as_ref().map(|(a, _)| *a);
     let cluster = match &config.cluster {
         Some(cc) => Some(Arc::new(
             start_cluster(&config, cc, node_id, gateway_addr).await?,
@@ -432,9 +435,6 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ));
         runtime.set_forwarder(forwarder.clone());
         forward = Some(forwarder.clone());
-        if let Some(gw) = gateway.as_mut() {
-            gw.set_forwarder(forwarder);
-        }
         let listener =
             std::net::TcpListener::bind(cc.peer).map_err(|source| DaemonError::Peer {
                 addr: cc.peer,
@@ -478,6 +478,15 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             control::peer_request(&c, journal.as_deref(), path, query)
         }));
         cluster.spawn(runtime.clone(), key.clone());
+        // A restarted node answers calls only once its first pass has started its share of
+        // the flows and built its forwarding table: before that a call would find no pool
+        // (404) although the cluster runs it. Callers wait in the backlog meanwhile.
+        if !cluster.wait_first_pass(FIRST_PASS_WAIT).await {
+            warn!(
+                waited_s = FIRST_PASS_WAIT.as_secs(),
+                "the first cluster pass has not completed; serving the gateway anyway"
+            );
+        }
     }
     let vip = match (&cluster, &config.cluster, &config.vip) {
         (Some(cluster), Some(cc), Some(settings)) if settings.enabled => {
@@ -565,6 +574,25 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             )
         }));
     }
+    let mut gateway = match gateway_listener {
+        Some((addr, listener)) => {
+            let options = GatewayOptions {
+                token: config.gateway_token.clone(),
+                peer_key: None,
+                peer_self: None,
+                node_name: Some(config.node_name.clone()),
+                limits: config.gateway_limits.clone(),
+            };
+            let gw = Gateway::start(listener, runtime.clone(), options)
+                .map_err(|source| DaemonError::Gateway { addr, source })?;
+            if let Some(f) = &forward {
+                gw.set_forwarder(f.clone());
+            }
+            info!(addr = %gw.local_addr(), "gateway listening");
+            Some(gw)
+        }
+        None => None,
+    };
     let mut supervisor =
         Supervisor::new(config, node_id, runtime.clone(), gateway_addr).with_plugins(plugins);
     if let (Some(c), Some(f)) = (&cluster, forward) {
@@ -652,11 +680,13 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     if let Some(v) = vip {
         let _ = tokio::task::spawn_blocking(move || v.stop()).await;
     }
+    // Then the gateway: new callers are refused (and go to another gateway), those already
+    // connected get their answers.
+    if let Some(gw) = gateway.as_mut() {
+        gw.stop_gracefully(GATEWAY_SETTLE, GATEWAY_STOP_LIMIT).await;
+    }
     if let Some(c) = &cluster {
         c.stop().await;
-    }
-    if let Some(gw) = gateway.as_mut() {
-        gw.stop();
     }
     if let Some(p) = peer_server.as_mut() {
         p.stop();

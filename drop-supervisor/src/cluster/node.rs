@@ -247,6 +247,8 @@ struct Inner {
     vip: RwLock<Option<Arc<dyn super::VipHook>>>,
     /// This node is draining: announced in its metadata on the next pass.
     draining: AtomicBool,
+    /// Reconcile passes completed (views published, this node's share of flows started).
+    passes: watch::Sender<u64>,
 }
 
 /// Gossip and reliable messages: a batch of entries.
@@ -503,6 +505,7 @@ impl Cluster {
             registry: Arc::new(RwLock::new(Registry::default())),
             vip: RwLock::new(None),
             draining: AtomicBool::new(false),
+            passes: watch::Sender::new(0),
         });
         // The API answers from the persisted state at once: a restarted node lists its
         // namespaces and flows before its first pass (which waits on starting pools) ends.
@@ -573,6 +576,15 @@ impl Cluster {
     pub fn set_draining(&self, draining: bool) {
         self.inner.draining.store(draining, Ordering::SeqCst);
         self.inner.changed.notify_one();
+    }
+
+    /// Waits until the first reconcile pass has completed — this node's share of the flows is
+    /// running and the forwarding table is built — or `limit` passed. True when it has.
+    pub async fn wait_first_pass(&self, limit: Duration) -> bool {
+        let mut rx = self.inner.passes.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Sets what runs after every pass (with the namespace and node views published).
@@ -1374,6 +1386,7 @@ async fn reconcile(inner: &Arc<Inner>, membership: &Arc<Membership>, runtime: &A
         namespaces: plan.namespaces,
     });
     drop(snap);
+    inner.passes.send_modify(|n| *n += 1);
     if let Some(observe) = inner
         .observer
         .read()

@@ -44,6 +44,7 @@ pub mod server;
 use std::borrow::Cow;
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use crate::cluster::peer::PeerKey;
 use crate::error::ApiError;
@@ -184,6 +185,23 @@ impl Gateway {
             Running::Epoll(server) => server.stop(),
             Running::Hyper(server) => server.stop(),
         }
+    }
+
+    /// Stops taking new connections (queued ones are taken and served first; a new caller is
+    /// refused and goes to another gateway), lets the requests already on open connections
+    /// finish — at least `settle`, at most `limit` — then stops. Only the epoll server (the
+    /// daemon's) waits; the other stops at once.
+    pub async fn stop_gracefully(&mut self, settle: Duration, limit: Duration) {
+        if let Running::Epoll(server) = &self.server {
+            server.pause_accepting();
+            let started = std::time::Instant::now();
+            while started.elapsed() < limit
+                && (started.elapsed() < settle || server.connections_at_work() > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.stop();
     }
 }
 

@@ -200,7 +200,8 @@ impl Responder {
     }
 }
 
-/// A running server; [`Server::stop`] ends it.
+/// A running server; [`Server::stop`] ends it. Clones share it.
+#[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
 }
@@ -283,6 +284,35 @@ impl Server {
     /// Stops accepting; idle connections close now, busy ones after their current answer.
     pub fn stop(&self) {
         self.shared.stop();
+    }
+
+    /// Takes no new connection: the ones already queued are taken and served first, then the
+    /// listening socket closes, so a new caller is refused (not reset) and goes elsewhere. Open
+    /// connections are served as before.
+    pub fn pause_accepting(&self) {
+        let Some(listener) = lock(&self.shared.listener).take() else {
+            return;
+        };
+        let _ = self.shared.shards[0].ctl(libc::EPOLL_CTL_DEL, listener.as_raw_fd(), 0, LISTENER);
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => self.shared.register(stream, peer.ip()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Connections with a request being read or served (idle keep-alive ones not counted).
+    pub fn connections_at_work(&self) -> usize {
+        let conns: Vec<Arc<Conn>> = lock(&self.shared.conns).values().cloned().collect();
+        conns
+            .iter()
+            .filter(|c| {
+                let st = c.lock();
+                st.busy || !st.buf.is_empty() || !st.out.is_empty()
+            })
+            .count()
     }
 }
 
