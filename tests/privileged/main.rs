@@ -16,6 +16,7 @@ mod lb;
 mod netns;
 mod package;
 mod plugins;
+mod rollout;
 mod runtime;
 mod services;
 mod systemd;
@@ -60,6 +61,7 @@ fn main() {
         cluster::TESTS,
         vip::TESTS,
         ui::TESTS,
+        rollout::TESTS,
     ]
     .into_iter()
     .flatten();

@@ -161,7 +161,7 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     let (v1, v2) = (env!("CARGO_PKG_VERSION").to_string(), upgrade_version());
     let (pkg1, pkg2) = (package_of(&v1)?, package_of(&v2)?);
     let netns = Netns::new()?;
-    let host = PackagedHost::start(netns.path())?;
+    let host = PackagedHost::start(netns.path(), &[])?;
     let sandbox = host.sandbox();
 
     // Install: the scriptlets create the users and folders and reload systemd.
@@ -188,7 +188,10 @@ fn in_systemd() -> anyhow::Result<Outcome> {
     let status = host.dropctl(&["status"])?;
     let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
     ensure!(!node_id.is_empty(), "status: {status}");
-    ensure!(status["version"] == v1.as_str(), "the installed daemon: {status}");
+    ensure!(
+        status["version"] == v1.as_str(),
+        "the installed daemon: {status}"
+    );
     println!(
         "  installed {} and started its unit in {:.0} ms: dropctl status answers (node {node_id})",
         pkg1.file_name().and_then(|n| n.to_str()).unwrap_or("?"),

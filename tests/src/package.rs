@@ -49,10 +49,11 @@ pub struct PackagedHost {
 
 impl PackagedHost {
     /// Starts the sandbox in the network namespace `netns` (`/run/netns/NAME`), mounts the
-    /// overlays and creates the rpm database.
-    pub fn start(netns: &Path) -> anyhow::Result<PackagedHost> {
+    /// overlays and creates the rpm database. `keep_tmp`: host folders under /tmp it must see.
+    pub fn start(netns: &Path, keep_tmp: &[PathBuf]) -> anyhow::Result<PackagedHost> {
         let sandbox = SystemdSandbox::start_with(SandboxOptions {
             netns: Some(netns.to_path_buf()),
+            keep_tmp: keep_tmp.to_vec(),
             ..SandboxOptions::default()
         })?;
         for dir in ["usr", "etc"] {

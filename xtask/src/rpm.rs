@@ -99,7 +99,9 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
     setup::apt_install(&["binutils", "rpm"])?;
     crate::ebpf::build(&tools)?;
     let tool = generate_rpm()?;
-    crate::build_release_binaries()?;
+    // The binaries name the package's version (`dropctl status`, `node ls`), so a rollout can
+    // tell which build each node runs.
+    crate::build_release_binaries_as(args.version.as_deref())?;
     let staging = root().join("target/rpm/staging");
     std::fs::create_dir_all(&staging)?;
     step(

@@ -241,6 +241,7 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
             [
                 "package_rpm_installs_files_modes_config_and_erases",
                 "package_rpm_in_systemd_installs_starts_upgrades_and_erases",
+                "rollout_ansible_three_nodes_under_load_no_failed_call",
             ]
             .iter()
             .any(|t| t.contains(f.as_str()))
@@ -291,6 +292,13 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         .arg(crate::vm::HOST_EXCLUDE)
         .env("DROP_BIN_DIR", root().join("target/debug"))
         .env("DROP_XDP_OBJ", ebpf::object_path());
+        // The pinned Ansible for the rollout test (the lint step built it; cached here).
+        match crate::ansible::venv() {
+            Ok(a) => {
+                cmd.env("DROP_ANSIBLE_VENV", &a.venv);
+            }
+            Err(e) => println!("    no Ansible for the rollout test: {e:#}"),
+        }
         if strict {
             cmd.env("DROP_TEST_STRICT", "1");
         }
