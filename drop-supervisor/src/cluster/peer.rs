@@ -297,16 +297,26 @@ impl Forwarder {
     /// A sealed `GET path` to one node's peer listener (`/peer/…` requests its daemon serves,
     /// such as another node's service logs); the node is named in errors.
     pub fn request(&self, name: &str, addr: SocketAddr, path: &str) -> Result<Vec<u8>, ApiError> {
-        self.sealed(name, name, addr, ("GET", path, path), b"")
-            .map_err(|e| {
-                e.unwrap_or_else(|| {
-                    ApiError::new(
-                        503,
-                        "peer_unreachable",
-                        format!("cannot connect to {name} ({addr})"),
-                    )
-                })
+        // A read-only request whose connection broke (`peer_lost`) is asked once more on a new
+        // connection: it changes nothing, so asking twice is safe. Pool calls are never retried.
+        let ask = || self.sealed(name, name, addr, ("GET", path, path), b"");
+        let first = ask();
+        let answer = match &first {
+            Err(Some(e)) if e.code == "peer_lost" => {
+                tracing::debug!(node = name, error = %e.message, "peer request lost; asking again");
+                ask()
+            }
+            _ => first,
+        };
+        answer.map_err(|e| {
+            e.unwrap_or_else(|| {
+                ApiError::new(
+                    503,
+                    "peer_unreachable",
+                    format!("cannot connect to {name} ({addr})"),
+                )
             })
+        })
     }
 
     fn sealed(
