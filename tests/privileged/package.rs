@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use drop_tests::netns::Netns;
-use drop_tests::package::{PackagedHost, UNIT, package_of, upgrade_version, wait_until};
+use drop_tests::package::{
+    PackagedHost, UNIT, package_of, rpm_in_root, upgrade_version, wait_until,
+};
 use drop_tests::systemd::SystemdSandbox;
 use drop_tests::{Outcome, Test, require_command, require_root};
 
@@ -38,23 +40,6 @@ fn package() -> anyhow::Result<PathBuf> {
     package_of(env!("CARGO_PKG_VERSION"))
 }
 
-fn rpm(root: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("rpm")
-        .arg("--root")
-        .arg(root)
-        .args(["--dbpath", "/var/lib/rpm"])
-        .args(args)
-        .output()
-        .context("running rpm")?;
-    ensure!(
-        out.status.success(),
-        "rpm {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn install_and_erase() -> anyhow::Result<Outcome> {
     if let Some(skip) = require_root().or_else(|| require_command("rpm")) {
         return Ok(skip);
@@ -62,10 +47,10 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
     let pkg = package()?;
     let root = tempfile::Builder::new().prefix("droprpm").tempdir()?;
     std::fs::create_dir_all(root.path().join("var/lib/rpm"))?;
-    rpm(root.path(), &["--initdb"])?;
+    rpm_in_root(root.path(), &["--initdb"])?;
     let pkg_s = pkg.to_str().context("utf-8")?;
     // --nodeps: the empty root has no glibc package; --noscripts: no systemd in it.
-    rpm(root.path(), &["-i", "--nodeps", "--noscripts", pkg_s])?;
+    rpm_in_root(root.path(), &["-i", "--nodeps", "--noscripts", pkg_s])?;
     let r = |p: &str| root.path().join(p.trim_start_matches('/'));
     let expect: &[(&str, u32)] = &[
         ("/usr/bin/drop-supervisor", 0o755),
@@ -101,12 +86,12 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
         !r("/usr/lib/sysctl.d/90-drop.conf").exists() && !r("/etc/sysctl.d/90-drop.conf").exists(),
         "the sysctl profile is installed where it would be applied"
     );
-    let config = rpm(root.path(), &["-qc", "drop"])?;
+    let config = rpm_in_root(root.path(), &["-qc", "drop"])?;
     ensure!(
         config.lines().any(|l| l == "/etc/drop/drop.toml"),
         "config files: {config}"
     );
-    let files = rpm(root.path(), &["-ql", "drop"])?;
+    let files = rpm_in_root(root.path(), &["-ql", "drop"])?;
     // The installed binary runs and reads the installed default config.
     let check = Command::new(r("/usr/bin/drop-supervisor"))
         .args(["--check-config", "-c"])
@@ -119,7 +104,7 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
     );
     // Erase: an edited config is kept aside, everything else goes.
     std::fs::write(r("/etc/drop/drop.toml"), "[node]\nname = \"edited\"\n")?;
-    rpm(root.path(), &["-e", "--nodeps", "--noscripts", "drop"])?;
+    rpm_in_root(root.path(), &["-e", "--nodeps", "--noscripts", "drop"])?;
     ensure!(
         !r("/usr/bin/drop-supervisor").exists(),
         "the binary survived the erase"

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use drop_tests::package::rpm_in_root;
 use drop_tests::{Outcome, Test, paths, require_command, require_root};
 
 pub const TESTS: &[Test] = &[Test {
@@ -31,24 +32,6 @@ fn plugin_package(name: &str) -> anyhow::Result<PathBuf> {
         "no target/rpm/{file}: build it with `cargo xtask rpm --plugin {name}`"
     );
     Ok(path)
-}
-
-/// `rpm --root ROOT --dbpath /var/lib/rpm ARGS`, its stdout.
-fn rpm(root: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("rpm")
-        .arg("--root")
-        .arg(root)
-        .args(["--dbpath", "/var/lib/rpm"])
-        .args(args)
-        .output()
-        .context("running rpm")?;
-    ensure!(
-        out.status.success(),
-        "rpm {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The package's scriptlet of that name (`postinstall`, `preuninstall`, `postuninstall`), from
@@ -72,15 +55,15 @@ fn node_stats_package() -> anyhow::Result<Outcome> {
     let pkg_s = pkg.to_str().context("utf-8")?;
     let root = tempfile::Builder::new().prefix("dropplugin").tempdir()?;
     std::fs::create_dir_all(root.path().join("var/lib/rpm"))?;
-    rpm(root.path(), &["--initdb"])?;
+    rpm_in_root(root.path(), &["--initdb"])?;
 
     // What the package is: noarch, needs the node package, and its scriptlets only reload.
-    let info = rpm(root.path(), &["-qp", "--qf", "%{NAME} %{ARCH}\\n", pkg_s])?;
+    let info = rpm_in_root(root.path(), &["-qp", "--qf", "%{NAME} %{ARCH}\\n", pkg_s])?;
     ensure!(
         info.trim() == "drop-plugin-node-stats noarch",
         "name and arch: {info}"
     );
-    let requires = rpm(root.path(), &["-qp", "--requires", pkg_s])?;
+    let requires = rpm_in_root(root.path(), &["-qp", "--requires", pkg_s])?;
     ensure!(
         requires.lines().any(|l| l.trim() == "drop"),
         "it must require drop: {requires}"
@@ -89,7 +72,7 @@ fn node_stats_package() -> anyhow::Result<Outcome> {
         !requires.contains("glibc"),
         "a shell script needs no glibc of its own: {requires}"
     );
-    let scripts = rpm(root.path(), &["-qp", "--scripts", pkg_s])?;
+    let scripts = rpm_in_root(root.path(), &["-qp", "--scripts", pkg_s])?;
     let (post, preun, postun) = (
         scriptlet(&scripts, "postinstall"),
         scriptlet(&scripts, "preuninstall"),
@@ -106,10 +89,10 @@ fn node_stats_package() -> anyhow::Result<Outcome> {
     ensure!(preun.trim() == ":", "%preun: {preun:?}");
 
     // --nodeps: the empty root has no drop package.
-    rpm(root.path(), &["-i", "--nodeps", "--noscripts", pkg_s])?;
+    rpm_in_root(root.path(), &["-i", "--nodeps", "--noscripts", pkg_s])?;
     let r = |p: &str| root.path().join(p.trim_start_matches('/'));
     let folder = "/usr/lib/drop/plugins/node-stats";
-    let files = rpm(root.path(), &["-ql", "drop-plugin-node-stats"])?;
+    let files = rpm_in_root(root.path(), &["-ql", "drop-plugin-node-stats"])?;
     let mut listed: Vec<&str> = files.lines().collect();
     listed.sort_unstable();
     let want = [
@@ -179,7 +162,7 @@ fn node_stats_package() -> anyhow::Result<Outcome> {
     );
 
     // Erase: its files go (the folder, once empty, goes with the %postun not run here).
-    rpm(
+    rpm_in_root(
         root.path(),
         &["-e", "--nodeps", "--noscripts", "drop-plugin-node-stats"],
     )?;

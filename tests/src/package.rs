@@ -41,6 +41,25 @@ pub fn upgrade_version() -> String {
     format!("{}.1", env!("CARGO_PKG_VERSION"))
 }
 
+/// `rpm --root ROOT --dbpath /var/lib/rpm ARGS` on the host (a package installed into a
+/// folder, scriptlets only with their own flags): its stdout, or an error with its stderr.
+pub fn rpm_in_root(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("rpm")
+        .arg("--root")
+        .arg(root)
+        .args(["--dbpath", "/var/lib/rpm"])
+        .args(args)
+        .output()
+        .context("running rpm")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rpm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A sandboxed host ready for `rpm -i`.
 #[derive(Debug)]
 pub struct PackagedHost {
