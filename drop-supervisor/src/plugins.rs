@@ -729,26 +729,6 @@ mod tests {
         assert!(p.remove.is_empty());
     }
 
-    fn runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let rt = {
-            let _g = tokio.enter();
-            Runtime::new(crate::runtime::RuntimeOptions {
-                state_dir: dir.join("state"),
-                images_dir: dir.join("images"),
-                logs_dir: dir.join("logs"),
-                cgroups: None,
-                worker_credentials: None,
-                allow_root_workers: false,
-            })
-        };
-        (tokio, rt)
-    }
-
     fn pids(rt: &Runtime, pool: &str) -> Vec<u32> {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
@@ -764,7 +744,7 @@ mod tests {
     fn a_pass_applies_keeps_restarts_refuses_and_removes_through_the_runtime() {
         let dir = tempfile::tempdir().unwrap();
         let plugins_dir = dir.path().join("plugins");
-        let (_tokio, rt) = runtime(dir.path());
+        let (_tokio, rt) = crate::runtime::test_runtime(dir.path());
         write(
             &plugins_dir.join("cat/flow.yaml"),
             "name: catflow\nfunc:\n  - name: catpool\n    cmd: [/bin/cat]\n",

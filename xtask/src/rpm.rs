@@ -77,6 +77,19 @@ pub fn upgrade_version() -> String {
     format!("{}.1", workspace_version().unwrap_or_else(|_| "0".into()))
 }
 
+/// Prints a package's file list (`rpm -qlvp`), size and entry count.
+pub fn print_package(pkg: &Path) -> anyhow::Result<()> {
+    let list = output(Command::new("rpm").args(["-qlvp"]).arg(pkg))?;
+    println!("{list}");
+    println!(
+        "    {} ({} bytes, {} entries)",
+        pkg.display(),
+        std::fs::metadata(pkg)?.len(),
+        list.lines().count()
+    );
+    Ok(())
+}
+
 /// `version` of the workspace's `[workspace.package]`.
 fn workspace_version() -> anyhow::Result<String> {
     let text = std::fs::read_to_string(root().join("Cargo.toml"))?;
@@ -95,6 +108,10 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
     if let Some(name) = &args.plugin {
         return plugin::build(name, args.version.as_deref());
     }
+    let version = match &args.version {
+        Some(v) => v.clone(),
+        None => workspace_version()?,
+    };
     let tools = setup::setup()?;
     setup::apt_install(&["binutils", "rpm"])?;
     crate::ebpf::build(&tools)?;
@@ -123,10 +140,6 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
             // The default config names the version that shipped it: a newer package's default
             // then differs, so an edited /etc/drop/drop.toml stays and the new one lands beside
             // it as .rpmnew (rpm writes none when the packaged file did not change).
-            let version = match &args.version {
-                Some(v) => v.clone(),
-                None => workspace_version()?,
-            };
             std::fs::write(
                 staging.join("drop.toml"),
                 format!(
@@ -172,20 +185,11 @@ pub fn rpm(args: &RpmArgs) -> anyhow::Result<PathBuf> {
         }
         run_cmd(&mut cmd)
     })?;
-    let pkg = std::fs::read_dir(&out)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "rpm"))
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .context("no .rpm written")?;
-    let list = output(Command::new("rpm").args(["-qlvp"]).arg(&pkg))?;
-    println!("{list}");
-    println!(
-        "    {} ({} bytes, {} entries)",
-        pkg.display(),
-        std::fs::metadata(&pkg)?.len(),
-        list.lines().count()
-    );
+    let pkg = out.join(format!("drop-{version}-1.x86_64.rpm"));
+    if !pkg.is_file() {
+        bail!("cargo-generate-rpm wrote no {}", pkg.display());
+    }
+    print_package(&pkg)?;
     for name in plugin::PLUGINS {
         plugin::build(name, args.version.as_deref())?;
     }

@@ -2207,22 +2207,7 @@ mod tests {
     #[test]
     fn apply_share_leaves_plugin_flows_alone_and_reports_a_placed_flow_of_their_name() {
         let dir = tempfile::tempdir().unwrap();
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let rt = {
-            let _g = tokio.enter();
-            Runtime::new(crate::runtime::RuntimeOptions {
-                state_dir: dir.path().join("state"),
-                images_dir: dir.path().join("images"),
-                logs_dir: dir.path().join("logs"),
-                cgroups: None,
-                worker_credentials: None,
-                allow_root_workers: false,
-            })
-        };
+        let (_tokio, rt) = crate::runtime::test_runtime(dir.path());
         let text = "name: stats\nfunc:\n  - name: stats_pool\n    cmd: [/bin/cat]\n";
         let flow =
             crate::runtime::flow::parse_flow(text, Path::new("/plugins/stats/flow.yaml")).unwrap();

@@ -33,6 +33,29 @@ use worker::process::{self, Credentials, Launch};
 use crate::error::ApiError;
 use crate::host::state;
 
+/// A runtime for unit tests elsewhere in the crate: folders under `dir`, no cgroups, workers
+/// as the test process, on a tokio runtime of its own (returned first; keep it alive).
+#[cfg(test)]
+pub(crate) fn test_runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let rt = {
+        let _g = tokio.enter();
+        Runtime::new(RuntimeOptions {
+            state_dir: dir.join("state"),
+            images_dir: dir.join("images"),
+            logs_dir: dir.join("logs"),
+            cgroups: None,
+            worker_credentials: None,
+            allow_root_workers: false,
+        })
+    };
+    (tokio, rt)
+}
+
 /// Finds pools by name: what the gateway asks of the runtime.
 pub trait PoolLookup: Send + Sync {
     fn pool(&self, name: &str) -> Option<Pool>;

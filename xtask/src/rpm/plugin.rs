@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{output, root, run_cmd, setup, step};
+use crate::{root, run_cmd, setup, step};
 
 /// The plugins `cargo xtask rpm` packages, one RPM each.
 pub const PLUGINS: &[&str] = &["node-stats"];
@@ -56,13 +56,6 @@ pub fn build(name: &str, version: Option<&str>) -> anyhow::Result<PathBuf> {
         );
         Ok(())
     })?;
-    let list = output(Command::new("rpm").args(["-qlvp"]).arg(&pkg))?;
-    println!("{list}");
-    println!(
-        "    {} ({} bytes, {} entries)",
-        pkg.display(),
-        std::fs::metadata(&pkg)?.len(),
-        list.lines().count()
-    );
+    super::print_package(&pkg)?;
     Ok(pkg)
 }
