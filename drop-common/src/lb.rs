@@ -17,6 +17,12 @@
 //!    [`VIP_IPIP`], prepend an outer IPv4 header ([`ipip_header`]) to the backend (routed
 //!    backends). Checksums of the inner packet are never read nor changed.
 //!
+//! On a backend, the same program takes the encapsulation off again ([`parse_encapsulated`]):
+//! an IPIP frame from an allowed balancer address ([`DECAP_MAP`]) whose inner packet is for a
+//! VIP with [`VIP_IPIP`] loses its outer header and goes to the kernel, which delivers it to the
+//! VIP held on `lo`; the reply goes straight to the client. Any other IPIP frame passes
+//! untouched (to the kernel's own tunnel devices, if it has any).
+//!
 //! A whole new ring is written into the VIP's spare ring slot and then `VipMeta::ring` is
 //! switched in one map update: no packet sees half a table. Draining (weight 0) leaves the
 //! backend out of the ring but present, so its established flows stay.
@@ -60,8 +66,13 @@ pub const VIP_STATS_MAP: &str = "DROP_LB_VSTAT";
 pub const BACKEND_STATS_MAP: &str = "DROP_LB_BSTAT";
 /// Per-CPU array of [`LB_STAT_SLOTS`] `u64`, indexed by [`LbStat`].
 pub const LB_STATS_MAP: &str = "DROP_LB_STATS";
+/// Hash of outer source addresses (`[u8; 4]` → `u32` 1) whose IPIP frames this node takes the
+/// encapsulation off: the members that may hold the VIP.
+pub const DECAP_MAP: &str = "DROP_LB_DECAP";
+/// Entries of [`DECAP_MAP`].
+pub const MAX_DECAP_SOURCES: u32 = 64;
 /// Slots of [`LB_STATS_MAP`].
-pub const LB_STAT_SLOTS: u32 = 9;
+pub const LB_STAT_SLOTS: u32 = 10;
 
 /// Global counters of the balancer.
 #[repr(u32)]
@@ -84,6 +95,8 @@ pub enum LbStat {
     NoBackend = 7,
     /// Passed: the chosen backend is this node (the frame is already addressed to it).
     Local = 8,
+    /// Passed after taking the IPIP header off (this node is a routed backend).
+    Decapsulated = 9,
 }
 
 impl LbStat {
@@ -97,6 +110,7 @@ impl LbStat {
         LbStat::Forwarded,
         LbStat::NoBackend,
         LbStat::Local,
+        LbStat::Decapsulated,
     ];
     pub const fn index(self) -> u32 {
         self as u32
@@ -233,6 +247,9 @@ pub enum Pass {
     Fragment,
     /// Neither TCP nor UDP.
     NotTcpUdp,
+    /// IPv4 in IPv4: maybe for this node to take the encapsulation off
+    /// ([`parse_encapsulated`]).
+    Encapsulated,
 }
 
 impl Pass {
@@ -242,7 +259,7 @@ impl Pass {
             Pass::Truncated => LbStat::Truncated,
             Pass::Options => LbStat::Options,
             Pass::Fragment => LbStat::Fragment,
-            Pass::NotTcpUdp => LbStat::NotVip,
+            Pass::NotTcpUdp | Pass::Encapsulated => LbStat::NotVip,
         }
     }
 }
@@ -256,7 +273,29 @@ pub fn parse<F: Frame + ?Sized>(frame: &F) -> Result<FlowKey, Pass> {
     if u16::from_be_bytes(ethertype) != ETH_P_IP {
         return Err(Pass::NotIpv4);
     }
-    let Some(ip) = frame.bytes::<20>(ETH_HLEN) else {
+    parse_ip::<F, ETH_HLEN>(frame)
+}
+
+/// An IPIP frame's outer source and inner flow, if the inner packet is one [`parse`] would
+/// balance: outer and inner IPv4 without options and not fragments, the inner one TCP or UDP.
+/// Call it on a frame [`parse`] answered [`Pass::Encapsulated`].
+#[inline(always)]
+pub fn parse_encapsulated<F: Frame + ?Sized>(frame: &F) -> Result<([u8; 4], FlowKey), Pass> {
+    let Some(src) = frame.bytes::<4>(ETH_HLEN + 12) else {
+        return Err(Pass::Truncated);
+    };
+    match parse_ip::<F, { ETH_HLEN + 20 }>(frame) {
+        Ok(flow) => Ok((src, flow)),
+        // IPIP in IPIP is not ours.
+        Err(Pass::Encapsulated) => Err(Pass::NotTcpUdp),
+        Err(pass) => Err(pass),
+    }
+}
+
+/// The IPv4 header at `AT` and the ports after it.
+#[inline(always)]
+fn parse_ip<F: Frame + ?Sized, const AT: usize>(frame: &F) -> Result<FlowKey, Pass> {
+    let Some(ip) = frame.bytes::<20>(AT) else {
         return Err(Pass::Truncated);
     };
     if ip[0] >> 4 != 4 {
@@ -272,10 +311,13 @@ pub fn parse<F: Frame + ?Sized>(frame: &F) -> Result<FlowKey, Pass> {
         return Err(Pass::Fragment);
     }
     let proto = ip[9];
+    if proto == IPPROTO_IPIP {
+        return Err(Pass::Encapsulated);
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Pass::NotTcpUdp);
     }
-    let Some(ports) = frame.bytes::<4>(ETH_HLEN + 20) else {
+    let Some(ports) = frame.bytes::<4>(AT + 20) else {
         return Err(Pass::Truncated);
     };
     Ok(FlowKey {
@@ -457,6 +499,60 @@ mod tests {
             0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(ipv4_checksum(&known), 0xb861);
+    }
+
+    #[test]
+    fn an_ipip_frame_gives_its_outer_source_and_inner_flow() {
+        let inner = frame(ETH_P_IP, 0x45, 0x4000, IPPROTO_TCP, &PORTS);
+        let wrap = |outer_ver_ihl: u8, outer_frag: u16, inner: &[u8]| {
+            let mut f = frame(ETH_P_IP, outer_ver_ihl, outer_frag, IPPROTO_IPIP, &[]);
+            f[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&[10, 9, 0, 7]);
+            f.extend_from_slice(&inner[ETH_HLEN..]);
+            f
+        };
+        let f = wrap(0x45, 0, &inner);
+        assert_eq!(parse(&f[..]), Err(Pass::Encapsulated));
+        assert_eq!(Pass::Encapsulated.stat(), LbStat::NotVip);
+        let (src, flow) = parse_encapsulated(&f[..]).unwrap();
+        assert_eq!(src, [10, 9, 0, 7]);
+        assert_eq!(flow, parse(&inner[..]).unwrap());
+        // The inner packet follows the same rules as a plain one.
+        let p = |f: Vec<u8>| parse_encapsulated(&f[..]).unwrap_err();
+        assert_eq!(
+            p(wrap(
+                0x45,
+                0,
+                &frame(ETH_P_IP, 0x45, 0x2000, IPPROTO_TCP, &PORTS)
+            )),
+            Pass::Fragment
+        );
+        assert_eq!(
+            p(wrap(
+                0x45,
+                0,
+                &frame(ETH_P_IP, 0x46, 0, IPPROTO_TCP, &PORTS)
+            )),
+            Pass::Options
+        );
+        assert_eq!(
+            p(wrap(0x45, 0, &frame(ETH_P_IP, 0x45, 0, 1, &PORTS))),
+            Pass::NotTcpUdp
+        );
+        // IPIP in IPIP is not taken apart.
+        assert_eq!(
+            p(wrap(
+                0x45,
+                0,
+                &frame(ETH_P_IP, 0x45, 0, IPPROTO_IPIP, &PORTS)
+            )),
+            Pass::NotTcpUdp
+        );
+        let mut short = f.clone();
+        short.truncate(ETH_HLEN + 20 + 22);
+        assert_eq!(p(short), Pass::Truncated);
+        // An outer header with options or a fragment never gets that far.
+        assert_eq!(parse(&wrap(0x46, 0, &inner)[..]), Err(Pass::Options));
+        assert_eq!(parse(&wrap(0x45, 0x2000, &inner)[..]), Err(Pass::Fragment));
     }
 
     #[test]

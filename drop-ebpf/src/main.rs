@@ -5,7 +5,8 @@
 //!   redirects or rewrites anything: a failure to count must not cost a packet.
 //! - `drop_lb` is the L4 balancer (DESIGN §7; the rules are in `drop_common::lb`): frames to a
 //!   VIP:port go to a backend chosen by the connection table or the VIP's Maglev ring and leave
-//!   again with `XDP_TX` (MAC rewrite, or IPIP); everything else passes untouched.
+//!   again with `XDP_TX` (MAC rewrite, or IPIP); on a routed backend it takes the IPIP header of
+//!   a VIP's frame off again and passes it to the kernel; everything else passes untouched.
 //!
 //! The map layouts and the parsing rules live in `drop-common` (host-tested there); this file
 //! only supplies bounds-checked access to the frame and the map updates.
@@ -20,8 +21,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use drop_common::lb::{
-    self, Backend, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS, MAX_FLOWS, MAX_RINGS, MAX_VIPS,
-    NO_BACKEND, RING_SIZE, Traffic, VIP_IPIP, VipKey, VipMeta, VipStats,
+    self, Backend, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_FLOWS,
+    MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE, Traffic, VIP_IPIP, VipKey, VipMeta, VipStats,
 };
 use drop_common::{
     Class, DstCount, DstKey, ETH_HLEN, ETH_P_IP, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat,
@@ -58,6 +59,9 @@ static LB_BSTATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKE
 #[map(name = "DROP_LB_STATS")]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LB_STAT_SLOTS, 0);
 
+#[map(name = "DROP_LB_DECAP")]
+static LB_DECAP: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_DECAP_SOURCES, 0);
+
 #[xdp]
 pub fn drop_lb(ctx: XdpContext) -> u32 {
     balance(&ctx).unwrap_or(xdp_action::XDP_PASS)
@@ -68,6 +72,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
     lb_bump(LbStat::Frames);
     let flow = match lb::parse(&Packet(ctx)) {
         Ok(f) => f,
+        Err(Pass::Encapsulated) => return Ok(decapsulate(ctx)),
         Err(pass) => {
             lb_bump(pass.stat());
             return Ok(xdp_action::XDP_PASS);
@@ -147,8 +152,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             (*t).bytes += len;
         }
     }
-    if meta.flags & VIP_IPIP == 0 && is_local(ctx, &backend) {
-        // This node is the backend (it holds the VIP): its own kernel answers.
+    if is_local(ctx, &backend) {
+        // This node is the backend (it holds the VIP): its own kernel answers. (For an IPIP
+        // VIP the loader gives this node's backend slot the interface's own MAC.)
         lb_bump(LbStat::Local);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -215,6 +221,44 @@ fn encapsulate(ctx: &XdpContext, backend: &Backend, meta: &VipMeta) -> Result<()
     // SAFETY: `ptr_at_mut` checked the 34 bytes are inside the (grown) frame.
     unsafe { *out = h };
     Ok(())
+}
+
+/// A routed backend's side of IPIP: an IPIP frame from an allowed balancer address whose inner
+/// packet is for a VIP forwarded by IPIP loses its outer header and goes to the kernel (the VIP
+/// is on `lo`). Anything else passes untouched.
+#[inline(always)]
+fn decapsulate(ctx: &XdpContext) -> u32 {
+    let Ok((outer_src, flow)) = lb::parse_encapsulated(&Packet(ctx)) else {
+        lb_bump(LbStat::NotVip);
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY (both lookups): the values are copied out or only tested at once.
+    let allowed = unsafe { LB_DECAP.get(&outer_src) }.is_some();
+    let ipip_vip = unsafe { LB_VIPS.get(&flow.vip()) }.is_some_and(|m| m.flags & VIP_IPIP != 0);
+    if !allowed || !ipip_vip {
+        lb_bump(LbStat::NotVip);
+        return xdp_action::XDP_PASS;
+    }
+    // The Ethernet header moves 20 bytes on, over the outer IPv4 header, and the frame starts
+    // there.
+    let Some(eth) = ptr_at::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: checked by `ptr_at`.
+    let eth = unsafe { *eth };
+    let Some(to) = ptr_at_mut::<[u8; ETH_HLEN]>(ctx, 20) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: checked by `ptr_at_mut` (the inner header starts at 34, so 20..34 is inside).
+    unsafe { *to = eth };
+    // SAFETY: a plain helper call on this program's context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, 20) } != 0 {
+        // Cannot happen for a frame this long; the kernel then sees a broken frame and drops
+        // it, as it would a bad one.
+        return xdp_action::XDP_DROP;
+    }
+    lb_bump(LbStat::Decapsulated);
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]

@@ -18,9 +18,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, xdp::XdpLink, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
-    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, LB_PROGRAM,
-    LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic,
-    VIP_IPIP, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
+    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, DECAP_MAP, FLOWS_MAP, FlowKey,
+    LB_PROGRAM, LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_VIPS, NO_BACKEND,
+    RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
 };
 use drop_common::maglev;
 use tracing::{info, warn};
@@ -92,6 +92,7 @@ pub struct LbCounters {
 struct VipState {
     index: u32,
     ring: u32,
+    forwarding: Forwarding,
     backends: Vec<LbBackend>,
 }
 
@@ -175,6 +176,13 @@ impl Balancer {
                 VipState {
                     index: meta.index,
                     ring: meta.ring,
+                    forwarding: if meta.flags & VIP_IPIP != 0 {
+                        Forwarding::Ipip {
+                            source: Ipv4Addr::from(meta.ipip_src),
+                        }
+                    } else {
+                        Forwarding::MacRewrite
+                    },
                     backends: Vec::new(),
                 },
             );
@@ -431,11 +439,54 @@ impl Balancer {
             VipState {
                 index,
                 ring: spare,
+                forwarding,
                 backends: backends.to_vec(),
             },
         );
         self.release_unused_backends()?;
         Ok(())
+    }
+
+    /// The balancer addresses whose IPIP frames to a VIP with [`Forwarding::Ipip`] this node
+    /// takes the encapsulation off (it is a routed backend): exactly `sources` from now on.
+    pub fn set_decap_sources(&mut self, sources: &BTreeSet<Ipv4Addr>) -> Result<(), XdpError> {
+        if sources.len() > MAX_DECAP_SOURCES as usize {
+            return Err(XdpError::Full {
+                what: "decapsulation source",
+            });
+        }
+        let map = self.ebpf.map_mut(DECAP_MAP).ok_or(missing_map(DECAP_MAP))?;
+        let mut decap =
+            HashMap::<&mut MapData, [u8; 4], u32>::try_from(map).map_err(map_err(DECAP_MAP))?;
+        let old: Vec<[u8; 4]> = decap.keys().filter_map(Result::ok).collect();
+        for a in sources {
+            decap.insert(a.octets(), 1, 0).map_err(map_err(DECAP_MAP))?;
+        }
+        for a in old {
+            if !sources.contains(&Ipv4Addr::from(a)) {
+                match decap.remove(&a) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(DECAP_MAP)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses [`Balancer::set_decap_sources`] set (read from the map).
+    pub fn decap_sources(&self) -> Result<BTreeSet<Ipv4Addr>, XdpError> {
+        let map = self.ebpf.map(DECAP_MAP).ok_or(missing_map(DECAP_MAP))?;
+        let decap = HashMap::<&MapData, [u8; 4], u32>::try_from(map).map_err(map_err(DECAP_MAP))?;
+        Ok(decap
+            .keys()
+            .filter_map(Result::ok)
+            .map(Ipv4Addr::from)
+            .collect())
+    }
+
+    /// How `vip` is forwarded, if it is served.
+    pub fn forwarding(&self, vip: LbVip) -> Option<Forwarding> {
+        self.vips.get(&vip).map(|s| s.forwarding)
     }
 
     /// Stops serving `vip` (its frames pass to the kernel again).
@@ -623,8 +674,9 @@ impl Drop for Balancer {
 }
 
 /// The maps pinned by [`Balancer::open`].
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 8] = [
     VIPS_MAP,
+    DECAP_MAP,
     RINGS_MAP,
     BACKENDS_MAP,
     FLOWS_MAP,

@@ -32,5 +32,8 @@ pub mod vip;
 
 pub use balancer::{Balancer, Forwarding, LbBackend, LbCounters, LbRun, LbVip};
 pub use counter::{TestRun, XdpCounter, XdpError, XdpMode, XdpVerdict};
+pub use drop_common::lb::LbStat;
 pub use report::{Count, Destination, Protocol, Stats};
-pub use vip::{ADDRESS_PROTO, BACKEND_PROTO, Mac, NetError, Netlink, ParseMacError, Vip, VipNet};
+pub use vip::{
+    ADDRESS_PROTO, BACKEND_PROTO, Mac, NetError, Netlink, NextHop, ParseMacError, Vip, VipNet,
+};

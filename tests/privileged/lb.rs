@@ -124,11 +124,16 @@ fn rewritten(frame: &[u8], mac: [u8; 6]) -> Vec<u8> {
 
 /// `frame` in IPIP to `b`: Ethernet to its next hop, an outer header built here on its own.
 fn encapsulated(frame: &[u8], b: &LbBackend) -> Vec<u8> {
+    encapsulated_from(frame, b, IPIP_SRC)
+}
+
+/// [`encapsulated`] with outer source `src`.
+fn encapsulated_from(frame: &[u8], b: &LbBackend, src: [u8; 4]) -> Vec<u8> {
     let inner = &frame[14..];
     let total = (inner.len() + 20) as u16;
     let mut outer = vec![0x45, inner[1], 0, 0, 0, 0, 0, 0, 64, 4, 0, 0];
     outer[2..4].copy_from_slice(&total.to_be_bytes());
-    outer.extend_from_slice(&IPIP_SRC);
+    outer.extend_from_slice(&src);
     outer.extend_from_slice(&b.addr.octets());
     let c = !(sum16(&outer, 0) as u16);
     outer[10..12].copy_from_slice(&c.to_be_bytes());
@@ -413,7 +418,74 @@ fn fixtures() -> anyhow::Result<Outcome> {
         &encapsulated(&tos, &routed),
     )?;
 
-    // The balancer node is itself the backend: the kernel gets the frame.
+    // On a routed backend: the IPIP frame of an IPIP VIP from a member loses its outer header
+    // (the Ethernet header moves up) and goes to the kernel; any other IPIP frame passes as
+    // it came.
+    lb.set_decap_sources(&[Ipv4Addr::from(IPIP_SRC)].into())?;
+    let arrived = encapsulated(&tls, &routed);
+    fx.case(
+        &lb,
+        "ipip_decapsulated_on_the_backend",
+        &arrived,
+        XdpVerdict::Pass,
+        &eth(routed.mac, LB_MAC, 0x0800, &tls[14..]),
+    )?;
+    ensure!(
+        lb.stat(LbStat::Decapsulated)? == 1,
+        "decapsulation not counted"
+    );
+    fx.passes(
+        &lb,
+        "ipip_from_a_non_member_passes_untouched",
+        &encapsulated_from(&tls, &routed, [192, 0, 2, 66]),
+    )?;
+    fx.passes(
+        &lb,
+        "ipip_to_a_mac_rewrite_vip_passes_untouched",
+        &encapsulated(&packet(TCP, 40030, VIP_A, 80, b""), &routed),
+    )?;
+    fx.passes(
+        &lb,
+        "ipip_to_a_non_vip_passes_untouched",
+        &encapsulated(&packet(TCP, 40031, [10, 100, 9, 9], 443, b""), &routed),
+    )?;
+    let mut inner_fragment = packet(TCP, 40032, VIP_B, 443, b"");
+    inner_fragment[20] = 0x20; // more fragments
+    fx.passes(
+        &lb,
+        "ipip_inner_fragment_passes_untouched",
+        &encapsulated(&inner_fragment, &routed),
+    )?;
+    fx.passes(
+        &lb,
+        "ipip_truncated_inner_header_passes_untouched",
+        &arrived[..14 + 20 + 12],
+    )?;
+    ensure!(
+        lb.stat(LbStat::Decapsulated)? == 1,
+        "a frame that passed was counted as taken apart"
+    );
+
+    // The balancer node is itself the backend: the kernel gets the frame (with IPIP too: the
+    // loader gives it this interface's MAC).
+    let local_ipip = LbBackend {
+        id: 98,
+        addr: Ipv4Addr::new(10, 0, 0, 98),
+        mac: LB_MAC,
+        weight: 1,
+    };
+    lb.set_vip(
+        vip(VIP_B, 8443, TCP),
+        Forwarding::Ipip {
+            source: Ipv4Addr::from(IPIP_SRC),
+        },
+        &[local_ipip],
+    )?;
+    fx.passes(
+        &lb,
+        "ipip_backend_is_this_node_passes_to_the_kernel",
+        &packet(TCP, 40021, VIP_B, 8443, b""),
+    )?;
     let local = LbBackend {
         id: 99,
         addr: Ipv4Addr::new(10, 0, 0, 99),
@@ -426,7 +498,7 @@ fn fixtures() -> anyhow::Result<Outcome> {
         "backend_is_this_node_passes_to_the_kernel",
         &packet(TCP, 40020, VIP_A, 8443, b""),
     )?;
-    ensure!(lb.stat(LbStat::Local)? == 1, "local delivery not counted");
+    ensure!(lb.stat(LbStat::Local)? == 2, "local deliveries not counted");
 
     // A VIP without backends drops, and says so.
     let none = packet(TCP, 40017, VIP_C, 80, b"");

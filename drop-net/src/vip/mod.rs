@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-pub use netlink::Netlink;
+pub use netlink::{Netlink, NextHop};
 
 /// The mark on every address DROP adds: its `IFA_PROTO` value. The kernel reserves 1–3 for its
 /// own addresses (loopback, router advertisement, link-local); 68 is ASCII `D`, used by no one

@@ -13,7 +13,10 @@ use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
-use rtnetlink::packet_route::route::RouteAttribute;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::{AddressMessageBuilder, Handle, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 use tracing::debug;
@@ -171,6 +174,125 @@ impl Netlink {
             Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(false),
             Err(err) => Err(netlink_error("adding", vip, err)),
         }
+    }
+}
+
+/// How a frame for an address leaves this node ([`Netlink::next_hop`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// The interface the route goes out of (`lo` for an address of this node).
+    pub ifname: String,
+    /// The router, or the address itself when it is on the interface's segment.
+    pub via: Ipv4Addr,
+    /// `via`'s MAC from the neighbour table; `None` while it is being resolved.
+    pub mac: Option<Mac>,
+    /// The address is this node's own.
+    pub local: bool,
+}
+
+impl Netlink {
+    /// The next hop towards `dst` as the kernel routes it (like `ip route get DST` and then
+    /// `ip neigh`): the interface, the gateway or `dst` itself, and that hop's MAC if the
+    /// neighbour table has a usable entry. When it has none, the kernel is asked to resolve it
+    /// (`NTF_USE`: the ARP request a first packet would cause) and `mac` is `None`; ask again
+    /// a little later.
+    pub fn next_hop(&mut self, dst: Ipv4Addr) -> Result<NextHop, NetError> {
+        let target = IpAddr::V4(dst);
+        let message = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(target, 32)
+            .map_err(|_| NetError::NoRoute(target))?
+            .build();
+        let request = self.handle.route().get(message).execute();
+        let route = match self.first(request) {
+            Ok(Some(route)) => route,
+            Ok(None) => return Err(NetError::NoRoute(target)),
+            Err(err)
+                if matches!(
+                    errno(&err),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN)
+                ) =>
+            {
+                return Err(NetError::NoRoute(target));
+            }
+            Err(err) => return Err(netlink_error("looking up the route to", dst, err)),
+        };
+        let mut oif = None;
+        let mut gateway = None;
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(index) => oif = Some(*index),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                _ => {}
+            }
+        }
+        let oif = oif.ok_or(NetError::NoRoute(target))?;
+        let ifname = self.link_name(oif)?;
+        let local = route.header.kind == RouteType::Local;
+        let via = gateway.unwrap_or(dst);
+        if local {
+            return Ok(NextHop {
+                ifname,
+                via,
+                mac: None,
+                local,
+            });
+        }
+        let mac = self.neighbour(oif, via)?;
+        if mac.is_none() {
+            let request = self
+                .handle
+                .neighbours()
+                .add(oif, IpAddr::V4(via))
+                .state(NeighbourState::None)
+                .flags(NeighbourFlags::Use)
+                .replace()
+                .execute();
+            if let Err(err) = self.block_on(request) {
+                return Err(netlink_error("asking to resolve the next hop", via, err));
+            }
+        }
+        Ok(NextHop {
+            ifname,
+            via,
+            mac,
+            local,
+        })
+    }
+
+    /// `addr`'s MAC on interface `index`, if the neighbour table has a usable entry.
+    fn neighbour(&self, index: u32, addr: Ipv4Addr) -> Result<Option<Mac>, NetError> {
+        let stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        let entries = self
+            .block_on(stream.try_collect::<Vec<_>>())
+            .map_err(|err| netlink_error("listing neighbours", "in this network namespace", err))?;
+        Ok(entries.iter().find_map(|n| {
+            let usable = matches!(
+                n.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+            );
+            let this = n.header.ifindex == index
+                && n.attributes.iter().any(|a| {
+                    matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == addr)
+                });
+            if !(usable && this) {
+                return None;
+            }
+            n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(b) => {
+                    <[u8; 6]>::try_from(b.as_slice()).ok().map(Mac)
+                }
+                _ => None,
+            })
+        }))
     }
 }
 

@@ -8,6 +8,11 @@
 //!   a service runs at most one instance per node (they would share the port).
 //! - The namespace's gateway port is balanced too, by default, over the members whose gateway
 //!   listens on all addresses (`[gateway] listen = "0.0.0.0:PORT"`).
+//! - A port is forwarded by MAC rewrite (default) or, with `forward: ipip`, encapsulated in IPIP
+//!   to the backend's address through the holder's next hop: the loop resolves each backend's
+//!   next-hop MAC (`Netlink::next_hop`; a backend not resolved yet is left out and asked again
+//!   every 250 ms; resolved ones every 5 s, to follow a changed router). A backend of an IPIP
+//!   port takes the header off in its own XDP program, from the namespace's members only.
 //! - Every node with `[balancer] enabled` programs its maps; traffic only reaches the one that
 //!   holds the VIP. A backend node holds the VIP on `lo` (marked `BACKEND_PROTO`, so that the
 //!   floating-address cleanup leaves it to the instances that outlive a daemon; answered for by no
@@ -17,7 +22,7 @@
 //! [`desired`] is pure; [`LbService`] runs `drop_net::Balancer` on a thread of its own
 //! (`drop-lb`) and applies what changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -29,6 +34,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::cluster::node::{NodeView, NsView};
+use crate::services::spec::Forward;
 
 /// The validated `[balancer]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +48,23 @@ pub struct LbSettings {
 /// What this node's balancer should serve, and whether this node is a backend.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Desired {
-    pub vips: BTreeMap<LbVip, Vec<Backend>>,
+    pub vips: BTreeMap<LbVip, Served>,
     /// The VIP this node must hold on `lo` (it runs an instance of a balanced service).
     pub local_vip: Option<Ipv4Addr>,
     /// Another member's address: the balancer attaches to the interface that reaches it.
     pub towards: Option<Ipv4Addr>,
+    /// This node's own address: the outer source of its IPIP frames.
+    pub me: Option<Ipv4Addr>,
+    /// Where this node is a backend of an IPIP port: the members' addresses, whose IPIP frames
+    /// its XDP program takes apart (any of them may hold the VIP).
+    pub decap_from: BTreeSet<Ipv4Addr>,
+}
+
+/// One VIP:port: how its frames are forwarded and to which backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub forward: Forward,
+    pub backends: Vec<Backend>,
 }
 
 /// A backend with the node it is.
@@ -88,6 +106,14 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(_) => None,
         });
+    out.me = nodes
+        .iter()
+        .find(|n| n.name == me)
+        .and_then(|n| match n.addr.ip() {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        });
+    let members: BTreeSet<&str> = ns.members.iter().map(|m| m.name.as_str()).collect();
     for svc in &ns.services {
         let Some(b) = svc.spec.balance else {
             continue;
@@ -109,6 +135,17 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
         }
         if weights.contains_key(me) {
             out.local_vip = Some(vip);
+            if b.forward == Forward::Ipip {
+                out.decap_from.extend(
+                    nodes
+                        .iter()
+                        .filter(|n| n.state.is_up() && members.contains(n.name.as_str()))
+                        .filter_map(|n| match n.addr.ip() {
+                            IpAddr::V4(a) => Some(a),
+                            IpAddr::V6(_) => None,
+                        }),
+                );
+            }
         }
         let mut backends = Vec::new();
         for (name, weight) in weights {
@@ -137,14 +174,15 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
                 port: b.port,
                 proto: b.proto,
             },
-            backends,
+            Served {
+                forward: b.forward,
+                backends,
+            },
         );
     }
     // The namespace's gateway port, by default: every alive member whose gateway listens on
     // all addresses (so also on the VIP it holds on `lo`). A gateway bound to one address
     // cannot take the VIP's frames and is left out; a service on the same port wins.
-    let members: std::collections::BTreeSet<&str> =
-        ns.members.iter().map(|m| m.name.as_str()).collect();
     let mut gateways: BTreeMap<u16, Vec<Backend>> = BTreeMap::new();
     for n in nodes
         .iter()
@@ -177,7 +215,10 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
                 port,
                 proto: 6,
             })
-            .or_insert(backends);
+            .or_insert(Served {
+                forward: Forward::Mac,
+                backends,
+            });
     }
     out
 }
@@ -188,7 +229,11 @@ pub struct VipStatus {
     pub vip: String,
     pub port: u16,
     pub proto: &'static str,
+    /// `mac` or `ipip`.
+    pub forward: &'static str,
     pub backends: Vec<Value>,
+    /// IPIP backends left out for now, with the reason.
+    pub waiting: Vec<Value>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -245,12 +290,32 @@ impl LbService {
 struct State {
     lb: Option<Balancer>,
     error: Option<String>,
-    applied: BTreeMap<LbVip, Vec<Backend>>,
+    applied: BTreeMap<LbVip, Programmed>,
     interface: Option<String>,
     mode: Option<XdpMode>,
     local: Option<Ipv4Addr>,
+    decap: BTreeSet<Ipv4Addr>,
     net: Option<drop_net::Netlink>,
+    /// The last desired state: applied again on the timer (next hops).
+    last: Option<Desired>,
 }
+
+/// What a VIP:port is programmed with: the backends as the XDP program has them (for IPIP with
+/// their next hop's MAC) and, for `lb ls`, the next hops and the backends still waiting.
+#[derive(Debug, Clone, PartialEq)]
+struct Programmed {
+    forwarding: Forwarding,
+    backends: Vec<Backend>,
+    /// Node → "ADDR MAC" of its next hop (IPIP).
+    via: BTreeMap<String, String>,
+    /// Node → why it is left out for now (its next hop is not resolved).
+    waiting: BTreeMap<String, String>,
+}
+
+/// How often next hops are looked at again: soon while one is unresolved, else now and then to
+/// follow a router whose MAC changed.
+const RESOLVE_RETRY: Duration = Duration::from_millis(250);
+const RESOLVE_REFRESH: Duration = Duration::from_secs(5);
 
 fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
     let mut st = State {
@@ -260,15 +325,18 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
         interface: settings.interface.clone(),
         mode: None,
         local: None,
+        decap: BTreeSet::new(),
         net: drop_net::Netlink::new()
             .map_err(|e| warn!(error = %e, "balancer: no netlink"))
             .ok(),
+        last: None,
     };
     match Balancer::open(&settings.pin_dir) {
         Ok(lb) => {
             for v in lb.vips() {
                 info!(vip = %v.addr, port = v.port, "balancer: serving from its pinned state");
             }
+            st.decap = lb.decap_sources().unwrap_or_default();
             st.lb = Some(lb);
         }
         Err(e) => {
@@ -276,13 +344,39 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
             st.error = Some(format!("{e}"));
         }
     }
-    while let Ok(msg) = rx.recv() {
+    loop {
+        let waiting = st.applied.values().any(|p| !p.waiting.is_empty());
+        let ipip = st
+            .applied
+            .values()
+            .any(|p| matches!(p.forwarding, Forwarding::Ipip { .. }));
+        let msg = if waiting || ipip {
+            match rx.recv_timeout(if waiting {
+                RESOLVE_RETRY
+            } else {
+                RESOLVE_REFRESH
+            }) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
+        };
         match msg {
-            Msg::Desired(d) => apply(&mut st, &settings, *d),
-            Msg::Status(reply) => {
+            Some(Msg::Desired(d)) => apply(&mut st, &settings, *d),
+            None => {
+                if let Some(d) = st.last.clone() {
+                    apply(&mut st, &settings, d);
+                }
+            }
+            Some(Msg::Status(reply)) => {
                 let _ = reply.send(status(&st));
             }
-            Msg::Metrics(reply) => {
+            Some(Msg::Metrics(reply)) => {
                 let _ = reply.send(metrics(&st));
             }
         }
@@ -305,9 +399,19 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
         }
         st.local = d.local_vip;
     }
+    st.last = Some(d.clone());
     let Some(lb) = st.lb.as_mut() else {
         return;
     };
+    if st.decap != d.decap_from {
+        match lb.set_decap_sources(&d.decap_from) {
+            Ok(()) => {
+                info!(from = ?d.decap_from, "balancer: IPIP frames from these members are taken apart here");
+                st.decap = d.decap_from.clone();
+            }
+            Err(e) => warn!(error = %e, "balancer: cannot set the IPIP sources"),
+        }
+    }
     if st.mode.is_none() && !d.vips.is_empty() {
         let ifname = match (&st.interface, d.towards, st.net.as_mut()) {
             (Some(i), ..) => Some(i.clone()),
@@ -327,21 +431,37 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
             }
         }
     }
-    for (vip, backends) in &d.vips {
-        if st.applied.get(vip) == Some(backends) {
+    for (vip, served) in &d.vips {
+        let Some(p) = program(st.net.as_mut(), st.interface.as_deref(), d.me, served) else {
+            warn!(vip = %vip.addr, port = vip.port, "balancer: IPIP needs this node's IPv4 address and the balancer's interface; not programmed");
+            continue;
+        };
+        let Some(lb) = st.lb.as_mut() else {
+            return;
+        };
+        let same = st
+            .applied
+            .get(vip)
+            .is_some_and(|a| a.forwarding == p.forwarding && a.backends == p.backends);
+        if same {
+            // Only what `lb ls` shows may have changed.
+            st.applied.insert(*vip, p);
             continue;
         }
-        let lbs: Vec<LbBackend> = backends.iter().map(|b| b.lb).collect();
-        match lb.set_vip(*vip, Forwarding::MacRewrite, &lbs) {
+        let lbs: Vec<LbBackend> = p.backends.iter().map(|b| b.lb).collect();
+        match lb.set_vip(*vip, p.forwarding, &lbs) {
             Ok(()) => {
-                info!(vip = %vip.addr, port = vip.port, backends = ?backends.iter().map(|b| (&b.node, b.lb.weight)).collect::<Vec<_>>(), "balancer: VIP programmed");
-                st.applied.insert(*vip, backends.clone());
+                info!(vip = %vip.addr, port = vip.port, forward = served.forward.name(), backends = ?p.backends.iter().map(|b| (&b.node, b.lb.weight)).collect::<Vec<_>>(), waiting = ?p.waiting, "balancer: VIP programmed");
+                st.applied.insert(*vip, p);
             }
             Err(e) => {
                 warn!(vip = %vip.addr, port = vip.port, error = %e, "balancer: cannot program the VIP")
             }
         }
     }
+    let Some(lb) = st.lb.as_mut() else {
+        return;
+    };
     for vip in lb.vips() {
         if !d.vips.contains_key(&vip) {
             match lb.remove_vip(vip) {
@@ -353,6 +473,89 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
             }
         }
     }
+}
+
+/// What to program for `served`. MAC rewrite: the backends as they are. IPIP: each backend's
+/// MAC becomes its next hop's as this node routes it (this node's own interface MAC for
+/// itself, so that the program passes its frames to the kernel); a backend whose next hop is
+/// not resolved yet, or is out of another interface than the balancer's, is left out for now.
+/// `None`: IPIP without this node's IPv4 address or the balancer's interface.
+fn program(
+    net: Option<&mut drop_net::Netlink>,
+    interface: Option<&str>,
+    me: Option<Ipv4Addr>,
+    served: &Served,
+) -> Option<Programmed> {
+    let mut p = Programmed {
+        forwarding: Forwarding::MacRewrite,
+        backends: served.backends.clone(),
+        via: BTreeMap::new(),
+        waiting: BTreeMap::new(),
+    };
+    if served.forward == Forward::Mac {
+        return Some(p);
+    }
+    let (Some(net), Some(ifname), Some(source)) = (net, interface, me) else {
+        return None;
+    };
+    p.forwarding = Forwarding::Ipip { source };
+    p.backends.clear();
+    let own_mac = net.mac(ifname).ok()?;
+    for b in &served.backends {
+        let mut b = b.clone();
+        if Some(b.lb.addr) == me {
+            b.lb.mac = own_mac.0;
+            p.backends.push(b);
+            continue;
+        }
+        // A first resolution is waited for a little, so that a new VIP starts with its
+        // backends.
+        let mut hop = net.next_hop(b.lb.addr);
+        for _ in 0..4 {
+            if !matches!(&hop, Ok(h) if h.mac.is_none() && !h.local) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            hop = net.next_hop(b.lb.addr);
+        }
+        match hop {
+            Ok(h) if h.local => {
+                b.lb.mac = own_mac.0;
+                p.backends.push(b);
+            }
+            Ok(h) if h.ifname != ifname => {
+                p.waiting.insert(
+                    b.node.clone(),
+                    format!(
+                        "routed out of {} (not {ifname}, where the balancer is)",
+                        h.ifname
+                    ),
+                );
+            }
+            Ok(drop_net::NextHop {
+                via,
+                mac: Some(mac),
+                ..
+            }) => {
+                b.lb.mac = mac.0;
+                p.via.insert(b.node.clone(), format!("{via} {mac}"));
+                p.backends.push(b);
+            }
+            Ok(h) => {
+                p.waiting.insert(
+                    b.node.clone(),
+                    format!("next hop {} not resolved yet", h.via),
+                );
+            }
+            Err(e) => {
+                p.waiting.insert(b.node.clone(), e.to_string());
+            }
+        }
+    }
+    for (node, why) in &p.waiting {
+        warn!(node, why, "balancer: an IPIP backend is left out for now");
+    }
+    Some(p)
 }
 
 fn lo_vip(addr: Ipv4Addr) -> Vip {
@@ -372,21 +575,31 @@ fn status(st: &State) -> Value {
         return json!({ "error": st.error, "vips": [] });
     };
     let mut vips = Vec::new();
-    for (vip, backends) in &st.applied {
+    for (vip, p) in &st.applied {
         let c = lb.vip_counters(*vip).unwrap_or_default();
         vips.push(VipStatus {
             vip: vip.addr.to_string(),
             port: vip.port,
             proto: proto_name(vip.proto),
-            backends: backends
+            forward: match p.forwarding {
+                Forwarding::MacRewrite => Forward::Mac.name(),
+                Forwarding::Ipip { .. } => Forward::Ipip.name(),
+            },
+            backends: p
+                .backends
                 .iter()
                 .map(|b| {
                     let (packets, bytes) = lb.backend_traffic(*vip, b.lb.addr).unwrap_or_default();
                     json!({
                         "node": b.node, "addr": b.lb.addr.to_string(), "weight": b.lb.weight,
-                        "packets": packets, "bytes": bytes,
+                        "packets": packets, "bytes": bytes, "via": p.via.get(&b.node),
                     })
                 })
+                .collect(),
+            waiting: p
+                .waiting
+                .iter()
+                .map(|(node, why)| json!({ "node": node, "why": why }))
                 .collect(),
             packets: c.packets,
             bytes: c.bytes,
@@ -401,6 +614,8 @@ fn status(st: &State) -> Value {
         "error": st.error,
         "flows": lb.flow_count().unwrap_or(0),
         "local_vip": st.local.map(|v| v.to_string()),
+        "decapsulated": lb.stat(drop_net::LbStat::Decapsulated).unwrap_or(0),
+        "decap_from": st.decap.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "vips": vips,
     })
 }
@@ -451,8 +666,8 @@ fn metrics(st: &State) -> String {
         out,
         "# HELP drop_lb_backend_packets_total Frames sent to one backend of a VIP:port.\n# TYPE drop_lb_backend_packets_total counter"
     );
-    for (vip, backends) in &st.applied {
-        for b in backends {
+    for (vip, p) in &st.applied {
+        for b in &p.backends {
             let (p, _) = lb.backend_traffic(*vip, b.lb.addr).unwrap_or_default();
             let _ = writeln!(
                 out,
@@ -469,7 +684,7 @@ mod tests {
     use super::*;
     use crate::cluster::membership::MemberState;
     use crate::cluster::services::{InstanceView, ServiceView};
-    use crate::services::spec::{Balance, Run, ServiceSpec};
+    use crate::services::spec::{Balance, Forward, Run, ServiceSpec};
 
     fn node(i: u8, state: MemberState) -> NodeView {
         NodeView {
@@ -540,7 +755,11 @@ mod tests {
         }
     }
 
-    const PORT: Option<Balance> = Some(Balance { port: 80, proto: 6 });
+    const PORT: Option<Balance> = Some(Balance {
+        port: 80,
+        proto: 6,
+        forward: Forward::Mac,
+    });
 
     #[test]
     fn active_instances_are_backends_surplus_ones_drain_and_the_rest_are_left_out() {
@@ -573,6 +792,7 @@ mod tests {
             proto: 6,
         };
         let b: Vec<(&str, u32)> = d.vips[&vip]
+            .backends
             .iter()
             .map(|b| (b.node.as_str(), b.lb.weight))
             .collect();
@@ -585,7 +805,10 @@ mod tests {
         );
         // The same inputs give the same ids on every node.
         let again = desired(&view, &nodes, "n1");
-        assert_eq!(again.vips[&vip][0].lb.id, d.vips[&vip][0].lb.id);
+        assert_eq!(
+            again.vips[&vip].backends[0].lb.id,
+            d.vips[&vip].backends[0].lb.id
+        );
         assert_eq!(again.local_vip, None);
     }
 
@@ -609,7 +832,11 @@ mod tests {
             port: 8081,
             proto: 6,
         };
-        let b: Vec<&str> = d.vips[&gw].iter().map(|b| b.node.as_str()).collect();
+        let b: Vec<&str> = d.vips[&gw]
+            .backends
+            .iter()
+            .map(|b| b.node.as_str())
+            .collect();
         assert_eq!(b, vec!["n0", "n1"]);
         assert!(d.local_vip.is_some());
         assert!(desired(&view, &nodes, "n2").local_vip.is_none());
@@ -619,6 +846,7 @@ mod tests {
         nodes[0].draining = true;
         let d = desired(&view, &nodes, "n1");
         let b: Vec<(&str, u32)> = d.vips[&gw]
+            .backends
             .iter()
             .map(|b| (b.node.as_str(), b.lb.weight))
             .collect();
@@ -644,6 +872,7 @@ mod tests {
             proto: 6,
         };
         let b: Vec<(&str, u32)> = d.vips[&vip]
+            .backends
             .iter()
             .map(|b| (b.node.as_str(), b.lb.weight))
             .collect();
@@ -669,5 +898,47 @@ mod tests {
                 .vips
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn an_ipip_port_is_marked_and_its_backends_take_frames_apart_from_the_members() {
+        let mut nodes: Vec<NodeView> = (0..3).map(|i| node(i, MemberState::Alive)).collect();
+        nodes[2].state = MemberState::Dead;
+        let mut view = ns(
+            Some("10.201.0.100"),
+            vec![
+                instance(0, 0, "active", false),
+                instance(1, 1, "active", false),
+            ],
+            Some(Balance {
+                port: 80,
+                proto: 6,
+                forward: Forward::Ipip,
+            }),
+        );
+        view.members = (0..3)
+            .map(|i| crate::cluster::node::NsMember {
+                id: nodes[i].id.clone(),
+                name: nodes[i].name.clone(),
+                state: nodes[i].state,
+            })
+            .collect();
+        let vip = LbVip {
+            addr: "10.201.0.100".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        let d = desired(&view, &nodes, "n1");
+        assert_eq!(d.vips[&vip].forward, Forward::Ipip);
+        assert_eq!(d.me, Some("10.201.0.11".parse().unwrap()));
+        // A backend takes IPIP frames apart from every member that is up (any may hold the
+        // VIP), itself included; the dead one is left out.
+        let from: Vec<String> = d.decap_from.iter().map(ToString::to_string).collect();
+        assert_eq!(from, vec!["10.201.0.10", "10.201.0.11"]);
+        // A node that runs no instance takes nothing apart.
+        assert!(desired(&view, &nodes, "n2").decap_from.is_empty());
+        // MAC rewrite takes nothing apart either.
+        view.services[0].spec.balance = PORT;
+        assert!(desired(&view, &nodes, "n1").decap_from.is_empty());
     }
 }

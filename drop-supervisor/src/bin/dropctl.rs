@@ -182,6 +182,10 @@ struct ServiceSet {
     /// tcp (default) or udp, with --port.
     #[arg(long, requires = "port")]
     proto: Option<String>,
+    /// How the VIP holder hands frames to the instances' nodes, with --port: mac (default; all
+    /// on the holder's segment) or ipip (encapsulated, so they may be routed).
+    #[arg(long, requires = "port", value_parser = ["mac", "ipip"])]
+    forward: Option<String>,
     /// The command and its arguments: everything after --exec (so it comes last).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
     exec: Option<Vec<String>>,
@@ -1133,10 +1137,11 @@ fn lb(client: &Client, json: bool, cmd: &LbCommand) -> Result<u8, ClientError> {
     );
     for e in &vips {
         println!(
-            "{}:{}/{}  packets {}  bytes {}  new flows {}  table hits {}  no backend {}",
+            "{}:{}/{}  forward {}  packets {}  bytes {}  new flows {}  table hits {}  no backend {}",
             text(&e["vip"]),
             text(&e["port"]),
             text(&e["proto"]),
+            text(&e["forward"]),
             text(&e["packets"]),
             text(&e["bytes"]),
             text(&e["new_flows"]),
@@ -1145,11 +1150,15 @@ fn lb(client: &Client, json: bool, cmd: &LbCommand) -> Result<u8, ClientError> {
         );
         for b in e["backends"].as_array().into_iter().flatten() {
             println!(
-                "  {:<16} {:<15} weight {}  packets {}",
+                "  {:<16} {:<15} weight {}  packets {}{}",
                 text(&b["node"]),
                 text(&b["addr"]),
                 text(&b["weight"]),
-                text(&b["packets"])
+                text(&b["packets"]),
+                match b["via"].as_str() {
+                    Some(via) => format!("  via {via}"),
+                    None => String::new(),
+                }
             );
         }
     }
@@ -1176,6 +1185,7 @@ fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, Clie
                 ns,
                 port,
                 proto,
+                forward,
                 exec,
             } = &**set;
             let unit = match unit {
@@ -1204,6 +1214,7 @@ fn service(client: &Client, json: bool, cmd: &ServiceCommand) -> Result<u8, Clie
                 ns: ns.clone(),
                 port: *port,
                 proto: proto.clone(),
+                forward: forward.clone(),
             };
             client.put(
                 &format!("/v1/services/{name}"),

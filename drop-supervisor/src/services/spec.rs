@@ -69,6 +69,36 @@ pub struct Balance {
     pub port: u16,
     /// 6 (TCP) or 17 (UDP).
     pub proto: u8,
+    /// How the VIP holder's XDP program hands frames to the backends.
+    #[serde(default, skip_serializing_if = "Forward::is_mac")]
+    pub forward: Forward,
+}
+
+/// How a balanced port's frames reach the nodes running its instances (DESIGN §7). Either way
+/// the instances answer the client directly (direct server return).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// The destination MAC becomes the backend's: every instance's node on the VIP holder's
+    /// segment.
+    #[default]
+    Mac,
+    /// IPv4-in-IPv4 to the backend's address through the holder's next hop: backends may be
+    /// routed (another subnet); each takes the header off in its own XDP program.
+    Ipip,
+}
+
+impl Forward {
+    pub fn is_mac(&self) -> bool {
+        *self == Forward::Mac
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Forward::Mac => "mac",
+            Forward::Ipip => "ipip",
+        }
+    }
 }
 
 /// The restart policies systemd knows.
@@ -259,6 +289,9 @@ pub struct ServiceRequest {
     /// `tcp` (default) or `udp`, with `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
+    /// `mac` (default) or `ipip`, with `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
 }
 
 impl ServiceRequest {
@@ -311,15 +344,21 @@ impl ServiceRequest {
                 restart: self.restart.unwrap_or_else(|| "on-failure".into()),
             },
         };
-        let balance = match (self.port, self.proto.as_deref()) {
-            (None, None) => None,
-            (None, Some(_)) => return Err(err("proto", "goes with `port`")),
-            (Some(port), proto) => Some(Balance {
+        let balance = match (self.port, self.proto.as_deref(), self.forward.as_deref()) {
+            (None, None, None) => None,
+            (None, Some(_), _) => return Err(err("proto", "goes with `port`")),
+            (None, _, Some(_)) => return Err(err("forward", "goes with `port`")),
+            (Some(port), proto, forward) => Some(Balance {
                 port,
                 proto: match proto.unwrap_or("tcp") {
                     "tcp" => 6,
                     "udp" => 17,
                     other => return Err(err("proto", &format!("{other:?}: tcp or udp"))),
+                },
+                forward: match forward.unwrap_or("mac") {
+                    "mac" => Forward::Mac,
+                    "ipip" => Forward::Ipip,
+                    other => return Err(err("forward", &format!("{other:?}: mac or ipip"))),
                 },
             }),
         };
@@ -652,7 +691,11 @@ mod tests {
         };
         assert_eq!(
             port(Some(80), None).into_spec("web").unwrap().balance,
-            Some(Balance { port: 80, proto: 6 })
+            Some(Balance {
+                port: 80,
+                proto: 6,
+                forward: Forward::Mac
+            })
         );
         assert_eq!(
             port(Some(53), Some("udp"))
@@ -661,12 +704,29 @@ mod tests {
                 .balance,
             Some(Balance {
                 port: 53,
-                proto: 17
+                proto: 17,
+                forward: Forward::Mac
             })
         );
         assert_eq!(field(port(Some(0), None)), "port");
         assert_eq!(field(port(Some(80), Some("sctp"))), "proto");
         assert_eq!(field(port(None, Some("udp"))), "proto");
+        let forward = |p: Option<u16>, f: &str| ServiceRequest {
+            port: p,
+            forward: Some(f.to_string()),
+            ..req.clone()
+        };
+        let ipip = forward(Some(80), "ipip").into_spec("web").unwrap();
+        assert_eq!(ipip.balance.unwrap().forward, Forward::Ipip);
+        assert_eq!(field(forward(Some(80), "gre")), "forward");
+        assert_eq!(field(forward(None, "ipip")), "forward");
+        // Stored as before when the default is kept; IPIP round-trips.
+        let mac = port(Some(80), None).into_spec("web").unwrap();
+        let text = serde_json::to_string(&mac).unwrap();
+        assert!(!text.contains("forward"), "{text}");
+        let back: ServiceSpec =
+            serde_json::from_str(&serde_json::to_string(&ipip).unwrap()).unwrap();
+        assert_eq!(back, ipip);
     }
 
     #[test]
