@@ -4,7 +4,8 @@
 //! Data path, per frame:
 //! 1. [`parse`]: untagged Ethernet, IPv4 without options, not a fragment, TCP or UDP with its
 //!    ports in the frame — anything else passes to the kernel untouched ([`Pass`]).
-//! 2. The VIP map ([`VIPS_MAP`], key [`VipKey`]): no entry → pass.
+//! 2. The VIP map ([`VIPS_MAP`], key [`VipKey`]): no entry, or [`VIP_STANDBY`] (another node
+//!    holds the VIP) → pass.
 //! 3. The connection table ([`FLOWS_MAP`], LRU, [`FlowKey`] → backend slot) first; a slot whose
 //!    backend is gone or now serves another VIP ([`Backend::serves`] false) counts as a miss.
 //! 4. Miss: the VIP's current Maglev ring ([`RINGS_MAP`], ring `VipMeta::ring`, entry
@@ -45,6 +46,10 @@ pub const MAX_FLOWS: u32 = 65_536;
 pub const NO_BACKEND: u32 = u32::MAX;
 /// `VipMeta::flags`: forward by IPIP encapsulation instead of a MAC rewrite.
 pub const VIP_IPIP: u32 = 1;
+/// `VipMeta::flags`: this node does not hold the VIP now; its frames go to the kernel. A
+/// backend that also balances must not balance again what the holder sent it (the two could
+/// send a frame back and forth while their rings differ for a moment).
+pub const VIP_STANDBY: u32 = 2;
 /// `Backend::flags`: the slot holds a backend.
 pub const BACKEND_PRESENT: u32 = 1;
 /// IP protocol number of IPv4-in-IPv4.
@@ -72,7 +77,7 @@ pub const DECAP_MAP: &str = "DROP_LB_DECAP";
 /// Entries of [`DECAP_MAP`].
 pub const MAX_DECAP_SOURCES: u32 = 64;
 /// Slots of [`LB_STATS_MAP`].
-pub const LB_STAT_SLOTS: u32 = 10;
+pub const LB_STAT_SLOTS: u32 = 11;
 
 /// Global counters of the balancer.
 #[repr(u32)]
@@ -97,6 +102,8 @@ pub enum LbStat {
     Local = 8,
     /// Passed after taking the IPIP header off (this node is a routed backend).
     Decapsulated = 9,
+    /// Passed: a VIP this node does not hold now ([`VIP_STANDBY`]).
+    Standby = 10,
 }
 
 impl LbStat {
@@ -111,6 +118,7 @@ impl LbStat {
         LbStat::NoBackend,
         LbStat::Local,
         LbStat::Decapsulated,
+        LbStat::Standby,
     ];
     pub const fn index(self) -> u32 {
         self as u32
@@ -137,7 +145,7 @@ pub struct VipMeta {
     pub ring: u32,
     /// The VIP's slot of [`VIP_STATS_MAP`].
     pub index: u32,
-    /// [`VIP_IPIP`] or 0.
+    /// [`VIP_IPIP`] and [`VIP_STANDBY`] bits.
     pub flags: u32,
     /// Source address of the outer header (IPIP).
     pub ipip_src: [u8; 4],

@@ -22,7 +22,8 @@ use aya_ebpf::{
 };
 use drop_common::lb::{
     self, Backend, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_FLOWS,
-    MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE, Traffic, VIP_IPIP, VipKey, VipMeta, VipStats,
+    MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE, Traffic, VIP_IPIP, VIP_STANDBY, VipKey,
+    VipMeta, VipStats,
 };
 use drop_common::{
     Class, DstCount, DstKey, ETH_HLEN, ETH_P_IP, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat,
@@ -83,6 +84,11 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         lb_bump(LbStat::NotVip);
         return Ok(xdp_action::XDP_PASS);
     };
+    if meta.flags & VIP_STANDBY != 0 {
+        // Another node holds the VIP: this frame was sent here by it (this node is a backend).
+        lb_bump(LbStat::Standby);
+        return Ok(xdp_action::XDP_PASS);
+    }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let vstats = LB_VSTATS.get_ptr_mut(meta.index);
     // The connection table first: an established flow stays with its backend while that

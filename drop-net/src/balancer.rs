@@ -20,7 +20,8 @@ use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
     BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, DECAP_MAP, FLOWS_MAP, FlowKey,
     LB_PROGRAM, LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_VIPS, NO_BACKEND,
-    RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
+    RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta,
+    VipStats,
 };
 use drop_common::maglev;
 use tracing::{info, warn};
@@ -105,6 +106,8 @@ pub struct Balancer {
     vips: BTreeMap<LbVip, VipState>,
     /// (VIP index, backend address) → its slot: slots are per VIP.
     slots: BTreeMap<(u32, Ipv4Addr), u32>,
+    /// VIP addresses this node does not hold now ([`Balancer::set_standby`]).
+    standby: BTreeSet<Ipv4Addr>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -136,6 +139,7 @@ impl Balancer {
             pin_dir,
             vips: BTreeMap::new(),
             slots: BTreeMap::new(),
+            standby: BTreeSet::new(),
         }
     }
 
@@ -167,6 +171,9 @@ impl Balancer {
             HashMap::<&MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
         for entry in vips.iter() {
             let (k, meta) = entry.map_err(map_err(VIPS_MAP))?;
+            if meta.flags & VIP_STANDBY != 0 {
+                self.standby.insert(Ipv4Addr::from(k.addr));
+            }
             self.vips.insert(
                 LbVip {
                     addr: Ipv4Addr::from(k.addr),
@@ -414,26 +421,7 @@ impl Balancer {
             }
         }
         // One update switches the VIP to it.
-        let (flags, ipip_src) = match forwarding {
-            Forwarding::MacRewrite => (0, [0; 4]),
-            Forwarding::Ipip { source } => (VIP_IPIP, source.octets()),
-        };
-        {
-            let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
-            let mut vips = HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map)
-                .map_err(map_err(VIPS_MAP))?;
-            vips.insert(
-                vip.key(),
-                VipMeta {
-                    ring: spare,
-                    index,
-                    flags,
-                    ipip_src,
-                },
-                0,
-            )
-            .map_err(map_err(VIPS_MAP))?;
-        }
+        self.write_vip(vip, spare, index, forwarding)?;
         self.vips.insert(
             vip,
             VipState {
@@ -445,6 +433,67 @@ impl Balancer {
         );
         self.release_unused_backends()?;
         Ok(())
+    }
+
+    /// The VIP's map entry: its ring, slot, forwarding and standby flag.
+    fn write_vip(
+        &mut self,
+        vip: LbVip,
+        ring: u32,
+        index: u32,
+        forwarding: Forwarding,
+    ) -> Result<(), XdpError> {
+        let (mut flags, ipip_src) = match forwarding {
+            Forwarding::MacRewrite => (0, [0; 4]),
+            Forwarding::Ipip { source } => (VIP_IPIP, source.octets()),
+        };
+        if self.standby.contains(&vip.addr) {
+            flags |= VIP_STANDBY;
+        }
+        let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+        let mut vips =
+            HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
+        vips.insert(
+            vip.key(),
+            VipMeta {
+                ring,
+                index,
+                flags,
+                ipip_src,
+            },
+            0,
+        )
+        .map_err(map_err(VIPS_MAP))
+    }
+
+    /// Whether this node holds VIP address `addr` now. Not holding it (`standby`), its VIP:ports
+    /// stay programmed (ring, backends, connection table) but their frames go to the kernel: on
+    /// a node that is also a backend, the frames the holder sent. Taking the address over flips
+    /// one map entry per VIP:port. A new balancer holds every address until told otherwise.
+    pub fn set_standby(&mut self, addr: Ipv4Addr, standby: bool) -> Result<(), XdpError> {
+        let changed = if standby {
+            self.standby.insert(addr)
+        } else {
+            self.standby.remove(&addr)
+        };
+        if !changed {
+            return Ok(());
+        }
+        let entries: Vec<(LbVip, u32, u32, Forwarding)> = self
+            .vips
+            .iter()
+            .filter(|(v, _)| v.addr == addr)
+            .map(|(v, s)| (*v, s.ring, s.index, s.forwarding))
+            .collect();
+        for (vip, ring, index, forwarding) in entries {
+            self.write_vip(vip, ring, index, forwarding)?;
+        }
+        Ok(())
+    }
+
+    /// The VIP addresses in standby.
+    pub fn standby(&self) -> &BTreeSet<Ipv4Addr> {
+        &self.standby
     }
 
     /// The balancer addresses whose IPIP frames to a VIP with [`Forwarding::Ipip`] this node

@@ -527,6 +527,11 @@ pub async fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
                     .unwrap_or_default();
                 svc.update(desired);
             }));
+            if let Some(v) = &vip {
+                // Only the holder balances; the other nodes pass what it sends them.
+                let lb = service.clone();
+                v.on_holding(Box::new(move |addr| lb.set_holding(addr)));
+            }
             let m = service.clone();
             runtime.add_metrics(Box::new(move || m.metrics()));
             Some(service)

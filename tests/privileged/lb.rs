@@ -24,6 +24,10 @@ pub const TESTS: &[Test] = &[
         run: end_to_end,
     },
     Test {
+        name: "lb_ipip_to_routed_backends_through_a_router",
+        run: ipip_routed,
+    },
+    Test {
         name: "lb_service_port_balanced_on_the_namespace_vip",
         run: service_port,
     },
@@ -609,6 +613,20 @@ fn fixtures() -> anyhow::Result<Outcome> {
         300 - moved
     );
 
+    // Another node holds VIP_A: its frames (the holder's, to this node as a backend) go to the
+    // kernel, the connection table untouched; holding it again, the same flow goes to b1.
+    lb.set_standby(Ipv4Addr::from(VIP_A), true)?;
+    fx.passes(&lb, "standby_vip_passes_to_the_kernel", &syn)?;
+    ensure!(lb.stat(LbStat::Standby)? == 1, "standby not counted");
+    lb.set_standby(Ipv4Addr::from(VIP_A), false)?;
+    fx.case(
+        &lb,
+        "held_again_vip_keeps_its_flows",
+        &syn,
+        XdpVerdict::Tx,
+        &rewritten(&syn, b1.mac),
+    )?;
+
     let passed = lb.stat(LbStat::NotVip)?
         + lb.stat(LbStat::NotIpv4)?
         + lb.stat(LbStat::Fragment)?
@@ -962,6 +980,229 @@ fn end_to_end() -> anyhow::Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
+// ---- IPIP: backends on another subnet, behind a router ----------------------------------------
+
+/// `Ip: ForwDatagrams` of the calling namespace's `/proc/net/snmp`: datagrams it routed.
+fn forwarded_datagrams(ns: &drop_tests::netns::Netns) -> anyhow::Result<u64> {
+    let text = ns.exec("cat", &["/proc/net/snmp"])?;
+    let mut lines = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (
+        lines.next().context("Ip: names")?,
+        lines.next().context("Ip: values")?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .context("no ForwDatagrams")?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .context("ForwDatagrams value")?
+        .parse()?)
+}
+
+/// A client and the balancer on 10.201.0.0/24, three backends on 10.202.0.0/24, and the hub
+/// between them as the router. The balancer resolves the router as every backend's next hop
+/// (`Netlink::next_hop`), encapsulates, the router forwards the IPIP frames, each backend's own
+/// `drop_lb` takes the header off, and the answers go back through the router to the client
+/// without the balancer.
+fn ipip_routed() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("sysctl"))
+    {
+        return Ok(skip);
+    }
+    let mut lb = match Balancer::load() {
+        Ok(lb) => lb,
+        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
+        Err(e) => return Err(e).context("loading drop_lb"),
+    };
+    let bridge = Bridge::new(5)?;
+    let (client, balancer, router) = (bridge.host(0), bridge.host(1), bridge.hub());
+    // The hub routes between the two subnets (its own namespace's setting).
+    router.ip(&["addr", "add", "10.201.0.1/24", "dev", Bridge::BRIDGE])?;
+    router.ip(&["addr", "add", "10.202.0.1/24", "dev", Bridge::BRIDGE])?;
+    router.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.br0.send_redirects=0",
+        ],
+    )?;
+    let router_mac = router.ip_json(&["link", "show", "dev", Bridge::BRIDGE])?[0]["address"]
+        .as_str()
+        .context("br0's MAC")?
+        .to_string();
+    balancer
+        .netns()
+        .ip(&["route", "add", "10.202.0.0/24", "via", "10.201.0.1"])?;
+    let source = balancer.addr();
+    let tcp_vip = LbVip {
+        addr: E2E_VIP,
+        port: TCP_PORT,
+        proto: TCP,
+    };
+    let udp_vip = LbVip {
+        addr: E2E_VIP,
+        port: UDP_PORT,
+        proto: UDP,
+    };
+    let forwarding = Forwarding::Ipip { source };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut servers = Vec::new();
+    let mut backend_lbs = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 2..5 {
+        let h = bridge.host(i);
+        let ns = h.netns();
+        let addr = Ipv4Addr::new(10, 202, 0, 10 + i as u8);
+        ns.ip(&["addr", "flush", "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", "10.202.0.1"])?;
+        ns.ip(&["addr", "add", &format!("{E2E_VIP}/32"), "dev", "lo"])?;
+        for (k, v) in [
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+        ] {
+            ns.exec("sysctl", &["-qw", &format!("{k}={v}")])?;
+        }
+        // Each backend's own drop_lb knows the VIPs and takes IPIP frames from the balancer
+        // apart.
+        let mut b = Balancer::load()?;
+        b.set_vip(tcp_vip, forwarding, &[])?;
+        b.set_vip(udp_vip, forwarding, &[])?;
+        b.set_decap_sources(&[source].into())?;
+        ns.run(|| b.attach("eth0", XdpMode::Generic))??;
+        backend_lbs.push(b);
+        addrs.push(addr);
+        servers.push(ns.spawn({
+            let (name, stop) = (format!("b{i}"), stop.clone());
+            move || serve(name, stop)
+        }));
+    }
+
+    // The balancer's next hops, as the daemon resolves them: the router for the backends
+    // (resolved on demand), the address itself on the segment, `lo` for its own.
+    let mut net = balancer.netns().run(drop_net::Netlink::new)??;
+    let started = std::time::Instant::now();
+    let mut backends = Vec::new();
+    for (k, addr) in addrs.iter().enumerate() {
+        let hop = loop {
+            let hop = net.next_hop(*addr)?;
+            if hop.mac.is_some() || started.elapsed() > Duration::from_secs(3) {
+                break hop;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ensure!(
+            hop.ifname == "eth0" && hop.via == Ipv4Addr::new(10, 201, 0, 1) && !hop.local,
+            "next hop to {addr}: {hop:?}"
+        );
+        let mac = hop
+            .mac
+            .with_context(|| format!("router not resolved: {hop:?}"))?;
+        ensure!(
+            mac.to_string() == router_mac,
+            "next hop MAC {mac}, router {router_mac}"
+        );
+        backends.push(LbBackend {
+            id: 2000 + k as u64,
+            addr: *addr,
+            mac: mac.0,
+            weight: 1,
+        });
+    }
+    println!(
+        "  next hop of 3 routed backends: 10.201.0.1 ({router_mac}), resolved in {} ms",
+        started.elapsed().as_millis()
+    );
+    let on_link = net.next_hop(client.addr())?;
+    ensure!(
+        on_link.via == client.addr() && !on_link.local,
+        "on-link hop {on_link:?}"
+    );
+    let own = net.next_hop(source)?;
+    ensure!(own.local, "own address not local: {own:?}");
+
+    lb.set_vip(tcp_vip, forwarding, &backends)?;
+    lb.set_vip(udp_vip, forwarding, &backends)?;
+    balancer
+        .netns()
+        .run(|| lb.attach("eth0", XdpMode::Generic))??;
+    client.netns().ip(&[
+        "route",
+        "add",
+        &format!("{E2E_VIP}/32"),
+        "via",
+        &balancer.addr().to_string(),
+    ])?;
+    client
+        .netns()
+        .ip(&["route", "add", "10.202.0.0/24", "via", "10.201.0.1"])?;
+    let routed_before = forwarded_datagrams(router)?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let result = client.netns().run(|| -> anyhow::Result<String> {
+        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..60 {
+            let s = UdpSocket::bind((client.addr(), 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q", (E2E_VIP, UDP_PORT))?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
+            ensure!(from.ip() == E2E_VIP, "UDP answer from {from}");
+            *udp_seen
+                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
+                .or_default() += 1;
+        }
+        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        let mut conns = connect(30)?;
+        let mut spread = std::collections::BTreeMap::<String, usize>::new();
+        for c in &conns {
+            *spread.entry(c.backend.clone()).or_default() += 1;
+        }
+        ensure!(spread.len() == 3, "TCP reached {spread:?}");
+        for c in conns.iter_mut() {
+            ensure!(ask(c, "again")? == c.backend, "a connection moved");
+        }
+        Ok(format!("UDP {udp_seen:?}, TCP {spread:?}"))
+    })??;
+    let routed = forwarded_datagrams(router)? - routed_before;
+    let udp = lb.vip_counters(udp_vip)?;
+    let mut decapsulated = Vec::new();
+    for b in &backend_lbs {
+        decapsulated.push(b.stat(LbStat::Decapsulated)?);
+    }
+    println!(
+        "  IPIP through the router: 60 datagrams and 30 connections: {result}; the router forwarded {routed} datagrams; the backends took {decapsulated:?} frames apart; the balancer saw {} UDP packets",
+        udp.packets
+    );
+    ensure!(
+        udp.packets == 60,
+        "balancer saw {} UDP packets for 60 requests (replies must bypass it)",
+        udp.packets
+    );
+    ensure!(
+        decapsulated.iter().all(|d| *d > 0),
+        "a backend took nothing apart: {decapsulated:?}"
+    );
+    // Every request (60 datagrams, and the 30 connections' segments) and every answer crossed
+    // the router.
+    ensure!(
+        routed >= 120,
+        "the router forwarded only {routed} datagrams"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    }
+    Ok(Outcome::Pass)
+}
+
 /// Removes a test's balancer pins on every exit path.
 struct PinGuard(std::path::PathBuf);
 
@@ -975,12 +1216,12 @@ impl Drop for PinGuard {
 
 // ---- the daemon: a service with a port, balanced on its namespace's VIP ---------------------
 
-/// A line server on port 7000 (any address, so the VIP on lo too) answering
-/// `instance <DROP_INSTANCE> <line>`.
+/// A line server on port `PORT` (7000 by default; any address, so the VIP on lo too)
+/// answering `instance <DROP_INSTANCE> <line>`.
 const SERVER: &str = r#"import os, socket, threading
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7000))
+s.bind(("0.0.0.0", int(os.environ.get("PORT", "7000"))))
 s.listen(64)
 me = os.environ.get("DROP_INSTANCE", "?").encode()
 def serve(c):
@@ -1171,6 +1412,97 @@ fn service_port() -> anyhow::Result<Outcome> {
             "the gateway port reached only {gateways:?}"
         );
         println!("  VIP:8081 (the gateway port, by default): 30 requests answered by {gateways:?}");
+
+        // The same, forwarded by IPIP: the holder encapsulates to each node's address through
+        // its next hop (here the node itself, on the segment), and each node's drop_lb takes
+        // the header off.
+        sc.dropctl(
+            0,
+            &[
+                "service",
+                "set",
+                "tunnelled",
+                "--count",
+                "3",
+                "--port",
+                "7100",
+                "--forward",
+                "ipip",
+                "--env",
+                "PORT=7100",
+                "--exec",
+                "/usr/bin/python3",
+                "-c",
+                SERVER,
+            ],
+        )?;
+        let ipip_entry = drop_tests::cluster::wait_for(
+            Duration::from_secs(40),
+            "VIP:7100 programmed by IPIP with 3 backends on the holder",
+            || {
+                let lb = sc.dropctl(holder, &["lb", "ls"])?;
+                let entry = lb["vips"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|e| e["port"] == 7100))
+                    .cloned()
+                    .with_context(|| format!("no VIP:7100 yet: {lb}"))?;
+                ensure!(entry["forward"] == "ipip", "{entry}");
+                let weights: Vec<u64> = entry["backends"]
+                    .as_array()
+                    .context("backends")?
+                    .iter()
+                    .map(|b| b["weight"].as_u64().unwrap_or(0))
+                    .collect();
+                ensure!(weights == [1, 1, 1], "{entry}");
+                Ok(entry)
+            },
+        )?;
+        let ipip_answers = drop_tests::cluster::wait_for(
+            Duration::from_secs(20),
+            "answers from all three instances through IPIP",
+            || {
+                client
+                    .netns()
+                    .run(|| -> anyhow::Result<std::collections::BTreeSet<String>> {
+                        let mut seen = std::collections::BTreeSet::new();
+                        for _ in 0..40 {
+                            let s = TcpStream::connect_timeout(
+                                &SocketAddr::from((vip_addr, 7100)),
+                                Duration::from_secs(2),
+                            )?;
+                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                            let mut reader = BufReader::new(s.try_clone()?);
+                            let mut w = s;
+                            w.write_all(b"hi\n")?;
+                            let mut line = String::new();
+                            reader.read_line(&mut line)?;
+                            let words: Vec<&str> = line.split_whitespace().collect();
+                            ensure!(words.len() == 3 && words[2] == "hi", "answer {line:?}");
+                            seen.insert(words[1].to_string());
+                        }
+                        ensure!(seen.len() == 3, "instances answering: {seen:?}");
+                        Ok(seen)
+                    })?
+            },
+        )?;
+        let mut taken_apart = Vec::new();
+        for i in (0..3).filter(|&i| i != holder) {
+            let lb = sc.dropctl(i, &["lb", "ls"])?;
+            taken_apart.push(lb["decapsulated"].as_u64().unwrap_or(0));
+        }
+        ensure!(
+            taken_apart.iter().all(|n| *n > 0),
+            "a backend took no IPIP frame apart: {taken_apart:?}"
+        );
+        let vias: Vec<String> = ipip_entry["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| format!("{} via {}", b["node"], b["via"]))
+            .collect();
+        println!(
+            "  VIP:7100 forwarded by IPIP ({vias:?}): 40 connections answered by instances {ipip_answers:?}; the other two nodes took {taken_apart:?} frames apart"
+        );
         let lb = sc.dropctl(holder, &["lb", "ls"])?;
         let entry = lb["vips"]
             .as_array()
@@ -1179,6 +1511,27 @@ fn service_port() -> anyhow::Result<Outcome> {
             .unwrap_or_default();
         let forwarded: u64 = entry["packets"].as_u64().unwrap_or(0);
         ensure!(forwarded > 0, "the holder forwarded nothing: {entry}");
+        // The other nodes have the VIP:ports programmed in standby and balanced nothing: what
+        // the holder sent them went to their kernels (not back and forth between two rings).
+        for i in (0..3).filter(|&i| i != holder) {
+            let lb = sc.dropctl(i, &["lb", "ls"])?;
+            ensure!(
+                lb["standby"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|a| a == vip)),
+                "n{i} not in standby: {lb}"
+            );
+            let theirs: u64 = lb["vips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["packets"].as_u64().unwrap_or(0))
+                .sum();
+            ensure!(
+                theirs == 0,
+                "n{i}, not the holder, forwarded {theirs} frames: {lb}"
+            );
+        }
         println!(
             "  holder {} ({} mode on {}) forwards VIP:7000 to instances {answers:?}: {forwarded} frames forwarded, {} new flows",
             sc.fx.node(holder).name(),
@@ -1240,6 +1593,12 @@ fn service_port() -> anyhow::Result<Outcome> {
                         .as_array()
                         .is_some_and(|v| v.iter().any(|e| e["port"] == 7000)),
                     "{lb}"
+                );
+                ensure!(
+                    lb["standby"]
+                        .as_array()
+                        .is_some_and(|s| !s.iter().any(|a| a == vip)),
+                    "the new holder is still in standby: {lb}"
                 );
                 Ok(i)
             },

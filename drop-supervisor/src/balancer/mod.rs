@@ -243,6 +243,7 @@ pub struct VipStatus {
 
 enum Msg {
     Desired(Box<Desired>),
+    Holding(Option<IpAddr>),
     Status(mpsc::Sender<Value>),
     Metrics(mpsc::Sender<String>),
 }
@@ -265,6 +266,14 @@ impl LbService {
 
     pub fn update(&self, d: Desired) {
         let _ = self.tx.send(Msg::Desired(Box::new(d)));
+    }
+
+    /// The floating address this node holds now (`None`: none). From the first call on, only
+    /// the VIP:ports of that address balance here; the others stay programmed in standby and
+    /// their frames (sent here by the holder: this node is their backend) go to the kernel.
+    /// Never called (no floating-IP agent here): every VIP:port balances.
+    pub fn set_holding(&self, addr: Option<IpAddr>) {
+        let _ = self.tx.send(Msg::Holding(addr));
     }
 
     /// `GET /v1/lb`.
@@ -298,6 +307,8 @@ struct State {
     net: Option<drop_net::Netlink>,
     /// The last desired state: applied again on the timer (next hops).
     last: Option<Desired>,
+    /// The floating address this node holds, once the agent has said (`Some(None)`: none).
+    holding: Option<Option<Ipv4Addr>>,
 }
 
 /// What a VIP:port is programmed with: the backends as the XDP program has them (for IPIP with
@@ -330,6 +341,7 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
             .map_err(|e| warn!(error = %e, "balancer: no netlink"))
             .ok(),
         last: None,
+        holding: None,
     };
     match Balancer::open(&settings.pin_dir) {
         Ok(lb) => {
@@ -368,6 +380,13 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
         };
         match msg {
             Some(Msg::Desired(d)) => apply(&mut st, &settings, *d),
+            Some(Msg::Holding(addr)) => {
+                st.holding = Some(match addr {
+                    Some(IpAddr::V4(a)) => Some(a),
+                    _ => None,
+                });
+                set_standby(&mut st);
+            }
             None => {
                 if let Some(d) = st.last.clone() {
                     apply(&mut st, &settings, d);
@@ -459,6 +478,7 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
             }
         }
     }
+    set_standby(st);
     let Some(lb) = st.lb.as_mut() else {
         return;
     };
@@ -471,6 +491,32 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
                 }
                 Err(e) => warn!(error = %e, "balancer: cannot remove a VIP"),
             }
+        }
+    }
+}
+
+/// Every programmed VIP address not held here goes to standby, the held one (if any) out of it.
+fn set_standby(st: &mut State) {
+    let (Some(holding), Some(lb)) = (st.holding, st.lb.as_mut()) else {
+        return;
+    };
+    let addrs: BTreeSet<Ipv4Addr> = lb
+        .vips()
+        .iter()
+        .map(|v| v.addr)
+        .chain(lb.standby().iter().copied())
+        .collect();
+    for addr in addrs {
+        let standby = Some(addr) != holding;
+        if lb.standby().contains(&addr) == standby {
+            continue;
+        }
+        match lb.set_standby(addr, standby) {
+            Ok(()) if standby => {
+                info!(vip = %addr, "balancer: not holding the VIP; its frames go to this node's kernel")
+            }
+            Ok(()) => info!(vip = %addr, "balancer: holding the VIP; balancing its frames"),
+            Err(e) => warn!(vip = %addr, error = %e, "balancer: cannot switch the VIP's standby"),
         }
     }
 }
@@ -615,6 +661,7 @@ fn status(st: &State) -> Value {
         "flows": lb.flow_count().unwrap_or(0),
         "local_vip": st.local.map(|v| v.to_string()),
         "decapsulated": lb.stat(drop_net::LbStat::Decapsulated).unwrap_or(0),
+        "standby": lb.standby().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "decap_from": st.decap.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "vips": vips,
     })

@@ -8,7 +8,7 @@
 //! its [`VipStatus`].
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -100,8 +100,19 @@ struct Inputs {
     stop: bool,
 }
 
+/// Told which address this node holds (`None`: none), on every change.
+pub type HoldingWatcher = Box<dyn Fn(Option<IpAddr>) + Send>;
+
+/// The address this node holds and who wants to know.
+#[derive(Default)]
+struct Holding {
+    now: Option<IpAddr>,
+    watchers: Vec<HoldingWatcher>,
+}
+
 /// Handle to the agent thread.
 pub struct Agent {
+    holding: Arc<Mutex<Holding>>,
     inputs: Arc<Mutex<Inputs>>,
     status: Arc<Mutex<Option<VipStatus>>>,
     /// (namespace, holder) as the protocol sees it now.
@@ -131,7 +142,9 @@ impl Agent {
         let inputs: Arc<Mutex<Inputs>> = Arc::default();
         let status: Arc<Mutex<Option<VipStatus>>> = Arc::default();
         let holder: Arc<Mutex<Option<(String, Id)>>> = Arc::default();
+        let holding: Arc<Mutex<Holding>> = Arc::default();
         let mut worker = Worker {
+            holding: holding.clone(),
             me,
             settings,
             key,
@@ -149,6 +162,7 @@ impl Agent {
             .name("drop-vip".into())
             .spawn(move || worker.run())?;
         Ok(Agent {
+            holding,
             inputs,
             status,
             holder,
@@ -172,6 +186,15 @@ impl Agent {
     /// Draining: the node releases the address (to a healthy member) and does not take it.
     pub fn set_draining(&self, draining: bool) {
         lock(&self.inputs).draining = draining;
+    }
+
+    /// Calls `watcher` with the address this node holds now, and again on every change: just
+    /// before the address is added (so the balancer is active when the first frame comes) and
+    /// after it is removed.
+    pub fn on_holding(&self, watcher: HoldingWatcher) {
+        let mut h = lock(&self.holding);
+        watcher(h.now);
+        h.watchers.push(watcher);
     }
 
     /// A setter for [`Agent::set_health`] that a task can own.
@@ -237,6 +260,7 @@ struct Current {
 }
 
 struct Worker {
+    holding: Arc<Mutex<Holding>>,
     me: Id,
     settings: VipSettings,
     key: VipKey,
@@ -536,7 +560,22 @@ impl Worker {
         }
     }
 
+    /// Tells the watchers, if `addr` is news.
+    fn set_holding(&self, addr: Option<IpAddr>) {
+        let mut h = lock(&self.holding);
+        if h.now != addr {
+            h.now = addr;
+            for w in &h.watchers {
+                w(addr);
+            }
+        }
+    }
+
     fn acquire(&mut self, now: Instant, term: u64) {
+        let Some(addr) = self.current.as_ref().map(|c| c.vip.addr) else {
+            return;
+        };
+        self.set_holding(Some(addr));
         let Some(cur) = &mut self.current else { return };
         let started = Instant::now();
         let result = if cur.vip.ifname.is_empty() {
@@ -570,6 +609,8 @@ impl Worker {
                 self.announce_due(now);
             }
             Err(e) => {
+                self.set_holding(None);
+                let Some(cur) = &mut self.current else { return };
                 error!(namespace = %cur.plan.ns, address = %cur.vip.addr, error = %e, "cannot add the floating IP; handing it on");
                 cur.status.error = Some(e);
                 cur.net_fault_until = Some(now + NET_FAULT_BACKOFF);
@@ -594,6 +635,7 @@ impl Worker {
                 error!(address = %vip.addr, interface = %vip.ifname, error = %e, "cannot remove the floating IP");
             }
         }
+        self.set_holding(None);
         if let Some(cur) = &mut self.current {
             cur.held = false;
             cur.garp_due.clear();

@@ -150,6 +150,11 @@ impl VipService {
         self.agent.status()
     }
 
+    /// See [`Agent::on_holding`](agent::Agent::on_holding).
+    pub fn on_holding(&self, watcher: agent::HoldingWatcher) {
+        self.agent.on_holding(watcher);
+    }
+
     /// Releases the address and stops (SIGTERM).
     pub fn stop(&self) {
         if let Some(t) = self.health.lock().unwrap_or_else(|e| e.into_inner()).take() {
