@@ -145,7 +145,7 @@ pub enum ApiRequest {
     LbStatus,
     ServiceSet {
         name: String,
-        request: crate::services::spec::ServiceRequest,
+        request: Box<crate::services::spec::ServiceRequest>,
     },
     ServiceShow {
         name: String,

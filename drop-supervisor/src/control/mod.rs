@@ -684,7 +684,7 @@ impl Supervisor {
             }
             ApiRequest::ServiceSet { name, request } => self
                 .cluster()?
-                .service_set(&name, request)
+                .service_set(&name, *request)
                 .await
                 .map(ApiResponse::Json),
             ApiRequest::ServiceRemove { name, ns } => self
