@@ -9,7 +9,15 @@
 //! fwd`; IPVS is not built into our kernel), and by `drop_lb` in generic and native XDP mode;
 //! and the client sending straight to the backends as the baseline. The figures: datagrams
 //! delivered per second and CPU per delivered datagram (all CPUs, /proc/stat), and that CPU
-//! minus the baseline's — what the balancer hop costs.
+//! minus the baseline's — what the balancer hop costs; and the CPU of the balancer's own
+//! receive path per delivered datagram: its eth0 polls with threaded NAPI, so one kernel
+//! thread receives, forwards (routing, nftables or XDP) and hands each frame to the wire, and
+//! that thread's time on CPU (/proc/PID/schedstat) is the balancer's cost alone. The bridge's
+//! port of the balancer polls in a thread of its own (the switch's work); every host's MAC is
+//! a static bridge entry (no flooding); the client computes its UDP checksums itself (a frame
+//! native XDP sends on as raw bytes keeps no checksum offload); for native mode the bridge's
+//! port runs a pass-everything XDP program, since a veth hands XDP_TX frames to its peer's
+//! XDP receive path.
 //!
 //! Prints progress on stderr and a markdown report on stdout. Root only. Usage:
 //! `lb [--repeat N] [--flows N] [--secs S] [--no-e2e]`.
@@ -135,9 +143,9 @@ fn main() -> anyhow::Result<()> {
         )?;
         writeln!(
             out,
-            "| setup | delivered datagrams/s | CPU per datagram µs | balancer hop µs (minus direct) |"
+            "| setup | delivered datagrams/s | CPU per datagram µs | balancer hop µs (minus direct) | balancer's receive thread µs per datagram |"
         )?;
-        writeln!(out, "|---|---:|---:|---:|")?;
+        writeln!(out, "|---|---:|---:|---:|---:|")?;
         let direct = rows
             .iter()
             .find(|r| r.name.starts_with("direct"))
@@ -148,12 +156,15 @@ fn main() -> anyhow::Result<()> {
                 (Some(d), false) if r.delivered > 0 => format!("{:.2}", r.cpu_us - d),
                 _ => "n/a".to_string(),
             };
+            let thread = r
+                .balancer_ns
+                .map_or_else(|| "—".to_string(), |ns| format!("{:.2}", ns / 1000.0));
             if r.delivered == 0 {
-                writeln!(out, "| {} | 0 | — | {} |", r.name, r.note)?;
+                writeln!(out, "| {} | 0 | — | {} | — |", r.name, r.note)?;
             } else {
                 writeln!(
                     out,
-                    "| {} | {:.0} | {:.2} | {hop} |",
+                    "| {} | {:.0} | {:.2} | {hop} | {thread} |",
                     r.name, r.rate, r.cpu_us
                 )?;
             }
@@ -171,7 +182,51 @@ struct Row {
     delivered: u64,
     rate: f64,
     cpu_us: f64,
+    /// CPU of the balancer's receive thread per delivered datagram, ns.
+    balancer_ns: Option<f64>,
     note: String,
+}
+
+/// Threads whose name starts with `prefix` (threaded NAPI: `napi/<dev>-<id>`).
+fn threads_named(prefix: &str) -> anyhow::Result<std::collections::BTreeSet<u32>> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)) {
+            out.insert(pid);
+        }
+    }
+    Ok(out)
+}
+
+/// Time on CPU of `pids` (their /proc/PID/schedstat), ns.
+fn cpu_ns(pids: &std::collections::BTreeSet<u32>) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/schedstat")).ok())
+        .filter_map(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// `echo 1 > /sys/class/net/DEV/threaded` in `ns` (through `ip netns exec`, which mounts that
+/// namespace's /sys): the device's NAPI polls in a kernel thread of its own, whose CPU time is
+/// then the device's receive path alone.
+fn threaded_napi(ns: &Netns, dev: &str) -> anyhow::Result<()> {
+    drop_tests::netns::check(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.name(),
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+    ]))?;
+    Ok(())
 }
 
 /// Busy jiffies of all CPUs (user, nice, system, irq, softirq, steal).
@@ -250,17 +305,66 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
     ] {
         client.netns().exec("sysctl", &["-qw", kv])?;
     }
+    // The client fills in its UDP checksums itself: a veth otherwise leaves them to an
+    // "offload" that only the skb remembers, and a frame that native XDP sends on as raw bytes
+    // would reach the backends with a partial checksum (and be dropped there).
+    client
+        .netns()
+        .exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    // The balancer's eth0 and its peer on the bridge poll with NAPI (GRO on), each in a thread
+    // of its own: the balancer thread's CPU is what the balancer spends per datagram (receive,
+    // forward, hand to the wire), the peer's is the switch's. Native XDP_TX on a veth also
+    // needs the peer's NAPI.
+    let before = threads_named("napi/eth0-")?;
+    // (A veth takes the NAPI path only for frames it could aggregate: from a sender without
+    // TSO.)
+    lb_host
+        .netns()
+        .exec("ethtool", &["-K", "eth0", "gro", "on", "tso", "off"])?;
+    bridge.hub().exec(
+        "ethtool",
+        &["-K", lb_host.hub_port(), "gro", "on", "tso", "off"],
+    )?;
+    threaded_napi(lb_host.netns(), "eth0")?;
+    threaded_napi(bridge.hub(), lb_host.hub_port())?;
+    let lb_threads = || -> anyhow::Result<std::collections::BTreeSet<u32>> {
+        let now = threads_named("napi/eth0-")?;
+        Ok(now.difference(&before).copied().collect())
+    };
+    ensure!(
+        !lb_threads()?.is_empty(),
+        "no NAPI thread for the balancer's eth0"
+    );
+    // Every host's MAC is a static entry of the bridge: the backends only receive, and a bridge
+    // that never hears from them would flood every datagram to every port.
+    for h in bridge.hosts() {
+        bridge.hub().exec(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                &h.mac().to_string(),
+                "dev",
+                h.hub_port(),
+                "master",
+                "static",
+            ],
+        )?;
+    }
     let via = lb_host.addr().to_string();
     let vip32 = format!("{E2E_VIP}/32");
     let measure = |name: &str, to: Ipv4Addr, rows: &mut Vec<Row>| -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
+        let threads = lb_threads()?;
         let c0 = count.load(Ordering::Relaxed);
         let j0 = busy_jiffies()?;
+        let n0 = cpu_ns(&threads);
         let t0 = Instant::now();
         let sent = blast(client.netns(), to, secs)?;
         std::thread::sleep(Duration::from_millis(100));
         let elapsed = t0.elapsed().as_secs_f64();
         let jiffies = busy_jiffies()? - j0;
+        let napi_ns = cpu_ns(&threads) - n0;
         let delivered = count.load(Ordering::Relaxed) - c0;
         let cpu_s = jiffies as f64 / 100.0;
         let row = Row {
@@ -272,11 +376,15 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
             } else {
                 0.0
             },
+            balancer_ns: (delivered > 0 && to == E2E_VIP)
+                .then(|| napi_ns as f64 / delivered as f64),
             note: format!("{sent} sent, none delivered"),
         };
         eprintln!(
-            "  {name}: {sent} sent, {delivered} delivered ({:.0}/s), {:.2} µs CPU each",
-            row.rate, row.cpu_us
+            "  {name}: {sent} sent, {delivered} delivered ({:.0}/s), {:.2} µs CPU each, balancer thread {:.0} ns each",
+            row.rate,
+            row.cpu_us,
+            row.balancer_ns.unwrap_or(0.0)
         );
         rows.push(row);
         Ok(())
@@ -340,12 +448,16 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
         Err(e) => eprintln!("  nftables DR not measured: {e:#}"),
     }
 
-    // drop_lb. Native XDP_TX on a veth hands frames to its peer's NAPI, which the peer only
-    // runs with GRO on (or an XDP program of its own).
-    bridge
-        .hub()
-        .exec("ethtool", &["-K", lb_host.hub_port(), "gro", "on"])?;
+    // drop_lb. For native mode the peer on the bridge runs a pass-everything XDP program
+    // (`drop_count`) natively too: a veth hands XDP_TX frames to its peer's XDP receive path.
     for mode in [XdpMode::Generic, XdpMode::Native] {
+        let mut peer_pass = None;
+        if mode == XdpMode::Native {
+            let mut c = drop_net::XdpCounter::load()?;
+            let port = lb_host.hub_port().to_string();
+            bridge.hub().run(|| c.attach(&port, XdpMode::Native))??;
+            peer_pass = Some(c);
+        }
         let mut lb = Balancer::load()?;
         lb.set_vip(
             LbVip {
@@ -362,6 +474,9 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
                 let _ = lb_host.netns().run(|| lb.detach());
             }
             Err(e) => eprintln!("  drop_lb {mode} not measured: {e}"),
+        }
+        if let Some(mut c) = peer_pass {
+            let _ = bridge.hub().run(|| c.detach());
         }
     }
     stop.store(true, Ordering::Relaxed);
