@@ -33,6 +33,7 @@ use drop_net::{Balancer, Forwarding, LbBackend, LbVip, XdpMode, XdpVerdict};
 use drop_tests::netns::{Bridge, Netns};
 
 const VIP: [u8; 4] = [10, 100, 0, 1];
+const IPIP_VIP: [u8; 4] = [10, 100, 0, 2];
 
 fn frame(sport: u16, dst: [u8; 4]) -> Vec<u8> {
     let mut f = vec![2, 0x1b, 0, 0, 0, 1, 2, 0xc1, 0, 0, 0, 1, 8, 0];
@@ -108,6 +109,27 @@ fn main() -> anyhow::Result<()> {
     );
     eprintln!("  non-VIP: {} ns", pass.duration_ns);
 
+    // IPIP: a table hit encapsulated; and on a backend, the outer header taken off.
+    let ipip_vip = LbVip {
+        addr: Ipv4Addr::from(IPIP_VIP),
+        port: 80,
+        proto: 6,
+    };
+    let source = Ipv4Addr::new(10, 0, 0, 254);
+    lb.set_vip(ipip_vip, Forwarding::Ipip { source }, &backends)?;
+    lb.set_decap_sources(&[source].into())?;
+    let ipip_frame = frame(40002, IPIP_VIP);
+    let first = lb.test_run(&ipip_frame, 1)?;
+    ensure!(first.verdict == XdpVerdict::Tx, "IPIP not forwarded");
+    let ipip = lb.test_run(&ipip_frame, repeat)?;
+    eprintln!("  IPIP hit: {} ns", ipip.duration_ns);
+    let decap = lb.test_run(&first.frame, repeat)?;
+    ensure!(
+        decap.verdict == XdpVerdict::Pass && decap.frame.len() == ipip_frame.len(),
+        "the IPIP frame was not taken apart"
+    );
+    eprintln!("  decapsulation: {} ns", decap.duration_ns);
+
     let mut out = String::new();
     writeln!(
         out,
@@ -133,6 +155,16 @@ fn main() -> anyhow::Result<()> {
         out,
         "| not a VIP (parse, lookup, XDP_PASS) | {repeat} | {} | — |",
         pass.duration_ns
+    )?;
+    writeln!(
+        out,
+        "| connection-table hit, IPIP (outer header, XDP_TX) | {repeat} | {} | — |",
+        ipip.duration_ns
+    )?;
+    writeln!(
+        out,
+        "| on a backend: IPIP taken apart (XDP_PASS) | {repeat} | {} | — |",
+        decap.duration_ns
     )?;
     drop(lb);
     if e2e {
