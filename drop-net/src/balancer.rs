@@ -143,6 +143,22 @@ impl Balancer {
         }
     }
 
+    /// Puts every VIP pinned in `dir` in standby ([`Balancer::set_standby`]), leaving the rest
+    /// as it is: for a supervisor that died holding the floating IP, so that its still-attached
+    /// program passes (instead of balancing again) what the new holder sends this node. The
+    /// addresses put in standby; nothing pinned there is fine.
+    pub fn standby_pinned(dir: &Path) -> Result<Vec<Ipv4Addr>, XdpError> {
+        if !dir.join(VIPS_MAP).exists() {
+            return Ok(Vec::new());
+        }
+        let mut lb = Balancer::open(dir)?;
+        let addrs: BTreeSet<Ipv4Addr> = lb.vips().iter().map(|v| v.addr).collect();
+        for a in &addrs {
+            lb.set_standby(*a, true)?;
+        }
+        Ok(addrs.into_iter().collect())
+    }
+
     /// Loads `drop_lb` with its maps pinned in `dir` (on a bpffs): maps already pinned there
     /// are reused with their contents — VIPs, rings, backends, the connection table — and the
     /// balancer's own bookkeeping is read back from them, so a restarted supervisor carries on

@@ -26,6 +26,8 @@ pub const DEFAULT_SOCKET_GROUP: &str = "drop";
 pub const DEFAULT_SYSCTL_ROOT: &str = "/proc/sys";
 /// Where plugin packages drop their folders (`NAME/flow.yaml` and its executables).
 pub const DEFAULT_PLUGINS_DIR: &str = "/usr/lib/drop/plugins";
+/// Where the balancer pins its maps and link unless `[balancer] pin_dir` says otherwise.
+pub const DEFAULT_BALANCER_PIN_DIR: &str = "/sys/fs/bpf/drop";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -809,7 +811,7 @@ impl Config {
         let balancer_pin_dir = raw_lb
             .pin_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/drop"));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BALANCER_PIN_DIR));
         require_absolute(&balancer_pin_dir).map_err(|r| invalid("balancer.pin_dir", r))?;
         let balancer = if raw_lb.enabled == Some(true) {
             if cluster.is_none() {

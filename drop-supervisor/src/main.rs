@@ -48,6 +48,18 @@ fn run(args: Args, started: Instant) -> anyhow::Result<()> {
         if gone.is_empty() {
             println!("no floating IP to remove");
         }
+        // The balancer this daemon left attached stops balancing: another node holds the VIP
+        // now. Its pin folder from the config, else the default.
+        let pins = Config::load(args.config.as_deref())
+            .map(|c| c.balancer_pin_dir)
+            .unwrap_or_else(|_| PathBuf::from(drop_supervisor::config::DEFAULT_BALANCER_PIN_DIR));
+        match drop_net::Balancer::standby_pinned(&pins) {
+            Ok(addrs) if !addrs.is_empty() => {
+                println!("balancer in {}: {addrs:?} in standby", pins.display());
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("balancer in {}: cannot set standby: {e}", pins.display()),
+        }
         return Ok(());
     }
     let config = Config::load(args.config.as_deref())?;

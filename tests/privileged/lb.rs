@@ -959,8 +959,26 @@ fn end_to_end() -> anyhow::Result<Outcome> {
         "  B's process dropped: {during} connections kept answering on the pinned link; reopened: {} VIPs and {flows} flows read back, {after} connections unchanged",
         restored.len()
     );
-    // Clean removal: no program left on the interface, no pin left.
+    // The supervisor dies holding the VIP and `--release-vip` (ExecStopPost) puts the pinned
+    // VIPs in standby: the still-attached program passes the VIP's frames to the kernel.
     drop(lb_b);
+    let put = Balancer::standby_pinned(&pins.0)?;
+    ensure!(put == vec![E2E_VIP], "put in standby: {put:?}");
+    let again = Balancer::open(&pins.0)?;
+    ensure!(again.standby().contains(&E2E_VIP), "standby not kept");
+    let standby_before = again.stat(LbStat::Standby)?;
+    client.netns().run(|| -> anyhow::Result<()> {
+        let s = UdpSocket::bind((client.addr(), 0))?;
+        s.send_to(b"q", (E2E_VIP, UDP_PORT))?;
+        Ok(())
+    })??;
+    std::thread::sleep(Duration::from_millis(100));
+    let passed = again.stat(LbStat::Standby)? - standby_before;
+    ensure!(passed == 1, "{passed} frames passed in standby, expected 1");
+    println!("  standby_pinned: the attached program now passes the VIP's frames to the kernel");
+    drop(again);
+
+    // Clean removal: no program left on the interface, no pin left.
     ensure!(Balancer::remove_pinned(&pins.0)?, "nothing was pinned");
     let link = bridge
         .host(2)
