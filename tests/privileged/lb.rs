@@ -1516,7 +1516,13 @@ fn service_port() -> anyhow::Result<Outcome> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|b| format!("{} via {}", b["node"], b["via"]))
+            .map(|b| {
+                format!(
+                    "{} via {}",
+                    b["node"].as_str().unwrap_or("?"),
+                    b["via"].as_str().unwrap_or("itself")
+                )
+            })
             .collect();
         println!(
             "  VIP:7100 forwarded by IPIP ({vias:?}): 40 connections answered by instances {ipip_answers:?}; the other two nodes took {taken_apart:?} frames apart"
@@ -1549,6 +1555,19 @@ fn service_port() -> anyhow::Result<Outcome> {
                 theirs == 0,
                 "n{i}, not the holder, forwarded {theirs} frames: {lb}"
             );
+        }
+        // The same in the metrics: the holder has no VIP in standby, the others one.
+        for i in 0..3 {
+            let addr = SocketAddr::from((sc.fx.node(i).host().addr(), 8081));
+            let text = client.netns().run(|| -> anyhow::Result<String> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let r = drop_supervisor::http::roundtrip(&mut s, "GET", "/metrics", None)?;
+                ensure!(r.status == 200, "GET /metrics: {}", r.status);
+                Ok(String::from_utf8_lossy(&r.body).into_owned())
+            })??;
+            let want = format!("drop_lb_standby {}\n", u8::from(i != holder));
+            ensure!(text.contains(&want), "n{i}'s metrics lack {want:?}");
         }
         println!(
             "  holder {} ({} mode on {}) forwards VIP:7000 to instances {answers:?}: {forwarded} frames forwarded, {} new flows",

@@ -711,6 +711,16 @@ fn metrics(st: &State) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP drop_lb_decapsulated_total IPIP frames this node took apart as a routed backend.\n# TYPE drop_lb_decapsulated_total counter\ndrop_lb_decapsulated_total {}",
+        lb.stat(drop_net::LbStat::Decapsulated).unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drop_lb_standby VIP addresses this node does not hold: programmed, their frames passed to the kernel.\n# TYPE drop_lb_standby gauge\ndrop_lb_standby {}",
+        lb.standby().len()
+    );
+    let _ = writeln!(
+        out,
         "# HELP drop_lb_backend_packets_total Frames sent to one backend of a VIP:port.\n# TYPE drop_lb_backend_packets_total counter"
     );
     for (vip, p) in &st.applied {
