@@ -76,8 +76,30 @@ pub const LB_STATS_MAP: &str = "DROP_LB_STATS";
 pub const DECAP_MAP: &str = "DROP_LB_DECAP";
 /// Entries of [`DECAP_MAP`].
 pub const MAX_DECAP_SOURCES: u32 = 64;
+/// Array of [`CONF_SLOTS`] `u32` settings of the node, indexed by [`Conf`].
+pub const CONF_MAP: &str = "DROP_LB_CONF";
+/// Slots of [`CONF_MAP`].
+pub const CONF_SLOTS: u32 = 1;
+/// Length of the ICMP "fragmentation needed" frame [`icmp_too_big`] builds.
+pub const TOO_BIG_FRAME_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
 /// Slots of [`LB_STATS_MAP`].
-pub const LB_STAT_SLOTS: u32 = 11;
+pub const LB_STAT_SLOTS: u32 = 13;
+
+/// Settings of the node in [`CONF_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conf {
+    /// The largest IPv4 packet the balancer's interface sends (its MTU); 0: unknown, not
+    /// checked. An IPIP frame whose inner packet no longer fits with the outer header is not
+    /// sent: with DF, the client gets an ICMP "fragmentation needed" naming `MTU − 20`.
+    IpipMtu = 0,
+}
+
+impl Conf {
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
 
 /// Global counters of the balancer.
 #[repr(u32)]
@@ -104,6 +126,10 @@ pub enum LbStat {
     Decapsulated = 9,
     /// Passed: a VIP this node does not hold now ([`VIP_STANDBY`]).
     Standby = 10,
+    /// Answered with ICMP "fragmentation needed": too big for IPIP, DF set.
+    TooBigIcmp = 11,
+    /// Dropped: too big for IPIP, DF clear (the balancer does not fragment).
+    TooBigDropped = 12,
 }
 
 impl LbStat {
@@ -119,6 +145,8 @@ impl LbStat {
         LbStat::Local,
         LbStat::Decapsulated,
         LbStat::Standby,
+        LbStat::TooBigIcmp,
+        LbStat::TooBigDropped,
     ];
     pub const fn index(self) -> u32 {
         self as u32
@@ -387,6 +415,79 @@ pub fn ipip_header(src: [u8; 4], dst: [u8; 4], tos: u8, inner_len: u16) -> [u8; 
     h
 }
 
+/// Whether an IPv4 packet of `total_len` bytes (its header's total length) still fits an
+/// interface of `mtu` once IPIP adds its 20 bytes. `mtu` 0: not checked.
+#[inline(always)]
+pub const fn ipip_fits(total_len: u16, mtu: u32) -> bool {
+    mtu == 0 || total_len as u32 + 20 <= mtu
+}
+
+/// The ICMP "fragmentation needed" (type 3, code 4) answer to a frame too big to forward:
+/// back to the sender's MAC from ours (`macs` is the frame's destination then source, as it
+/// came), from the address it was sent to (the VIP) to its source, naming `mtu` as the next
+/// hop's, and quoting its IPv4 header `ip` and the first 8 bytes after it `l4` (RFC 792).
+/// Checksums filled. The sender's TCP lowers its segment size for the VIP and sends again.
+#[inline(always)]
+pub fn icmp_too_big(
+    macs: [u8; 12],
+    ip: [u8; 20],
+    l4: [u8; 8],
+    mtu: u16,
+) -> [u8; TOO_BIG_FRAME_LEN] {
+    let mut f = [0u8; TOO_BIG_FRAME_LEN];
+    let mut i = 0;
+    while i < 6 {
+        f[i] = macs[6 + i];
+        f[6 + i] = macs[i];
+        i += 1;
+    }
+    let et = ETH_P_IP.to_be_bytes();
+    f[12] = et[0];
+    f[13] = et[1];
+    let total = ((20 + 8 + 20 + 8) as u16).to_be_bytes();
+    let mut h = [
+        0x45, 0, total[0], total[1], 0, 0, 0, 0, 64, 1, 0, 0, ip[16], ip[17], ip[18], ip[19],
+        ip[12], ip[13], ip[14], ip[15],
+    ];
+    let c = ipv4_checksum(&h).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    i = 0;
+    while i < 20 {
+        f[ETH_HLEN + i] = h[i];
+        i += 1;
+    }
+    let at = ETH_HLEN + 20;
+    let m = mtu.to_be_bytes();
+    f[at] = 3;
+    f[at + 1] = 4;
+    f[at + 6] = m[0];
+    f[at + 7] = m[1];
+    i = 0;
+    while i < 20 {
+        f[at + 8 + i] = ip[i];
+        i += 1;
+    }
+    i = 0;
+    while i < 8 {
+        f[at + 28 + i] = l4[i];
+        i += 1;
+    }
+    // The ICMP checksum over its 36 bytes.
+    let mut sum: u32 = 0;
+    i = 0;
+    while i < 36 {
+        sum += u32::from(u16::from_be_bytes([f[at + i], f[at + i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let c = (!(sum as u16)).to_be_bytes();
+    f[at + 2] = c[0];
+    f[at + 3] = c[1];
+    f
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -561,6 +662,46 @@ mod tests {
         // An outer header with options or a fragment never gets that far.
         assert_eq!(parse(&wrap(0x46, 0, &inner)[..]), Err(Pass::Options));
         assert_eq!(parse(&wrap(0x45, 0x2000, &inner)[..]), Err(Pass::Fragment));
+    }
+
+    #[test]
+    fn ipip_fits_within_the_mtu_with_its_20_bytes() {
+        assert!(ipip_fits(1480, 1500));
+        assert!(!ipip_fits(1481, 1500));
+        assert!(ipip_fits(65535, 0));
+    }
+
+    #[test]
+    fn the_too_big_answer_quotes_the_packet_and_both_checksums_verify() {
+        let f = frame(
+            ETH_P_IP,
+            0x45,
+            0x4000,
+            IPPROTO_TCP,
+            &[0x9c, 0x40, 0, 80, 1, 2, 3, 4, 5],
+        );
+        let macs: [u8; 12] = f[..12].try_into().unwrap();
+        let ip: [u8; 20] = f[ETH_HLEN..ETH_HLEN + 20].try_into().unwrap();
+        let l4: [u8; 8] = f[ETH_HLEN + 20..ETH_HLEN + 28].try_into().unwrap();
+        let a = icmp_too_big(macs, ip, l4, 1480);
+        // Back to the sender, from us.
+        assert_eq!(&a[..6], &f[6..12]);
+        assert_eq!(&a[6..12], &f[..6]);
+        let h = &a[ETH_HLEN..ETH_HLEN + 20];
+        assert_eq!(
+            (h[0], h[9], u16::from_be_bytes([h[2], h[3]])),
+            (0x45, 1, 56)
+        );
+        // From the address it was sent to, to its source.
+        assert_eq!(&h[12..16], &ip[16..20]);
+        assert_eq!(&h[16..20], &ip[12..16]);
+        assert!(verifies(h));
+        let icmp = &a[ETH_HLEN + 20..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1480);
+        assert_eq!(&icmp[8..28], &ip);
+        assert_eq!(&icmp[28..36], &l4);
+        assert!(verifies(icmp));
     }
 
     #[test]

@@ -15,15 +15,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::bpf_xdp_adjust_head,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use drop_common::lb::{
-    self, Backend, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_FLOWS,
-    MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE, Traffic, VIP_IPIP, VIP_STANDBY, VipKey,
-    VipMeta, VipStats,
+    self, Backend, CONF_SLOTS, Conf, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS,
+    MAX_DECAP_SOURCES, MAX_FLOWS, MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE,
+    TOO_BIG_FRAME_LEN, Traffic, VIP_IPIP, VIP_STANDBY, VipKey, VipMeta, VipStats,
 };
 use drop_common::{
     Class, DstCount, DstKey, ETH_HLEN, ETH_P_IP, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat,
@@ -59,6 +59,9 @@ static LB_BSTATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKE
 
 #[map(name = "DROP_LB_STATS")]
 static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LB_STAT_SLOTS, 0);
+
+#[map(name = "DROP_LB_CONF")]
+static LB_CONF: Array<u32> = Array::with_max_entries(CONF_SLOTS, 0);
 
 #[map(name = "DROP_LB_DECAP")]
 static LB_DECAP: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_DECAP_SOURCES, 0);
@@ -165,6 +168,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(xdp_action::XDP_PASS);
     }
     let sent = if meta.flags & VIP_IPIP != 0 {
+        if let Some(verdict) = too_big_for_ipip(ctx) {
+            return Ok(verdict);
+        }
         encapsulate(ctx, &backend, &meta)
     } else {
         rewrite_macs(ctx, &backend)
@@ -227,6 +233,47 @@ fn encapsulate(ctx: &XdpContext, backend: &Backend, meta: &VipMeta) -> Result<()
     // SAFETY: `ptr_at_mut` checked the 34 bytes are inside the (grown) frame.
     unsafe { *out = h };
     Ok(())
+}
+
+/// A packet that would not fit the interface once IPIP adds its 20 bytes (the MTU in
+/// `Conf::IpipMtu`) is not sent on: with DF, the frame becomes the ICMP "fragmentation needed"
+/// answer to its sender (`XDP_TX`), so that its TCP sends smaller segments; without, it is
+/// dropped (the balancer does not fragment). Both are counted. `None`: it fits.
+#[inline(always)]
+fn too_big_for_ipip(ctx: &XdpContext) -> Option<u32> {
+    let mtu = LB_CONF.get(Conf::IpipMtu.index()).copied().unwrap_or(0);
+    // SAFETY (the reads below): checked by `ptr_at`.
+    let ip = unsafe { *ptr_at::<[u8; 20]>(ctx, ETH_HLEN)? };
+    if lb::ipip_fits(u16::from_be_bytes([ip[2], ip[3]]), mtu) {
+        return None;
+    }
+    if ip[6] & 0x40 == 0 {
+        lb_bump(LbStat::TooBigDropped);
+        return Some(xdp_action::XDP_DROP);
+    }
+    let (Some(macs), Some(l4)) = (
+        ptr_at::<[u8; 12]>(ctx, 0),
+        ptr_at::<[u8; 8]>(ctx, ETH_HLEN + 20),
+    ) else {
+        lb_bump(LbStat::TooBigDropped);
+        return Some(xdp_action::XDP_DROP);
+    };
+    // SAFETY: as above.
+    let answer = lb::icmp_too_big(unsafe { *macs }, ip, unsafe { *l4 }, (mtu - 20) as u16);
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: a plain helper call on this program's context (the frame only shrinks).
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, TOO_BIG_FRAME_LEN as i32 - len) } != 0 {
+        lb_bump(LbStat::TooBigDropped);
+        return Some(xdp_action::XDP_DROP);
+    }
+    let Some(out) = ptr_at_mut::<[u8; TOO_BIG_FRAME_LEN]>(ctx, 0) else {
+        lb_bump(LbStat::TooBigDropped);
+        return Some(xdp_action::XDP_DROP);
+    };
+    // SAFETY: checked by `ptr_at_mut`.
+    unsafe { *out = answer };
+    lb_bump(LbStat::TooBigIcmp);
+    Some(xdp_action::XDP_TX)
 }
 
 /// A routed backend's side of IPIP: an IPIP frame from an allowed balancer address whose inner

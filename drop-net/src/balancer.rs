@@ -18,10 +18,10 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, xdp::XdpLink, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
-    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, DECAP_MAP, FLOWS_MAP, FlowKey,
-    LB_PROGRAM, LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_VIPS, NO_BACKEND,
-    RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta,
-    VipStats,
+    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, CONF_MAP, Conf, DECAP_MAP,
+    FLOWS_MAP, FlowKey, LB_PROGRAM, LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES,
+    MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP,
+    VIPS_MAP, VipKey, VipMeta, VipStats,
 };
 use drop_common::maglev;
 use tracing::{info, warn};
@@ -507,6 +507,27 @@ impl Balancer {
         Ok(())
     }
 
+    /// The MTU of the interface the balancer sends on: an IPIP VIP's packet that does not fit
+    /// it with the outer header is answered with ICMP "fragmentation needed" (DF) or dropped.
+    /// 0: not checked. Below 68 (IPv4's minimum) is refused.
+    pub fn set_ipip_mtu(&mut self, mtu: u32) -> Result<(), XdpError> {
+        if mtu != 0 && mtu < 68 {
+            return Err(XdpError::Mtu(mtu));
+        }
+        let map = self.ebpf.map_mut(CONF_MAP).ok_or(missing_map(CONF_MAP))?;
+        let mut conf = Array::<&mut MapData, u32>::try_from(map).map_err(map_err(CONF_MAP))?;
+        conf.set(Conf::IpipMtu.index(), mtu, 0)
+            .map_err(map_err(CONF_MAP))
+    }
+
+    /// What [`Balancer::set_ipip_mtu`] set.
+    pub fn ipip_mtu(&self) -> Result<u32, XdpError> {
+        let map = self.ebpf.map(CONF_MAP).ok_or(missing_map(CONF_MAP))?;
+        let conf = Array::<&MapData, u32>::try_from(map).map_err(map_err(CONF_MAP))?;
+        conf.get(&Conf::IpipMtu.index(), 0)
+            .map_err(map_err(CONF_MAP))
+    }
+
     /// The VIP addresses in standby.
     pub fn standby(&self) -> &BTreeSet<Ipv4Addr> {
         &self.standby
@@ -739,9 +760,10 @@ impl Drop for Balancer {
 }
 
 /// The maps pinned by [`Balancer::open`].
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     VIPS_MAP,
     DECAP_MAP,
+    CONF_MAP,
     RINGS_MAP,
     BACKENDS_MAP,
     FLOWS_MAP,

@@ -59,6 +59,8 @@ pub enum XdpError {
     Full { what: &'static str },
     #[error("filling the Maglev ring: {0}")]
     Maglev(String),
+    #[error("MTU {0} is below IPv4's minimum of 68")]
+    Mtu(u32),
     #[error("the balancer's pin folder {dir}")]
     PinDir {
         dir: std::path::PathBuf,

@@ -145,6 +145,24 @@ fn encapsulated_from(frame: &[u8], b: &LbBackend, src: [u8; 4]) -> Vec<u8> {
     eth(b.mac, LB_MAC, 0x0800, &outer)
 }
 
+/// The ICMP "fragmentation needed" answer to `frame` naming `mtu`: to its sender from the
+/// balancer, from the VIP, quoting its IP header and 8 more bytes (RFC 792, RFC 1191).
+fn too_big_answer(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let (ip, quoted) = (&frame[14..34], &frame[14..42]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = !(sum16(&icmp, 0) as u16);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut h = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    h.extend_from_slice(&ip[16..20]);
+    h.extend_from_slice(&ip[12..16]);
+    let c = !(sum16(&h, 0) as u16);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(&icmp);
+    eth(CLIENT_MAC, LB_MAC, 0x0800, &h)
+}
+
 fn flow(proto: u8, sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     FlowKey {
         src: CLIENT,
@@ -421,6 +439,43 @@ fn fixtures() -> anyhow::Result<Outcome> {
         XdpVerdict::Tx,
         &encapsulated(&tos, &routed),
     )?;
+
+    // Too big for IPIP on this MTU: with DF the sender gets ICMP "fragmentation needed"
+    // (built here on its own), without DF the frame is dropped; a packet that just fits goes.
+    lb.set_ipip_mtu(200)?;
+    let big = packet(TCP, 40040, VIP_B, 443, &[0x42; 141]); // IP total 181: 201 with IPIP
+    fx.case(
+        &lb,
+        "ipip_too_big_with_df_answers_icmp_fragmentation_needed",
+        &big,
+        XdpVerdict::Tx,
+        &too_big_answer(&big, 180),
+    )?;
+    let mut big_no_df = big.clone();
+    big_no_df[20] = 0; // DF clear (the IP checksum is now stale: nobody reads it)
+    fx.case(
+        &lb,
+        "ipip_too_big_without_df_dropped",
+        &big_no_df,
+        XdpVerdict::Drop,
+        &big_no_df,
+    )?;
+    let fits = packet(TCP, 40041, VIP_B, 443, &[0x42; 140]); // IP total 180: 200 with IPIP
+    fx.case(
+        &lb,
+        "ipip_exactly_the_mtu_encapsulated",
+        &fits,
+        XdpVerdict::Tx,
+        &encapsulated(&fits, &routed),
+    )?;
+    ensure!(
+        (
+            lb.stat(LbStat::TooBigIcmp)?,
+            lb.stat(LbStat::TooBigDropped)?
+        ) == (1, 1),
+        "too-big counters"
+    );
+    lb.set_ipip_mtu(0)?;
 
     // On a routed backend: the IPIP frame of an IPIP VIP from a member loses its outer header
     // (the Ethernet header moves up) and goes to the kernel; any other IPIP frame passes as
@@ -1189,6 +1244,34 @@ fn ipip_routed() -> anyhow::Result<Outcome> {
         Ok(format!("UDP {udp_seen:?}, TCP {spread:?}"))
     })??;
     let routed = forwarded_datagrams(router)? - routed_before;
+
+    // A full-size TCP segment does not fit the 1500-byte MTU with IPIP's 20 bytes: the balancer
+    // answers ICMP "fragmentation needed" (MTU 1480), the client's TCP sends smaller segments,
+    // and a 4,000-byte line gets through. (The client sends wire-sized frames: no TSO/GSO.)
+    client
+        .netns()
+        .exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
+    lb.set_ipip_mtu(1500)?;
+    let long_line: String = "x".repeat(4000);
+    let echoed = client.netns().run(|| -> anyhow::Result<String> {
+        let mut c = connect(1)?.pop().context("a connection")?;
+        ask(&mut c, &long_line)
+    })??;
+    let icmp = lb.stat(LbStat::TooBigIcmp)?;
+    let cached = client
+        .netns()
+        .ip(&["route", "get", &E2E_VIP.to_string()])?
+        .replace('\n', " ");
+    println!(
+        "  a 4,000-byte line through IPIP on MTU 1500: answered by {echoed} after {icmp} ICMP \"fragmentation needed\"; the client's route: {}",
+        cached.trim()
+    );
+    ensure!(icmp >= 1, "no ICMP fragmentation needed was sent");
+    ensure!(
+        cached.contains("mtu 1480"),
+        "the client did not learn MTU 1480: {cached}"
+    );
+
     let udp = lb.vip_counters(udp_vip)?;
     let mut decapsulated = Vec::new();
     for b in &backend_lbs {

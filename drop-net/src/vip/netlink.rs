@@ -259,6 +259,18 @@ impl Netlink {
         })
     }
 
+    /// The MTU of interface `ifname`.
+    pub fn mtu(&mut self, ifname: &str) -> Result<u32, NetError> {
+        let link = self.link(ifname)?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .ok_or_else(|| NetError::Unsupported(format!("no MTU reported for {ifname}")))
+    }
+
     /// `addr`'s MAC on interface `index`, if the neighbour table has a usable entry.
     fn neighbour(&self, index: u32, addr: Ipv4Addr) -> Result<Option<Mac>, NetError> {
         let stream = self

@@ -450,6 +450,20 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
             }
         }
     }
+    // IPIP's limit: the MTU of the interface the balancer sends on, followed when it changes.
+    if let (Some(ifname), Some(net), Some(lb)) =
+        (st.interface.as_deref(), st.net.as_mut(), st.lb.as_mut())
+        && let Ok(mtu) = net.mtu(ifname)
+        && lb.ipip_mtu().ok() != Some(mtu)
+    {
+        match lb.set_ipip_mtu(mtu) {
+            Ok(()) => info!(
+                ifname,
+                mtu, "balancer: IPIP packets must fit this MTU with their outer header"
+            ),
+            Err(e) => warn!(ifname, mtu, error = %e, "balancer: cannot set the IPIP MTU"),
+        }
+    }
     for (vip, served) in &d.vips {
         let Some(p) = program(st.net.as_mut(), st.interface.as_deref(), d.me, served) else {
             warn!(vip = %vip.addr, port = vip.port, "balancer: IPIP needs this node's IPv4 address and the balancer's interface; not programmed");
@@ -661,6 +675,11 @@ fn status(st: &State) -> Value {
         "flows": lb.flow_count().unwrap_or(0),
         "local_vip": st.local.map(|v| v.to_string()),
         "decapsulated": lb.stat(drop_net::LbStat::Decapsulated).unwrap_or(0),
+        "ipip_mtu": lb.ipip_mtu().unwrap_or(0),
+        "too_big": {
+            "icmp": lb.stat(drop_net::LbStat::TooBigIcmp).unwrap_or(0),
+            "dropped": lb.stat(drop_net::LbStat::TooBigDropped).unwrap_or(0),
+        },
         "standby": lb.standby().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "decap_from": st.decap.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "vips": vips,
