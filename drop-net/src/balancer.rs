@@ -13,15 +13,15 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::TestRun as _;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapType, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, xdp::XdpLink, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
-    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, CONF_MAP, Conf, DECAP_MAP,
-    FLOWS_MAP, FlowKey, LB_PROGRAM, LB_STATS_MAP, LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES,
-    MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic, VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP,
-    VIPS_MAP, VipKey, VipMeta, VipStats,
+    BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, CONF_MAP, CONF_SLOTS, Conf,
+    DECAP_MAP, FLOWS_MAP, FlowKey, LB_PROGRAM, LB_STAT_SLOTS, LB_STATS_MAP, LbStat, MAX_BACKENDS,
+    MAX_DECAP_SOURCES, MAX_FLOWS, MAX_RINGS, MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic,
+    VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
 };
 use drop_common::maglev;
 use tracing::{info, warn};
@@ -159,6 +159,21 @@ impl Balancer {
         Ok(addrs.into_iter().collect())
     }
 
+    /// [`Balancer::open`], and when what is pinned in `dir` cannot be taken over (another
+    /// build's map layout), removes it and opens afresh: a node keeps balancing across such an
+    /// upgrade and loses only its connection table, once. `true` when it started afresh.
+    pub fn open_or_replace(dir: &Path) -> Result<(Balancer, bool), XdpError> {
+        match Balancer::open(dir) {
+            Ok(lb) => Ok((lb, false)),
+            Err(e) if dir.exists() => {
+                warn!(dir = %dir.display(), error = %e, "cannot take over the pinned balancer; removing it and starting afresh");
+                Balancer::remove_pinned(dir)?;
+                Ok((Balancer::open(dir)?, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Loads `drop_lb` with its maps pinned in `dir` (on a bpffs): maps already pinned there
     /// are reused with their contents — VIPs, rings, backends, the connection table — and the
     /// balancer's own bookkeeping is read back from them, so a restarted supervisor carries on
@@ -169,6 +184,7 @@ impl Balancer {
             dir: dir.to_path_buf(),
             source,
         })?;
+        check_pinned_layout(dir)?;
         let paths: Vec<(&'static str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -771,6 +787,65 @@ const PINNED_MAPS: [&str; 9] = [
     BACKEND_STATS_MAP,
     LB_STATS_MAP,
 ];
+/// Each pinned map's type, key size, value size and entries, as this build defines them
+/// (`drop_common::lb`). aya reuses a pinned map by name without comparing them, and the verifier
+/// only refuses a value too small for the program's reads; a map another build pinned with
+/// another layout must not be read as ours.
+fn expected_layout(name: &str) -> Option<(MapType, usize, usize, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        VIPS_MAP => (
+            MapType::Hash,
+            size_of::<VipKey>(),
+            size_of::<VipMeta>(),
+            MAX_VIPS,
+        ),
+        DECAP_MAP => (MapType::Hash, 4, 4, MAX_DECAP_SOURCES),
+        CONF_MAP => (MapType::Array, 4, 4, CONF_SLOTS),
+        RINGS_MAP => (MapType::Array, 4, 4, MAX_RINGS * RING_SIZE),
+        BACKENDS_MAP => (MapType::Array, 4, size_of::<Backend>(), MAX_BACKENDS),
+        FLOWS_MAP => (MapType::LruHash, size_of::<FlowKey>(), 4, MAX_FLOWS),
+        VIP_STATS_MAP => (MapType::PerCpuArray, 4, size_of::<VipStats>(), MAX_VIPS),
+        BACKEND_STATS_MAP => (MapType::PerCpuArray, 4, size_of::<Traffic>(), MAX_BACKENDS),
+        LB_STATS_MAP => (MapType::PerCpuArray, 4, 8, LB_STAT_SLOTS),
+        _ => return None,
+    })
+}
+
+/// Every map pinned in `dir` has this build's layout ([`expected_layout`]); maps not pinned
+/// yet are fine.
+fn check_pinned_layout(dir: &Path) -> Result<(), XdpError> {
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(map_err(name))?;
+        let Some((kind, key, value, entries)) = expected_layout(name) else {
+            continue;
+        };
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (Some(kind), key, value, entries) {
+            return Err(XdpError::PinnedLayout(format!(
+                "{} has another layout (type {:?}, key {} B, value {} B, {} entries; this build: {kind:?}, {key} B, {value} B, {entries})",
+                path.display(),
+                found.0,
+                found.1,
+                found.2,
+                found.3
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// File of the pinned XDP link in the pin folder.
 const LINK_PIN: &str = "link";
 /// The mode it was attached in (plain text).

@@ -69,6 +69,8 @@ pub enum XdpError {
     },
     #[error("pinning or taking over the balancer's XDP link: {0}")]
     Pin(String),
+    #[error("a pinned map of another build: {0}")]
+    PinnedLayout(String),
 }
 
 /// How the program is attached (`ip link set dev IF xdpgeneric|xdpdrv|xdp`).

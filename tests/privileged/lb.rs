@@ -31,6 +31,10 @@ pub const TESTS: &[Test] = &[
         name: "lb_service_port_balanced_on_the_namespace_vip",
         run: service_port,
     },
+    Test {
+        name: "lb_pins_of_another_layout_are_replaced",
+        run: foreign_pins,
+    },
 ];
 
 const TCP: u8 = 6;
@@ -1301,6 +1305,81 @@ fn ipip_routed() -> anyhow::Result<Outcome> {
     for s in servers {
         s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
     }
+    Ok(Outcome::Pass)
+}
+
+/// `bpf(BPF_MAP_CREATE)` of a hash map and `bpf(BPF_OBJ_PIN)` of it at `path`: a map as
+/// another build might have pinned it.
+fn pin_hash_map(path: &std::path::Path, key: u32, value: u32, entries: u32) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut attr = [0u8; 128];
+    for (at, v) in [(0, BPF_MAP_TYPE_HASH), (4, key), (8, value), (12, entries)] {
+        attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: `attr` is a zeroed `union bpf_attr` of the map-create layout, 128 bytes long.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut pin = [0u8; 128];
+    pin[..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above, of the object-pin layout; `c_path` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), pin.len()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    ensure!(r == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+    Ok(())
+}
+
+/// A pin folder holding a VIP map of another layout (a value 4 bytes longer, as a later build
+/// might have): `open` cannot take it over, `open_or_replace` removes it and starts afresh,
+/// and the fresh balancer works.
+fn foreign_pins() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root() {
+        return Ok(skip);
+    }
+    if let Err(XdpError::NotBuilt) = Balancer::load() {
+        return Ok(Outcome::Skip(XdpError::NotBuilt.to_string()));
+    }
+    let pins =
+        PinGuard(std::path::Path::new("/sys/fs/bpf").join(drop_tests::unique_name("droplb")));
+    std::fs::create_dir_all(&pins.0)?;
+    pin_hash_map(&pins.0.join(drop_common::lb::VIPS_MAP), 8, 20, 16)?;
+    let refused = Balancer::open(&pins.0);
+    ensure!(refused.is_err(), "a foreign VIP map was taken over");
+    println!(
+        "  open refused the foreign pins: {:#}",
+        anyhow::Error::from(refused.err().context("error")?)
+    );
+    let (mut lb, replaced) = Balancer::open_or_replace(&pins.0)?;
+    ensure!(replaced, "not reported as started afresh");
+    lb.set_vip(
+        vip(VIP_A, 80, TCP),
+        Forwarding::MacRewrite,
+        &[backend(11, 1)],
+    )?;
+    let syn = packet(TCP, 40050, VIP_A, 80, b"");
+    let run = lb.test_run(&syn, 1)?;
+    ensure!(
+        run.verdict == XdpVerdict::Tx && run.frame == rewritten(&syn, backend(11, 1).mac),
+        "the fresh balancer did not forward: {:?}",
+        run.verdict
+    );
+    drop(lb);
+    let (again, replaced) = Balancer::open_or_replace(&pins.0)?;
+    ensure!(
+        !replaced && again.vips().len() == 1,
+        "its own pins were not taken over"
+    );
+    println!("  open_or_replace started afresh, forwarded, and its own pins were then taken over");
     Ok(Outcome::Pass)
 }
 

@@ -343,7 +343,10 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
         last: None,
         holding: None,
     };
-    match Balancer::open(&settings.pin_dir) {
+    // Pins another build left (its map layout differed) cannot be taken over: start afresh
+    // rather than not balancing.
+    let opened = Balancer::open_or_replace(&settings.pin_dir).map(|(lb, _)| lb);
+    match opened {
         Ok(lb) => {
             for v in lb.vips() {
                 info!(vip = %v.addr, port = v.port, "balancer: serving from its pinned state");
