@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use drop_common::lb::{
-    self, Backend, CONF_SLOTS, Conf, FlowKey, LB_STAT_SLOTS, LbStat, MAX_BACKENDS,
+    self, Backend, CONF_SLOTS, Conf, FlowKey, FlowKey6, LB_STAT_SLOTS, LbStat, MAX_BACKENDS,
     MAX_DECAP_SOURCES, MAX_FLOWS, MAX_RINGS, MAX_VIPS, NO_BACKEND, Pass, RING_SIZE,
-    TOO_BIG_FRAME_LEN, Traffic, VIP_IPIP, VIP_STANDBY, VipKey, VipMeta, VipStats,
+    TOO_BIG_FRAME_LEN, Traffic, VIP_IPIP, VIP_STANDBY, VipKey, VipKey6, VipMeta, VipStats,
 };
 use drop_common::{
     Class, DstCount, DstKey, ETH_HLEN, ETH_P_IP, Frame, MAX_DESTINATIONS, STAT_SLOTS, Stat,
@@ -51,6 +51,12 @@ static LB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "DROP_LB_FLOWS")]
 static LB_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+#[map(name = "DROP_LB_VIPS6")]
+static LB_VIPS6: HashMap<VipKey6, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "DROP_LB_FLOWS6")]
+static LB_FLOWS6: LruHashMap<FlowKey6, u32> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
 #[map(name = "DROP_LB_VSTAT")]
 static LB_VSTATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
@@ -74,33 +80,90 @@ pub fn drop_lb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, ()> {
     lb_bump(LbStat::Frames);
-    let flow = match lb::parse(&Packet(ctx)) {
-        Ok(f) => f,
-        Err(Pass::Encapsulated) => return Ok(decapsulate(ctx)),
+    match lb::parse(&Packet(ctx)) {
+        Ok(flow) => {
+            // SAFETY: the value is copied out at once; no reference outlives this statement.
+            let Some(meta) = (unsafe { LB_VIPS.get(&flow.vip()) }).copied() else {
+                lb_bump(LbStat::NotVip);
+                return Ok(xdp_action::XDP_PASS);
+            };
+            Ok(forward(ctx, &meta, Flow::V4(&flow)))
+        }
+        Err(Pass::Encapsulated) => Ok(decapsulate(ctx)),
+        Err(Pass::NotIpv4) => match lb::parse6(&Packet(ctx)) {
+            Ok(flow) => {
+                // SAFETY: as above.
+                let Some(meta) = (unsafe { LB_VIPS6.get(&flow.vip()) }).copied() else {
+                    lb_bump(LbStat::NotVip);
+                    return Ok(xdp_action::XDP_PASS);
+                };
+                Ok(forward(ctx, &meta, Flow::V6(&flow)))
+            }
+            Err(pass) => {
+                lb_bump(pass.stat());
+                Ok(xdp_action::XDP_PASS)
+            }
+        },
         Err(pass) => {
             lb_bump(pass.stat());
-            return Ok(xdp_action::XDP_PASS);
+            Ok(xdp_action::XDP_PASS)
         }
-    };
-    // SAFETY: the value is copied out at once; no reference outlives this statement.
-    let Some(meta) = (unsafe { LB_VIPS.get(&flow.vip()) }).copied() else {
-        lb_bump(LbStat::NotVip);
-        return Ok(xdp_action::XDP_PASS);
-    };
+    }
+}
+
+/// A frame's flow, in the connection table of its family.
+enum Flow<'a> {
+    V4(&'a FlowKey),
+    V6(&'a FlowKey6),
+}
+
+impl Flow<'_> {
+    /// The backend slot the connection table holds for it.
+    #[inline(always)]
+    fn known(&self) -> Option<u32> {
+        // SAFETY (both): copied out at once.
+        match self {
+            Flow::V4(f) => unsafe { LB_FLOWS.get(*f) }.copied(),
+            Flow::V6(f) => unsafe { LB_FLOWS6.get(*f) }.copied(),
+        }
+    }
+
+    #[inline(always)]
+    fn ring_slot(&self) -> u32 {
+        match self {
+            Flow::V4(f) => f.ring_slot(),
+            Flow::V6(f) => f.ring_slot(),
+        }
+    }
+
+    /// Records its backend. The LRU evicts the oldest flow when full; a failed insert only
+    /// costs stickiness across a table change.
+    #[inline(always)]
+    fn record(&self, slot: u32) {
+        let _ = match self {
+            Flow::V4(f) => LB_FLOWS.insert(*f, &slot, 0),
+            Flow::V6(f) => LB_FLOWS6.insert(*f, &slot, 0),
+        };
+    }
+}
+
+/// A frame for a VIP: its backend from the connection table, else the VIP's ring (recorded),
+/// and out again (`XDP_TX`) — or to the kernel when the VIP is in standby or the backend is
+/// this node.
+#[inline(always)]
+fn forward(ctx: &XdpContext, meta: &VipMeta, flow: Flow<'_>) -> u32 {
     if meta.flags & VIP_STANDBY != 0 {
         // Another node holds the VIP: this frame was sent here by it (this node is a backend).
         lb_bump(LbStat::Standby);
-        return Ok(xdp_action::XDP_PASS);
+        return xdp_action::XDP_PASS;
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let vstats = LB_VSTATS.get_ptr_mut(meta.index);
     // The connection table first: an established flow stays with its backend while that
     // backend is present (drained or not).
-    // SAFETY: copied out at once.
-    let known = (unsafe { LB_FLOWS.get(&flow) }).copied();
     let mut slot = NO_BACKEND;
     let mut backend = None;
-    if let Some(s) = known
+    if let Some(s) = flow.known()
         && let Some(b) = LB_BACKENDS.get(s)
         && b.serves(meta.index)
     {
@@ -126,9 +189,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             Some(b) if b.serves(meta.index) => {
                 slot = s;
                 backend = Some(b);
-                // The LRU evicts the oldest flow when full; a failed insert only costs
-                // stickiness across a table change.
-                let _ = LB_FLOWS.insert(&flow, &s, 0);
+                flow.record(s);
                 if let Some(v) = vstats {
                     // SAFETY: as above.
                     unsafe { (*v).new_flows += 1 };
@@ -140,12 +201,12 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
                     unsafe { (*v).no_backend += 1 };
                 }
                 lb_bump(LbStat::NoBackend);
-                return Ok(xdp_action::XDP_DROP);
+                return xdp_action::XDP_DROP;
             }
         }
     }
     let Some(backend) = backend else {
-        return Ok(xdp_action::XDP_PASS);
+        return xdp_action::XDP_PASS;
     };
     if let Some(v) = vstats {
         // SAFETY: as above.
@@ -165,22 +226,25 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         // This node is the backend (it holds the VIP): its own kernel answers. (For an IPIP
         // VIP the loader gives this node's backend slot the interface's own MAC.)
         lb_bump(LbStat::Local);
-        return Ok(xdp_action::XDP_PASS);
+        return xdp_action::XDP_PASS;
     }
-    let sent = if meta.flags & VIP_IPIP != 0 {
-        if let Some(verdict) = too_big_for_ipip(ctx) {
-            return Ok(verdict);
+    let sent = match (meta.flags & VIP_IPIP != 0, &flow) {
+        (true, Flow::V4(_)) => {
+            if let Some(verdict) = too_big_for_ipip(ctx) {
+                return verdict;
+            }
+            encapsulate(ctx, &backend, meta)
         }
-        encapsulate(ctx, &backend, &meta)
-    } else {
-        rewrite_macs(ctx, &backend)
+        // IPv6 VIPs are forwarded by MAC rewrite only (the loader refuses IPIP for them).
+        (true, Flow::V6(_)) => Err(()),
+        (false, _) => rewrite_macs(ctx, &backend),
     };
     if sent.is_err() {
         lb_bump(LbStat::NoBackend);
-        return Ok(xdp_action::XDP_DROP);
+        return xdp_action::XDP_DROP;
     }
     lb_bump(LbStat::Forwarded);
-    Ok(xdp_action::XDP_TX)
+    xdp_action::XDP_TX
 }
 
 /// Whether the backend is this node: the frame already goes to its MAC.

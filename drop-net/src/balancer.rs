@@ -9,7 +9,7 @@
 //! present. Dropping the balancer detaches and unloads the program (the kernel frees the maps).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use aya::TestRun as _;
@@ -19,31 +19,46 @@ use aya::programs::{Xdp, xdp::XdpLink, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader, TestRunOptions};
 use drop_common::lb::{
     BACKEND_PRESENT, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, CONF_MAP, CONF_SLOTS, Conf,
-    DECAP_MAP, FLOWS_MAP, FlowKey, LB_PROGRAM, LB_STAT_SLOTS, LB_STATS_MAP, LbStat, MAX_BACKENDS,
-    MAX_DECAP_SOURCES, MAX_FLOWS, MAX_RINGS, MAX_VIPS, NO_BACKEND, RING_SIZE, RINGS_MAP, Traffic,
-    VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP, VIPS_MAP, VipKey, VipMeta, VipStats,
+    DECAP_MAP, FLOWS_MAP, FLOWS6_MAP, FlowKey, FlowKey6, LB_PROGRAM, LB_STAT_SLOTS, LB_STATS_MAP,
+    LbStat, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_FLOWS, MAX_RINGS, MAX_VIPS, NO_BACKEND, RING_SIZE,
+    RINGS_MAP, Traffic, VIP_IPIP, VIP_STANDBY, VIP_STATS_MAP, VIPS_MAP, VIPS6_MAP, VipKey, VipKey6,
+    VipMeta, VipStats,
 };
 use drop_common::maglev;
 use tracing::{info, warn};
 
 use crate::counter::{OBJECT, XdpError, XdpMode, XdpVerdict};
 
-/// A VIP:port:proto the balancer serves.
+/// A VIP:port:proto the balancer serves (IPv4 or IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LbVip {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// 6 (TCP) or 17 (UDP).
     pub proto: u8,
 }
 
+/// A VIP's key in the map of its family.
+enum Key {
+    V4(VipKey),
+    V6(VipKey6),
+}
+
 impl LbVip {
-    fn key(&self) -> VipKey {
-        VipKey {
-            addr: self.addr.octets(),
-            port: self.port,
-            proto: self.proto,
-            _pad: 0,
+    fn key(&self) -> Key {
+        match self.addr {
+            IpAddr::V4(a) => Key::V4(VipKey {
+                addr: a.octets(),
+                port: self.port,
+                proto: self.proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => Key::V6(VipKey6 {
+                addr: a.octets(),
+                port: self.port,
+                proto: self.proto,
+                _pad: 0,
+            }),
         }
     }
 }
@@ -107,7 +122,7 @@ pub struct Balancer {
     /// (VIP index, backend address) → its slot: slots are per VIP.
     slots: BTreeMap<(u32, Ipv4Addr), u32>,
     /// VIP addresses this node does not hold now ([`Balancer::set_standby`]).
-    standby: BTreeSet<Ipv4Addr>,
+    standby: BTreeSet<IpAddr>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -147,12 +162,12 @@ impl Balancer {
     /// as it is: for a supervisor that died holding the floating IP, so that its still-attached
     /// program passes (instead of balancing again) what the new holder sends this node. The
     /// addresses put in standby; nothing pinned there is fine.
-    pub fn standby_pinned(dir: &Path) -> Result<Vec<Ipv4Addr>, XdpError> {
+    pub fn standby_pinned(dir: &Path) -> Result<Vec<IpAddr>, XdpError> {
         if !dir.join(VIPS_MAP).exists() {
             return Ok(Vec::new());
         }
         let mut lb = Balancer::open(dir)?;
-        let addrs: BTreeSet<Ipv4Addr> = lb.vips().iter().map(|v| v.addr).collect();
+        let addrs: BTreeSet<IpAddr> = lb.vips().iter().map(|v| v.addr).collect();
         for a in &addrs {
             lb.set_standby(*a, true)?;
         }
@@ -198,20 +213,44 @@ impl Balancer {
 
     /// Rebuilds the bookkeeping from the (pinned) maps.
     fn restore(&mut self) -> Result<(), XdpError> {
-        let map = self.ebpf.map(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
-        let vips =
-            HashMap::<&MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
-        for entry in vips.iter() {
-            let (k, meta) = entry.map_err(map_err(VIPS_MAP))?;
+        let mut found: Vec<(LbVip, VipMeta)> = Vec::new();
+        {
+            let map = self.ebpf.map(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+            let vips =
+                HashMap::<&MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
+            for entry in vips.iter() {
+                let (k, meta) = entry.map_err(map_err(VIPS_MAP))?;
+                let addr = IpAddr::from(k.addr);
+                found.push((
+                    LbVip {
+                        addr,
+                        port: k.port,
+                        proto: k.proto,
+                    },
+                    meta,
+                ));
+            }
+            let map = self.ebpf.map(VIPS6_MAP).ok_or(missing_map(VIPS6_MAP))?;
+            let vips =
+                HashMap::<&MapData, VipKey6, VipMeta>::try_from(map).map_err(map_err(VIPS6_MAP))?;
+            for entry in vips.iter() {
+                let (k, meta) = entry.map_err(map_err(VIPS6_MAP))?;
+                found.push((
+                    LbVip {
+                        addr: IpAddr::from(k.addr),
+                        port: k.port,
+                        proto: k.proto,
+                    },
+                    meta,
+                ));
+            }
+        }
+        for (vip, meta) in found {
             if meta.flags & VIP_STANDBY != 0 {
-                self.standby.insert(Ipv4Addr::from(k.addr));
+                self.standby.insert(vip.addr);
             }
             self.vips.insert(
-                LbVip {
-                    addr: Ipv4Addr::from(k.addr),
-                    port: k.port,
-                    proto: k.proto,
-                },
+                vip,
                 VipState {
                     index: meta.index,
                     ring: meta.ring,
@@ -400,6 +439,12 @@ impl Balancer {
         forwarding: Forwarding,
         backends: &[LbBackend],
     ) -> Result<(), XdpError> {
+        if vip.addr.is_ipv6() && matches!(forwarding, Forwarding::Ipip { .. }) {
+            return Err(XdpError::Unsupported(format!(
+                "IPIP for the IPv6 VIP {}:{} (IPv6 VIPs are forwarded by MAC rewrite)",
+                vip.addr, vip.port
+            )));
+        }
         let (index, ring) = match self.vips.get(&vip) {
             Some(s) => (s.index, s.ring),
             None => {
@@ -482,27 +527,33 @@ impl Balancer {
         if self.standby.contains(&vip.addr) {
             flags |= VIP_STANDBY;
         }
-        let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
-        let mut vips =
-            HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
-        vips.insert(
-            vip.key(),
-            VipMeta {
-                ring,
-                index,
-                flags,
-                ipip_src,
-            },
-            0,
-        )
-        .map_err(map_err(VIPS_MAP))
+        let meta = VipMeta {
+            ring,
+            index,
+            flags,
+            ipip_src,
+        };
+        match vip.key() {
+            Key::V4(k) => {
+                let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+                HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map)
+                    .and_then(|mut m| m.insert(k, meta, 0))
+                    .map_err(map_err(VIPS_MAP))
+            }
+            Key::V6(k) => {
+                let map = self.ebpf.map_mut(VIPS6_MAP).ok_or(missing_map(VIPS6_MAP))?;
+                HashMap::<&mut MapData, VipKey6, VipMeta>::try_from(map)
+                    .and_then(|mut m| m.insert(k, meta, 0))
+                    .map_err(map_err(VIPS6_MAP))
+            }
+        }
     }
 
     /// Whether this node holds VIP address `addr` now. Not holding it (`standby`), its VIP:ports
     /// stay programmed (ring, backends, connection table) but their frames go to the kernel: on
     /// a node that is also a backend, the frames the holder sent. Taking the address over flips
     /// one map entry per VIP:port. A new balancer holds every address until told otherwise.
-    pub fn set_standby(&mut self, addr: Ipv4Addr, standby: bool) -> Result<(), XdpError> {
+    pub fn set_standby(&mut self, addr: IpAddr, standby: bool) -> Result<(), XdpError> {
         let changed = if standby {
             self.standby.insert(addr)
         } else {
@@ -545,7 +596,7 @@ impl Balancer {
     }
 
     /// The VIP addresses in standby.
-    pub fn standby(&self) -> &BTreeSet<Ipv4Addr> {
+    pub fn standby(&self) -> &BTreeSet<IpAddr> {
         &self.standby
     }
 
@@ -596,12 +647,23 @@ impl Balancer {
         if self.vips.remove(&vip).is_none() {
             return Ok(());
         }
-        let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
-        let mut vips =
-            HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map).map_err(map_err(VIPS_MAP))?;
-        match vips.remove(&vip.key()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(VIPS_MAP)(e)),
+        let removed = match vip.key() {
+            Key::V4(k) => {
+                let map = self.ebpf.map_mut(VIPS_MAP).ok_or(missing_map(VIPS_MAP))?;
+                HashMap::<&mut MapData, VipKey, VipMeta>::try_from(map)
+                    .and_then(|mut m| m.remove(&k))
+                    .map_err(|e| (VIPS_MAP, e))
+            }
+            Key::V6(k) => {
+                let map = self.ebpf.map_mut(VIPS6_MAP).ok_or(missing_map(VIPS6_MAP))?;
+                HashMap::<&mut MapData, VipKey6, VipMeta>::try_from(map)
+                    .and_then(|mut m| m.remove(&k))
+                    .map_err(|e| (VIPS6_MAP, e))
+            }
+        };
+        match removed {
+            Ok(()) | Err((_, aya::maps::MapError::KeyNotFound)) => {}
+            Err((name, e)) => return Err(map_err(name)(e)),
         }
         self.release_unused_backends()
     }
@@ -659,11 +721,17 @@ impl Balancer {
         }
     }
 
-    /// Entries in the connection table.
+    /// Entries in the connection tables (IPv4 and IPv6).
     pub fn flow_count(&self) -> Result<usize, XdpError> {
         let map = self.ebpf.map(FLOWS_MAP).ok_or(missing_map(FLOWS_MAP))?;
         let flows = HashMap::<&MapData, FlowKey, u32>::try_from(map).map_err(map_err(FLOWS_MAP))?;
-        Ok(flows.keys().filter(Result::is_ok).count())
+        let map = self.ebpf.map(FLOWS6_MAP).ok_or(missing_map(FLOWS6_MAP))?;
+        let flows6 =
+            HashMap::<&MapData, FlowKey6, u32>::try_from(map).map_err(map_err(FLOWS6_MAP))?;
+        Ok(
+            flows.keys().filter(Result::is_ok).count()
+                + flows6.keys().filter(Result::is_ok).count(),
+        )
     }
 
     /// One global counter, summed over CPUs.
@@ -776,8 +844,10 @@ impl Drop for Balancer {
 }
 
 /// The maps pinned by [`Balancer::open`].
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 11] = [
     VIPS_MAP,
+    VIPS6_MAP,
+    FLOWS6_MAP,
     DECAP_MAP,
     CONF_MAP,
     RINGS_MAP,
@@ -805,6 +875,13 @@ fn expected_layout(name: &str) -> Option<(MapType, usize, usize, u32)> {
         RINGS_MAP => (MapType::Array, 4, 4, MAX_RINGS * RING_SIZE),
         BACKENDS_MAP => (MapType::Array, 4, size_of::<Backend>(), MAX_BACKENDS),
         FLOWS_MAP => (MapType::LruHash, size_of::<FlowKey>(), 4, MAX_FLOWS),
+        VIPS6_MAP => (
+            MapType::Hash,
+            size_of::<VipKey6>(),
+            size_of::<VipMeta>(),
+            MAX_VIPS,
+        ),
+        FLOWS6_MAP => (MapType::LruHash, size_of::<FlowKey6>(), 4, MAX_FLOWS),
         VIP_STATS_MAP => (MapType::PerCpuArray, 4, size_of::<VipStats>(), MAX_VIPS),
         BACKEND_STATS_MAP => (MapType::PerCpuArray, 4, size_of::<Traffic>(), MAX_BACKENDS),
         LB_STATS_MAP => (MapType::PerCpuArray, 4, 8, LB_STAT_SLOTS),

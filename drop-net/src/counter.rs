@@ -71,6 +71,8 @@ pub enum XdpError {
     Pin(String),
     #[error("a pinned map of another build: {0}")]
     PinnedLayout(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 /// How the program is attached (`ip link set dev IF xdpgeneric|xdpdrv|xdp`).

@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let vip = LbVip {
-        addr: Ipv4Addr::from(VIP),
+        addr: Ipv4Addr::from(VIP).into(),
         port: 80,
         proto: 6,
     };
@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
 
     // IPIP: a table hit encapsulated; and on a backend, the outer header taken off.
     let ipip_vip = LbVip {
-        addr: Ipv4Addr::from(IPIP_VIP),
+        addr: Ipv4Addr::from(IPIP_VIP).into(),
         port: 80,
         proto: 6,
     };
@@ -493,7 +493,7 @@ fn end_to_end(secs: Duration) -> anyhow::Result<Vec<Row>> {
         let mut lb = Balancer::load()?;
         lb.set_vip(
             LbVip {
-                addr: E2E_VIP,
+                addr: E2E_VIP.into(),
                 port: E2E_PORT,
                 proto: 17,
             },

@@ -3,7 +3,7 @@
 //! testing its XDP program), plus the counters and the connection table behind them.
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,6 +26,10 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "lb_ipip_to_routed_backends_through_a_router",
         run: ipip_routed,
+    },
+    Test {
+        name: "lb_ipv6_vip_end_to_end_dsr_and_backend_removal",
+        run: ipv6_end_to_end,
     },
     Test {
         name: "lb_service_port_balanced_on_the_namespace_vip",
@@ -122,6 +126,62 @@ fn packet(proto: u8, sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Ve
     eth(LB_MAC, CLIENT_MAC, 0x0800, &ip)
 }
 
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+const VIP6_A: [u8; 16] = [0xfd, 0, 0, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// A client's TCP or UDP frame over IPv6 to `[dst]:dport`, after a chain of `ext` extension
+/// headers (next-header values; each 8 bytes long).
+fn packet6(
+    proto: u8,
+    sport: u16,
+    dst: [u8; 16],
+    dport: u16,
+    payload: &[u8],
+    ext: &[u8],
+) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&sport.to_be_bytes());
+    seg.extend_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        seg.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        seg.extend_from_slice(&[0, 0]);
+    }
+    seg.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&CLIENT6);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    let c = !(sum16(&seg, sum16(&pseudo, 0)) as u16);
+    let at = if proto == TCP { 16 } else { 6 };
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    // Extension headers: each names the next; the last names the transport.
+    let mut chain = Vec::new();
+    for (i, _) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).copied().unwrap_or(proto);
+        chain.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let first = ext.first().copied().unwrap_or(proto);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&((chain.len() + seg.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[first, 64]);
+    ip.extend_from_slice(&CLIENT6);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(&chain);
+    ip.extend_from_slice(&seg);
+    eth(LB_MAC, CLIENT_MAC, 0x86dd, &ip)
+}
+
+fn vip6(addr: [u8; 16], port: u16, proto: u8) -> LbVip {
+    LbVip {
+        addr: Ipv6Addr::from(addr).into(),
+        port,
+        proto,
+    }
+}
+
 /// `frame` as the MAC rewrite leaves it: to `mac`, from the balancer's MAC; nothing else.
 fn rewritten(frame: &[u8], mac: [u8; 6]) -> Vec<u8> {
     let mut f = frame.to_vec();
@@ -180,7 +240,7 @@ fn flow(proto: u8, sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
 
 fn vip(addr: [u8; 4], port: u16, proto: u8) -> LbVip {
     LbVip {
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         proto,
     }
@@ -368,7 +428,7 @@ fn fixtures() -> anyhow::Result<Outcome> {
     v6.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 8, 0, 0]);
     fx.passes(
         &lb,
-        "ipv6_passes_not_balanced_yet",
+        "ipv6_to_no_vip_passes",
         &eth(LB_MAC, CLIENT_MAC, 0x86dd, &v6),
     )?;
     let mut vlan = packet(TCP, 40008, VIP_A, 80, b"");
@@ -672,12 +732,75 @@ fn fixtures() -> anyhow::Result<Outcome> {
         300 - moved
     );
 
+    // IPv6 VIPs: the same rules, their own connection table; extension headers and fragments
+    // pass; IPIP is refused for them.
+    lb.set_vip(vip6(VIP6_A, 80, TCP), Forwarding::MacRewrite, &[b1])?;
+    lb.set_vip(vip6(VIP6_A, 53, UDP), Forwarding::MacRewrite, &[b2])?;
+    let syn6 = packet6(TCP, 40060, VIP6_A, 80, b"", &[]);
+    fx.case(
+        &lb,
+        "ipv6_tcp_syn_new_flow_mac_rewrite",
+        &syn6,
+        XdpVerdict::Tx,
+        &rewritten(&syn6, b1.mac),
+    )?;
+    fx.case(
+        &lb,
+        "ipv6_tcp_conn_table_hit",
+        &syn6,
+        XdpVerdict::Tx,
+        &rewritten(&syn6, b1.mac),
+    )?;
+    let c6 = lb.vip_counters(vip6(VIP6_A, 80, TCP))?;
+    ensure!(
+        (c6.new_flows, c6.conn_hits) == (1, 1),
+        "IPv6 counters {c6:?}"
+    );
+    let dns6 = packet6(UDP, 40061, VIP6_A, 53, b"q", &[]);
+    fx.case(
+        &lb,
+        "ipv6_udp_new_flow",
+        &dns6,
+        XdpVerdict::Tx,
+        &rewritten(&dns6, b2.mac),
+    )?;
+    fx.passes(
+        &lb,
+        "ipv6_hop_by_hop_header_passes",
+        &packet6(TCP, 40062, VIP6_A, 80, b"", &[0]),
+    )?;
+    fx.passes(
+        &lb,
+        "ipv6_fragment_header_passes",
+        &packet6(UDP, 40063, VIP6_A, 53, b"q", &[44]),
+    )?;
+    fx.passes(&lb, "ipv6_truncated_before_the_ports", &syn6[..14 + 40 + 2])?;
+    fx.passes(
+        &lb,
+        "ipv6_vip_other_port_passes",
+        &packet6(TCP, 40064, VIP6_A, 81, b"", &[]),
+    )?;
+    lb.set_standby(Ipv6Addr::from(VIP6_A).into(), true)?;
+    fx.passes(&lb, "ipv6_standby_vip_passes", &syn6)?;
+    lb.set_standby(Ipv6Addr::from(VIP6_A).into(), false)?;
+    ensure!(
+        lb.set_vip(
+            vip6(VIP6_A, 443, TCP),
+            Forwarding::Ipip {
+                source: Ipv4Addr::from(IPIP_SRC)
+            },
+            &[b1]
+        )
+        .is_err(),
+        "IPIP accepted for an IPv6 VIP"
+    );
+
     // Another node holds VIP_A: its frames (the holder's, to this node as a backend) go to the
     // kernel, the connection table untouched; holding it again, the same flow goes to b1.
-    lb.set_standby(Ipv4Addr::from(VIP_A), true)?;
+    lb.set_standby(Ipv4Addr::from(VIP_A).into(), true)?;
     fx.passes(&lb, "standby_vip_passes_to_the_kernel", &syn)?;
-    ensure!(lb.stat(LbStat::Standby)? == 1, "standby not counted");
-    lb.set_standby(Ipv4Addr::from(VIP_A), false)?;
+    ensure!(lb.stat(LbStat::Standby)? == 2, "standby not counted");
+    lb.set_standby(Ipv4Addr::from(VIP_A).into(), false)?;
     fx.case(
         &lb,
         "held_again_vip_keeps_its_flows",
@@ -712,9 +835,14 @@ const UDP_PORT: u16 = 7001;
 /// A backend's echo servers on the VIP: TCP answers every line with `<name> <line>`, UDP every
 /// datagram with `<name>`. They stop when `stop` is set.
 fn serve(name: String, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind((E2E_VIP, TCP_PORT))?;
+    serve_on(E2E_VIP.into(), name, stop)
+}
+
+/// [`serve`] on VIP `vip`.
+fn serve_on(vip: IpAddr, name: String, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let tcp = TcpListener::bind((vip, TCP_PORT))?;
     tcp.set_nonblocking(true)?;
-    let udp = UdpSocket::bind((E2E_VIP, UDP_PORT))?;
+    let udp = UdpSocket::bind((vip, UDP_PORT))?;
     udp.set_read_timeout(Some(Duration::from_millis(20)))?;
     let mut buf = [0u8; 512];
     while !stop.load(Ordering::Relaxed) {
@@ -771,13 +899,16 @@ fn ask(c: &mut Conn, what: &str) -> anyhow::Result<String> {
 }
 
 fn connect(n: usize) -> anyhow::Result<Vec<Conn>> {
+    connect_to(E2E_VIP.into(), n)
+}
+
+/// [`connect`] to VIP `vip`.
+fn connect_to(vip: IpAddr, n: usize) -> anyhow::Result<Vec<Conn>> {
     let mut out = Vec::new();
     for i in 0..n {
-        let s = TcpStream::connect_timeout(
-            &SocketAddr::from((E2E_VIP, TCP_PORT)),
-            Duration::from_secs(2),
-        )
-        .with_context(|| format!("connection {i} to the VIP"))?;
+        let s =
+            TcpStream::connect_timeout(&SocketAddr::from((vip, TCP_PORT)), Duration::from_secs(2))
+                .with_context(|| format!("connection {i} to the VIP"))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut c = Conn {
             reader: BufReader::new(s.try_clone()?),
@@ -841,12 +972,12 @@ fn end_to_end() -> anyhow::Result<Outcome> {
         }));
     }
     let tcp_vip = LbVip {
-        addr: E2E_VIP,
+        addr: E2E_VIP.into(),
         port: TCP_PORT,
         proto: TCP,
     };
     let udp_vip = LbVip {
-        addr: E2E_VIP,
+        addr: E2E_VIP.into(),
         port: UDP_PORT,
         proto: UDP,
     };
@@ -1022,9 +1153,15 @@ fn end_to_end() -> anyhow::Result<Outcome> {
     // VIPs in standby: the still-attached program passes the VIP's frames to the kernel.
     drop(lb_b);
     let put = Balancer::standby_pinned(&pins.0)?;
-    ensure!(put == vec![E2E_VIP], "put in standby: {put:?}");
+    ensure!(
+        put == vec![IpAddr::from(E2E_VIP)],
+        "put in standby: {put:?}"
+    );
     let again = Balancer::open(&pins.0)?;
-    ensure!(again.standby().contains(&E2E_VIP), "standby not kept");
+    ensure!(
+        again.standby().contains(&E2E_VIP.into()),
+        "standby not kept"
+    );
     let standby_before = again.stat(LbStat::Standby)?;
     client.netns().run(|| -> anyhow::Result<()> {
         let s = UdpSocket::bind((client.addr(), 0))?;
@@ -1050,6 +1187,158 @@ fn end_to_end() -> anyhow::Result<Outcome> {
     ensure!(!pins.0.exists(), "pins left");
     println!("  removed: no XDP program on B's eth0, no pin left");
 
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    }
+    Ok(Outcome::Pass)
+}
+
+// ---- IPv6: the same as end to end, on an IPv6 VIP ----------------------------------------------
+
+const E2E_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0xc8);
+
+/// Host `i`'s IPv6 address on the bridge.
+fn addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// A client, a balancer and three backends holding an IPv6 VIP on `lo`: TCP and UDP to the
+/// VIP reach all three and are answered straight from them; a backend taken out ends only its
+/// own connections.
+fn ipv6_end_to_end() -> anyhow::Result<Outcome> {
+    if let Some(skip) = require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("sysctl"))
+    {
+        return Ok(skip);
+    }
+    let mut lb = match Balancer::load() {
+        Ok(lb) => lb,
+        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
+        Err(e) => return Err(e).context("loading drop_lb"),
+    };
+    let bridge = Bridge::new(5)?;
+    let (client, balancer) = (bridge.host(0), bridge.host(1));
+    for (i, h) in bridge.hosts().iter().enumerate() {
+        h.netns().ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", addr6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    // IPv6 is up once no address is tentative any more (the link-local ones run DAD).
+    drop_tests::cluster::wait_for(Duration::from_secs(5), "IPv6 addresses past DAD", || {
+        for h in bridge.hosts() {
+            let t = h.netns().ip(&["-6", "addr", "show", "tentative"])?;
+            ensure!(t.trim().is_empty(), "tentative: {t}");
+        }
+        Ok(())
+    })?;
+    let vip: IpAddr = E2E_VIP6.into();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    for i in 2..5 {
+        let h = bridge.host(i);
+        h.netns().ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{E2E_VIP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
+        backends.push(LbBackend {
+            id: 3000 + i as u64,
+            addr: h.addr(),
+            mac: h.mac().0,
+            weight: 1,
+        });
+        servers.push(h.netns().spawn({
+            let (name, stop) = (format!("b{i}"), stop.clone());
+            move || serve_on(vip, name, stop)
+        }));
+    }
+    let tcp_vip = LbVip {
+        addr: vip,
+        port: TCP_PORT,
+        proto: TCP,
+    };
+    let udp_vip = LbVip {
+        addr: vip,
+        port: UDP_PORT,
+        proto: UDP,
+    };
+    lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
+    lb.set_vip(udp_vip, Forwarding::MacRewrite, &backends)?;
+    let mode = balancer
+        .netns()
+        .run(|| lb.attach("eth0", XdpMode::Generic))??;
+    client.netns().ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{E2E_VIP6}/128"),
+        "via",
+        &addr6(1).to_string(),
+    ])?;
+    std::thread::sleep(Duration::from_millis(200));
+    let (result, mut conns) = client.netns().run(|| -> anyhow::Result<_> {
+        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..60 {
+            let s = UdpSocket::bind((addr6(0), 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q", (E2E_VIP6, UDP_PORT))?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
+            ensure!(from.ip() == vip, "UDP answer from {from}");
+            *udp_seen
+                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
+                .or_default() += 1;
+        }
+        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        let conns = connect_to(vip, 30)?;
+        let mut spread = std::collections::BTreeMap::<String, usize>::new();
+        for c in &conns {
+            *spread.entry(c.backend.clone()).or_default() += 1;
+        }
+        ensure!(spread.len() == 3, "TCP reached {spread:?}");
+        Ok((format!("UDP {udp_seen:?}, TCP {spread:?}"), conns))
+    })??;
+    let udp = lb.vip_counters(udp_vip)?;
+    println!(
+        "  {mode} XDP, IPv6 VIP {E2E_VIP6}: 60 datagrams and 30 connections: {result}; the balancer saw {} UDP packets",
+        udp.packets
+    );
+    ensure!(
+        udp.packets == 60,
+        "balancer saw {} UDP packets for 60 requests (replies must bypass it)",
+        udp.packets
+    );
+    // b2 taken out: only its connections end.
+    lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
+    let (kept, lost) = client.netns().run(|| {
+        let (mut kept, mut lost) = (0, 0);
+        for c in conns.iter_mut() {
+            match ask(c, "again") {
+                Ok(who) if who == c.backend => kept += 1,
+                Ok(who) => anyhow::bail!("a connection of {} was answered by {who}", c.backend),
+                Err(_) => {
+                    ensure!(c.backend == "b2", "a connection to {} broke", c.backend);
+                    lost += 1;
+                }
+            }
+        }
+        anyhow::Ok((kept, lost))
+    })??;
+    println!("  b2 taken out: {kept} connections on b3/b4 kept working, {lost} on b2 ended");
+    ensure!(kept > 0, "no connection kept");
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
@@ -1118,12 +1407,12 @@ fn ipip_routed() -> anyhow::Result<Outcome> {
         .ip(&["route", "add", "10.202.0.0/24", "via", "10.201.0.1"])?;
     let source = balancer.addr();
     let tcp_vip = LbVip {
-        addr: E2E_VIP,
+        addr: E2E_VIP.into(),
         port: TCP_PORT,
         proto: TCP,
     };
     let udp_vip = LbVip {
-        addr: E2E_VIP,
+        addr: E2E_VIP.into(),
         port: UDP_PORT,
         proto: UDP,
     };

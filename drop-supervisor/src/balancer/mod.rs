@@ -50,7 +50,7 @@ pub struct LbSettings {
 pub struct Desired {
     pub vips: BTreeMap<LbVip, Served>,
     /// The VIP this node must hold on `lo` (it runs an instance of a balanced service).
-    pub local_vip: Option<Ipv4Addr>,
+    pub local_vip: Option<IpAddr>,
     /// Another member's address: the balancer attaches to the interface that reaches it.
     pub towards: Option<Ipv4Addr>,
     /// This node's own address: the outer source of its IPIP frames.
@@ -96,7 +96,7 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// This node's balancer, from its namespace's view and the nodes (pure).
 pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
     let mut out = Desired::default();
-    let Some(vip) = ns.vip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+    let Some(vip) = ns.vip.as_deref().and_then(|v| v.parse::<IpAddr>().ok()) else {
         return out;
     };
     out.towards = nodes
@@ -188,7 +188,11 @@ pub fn desired(ns: &NsView, nodes: &[NodeView], me: &str) -> Desired {
         .iter()
         .filter(|n| n.state.is_up() && members.contains(n.name.as_str()))
     {
-        let Some(gw) = n.gateway.filter(|g| g.ip().is_unspecified()) else {
+        // (An IPv6 VIP needs a gateway on `[::]`: one on `0.0.0.0` takes no IPv6.)
+        let Some(gw) = n
+            .gateway
+            .filter(|g| g.ip().is_unspecified() && (vip.is_ipv4() || g.is_ipv6()))
+        else {
             continue;
         };
         let (IpAddr::V4(addr), Some(mac)) = (n.addr.ip(), n.mac.as_deref().and_then(parse_mac))
@@ -302,13 +306,13 @@ struct State {
     applied: BTreeMap<LbVip, Programmed>,
     interface: Option<String>,
     mode: Option<XdpMode>,
-    local: Option<Ipv4Addr>,
+    local: Option<IpAddr>,
     decap: BTreeSet<Ipv4Addr>,
     net: Option<drop_net::Netlink>,
     /// The last desired state: applied again on the timer (next hops).
     last: Option<Desired>,
     /// The floating address this node holds, once the agent has said (`Some(None)`: none).
-    holding: Option<Option<Ipv4Addr>>,
+    holding: Option<Option<IpAddr>>,
 }
 
 /// What a VIP:port is programmed with: the backends as the XDP program has them (for IPIP with
@@ -384,10 +388,7 @@ fn run(settings: LbSettings, rx: mpsc::Receiver<Msg>) {
         match msg {
             Some(Msg::Desired(d)) => apply(&mut st, &settings, *d),
             Some(Msg::Holding(addr)) => {
-                st.holding = Some(match addr {
-                    Some(IpAddr::V4(a)) => Some(a),
-                    _ => None,
-                });
+                st.holding = Some(addr);
                 set_standby(&mut st);
             }
             None => {
@@ -468,8 +469,13 @@ fn apply(st: &mut State, settings: &LbSettings, d: Desired) {
         }
     }
     for (vip, served) in &d.vips {
-        let Some(p) = program(st.net.as_mut(), st.interface.as_deref(), d.me, served) else {
-            warn!(vip = %vip.addr, port = vip.port, "balancer: IPIP needs this node's IPv4 address and the balancer's interface; not programmed");
+        let program = if vip.addr.is_ipv6() && served.forward == Forward::Ipip {
+            None
+        } else {
+            program(st.net.as_mut(), st.interface.as_deref(), d.me, served)
+        };
+        let Some(p) = program else {
+            warn!(vip = %vip.addr, port = vip.port, "balancer: IPIP needs an IPv4 VIP, this node's IPv4 address and the balancer's interface; not programmed");
             continue;
         };
         let Some(lb) = st.lb.as_mut() else {
@@ -517,7 +523,7 @@ fn set_standby(st: &mut State) {
     let (Some(holding), Some(lb)) = (st.holding, st.lb.as_mut()) else {
         return;
     };
-    let addrs: BTreeSet<Ipv4Addr> = lb
+    let addrs: BTreeSet<IpAddr> = lb
         .vips()
         .iter()
         .map(|v| v.addr)
@@ -621,11 +627,11 @@ fn program(
     Some(p)
 }
 
-fn lo_vip(addr: Ipv4Addr) -> Vip {
+fn lo_vip(addr: IpAddr) -> Vip {
     Vip {
         ifname: "lo".into(),
-        addr: IpAddr::V4(addr),
-        prefix: 32,
+        addr,
+        prefix: if addr.is_ipv4() { 32 } else { 128 },
     }
 }
 
@@ -933,6 +939,33 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_vips_gateway_port_needs_gateways_on_the_ipv6_any_address() {
+        let mut nodes: Vec<NodeView> = (0..2).map(|i| node(i, MemberState::Alive)).collect();
+        nodes[0].gateway = Some("0.0.0.0:8081".parse().unwrap());
+        nodes[1].gateway = Some("[::]:8081".parse().unwrap());
+        let mut view = ns(Some("fd00::64"), Vec::new(), None);
+        view.members = (0..2)
+            .map(|i| crate::cluster::node::NsMember {
+                id: nodes[i].id.clone(),
+                name: nodes[i].name.clone(),
+                state: MemberState::Alive,
+            })
+            .collect();
+        let d = desired(&view, &nodes, "n0");
+        let gw = LbVip {
+            addr: "fd00::64".parse().unwrap(),
+            port: 8081,
+            proto: 6,
+        };
+        let b: Vec<&str> = d.vips[&gw]
+            .backends
+            .iter()
+            .map(|b| b.node.as_str())
+            .collect();
+        assert_eq!(b, vec!["n1"]);
+    }
+
+    #[test]
     fn a_draining_nodes_service_backend_gets_weight_0() {
         let mut nodes: Vec<NodeView> = (0..2).map(|i| node(i, MemberState::Alive)).collect();
         nodes[1].draining = true;
@@ -959,7 +992,7 @@ mod tests {
     }
 
     #[test]
-    fn no_port_no_vip_or_an_ipv6_vip_means_nothing_to_balance() {
+    fn no_port_or_no_vip_means_nothing_to_balance_and_an_ipv6_vip_is_balanced() {
         let nodes = vec![node(0, MemberState::Alive)];
         let inst = vec![instance(0, 0, "active", false)];
         assert!(
@@ -972,11 +1005,15 @@ mod tests {
                 .vips
                 .is_empty()
         );
-        assert!(
-            desired(&ns(Some("fd00::1"), inst, PORT), &nodes, "n0")
-                .vips
-                .is_empty()
-        );
+        let d = desired(&ns(Some("fd00::1"), inst, PORT), &nodes, "n0");
+        let vip = LbVip {
+            addr: "fd00::1".parse().unwrap(),
+            port: 80,
+            proto: 6,
+        };
+        assert_eq!(d.vips[&vip].backends.len(), 1);
+        assert_eq!(d.local_vip, Some("fd00::1".parse().unwrap()));
+        assert_eq!(lo_vip(d.local_vip.unwrap()).prefix, 128);
     }
 
     #[test]
