@@ -130,6 +130,33 @@ fn main() -> anyhow::Result<()> {
     );
     eprintln!("  decapsulation: {} ns", decap.duration_ns);
 
+    // IPv6: a table hit.
+    let vip6 = LbVip {
+        addr: std::net::Ipv6Addr::new(0xfd00, 0, 0, 0x64, 0, 0, 0, 1).into(),
+        port: 80,
+        proto: 6,
+    };
+    lb.set_vip(vip6, Forwarding::MacRewrite, &backends)?;
+    let frame6 = {
+        let mut f = vec![2, 0x1b, 0, 0, 0, 1, 2, 0xc1, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+        f.extend_from_slice(&[0xfd, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+        if let std::net::IpAddr::V6(a) = vip6.addr {
+            f.extend_from_slice(&a.octets());
+        }
+        f.extend_from_slice(&[
+            0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 2, 0xff, 0xff,
+        ]);
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f
+    };
+    ensure!(
+        lb.test_run(&frame6, 1)?.verdict == XdpVerdict::Tx,
+        "IPv6 not forwarded"
+    );
+    let hit6 = lb.test_run(&frame6, repeat)?;
+    eprintln!("  IPv6 hit: {} ns", hit6.duration_ns);
+
     let mut out = String::new();
     writeln!(
         out,
@@ -160,6 +187,11 @@ fn main() -> anyhow::Result<()> {
         out,
         "| connection-table hit, IPIP (outer header, XDP_TX) | {repeat} | {} | — |",
         ipip.duration_ns
+    )?;
+    writeln!(
+        out,
+        "| connection-table hit, IPv6 (MAC rewrite, XDP_TX) | {repeat} | {} | — |",
+        hit6.duration_ns
     )?;
     writeln!(
         out,
