@@ -921,6 +921,56 @@ fn connect_to(vip: IpAddr, n: usize) -> anyhow::Result<Vec<Conn>> {
     Ok(out)
 }
 
+type Spread = std::collections::BTreeMap<String, usize>;
+
+/// From `from` (inside the client's namespace), `n` UDP datagrams to `vip`, each from a port of
+/// its own: which backend answered how many. Every answer must come from the VIP (direct server
+/// return) and all three backends must have answered.
+fn udp_spread(from: IpAddr, vip: IpAddr, n: usize) -> anyhow::Result<Spread> {
+    let mut seen = Spread::new();
+    for _ in 0..n {
+        let s = UdpSocket::bind((from, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(b"q", (vip, UDP_PORT))?;
+        let mut buf = [0u8; 64];
+        let (len, src) = s.recv_from(&mut buf).context("no UDP answer")?;
+        ensure!(src.ip() == vip, "UDP answer from {src}");
+        *seen
+            .entry(String::from_utf8_lossy(&buf[..len]).to_string())
+            .or_default() += 1;
+    }
+    ensure!(seen.len() == 3, "UDP reached {seen:?}");
+    Ok(seen)
+}
+
+/// Which backend holds how many of `conns`.
+fn tcp_spread(conns: &[Conn]) -> Spread {
+    let mut m = Spread::new();
+    for c in conns {
+        *m.entry(c.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// After backend `removed` was taken out: every connection asked once more. Those of the
+/// others must still be answered by their own backend; only `removed`'s may break.
+/// (kept, ended).
+fn after_removal(conns: &mut [Conn], removed: &str) -> anyhow::Result<(usize, usize)> {
+    let (mut kept, mut lost) = (0, 0);
+    for c in conns.iter_mut() {
+        match ask(c, "again") {
+            Ok(who) if who == c.backend => kept += 1,
+            Ok(who) => anyhow::bail!("a connection of {} was answered by {who}", c.backend),
+            Err(_) => {
+                ensure!(c.backend == removed, "a connection to {} broke", c.backend);
+                lost += 1;
+            }
+        }
+    }
+    ensure!(kept > 0, "no connection kept");
+    Ok((kept, lost))
+}
+
 fn end_to_end() -> anyhow::Result<Outcome> {
     if let Some(skip) = require_root()
         .or_else(|| require_command("ip"))
@@ -1001,31 +1051,11 @@ fn end_to_end() -> anyhow::Result<Outcome> {
 
     let result = client.netns().run(|| -> anyhow::Result<String> {
         // UDP: 60 datagrams from 60 ports, answered straight from the backends.
-        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
-        for _ in 0..60 {
-            let s = UdpSocket::bind((client.addr(), 0))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send_to(b"q", (E2E_VIP, UDP_PORT))?;
-            let mut buf = [0u8; 64];
-            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
-            ensure!(from.ip() == E2E_VIP, "UDP answer from {from}");
-            *udp_seen
-                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
-                .or_default() += 1;
-        }
-        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        let udp = udp_spread(client.addr().into(), E2E_VIP.into(), 60)?;
         // TCP: 30 connections spread over the three.
-        let conns = connect(30)?;
-        let per = |conns: &[Conn]| {
-            let mut m = std::collections::BTreeMap::<String, usize>::new();
-            for c in conns {
-                *m.entry(c.backend.clone()).or_default() += 1;
-            }
-            m
-        };
-        let spread = per(&conns);
+        let spread = tcp_spread(&connect(30)?);
         ensure!(spread.len() == 3, "TCP reached {spread:?}");
-        Ok(format!("UDP {udp_seen:?}, TCP {spread:?}"))
+        Ok(format!("UDP {udp:?}, TCP {spread:?}"))
     })??;
     println!("  {mode} XDP on balancer A; 60 datagrams and 30 connections: {result}");
     let udp = lb_a.vip_counters(udp_vip)?;
@@ -1040,27 +1070,10 @@ fn end_to_end() -> anyhow::Result<Outcome> {
     lb_a.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
     lb_b.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
     let removed_name = "b3".to_string();
-    let (kept, lost) = client.netns().run(|| {
-        let mut kept = 0;
-        let mut lost = 0;
-        for c in conns.iter_mut() {
-            match ask(c, "again") {
-                Ok(who) if who == c.backend => kept += 1,
-                Ok(who) => anyhow::bail!("a connection of {} was answered by {who}", c.backend),
-                Err(_) => {
-                    ensure!(
-                        c.backend == removed_name,
-                        "a connection to {} broke",
-                        c.backend
-                    );
-                    lost += 1;
-                }
-            }
-        }
-        anyhow::Ok((kept, lost))
-    })??;
+    let (kept, lost) = client
+        .netns()
+        .run(|| after_removal(&mut conns, &removed_name))??;
     println!("  b3 taken out: {kept} connections on b4/b5 kept working, {lost} on b3 ended");
-    ensure!(kept > 0, "no connection kept");
     conns.retain(|c| c.backend != removed_name);
 
     // Back in: new flows spread over three again.
@@ -1068,11 +1081,7 @@ fn end_to_end() -> anyhow::Result<Outcome> {
     lb_b.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
     let (fresh_spread, mut fresh) = client.netns().run(|| -> anyhow::Result<_> {
         let fresh = connect(30)?;
-        let mut m = std::collections::BTreeMap::<String, usize>::new();
-        for c in &fresh {
-            *m.entry(c.backend.clone()).or_default() += 1;
-        }
-        Ok((m, fresh))
+        Ok((tcp_spread(&fresh), fresh))
     })??;
     ensure!(
         fresh_spread.len() == 3,
@@ -1290,26 +1299,11 @@ fn ipv6_end_to_end() -> anyhow::Result<Outcome> {
     ])?;
     std::thread::sleep(Duration::from_millis(200));
     let (result, mut conns) = client.netns().run(|| -> anyhow::Result<_> {
-        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
-        for _ in 0..60 {
-            let s = UdpSocket::bind((addr6(0), 0))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send_to(b"q", (E2E_VIP6, UDP_PORT))?;
-            let mut buf = [0u8; 64];
-            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
-            ensure!(from.ip() == vip, "UDP answer from {from}");
-            *udp_seen
-                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
-                .or_default() += 1;
-        }
-        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        let udp = udp_spread(addr6(0).into(), vip, 60)?;
         let conns = connect_to(vip, 30)?;
-        let mut spread = std::collections::BTreeMap::<String, usize>::new();
-        for c in &conns {
-            *spread.entry(c.backend.clone()).or_default() += 1;
-        }
+        let spread = tcp_spread(&conns);
         ensure!(spread.len() == 3, "TCP reached {spread:?}");
-        Ok((format!("UDP {udp_seen:?}, TCP {spread:?}"), conns))
+        Ok((format!("UDP {udp:?}, TCP {spread:?}"), conns))
     })??;
     let udp = lb.vip_counters(udp_vip)?;
     println!(
@@ -1323,22 +1317,8 @@ fn ipv6_end_to_end() -> anyhow::Result<Outcome> {
     );
     // b2 taken out: only its connections end.
     lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends[1..])?;
-    let (kept, lost) = client.netns().run(|| {
-        let (mut kept, mut lost) = (0, 0);
-        for c in conns.iter_mut() {
-            match ask(c, "again") {
-                Ok(who) if who == c.backend => kept += 1,
-                Ok(who) => anyhow::bail!("a connection of {} was answered by {who}", c.backend),
-                Err(_) => {
-                    ensure!(c.backend == "b2", "a connection to {} broke", c.backend);
-                    lost += 1;
-                }
-            }
-        }
-        anyhow::Ok((kept, lost))
-    })??;
+    let (kept, lost) = client.netns().run(|| after_removal(&mut conns, "b2"))??;
     println!("  b2 taken out: {kept} connections on b3/b4 kept working, {lost} on b2 ended");
-    ensure!(kept > 0, "no connection kept");
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
@@ -1512,29 +1492,14 @@ fn ipip_routed() -> anyhow::Result<Outcome> {
     std::thread::sleep(Duration::from_millis(200));
 
     let result = client.netns().run(|| -> anyhow::Result<String> {
-        let mut udp_seen = std::collections::BTreeMap::<String, usize>::new();
-        for _ in 0..60 {
-            let s = UdpSocket::bind((client.addr(), 0))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send_to(b"q", (E2E_VIP, UDP_PORT))?;
-            let mut buf = [0u8; 64];
-            let (n, from) = s.recv_from(&mut buf).context("no UDP answer")?;
-            ensure!(from.ip() == E2E_VIP, "UDP answer from {from}");
-            *udp_seen
-                .entry(String::from_utf8_lossy(&buf[..n]).to_string())
-                .or_default() += 1;
-        }
-        ensure!(udp_seen.len() == 3, "UDP reached {udp_seen:?}");
+        let udp = udp_spread(client.addr().into(), E2E_VIP.into(), 60)?;
         let mut conns = connect(30)?;
-        let mut spread = std::collections::BTreeMap::<String, usize>::new();
-        for c in &conns {
-            *spread.entry(c.backend.clone()).or_default() += 1;
-        }
+        let spread = tcp_spread(&conns);
         ensure!(spread.len() == 3, "TCP reached {spread:?}");
         for c in conns.iter_mut() {
             ensure!(ask(c, "again")? == c.backend, "a connection moved");
         }
-        Ok(format!("UDP {udp_seen:?}, TCP {spread:?}"))
+        Ok(format!("UDP {udp:?}, TCP {spread:?}"))
     })??;
     let routed = forwarded_datagrams(router)? - routed_before;
 
@@ -1703,6 +1668,32 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// `n` connections to `vip:port`, each sending one line to the line server ([`SERVER`]): the
+/// instances that answered.
+fn instances_answering(
+    vip: Ipv4Addr,
+    port: u16,
+    n: usize,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let s = TcpStream::connect_timeout(&SocketAddr::from((vip, port)), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut w = s;
+        w.write_all(b"hi\n")?;
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        ensure!(
+            words.len() == 3 && words[0] == "instance" && words[2] == "hi",
+            "answer {line:?}"
+        );
+        seen.insert(words[1].to_string());
+    }
+    Ok(seen)
+}
+
 fn service_port() -> anyhow::Result<Outcome> {
     if let Some(skip) = require_root()
         .or_else(drop_tests::systemd::SystemdSandbox::unavailable)
@@ -1805,25 +1796,7 @@ fn service_port() -> anyhow::Result<Outcome> {
                 client
                     .netns()
                     .run(|| -> anyhow::Result<std::collections::BTreeSet<String>> {
-                        let mut seen = std::collections::BTreeSet::new();
-                        for _ in 0..40 {
-                            let s = TcpStream::connect_timeout(
-                                &SocketAddr::from((vip_addr, 7000)),
-                                Duration::from_secs(2),
-                            )?;
-                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                            let mut reader = BufReader::new(s.try_clone()?);
-                            let mut w = s;
-                            w.write_all(b"hi\n")?;
-                            let mut line = String::new();
-                            reader.read_line(&mut line)?;
-                            let words: Vec<&str> = line.split_whitespace().collect();
-                            ensure!(
-                                words.len() == 3 && words[0] == "instance" && words[2] == "hi",
-                                "answer {line:?}"
-                            );
-                            seen.insert(words[1].to_string());
-                        }
+                        let seen = instances_answering(vip_addr, 7000, 40)?;
                         if seen.len() != 3 {
                             let mut dbg = String::new();
                             for i in 0..3 {
@@ -1930,28 +1903,11 @@ fn service_port() -> anyhow::Result<Outcome> {
             Duration::from_secs(20),
             "answers from all three instances through IPIP",
             || {
-                client
+                let seen = client
                     .netns()
-                    .run(|| -> anyhow::Result<std::collections::BTreeSet<String>> {
-                        let mut seen = std::collections::BTreeSet::new();
-                        for _ in 0..40 {
-                            let s = TcpStream::connect_timeout(
-                                &SocketAddr::from((vip_addr, 7100)),
-                                Duration::from_secs(2),
-                            )?;
-                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                            let mut reader = BufReader::new(s.try_clone()?);
-                            let mut w = s;
-                            w.write_all(b"hi\n")?;
-                            let mut line = String::new();
-                            reader.read_line(&mut line)?;
-                            let words: Vec<&str> = line.split_whitespace().collect();
-                            ensure!(words.len() == 3 && words[2] == "hi", "answer {line:?}");
-                            seen.insert(words[1].to_string());
-                        }
-                        ensure!(seen.len() == 3, "instances answering: {seen:?}");
-                        Ok(seen)
-                    })?
+                    .run(|| instances_answering(vip_addr, 7100, 40))??;
+                ensure!(seen.len() == 3, "instances answering: {seen:?}");
+                Ok(seen)
             },
         )?;
         let mut taken_apart = Vec::new();

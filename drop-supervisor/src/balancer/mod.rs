@@ -840,6 +840,18 @@ mod tests {
         }
     }
 
+    /// Every node a member of the namespace, in its own state.
+    fn members(nodes: &[NodeView]) -> Vec<crate::cluster::node::NsMember> {
+        nodes
+            .iter()
+            .map(|n| crate::cluster::node::NsMember {
+                id: n.id.clone(),
+                name: n.name.clone(),
+                state: n.state,
+            })
+            .collect()
+    }
+
     const PORT: Option<Balance> = Some(Balance {
         port: 80,
         proto: 6,
@@ -904,13 +916,7 @@ mod tests {
         nodes[1].gateway = Some("0.0.0.0:8081".parse().unwrap());
         nodes[2].gateway = Some("10.201.0.12:8081".parse().unwrap());
         let mut view = ns(Some("10.201.0.100"), Vec::new(), None);
-        view.members = (0..3)
-            .map(|i| crate::cluster::node::NsMember {
-                id: nodes[i].id.clone(),
-                name: nodes[i].name.clone(),
-                state: MemberState::Alive,
-            })
-            .collect();
+        view.members = members(&nodes);
         let d = desired(&view, &nodes, "n1");
         let gw = LbVip {
             addr: "10.201.0.100".parse().unwrap(),
@@ -944,13 +950,7 @@ mod tests {
         nodes[0].gateway = Some("0.0.0.0:8081".parse().unwrap());
         nodes[1].gateway = Some("[::]:8081".parse().unwrap());
         let mut view = ns(Some("fd00::64"), Vec::new(), None);
-        view.members = (0..2)
-            .map(|i| crate::cluster::node::NsMember {
-                id: nodes[i].id.clone(),
-                name: nodes[i].name.clone(),
-                state: MemberState::Alive,
-            })
-            .collect();
+        view.members = members(&nodes);
         let d = desired(&view, &nodes, "n0");
         let gw = LbVip {
             addr: "fd00::64".parse().unwrap(),
@@ -1032,13 +1032,7 @@ mod tests {
                 forward: Forward::Ipip,
             }),
         );
-        view.members = (0..3)
-            .map(|i| crate::cluster::node::NsMember {
-                id: nodes[i].id.clone(),
-                name: nodes[i].name.clone(),
-                state: nodes[i].state,
-            })
-            .collect();
+        view.members = members(&nodes);
         let vip = LbVip {
             addr: "10.201.0.100".parse().unwrap(),
             port: 80,
