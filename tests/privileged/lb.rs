@@ -87,7 +87,9 @@ fn ip_header(src: [u8; 4], dst: [u8; 4], proto: u8, payload: usize, frag: u16) -
     h
 }
 
-fn l4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+/// A TCP (a bare SYN) or UDP segment carrying `payload`, its checksum over `pseudo` (the IP
+/// version's pseudo-header) and the segment.
+fn segment(proto: u8, sport: u16, dport: u16, payload: &[u8], pseudo: &[u8]) -> Vec<u8> {
     let mut seg = Vec::new();
     seg.extend_from_slice(&sport.to_be_bytes());
     seg.extend_from_slice(&dport.to_be_bytes());
@@ -98,15 +100,24 @@ fn l4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: &[
         seg.extend_from_slice(&[0, 0]);
     }
     seg.extend_from_slice(payload);
+    let c = !(sum16(&seg, sum16(pseudo, 0)) as u16);
+    let at = if proto == TCP { 16 } else { 6 };
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    seg
+}
+
+/// The segment length a TCP SYN or UDP header with `payload` has.
+fn segment_len(proto: u8, payload: &[u8]) -> usize {
+    payload.len() + if proto == TCP { 20 } else { 8 }
+}
+
+fn l4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src);
     pseudo.extend_from_slice(&dst);
     pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    let c = !(sum16(&seg, sum16(&pseudo, 0)) as u16);
-    let at = if proto == TCP { 16 } else { 6 };
-    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    seg
+    pseudo.extend_from_slice(&(segment_len(proto, payload) as u16).to_be_bytes());
+    segment(proto, sport, dport, payload, &pseudo)
 }
 
 fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -139,24 +150,12 @@ fn packet6(
     payload: &[u8],
     ext: &[u8],
 ) -> Vec<u8> {
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&sport.to_be_bytes());
-    seg.extend_from_slice(&dport.to_be_bytes());
-    if proto == TCP {
-        seg.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        seg.extend_from_slice(&[0, 0]);
-    }
-    seg.extend_from_slice(payload);
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&CLIENT6);
     pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&(segment_len(proto, payload) as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, proto]);
-    let c = !(sum16(&seg, sum16(&pseudo, 0)) as u16);
-    let at = if proto == TCP { 16 } else { 6 };
-    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    let seg = segment(proto, sport, dport, payload, &pseudo);
     // Extension headers: each names the next; the last names the transport.
     let mut chain = Vec::new();
     for (i, _) in ext.iter().enumerate() {

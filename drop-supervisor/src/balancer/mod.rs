@@ -910,7 +910,7 @@ mod tests {
     }
 
     #[test]
-    fn the_gateway_port_goes_to_members_whose_gateway_listens_on_all_addresses() {
+    fn the_gateway_port_goes_to_members_whose_gateway_listens_on_all_addresses_of_its_family() {
         let mut nodes: Vec<NodeView> = (0..3).map(|i| node(i, MemberState::Alive)).collect();
         nodes[0].gateway = Some("0.0.0.0:8081".parse().unwrap());
         nodes[1].gateway = Some("0.0.0.0:8081".parse().unwrap());
@@ -942,22 +942,20 @@ mod tests {
             .map(|b| (b.node.as_str(), b.lb.weight))
             .collect();
         assert_eq!(b, vec![("n0", 0), ("n1", 1)]);
-    }
 
-    #[test]
-    fn an_ipv6_vips_gateway_port_needs_gateways_on_the_ipv6_any_address() {
-        let mut nodes: Vec<NodeView> = (0..2).map(|i| node(i, MemberState::Alive)).collect();
-        nodes[0].gateway = Some("0.0.0.0:8081".parse().unwrap());
+        // An IPv6 VIP's gateway port: only gateways on `[::]` take IPv6.
+        nodes[0].draining = false;
         nodes[1].gateway = Some("[::]:8081".parse().unwrap());
-        let mut view = ns(Some("fd00::64"), Vec::new(), None);
-        view.members = members(&nodes);
-        let d = desired(&view, &nodes, "n0");
-        let gw = LbVip {
-            addr: "fd00::64".parse().unwrap(),
-            port: 8081,
-            proto: 6,
+        let view6 = NsView {
+            vip: Some("fd00::64".into()),
+            ..view
         };
-        let b: Vec<&str> = d.vips[&gw]
+        let d = desired(&view6, &nodes, "n0");
+        let gw6 = LbVip {
+            addr: "fd00::64".parse().unwrap(),
+            ..gw
+        };
+        let b: Vec<&str> = d.vips[&gw6]
             .backends
             .iter()
             .map(|b| b.node.as_str())
