@@ -920,6 +920,22 @@ fn connect_to(vip: IpAddr, n: usize) -> anyhow::Result<Vec<Conn>> {
     Ok(out)
 }
 
+/// What the network-namespace tests need: root, `ip` and `sysctl`, and `drop_lb` loaded.
+/// `Err` is the skip, with its reason.
+fn netns_balancer() -> anyhow::Result<Result<Balancer, Outcome>> {
+    if let Some(skip) = require_root()
+        .or_else(|| require_command("ip"))
+        .or_else(|| require_command("sysctl"))
+    {
+        return Ok(Err(skip));
+    }
+    match Balancer::load() {
+        Ok(lb) => Ok(Ok(lb)),
+        Err(XdpError::NotBuilt) => Ok(Err(Outcome::Skip(XdpError::NotBuilt.to_string()))),
+        Err(e) => Err(e).context("loading drop_lb"),
+    }
+}
+
 type Spread = std::collections::BTreeMap<String, usize>;
 
 /// From `from` (inside the client's namespace), `n` UDP datagrams to `vip`, each from a port of
@@ -971,16 +987,9 @@ fn after_removal(conns: &mut [Conn], removed: &str) -> anyhow::Result<(usize, us
 }
 
 fn end_to_end() -> anyhow::Result<Outcome> {
-    if let Some(skip) = require_root()
-        .or_else(|| require_command("ip"))
-        .or_else(|| require_command("sysctl"))
-    {
-        return Ok(skip);
-    }
-    let mut lb_a = match Balancer::load() {
+    let mut lb_a = match netns_balancer()? {
         Ok(lb) => lb,
-        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
-        Err(e) => return Err(e).context("loading drop_lb"),
+        Err(skip) => return Ok(skip),
     };
     // Balancer B pins its maps and link, as the daemon does.
     let pins =
@@ -1215,16 +1224,9 @@ fn addr6(i: usize) -> Ipv6Addr {
 /// VIP reach all three and are answered straight from them; a backend taken out ends only its
 /// own connections.
 fn ipv6_end_to_end() -> anyhow::Result<Outcome> {
-    if let Some(skip) = require_root()
-        .or_else(|| require_command("ip"))
-        .or_else(|| require_command("sysctl"))
-    {
-        return Ok(skip);
-    }
-    let mut lb = match Balancer::load() {
+    let mut lb = match netns_balancer()? {
         Ok(lb) => lb,
-        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
-        Err(e) => return Err(e).context("loading drop_lb"),
+        Err(skip) => return Ok(skip),
     };
     let bridge = Bridge::new(5)?;
     let (client, balancer) = (bridge.host(0), bridge.host(1));
@@ -1352,16 +1354,9 @@ fn forwarded_datagrams(ns: &drop_tests::netns::Netns) -> anyhow::Result<u64> {
 /// `drop_lb` takes the header off, and the answers go back through the router to the client
 /// without the balancer.
 fn ipip_routed() -> anyhow::Result<Outcome> {
-    if let Some(skip) = require_root()
-        .or_else(|| require_command("ip"))
-        .or_else(|| require_command("sysctl"))
-    {
-        return Ok(skip);
-    }
-    let mut lb = match Balancer::load() {
+    let mut lb = match netns_balancer()? {
         Ok(lb) => lb,
-        Err(XdpError::NotBuilt) => return Ok(Outcome::Skip(XdpError::NotBuilt.to_string())),
-        Err(e) => return Err(e).context("loading drop_lb"),
+        Err(skip) => return Ok(skip),
     };
     let bridge = Bridge::new(5)?;
     let (client, balancer, router) = (bridge.host(0), bridge.host(1), bridge.hub());
