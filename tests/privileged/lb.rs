@@ -936,6 +936,23 @@ fn netns_balancer() -> anyhow::Result<Result<Balancer, Outcome>> {
     }
 }
 
+/// The end-to-end tests' two VIP:ports on `addr`: TCP [`TCP_PORT`] and UDP [`UDP_PORT`].
+fn e2e_vips(addr: impl Into<IpAddr>) -> (LbVip, LbVip) {
+    let addr = addr.into();
+    (
+        LbVip {
+            addr,
+            port: TCP_PORT,
+            proto: TCP,
+        },
+        LbVip {
+            addr,
+            port: UDP_PORT,
+            proto: UDP,
+        },
+    )
+}
+
 type Spread = std::collections::BTreeMap<String, usize>;
 
 /// From `from` (inside the client's namespace), `n` UDP datagrams to `vip`, each from a port of
@@ -1029,16 +1046,7 @@ fn end_to_end() -> anyhow::Result<Outcome> {
             move || serve(name, stop)
         }));
     }
-    let tcp_vip = LbVip {
-        addr: E2E_VIP.into(),
-        port: TCP_PORT,
-        proto: TCP,
-    };
-    let udp_vip = LbVip {
-        addr: E2E_VIP.into(),
-        port: UDP_PORT,
-        proto: UDP,
-    };
+    let (tcp_vip, udp_vip) = e2e_vips(E2E_VIP);
     for lb in [&mut lb_a, &mut lb_b] {
         lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
         lb.set_vip(udp_vip, Forwarding::MacRewrite, &backends)?;
@@ -1275,16 +1283,7 @@ fn ipv6_end_to_end() -> anyhow::Result<Outcome> {
             move || serve_on(vip, name, stop)
         }));
     }
-    let tcp_vip = LbVip {
-        addr: vip,
-        port: TCP_PORT,
-        proto: TCP,
-    };
-    let udp_vip = LbVip {
-        addr: vip,
-        port: UDP_PORT,
-        proto: UDP,
-    };
+    let (tcp_vip, udp_vip) = e2e_vips(vip);
     lb.set_vip(tcp_vip, Forwarding::MacRewrite, &backends)?;
     lb.set_vip(udp_vip, Forwarding::MacRewrite, &backends)?;
     let mode = balancer
@@ -1380,16 +1379,7 @@ fn ipip_routed() -> anyhow::Result<Outcome> {
         .netns()
         .ip(&["route", "add", "10.202.0.0/24", "via", "10.201.0.1"])?;
     let source = balancer.addr();
-    let tcp_vip = LbVip {
-        addr: E2E_VIP.into(),
-        port: TCP_PORT,
-        proto: TCP,
-    };
-    let udp_vip = LbVip {
-        addr: E2E_VIP.into(),
-        port: UDP_PORT,
-        proto: UDP,
-    };
+    let (tcp_vip, udp_vip) = e2e_vips(E2E_VIP);
     let forwarding = Forwarding::Ipip { source };
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
