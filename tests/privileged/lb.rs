@@ -1678,6 +1678,24 @@ fn instances_answering(
     Ok(seen)
 }
 
+/// The VIP:port entry of `lb ls --json` for `port`.
+fn vip_entry(lb: &serde_json::Value, port: u16) -> Option<serde_json::Value> {
+    lb["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["port"] == port))
+        .cloned()
+}
+
+/// The weights of a VIP:port entry's backends, in order.
+fn weights(entry: &serde_json::Value) -> Vec<u64> {
+    entry["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["weight"].as_u64().unwrap_or(0))
+        .collect()
+}
+
 fn service_port() -> anyhow::Result<Outcome> {
     if let Some(skip) = require_root()
         .or_else(drop_tests::systemd::SystemdSandbox::unavailable)
@@ -1744,20 +1762,10 @@ fn service_port() -> anyhow::Result<Outcome> {
                     .find(|&i| sc.fx.node(i).name() == name)
                     .context("holder")?;
                 let lb = sc.dropctl(i, &["lb", "ls"])?;
-                let entry = lb["vips"]
-                    .as_array()
-                    .and_then(|v| v.iter().find(|e| e["port"] == 7000))
-                    .cloned()
-                    .with_context(|| format!("no VIP:7000 yet: {lb}"))?;
-                let weights: Vec<u64> = entry["backends"]
-                    .as_array()
-                    .context("backends")?
-                    .iter()
-                    .map(|b| b["weight"].as_u64().unwrap_or(0))
-                    .collect();
-                let gw = lb["vips"]
-                    .as_array()
-                    .and_then(|v| v.iter().find(|e| e["port"] == 8081))
+                let entry =
+                    vip_entry(&lb, 7000).with_context(|| format!("no VIP:7000 yet: {lb}"))?;
+                let weights = weights(&entry);
+                let gw = vip_entry(&lb, 8081)
                     .with_context(|| format!("no VIP:8081 (the gateway port) yet: {lb}"))?;
                 ensure!(
                     gw["backends"].as_array().is_some_and(|b| b.len() == 3),
@@ -1867,19 +1875,10 @@ fn service_port() -> anyhow::Result<Outcome> {
             "VIP:7100 programmed by IPIP with 3 backends on the holder",
             || {
                 let lb = sc.dropctl(holder, &["lb", "ls"])?;
-                let entry = lb["vips"]
-                    .as_array()
-                    .and_then(|v| v.iter().find(|e| e["port"] == 7100))
-                    .cloned()
-                    .with_context(|| format!("no VIP:7100 yet: {lb}"))?;
+                let entry =
+                    vip_entry(&lb, 7100).with_context(|| format!("no VIP:7100 yet: {lb}"))?;
                 ensure!(entry["forward"] == "ipip", "{entry}");
-                let weights: Vec<u64> = entry["backends"]
-                    .as_array()
-                    .context("backends")?
-                    .iter()
-                    .map(|b| b["weight"].as_u64().unwrap_or(0))
-                    .collect();
-                ensure!(weights == [1, 1, 1], "{entry}");
+                ensure!(weights(&entry) == [1, 1, 1], "{entry}");
                 Ok(entry)
             },
         )?;
@@ -1919,11 +1918,7 @@ fn service_port() -> anyhow::Result<Outcome> {
             "  VIP:7100 forwarded by IPIP ({vias:?}): 40 connections answered by instances {ipip_answers:?}; the other two nodes took {taken_apart:?} frames apart"
         );
         let lb = sc.dropctl(holder, &["lb", "ls"])?;
-        let entry = lb["vips"]
-            .as_array()
-            .and_then(|v| v.iter().find(|e| e["port"] == 7000))
-            .cloned()
-            .unwrap_or_default();
+        let entry = vip_entry(&lb, 7000).unwrap_or_default();
         let forwarded: u64 = entry["packets"].as_u64().unwrap_or(0);
         ensure!(forwarded > 0, "the holder forwarded nothing: {entry}");
         // The other nodes have the VIP:ports programmed in standby and balanced nothing: what
@@ -2016,12 +2011,7 @@ fn service_port() -> anyhow::Result<Outcome> {
                     .context("holder")?;
                 ensure!(i != holder, "still the old holder");
                 let lb = sc.dropctl(i, &["lb", "ls"])?;
-                ensure!(
-                    lb["vips"]
-                        .as_array()
-                        .is_some_and(|v| v.iter().any(|e| e["port"] == 7000)),
-                    "{lb}"
-                );
+                ensure!(vip_entry(&lb, 7000).is_some(), "{lb}");
                 ensure!(
                     lb["standby"]
                         .as_array()
