@@ -10,7 +10,7 @@
 //!   edited config (`.rpmnew` beside it), the node id and the flows, and restarts the daemon
 //!   once; the erase stops and disables the unit and keeps the state.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -68,18 +68,7 @@ fn install_and_erase() -> anyhow::Result<Outcome> {
         ("/usr/share/doc/drop/grafana-dashboard.json", 0o644),
     ];
     for (path, mode) in expect {
-        let m = std::fs::metadata(r(path)).with_context(|| format!("{path} not installed"))?;
-        ensure!(
-            m.permissions().mode() & 0o7777 == *mode,
-            "{path}: mode {:o}, want {mode:o}",
-            m.permissions().mode() & 0o7777
-        );
-        ensure!(
-            m.uid() == 0 && m.gid() == 0,
-            "{path}: owner {}:{}",
-            m.uid(),
-            m.gid()
-        );
+        drop_tests::package::ensure_installed(root.path(), path, *mode)?;
     }
     // Nothing applies the tuning profile behind the operator's back.
     ensure!(

@@ -6,7 +6,6 @@
 //! Scriptlets are not run here (`--noscripts`): they talk to a running daemon.
 
 use std::io::BufRead as _;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,18 +100,7 @@ fn node_stats_package() -> anyhow::Result<Outcome> {
     ];
     ensure!(listed == want, "file list: {listed:?}");
     for (path, mode) in [(want[0], 0o644), (want[1], 0o755), (folder, 0o755)] {
-        let m = std::fs::metadata(r(path)).with_context(|| format!("{path} not installed"))?;
-        ensure!(
-            m.permissions().mode() & 0o7777 == mode,
-            "{path}: mode {:o}, want {mode:o}",
-            m.permissions().mode() & 0o7777
-        );
-        ensure!(
-            m.uid() == 0 && m.gid() == 0,
-            "{path}: owner {}:{}",
-            m.uid(),
-            m.gid()
-        );
+        drop_tests::package::ensure_installed(root.path(), path, mode)?;
     }
     let installed = std::fs::read_dir(r(folder))?.count();
     ensure!(installed == 2, "{folder} holds {installed} entries");

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
 use crate::systemd::{SandboxOptions, SystemdSandbox};
 
@@ -39,6 +39,25 @@ pub fn package_of(version: &str) -> anyhow::Result<PathBuf> {
 /// computes the same).
 pub fn upgrade_version() -> String {
     format!("{}.1", env!("CARGO_PKG_VERSION"))
+}
+
+/// `path` of a package, installed under `root`, is there with `mode` and owned by root:root.
+pub fn ensure_installed(root: &Path, path: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let m = std::fs::metadata(root.join(path.trim_start_matches('/')))
+        .with_context(|| format!("{path} not installed"))?;
+    ensure!(
+        m.permissions().mode() & 0o7777 == mode,
+        "{path}: mode {:o}, want {mode:o}",
+        m.permissions().mode() & 0o7777
+    );
+    ensure!(
+        m.uid() == 0 && m.gid() == 0,
+        "{path}: owner {}:{}",
+        m.uid(),
+        m.gid()
+    );
+    Ok(())
 }
 
 /// `rpm --root ROOT --dbpath /var/lib/rpm ARGS` on the host (a package installed into a
