@@ -295,11 +295,18 @@ impl Forwarder {
     }
 
     /// A sealed `GET path` to one node's peer listener (`/peer/…` requests its daemon serves,
-    /// such as another node's service logs); the node is named in errors.
-    pub fn request(&self, name: &str, addr: SocketAddr, path: &str) -> Result<Vec<u8>, ApiError> {
+    /// such as another node's service logs). `id` is the node's id: membership cuts the call
+    /// when it declares that node gone. The node is named in errors.
+    pub fn request(
+        &self,
+        id: &str,
+        name: &str,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<Vec<u8>, ApiError> {
         // A read-only request whose connection broke (`peer_lost`) is asked once more on a new
         // connection: it changes nothing, so asking twice is safe. Pool calls are never retried.
-        let ask = || self.sealed(name, name, addr, ("GET", path, path), b"");
+        let ask = || self.sealed(id, name, addr, ("GET", path, path), b"");
         let first = ask();
         let answer = match &first {
             Err(Some(e)) if e.code == "peer_lost" => {
@@ -529,6 +536,47 @@ mod tests {
         );
         assert!(a.verify(Some("x.zz"), "POST", "/p", b"", 0).is_err());
         assert!(a.verify(Some("12"), "POST", "/p", b"", 0).is_err());
+    }
+
+    /// A peer listener that opens one sealed request, waits `delay`, and answers 200 with the
+    /// request's target as the body.
+    fn slow_peer(k: PeerKey, delay: Duration) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = http::BlockingReader::new(conn.try_clone().unwrap(), 1 << 20);
+            let req = reader.next_request().unwrap().unwrap();
+            let opened = k
+                .open(req.peer_auth.as_deref(), &req.body, &addr.to_string())
+                .unwrap();
+            std::thread::sleep(delay);
+            let body = opened
+                .reply
+                .seal(200, "text/plain", opened.target.as_bytes());
+            let mut out = Vec::new();
+            http::encode_response(200, "application/octet-stream", &body, true, &mut out);
+            let mut w = conn;
+            let _ = std::io::Write::write_all(&mut w, &out);
+        });
+        addr
+    }
+
+    /// Membership's watcher cuts calls to nodes it does not see up, by node id. A read-only
+    /// request was registered under the node's name, so the watcher cut every one that took
+    /// longer than its 50 ms tick (the "broken pipe" a CI run once saw from `/peer/node`).
+    #[test]
+    fn a_slow_peer_request_to_an_up_node_is_not_cut() {
+        let registry = Arc::new(RwLock::new(Registry {
+            pools: HashMap::new(),
+            up: ["id-n1".to_string()].into(),
+        }));
+        let f = Forwarder::new(registry, key(K1));
+        let addr = slow_peer(key(K1), Duration::from_millis(300));
+        let body = f
+            .request("id-n1", "n1", addr, "/peer/node")
+            .expect("answered");
+        assert_eq!(body, b"/peer/node");
     }
 
     #[test]

@@ -202,7 +202,8 @@ impl Supervisor {
             .services
             .as_ref()
             .and_then(|s| s.journal_dir.clone());
-        let mut remote: Vec<(String, std::net::SocketAddr)> = Vec::new();
+        // (name, id, peer address) of the other nodes running an instance.
+        let mut remote: Vec<(String, String, std::net::SocketAddr)> = Vec::new();
         let nodes = cluster.nodes();
         let mut unreachable = serde_json::Map::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -210,8 +211,12 @@ impl Supervisor {
             if node == me || !seen.insert(node.clone()) {
                 continue;
             }
-            match nodes.iter().find(|n| n.name == node).and_then(|n| n.peer) {
-                Some(addr) => remote.push((node, addr)),
+            match nodes
+                .iter()
+                .find(|n| n.name == node)
+                .and_then(|n| Some((n.id.clone(), n.peer?)))
+            {
+                Some((id, addr)) => remote.push((node, id, addr)),
                 None => {
                     unreachable.insert(node, "no peer address known".into());
                 }
@@ -237,11 +242,11 @@ impl Supervisor {
                 all.extend(got.into_iter().map(|l| (node.to_string(), l)));
             };
             take(&me, &local);
-            for (node, addr) in remote {
+            for (node, id, addr) in remote {
                 let answer = peers
                     .as_ref()
                     .ok_or_else(|| ApiError::internal("no peer transport"))
-                    .and_then(|p| p.request(&node, addr, &query))
+                    .and_then(|p| p.request(&id, &node, addr, &query))
                     .and_then(|body| {
                         serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
                             ApiError::new(502, "peer_error", format!("{node} answered: {e}"))
@@ -304,7 +309,12 @@ impl Supervisor {
                 }
                 let answer = match (node.peer, &peers) {
                     (Some(addr), Some(p)) => p
-                        .request(&node.name, addr, &format!("/peer/events?limit={limit}"))
+                        .request(
+                            &node.id,
+                            &node.name,
+                            addr,
+                            &format!("/peer/events?limit={limit}"),
+                        )
                         .and_then(|body| {
                             serde_json::from_slice::<crate::events::Page>(&body).map_err(|e| {
                                 ApiError::new(502, "peer_error", format!("{}: {e}", node.name))
@@ -365,11 +375,12 @@ impl Supervisor {
                     Ok(here.clone())
                 } else {
                     match (
-                        view.filter(|v| v.state.is_up()).and_then(|v| v.peer),
+                        view.filter(|v| v.state.is_up())
+                            .and_then(|v| Some((v.id.as_str(), v.peer?))),
                         &peers,
                     ) {
-                        (Some(addr), Some(p)) => {
-                            p.request(&name, addr, "/peer/node").and_then(|b| {
+                        (Some((id, addr)), Some(p)) => {
+                            p.request(id, &name, addr, "/peer/node").and_then(|b| {
                                 serde_json::from_slice(&b).map_err(|e| {
                                     ApiError::new(502, "peer_error", format!("{name}: {e}"))
                                 })
