@@ -139,6 +139,7 @@ fn start_runtime(config: &Config) -> Result<Runtime, DaemonError> {
         cgroups,
         worker_credentials: worker_credentials(config)?,
         allow_root_workers: config.allow_root_workers,
+        node_name: Some(config.node_name.clone()),
     }))
 }
 

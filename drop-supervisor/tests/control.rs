@@ -57,6 +57,7 @@ impl Server {
                 cgroups: None,
                 worker_credentials: None,
                 allow_root_workers: false,
+                node_name: None,
             }));
             let supervisor = Arc::new(Supervisor::new(config, uuid::Uuid::new_v4(), pools, None));
             let listener = tokio::net::UnixListener::bind(&socket).unwrap();

@@ -22,6 +22,7 @@ fn runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
             cgroups: None,
             worker_credentials: None,
             allow_root_workers: false,
+            node_name: Some("n-test".into()),
         })
     };
     (rt, runtime)
@@ -122,6 +123,17 @@ func:
     let report = runtime.remove("pingpong").unwrap();
     assert_eq!(report.stopped.len(), 2);
     assert!(runtime.pool("ping").is_none());
+}
+
+#[test]
+fn workers_know_their_pool_and_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, runtime) = runtime(dir.path());
+    let flow = "name: who\nfunc:\n  - name: who\n    env: {DROP_NODE: forged}\n    cmd: [/bin/sh, -c, 'while read l; do echo \"$DROP_NODE $DROP_POOL\"; done']\n";
+    runtime.apply(flow, Path::new("who.yaml")).unwrap();
+    let pool = runtime.pool("who").unwrap();
+    // The daemon's node name wins over a pool's own env.
+    assert_eq!(pool.call(b"x").unwrap(), b"n-test who");
 }
 
 #[test]

@@ -326,6 +326,7 @@ fn timeout_kills_the_workers_cgroup() -> anyhow::Result<Outcome> {
             cgroups: Some(cg.clone()),
             worker_credentials: None,
             allow_root_workers: false,
+            node_name: None,
         })
     };
     let flow = "name: esc\nfunc:\n  - name: esc\n    timeout: 500\n    cmd: [/bin/sh, -c, 'while read l; do case \"$l\" in spawn) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo spawned;; hang) sleep 1000;; *) echo \"$l\";; esac; done']\n";

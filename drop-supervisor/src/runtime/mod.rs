@@ -51,6 +51,7 @@ pub(crate) fn test_runtime(dir: &Path) -> (tokio::runtime::Runtime, Runtime) {
             cgroups: None,
             worker_credentials: None,
             allow_root_workers: false,
+            node_name: None,
         })
     };
     (tokio, rt)
@@ -230,6 +231,8 @@ pub struct RuntimeOptions {
     pub worker_credentials: Option<Credentials>,
     /// Whether a pool may run as root (uid 0, still without any capability).
     pub allow_root_workers: bool,
+    /// This node's name, given to every worker as `DROP_NODE` (`None`: not set).
+    pub node_name: Option<String>,
 }
 
 pub struct Runtime {
@@ -827,7 +830,13 @@ impl Runtime {
             concurrency: spec.concurrency,
             launch: Launch {
                 argv: spec.argv.clone(),
-                env: spec.env.clone(),
+                env: {
+                    let mut env = spec.env.clone();
+                    if let Some(node) = &self.opts.node_name {
+                        env.insert("DROP_NODE".to_string(), node.clone());
+                    }
+                    env
+                },
                 cwd: spec.cwd.clone(),
                 credentials,
                 // Each worker is placed in its own group inside the pool's (see WorkerCgroups).
