@@ -16,7 +16,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{AddressMessageBuilder, Handle, RouteMessageBuilder};
 use tokio::runtime::Runtime;
 use tracing::debug;
@@ -198,24 +198,7 @@ impl Netlink {
     /// a little later.
     pub fn next_hop(&mut self, dst: Ipv4Addr) -> Result<NextHop, NetError> {
         let target = IpAddr::V4(dst);
-        let message = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(target, 32)
-            .map_err(|_| NetError::NoRoute(target))?
-            .build();
-        let request = self.handle.route().get(message).execute();
-        let route = match self.first(request) {
-            Ok(Some(route)) => route,
-            Ok(None) => return Err(NetError::NoRoute(target)),
-            Err(err)
-                if matches!(
-                    errno(&err),
-                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN)
-                ) =>
-            {
-                return Err(NetError::NoRoute(target));
-            }
-            Err(err) => return Err(netlink_error("looking up the route to", dst, err)),
-        };
+        let route = self.route_to(target)?;
         let mut oif = None;
         let mut gateway = None;
         for a in &route.attributes {
@@ -271,6 +254,30 @@ impl Netlink {
             .ok_or_else(|| NetError::Unsupported(format!("no MTU reported for {ifname}")))
     }
 
+    /// The route the kernel takes to `dst` (`ip route get DST`); unreachable is
+    /// [`NetError::NoRoute`].
+    fn route_to(&self, dst: IpAddr) -> Result<RouteMessage, NetError> {
+        let full = if dst.is_ipv4() { 32 } else { 128 };
+        let message = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, full)
+            .map_err(|_| NetError::NoRoute(dst))?
+            .build();
+        let request = self.handle.route().get(message).execute();
+        match self.first(request) {
+            Ok(Some(route)) => Ok(route),
+            Ok(None) => Err(NetError::NoRoute(dst)),
+            Err(err)
+                if matches!(
+                    errno(&err),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN)
+                ) =>
+            {
+                Err(NetError::NoRoute(dst))
+            }
+            Err(err) => Err(netlink_error("looking up the route to", dst, err)),
+        }
+    }
+
     /// `addr`'s MAC on interface `index`, if the neighbour table has a usable entry.
     fn neighbour(&self, index: u32, addr: Ipv4Addr) -> Result<Option<Mac>, NetError> {
         let stream = self
@@ -310,31 +317,11 @@ impl Netlink {
 
 impl VipNet for Netlink {
     fn interface_towards(&mut self, peer: IpAddr) -> Result<String, NetError> {
-        let full = if peer.is_ipv4() { 32 } else { 128 };
-        let message = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(peer, full)
-            .map_err(|_| NetError::NoRoute(peer))?
-            .build();
-        let request = self.handle.route().get(message).execute();
-        let route = match self.first(request) {
-            Ok(route) => route,
-            Err(err)
-                if matches!(
-                    errno(&err),
-                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN)
-                ) =>
-            {
-                return Err(NetError::NoRoute(peer));
-            }
-            Err(err) => return Err(netlink_error("looking up the route to", peer, err)),
-        };
-        let oif = route
-            .iter()
-            .flat_map(|r| &r.attributes)
-            .find_map(|a| match a {
-                RouteAttribute::Oif(index) => Some(*index),
-                _ => None,
-            });
+        let route = self.route_to(peer)?;
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        });
         let oif = oif.ok_or(NetError::NoRoute(peer))?;
         self.link_name(oif)
     }
